@@ -1,0 +1,27 @@
+//! Compiles the protobuf contract with protox (pure Rust), so building needs nothing
+//! outside cargo, and writes the encoded descriptor set that gRPC reflection serves.
+
+use std::{env, fs, path::PathBuf};
+
+const PROTO_ROOT: &str = "proto";
+const CONTRACT: &str = "proto/batchd/v1/batch.proto";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed={PROTO_ROOT}");
+
+    let mut compiler = protox::Compiler::new([PROTO_ROOT])?;
+    compiler.include_imports(true).include_source_info(true);
+    compiler.open_file(CONTRACT)?;
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out_dir.join("batchd_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(compiler.file_descriptor_set())?;
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The command line. Every flag can also be set with the `BATCHD_*` environment
+//! variable shown in `--help`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::{
+    BatchPolicy, CompletionWindow, DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, Scope,
+};
+use crate::store::StoreOptions;
+
+/// batchd: batch jobs in the shape of the OpenAI Batch API, over gRPC and REST.
+#[derive(Debug, Parser)]
+#[command(name = "batchd", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC and HTTP servers (migrates the database first).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Manage API keys.
+    Keys {
+        /// What to do with keys.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// Where the database is.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// `sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
+    #[arg(
+        long,
+        env = "BATCHD_DATABASE_URL",
+        default_value = "sqlite://batchd.db"
+    )]
+    pub database_url: String,
+
+    /// Most open database connections.
+    #[arg(long, env = "BATCHD_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+
+    /// How long a request waits for a database connection before failing with
+    /// UNAVAILABLE.
+    #[arg(long, env = "BATCHD_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub database_acquire_timeout: Duration,
+}
+
+impl DatabaseArgs {
+    /// The pool settings.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            max_connections: self.database_max_connections,
+            acquire_timeout: self.database_acquire_timeout,
+        }
+    }
+}
+
+/// `batchd serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Address of the gRPC listener (port 0 picks a free port).
+    #[arg(long, env = "BATCHD_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the HTTP listener: REST API and probes (port 0 picks a free port).
+    #[arg(long, env = "BATCHD_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Accepted `endpoint` values of new batches, comma-separated.
+    #[arg(long, env = "BATCHD_ENDPOINTS", value_delimiter = ',', default_values_t = DEFAULT_ENDPOINTS.map(String::from))]
+    pub endpoints: Vec<String>,
+
+    /// Accepted `completion_window` values of new batches, comma-separated durations.
+    #[arg(long, env = "BATCHD_COMPLETION_WINDOWS", value_delimiter = ',', default_values_t = DEFAULT_COMPLETION_WINDOWS.map(String::from), value_parser = parse_window)]
+    pub completion_windows: Vec<String>,
+
+    /// How often the database is checked for the health service and `/readyz`.
+    #[arg(long, env = "BATCHD_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
+}
+
+fn parse_window(text: &str) -> Result<String, String> {
+    CompletionWindow::parse(text).map(|w| w.text)
+}
+
+impl ServeArgs {
+    /// What new batches may ask for.
+    pub fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy {
+            endpoints: self.endpoints.clone(),
+            completion_windows: self
+                .completion_windows
+                .iter()
+                // Each value was already checked by `parse_window`.
+                .filter_map(|w| CompletionWindow::parse(w).ok())
+                .collect(),
+        }
+    }
+}
+
+/// `batchd keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; its secret is printed once, as the last line of stdout.
+    Create {
+        /// The database.
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The owner of the batches created with the key.
+        #[arg(long, env = "BATCHD_KEY_USER")]
+        user: String,
+        /// What the key may do.
+        #[arg(long, env = "BATCHD_KEY_SCOPE", value_enum, default_value_t = ScopeArg::Batches)]
+        scope: ScopeArg,
+    },
+    /// List keys (never their secrets).
+    List {
+        /// The database.
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Revoke a key: it authenticates nothing from then on.
+    Revoke {
+        /// The database.
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The key's id, as `keys list` shows it (`key_...`).
+        key_id: String,
+    },
+}
+
+/// The scope of a new key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    /// Create, read, list and cancel the owner's own batches.
+    Batches,
+    /// Update and read any batch (for the executors).
+    Worker,
+    /// Everything.
+    Admin,
+}
+
+impl From<ScopeArg> for Scope {
+    fn from(scope: ScopeArg) -> Scope {
+        match scope {
+            ScopeArg::Batches => Scope::Batches,
+            ScopeArg::Worker => Scope::Worker,
+            ScopeArg::Admin => Scope::Admin,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_a_batchd_environment_variable() {
+        fn check(command: &clap::Command) {
+            for arg in command.get_arguments() {
+                let is_flag = arg.get_long().is_some();
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if is_flag && !builtin {
+                    let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                    assert!(
+                        env.as_deref().is_some_and(|e| e.starts_with("BATCHD_")),
+                        "--{} of `{}` has no BATCHD_* variable",
+                        arg.get_long().unwrap_or_default(),
+                        command.get_name()
+                    );
+                }
+            }
+            command.get_subcommands().for_each(check);
+        }
+        check(&Cli::command());
+    }
+
+    #[test]
+    fn serve_defaults_are_the_documented_ones() {
+        let cli = Cli::try_parse_from(["batchd", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.database.database_url, "sqlite://batchd.db");
+        assert_eq!(args.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(args.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(args.batch_policy().completion_windows.len(), 2);
+        assert_eq!(args.batch_policy().endpoints.len(), 5);
+    }
+}

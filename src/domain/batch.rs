@@ -1,0 +1,420 @@
+//! The batch object and the changes it can go through. Pure: every timestamp comes in
+//! as an argument, so the state machine is tested without a clock or a database.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::api_key::Caller;
+use super::input::{BatchId, BatchUpdate, NewBatch};
+use super::status::BatchStatus;
+use crate::error::{Error, Result};
+
+/// How many requests of a batch have run so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    /// Requests in the batch.
+    pub total: i64,
+    /// Requests that completed successfully.
+    pub completed: i64,
+    /// Requests that failed.
+    pub failed: i64,
+}
+
+/// Token usage of a batch, as OpenAI reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Input tokens.
+    pub input_tokens: i64,
+    /// Input tokens served from the cache.
+    pub cached_tokens: i64,
+    /// Output tokens.
+    pub output_tokens: i64,
+    /// Output tokens spent on reasoning.
+    pub reasoning_tokens: i64,
+    /// `input_tokens + output_tokens`.
+    pub total_tokens: i64,
+}
+
+/// One error met while processing a batch, an entry of the batch's `errors` list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchErrorEntry {
+    /// Machine-readable code.
+    pub code: String,
+    /// Line of the input file, if the error is about one.
+    pub line: Option<i64>,
+    /// Human-readable message.
+    pub message: String,
+    /// The parameter at fault, if any.
+    pub param: Option<String>,
+}
+
+/// The batch object. Field names follow the documented JSON object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// `batch_` + 128 random bits.
+    pub id: BatchId,
+    /// The API endpoint each request goes to.
+    pub endpoint: String,
+    /// Errors met while processing; empty means none (`null` on the wire).
+    pub errors: Vec<BatchErrorEntry>,
+    /// The file holding the requests.
+    pub input_file_id: String,
+    /// The completion window as the client gave it, e.g. `24h`.
+    pub completion_window: String,
+    /// Where the batch is in its lifecycle.
+    pub status: BatchStatus,
+    /// The file with the successful outputs.
+    pub output_file_id: Option<String>,
+    /// The file with the failed requests' outputs.
+    pub error_file_id: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub in_progress_at: Option<i64>,
+    /// `created_at` + the completion window, Unix seconds.
+    pub expires_at: Option<i64>,
+    /// Unix seconds.
+    pub finalizing_at: Option<i64>,
+    /// Unix seconds.
+    pub completed_at: Option<i64>,
+    /// Unix seconds.
+    pub failed_at: Option<i64>,
+    /// Unix seconds.
+    pub expired_at: Option<i64>,
+    /// Unix seconds.
+    pub cancelling_at: Option<i64>,
+    /// Unix seconds.
+    pub cancelled_at: Option<i64>,
+    /// Progress counters.
+    pub request_counts: RequestCounts,
+    /// Client key/value pairs; `None` when the client gave none.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// The model, once a worker reports it.
+    pub model: Option<String>,
+    /// Token usage, once a worker reports it.
+    pub usage: Option<Usage>,
+    /// Optional grouping id.
+    pub job_id: Option<String>,
+    /// Optional note.
+    pub remark: Option<String>,
+    /// The owner.
+    pub user_id: String,
+    /// The API key that created the batch.
+    pub api_key_id: String,
+    /// 1 at creation, +1 on every committed change.
+    pub version: i64,
+    /// When the batch last changed; `None` until its first change.
+    pub updated_at: Option<i64>,
+}
+
+/// One committed version of a batch, as its history (the event log) records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEvent {
+    /// The version this event committed.
+    pub version: i64,
+    /// The whole batch at that version.
+    pub batch: Batch,
+    /// When it was committed, Unix seconds.
+    pub at: i64,
+}
+
+/// Most errors a batch keeps; a worker that reports more is refused, not truncated.
+pub const MAX_BATCH_ERRORS: usize = 1_000;
+
+impl Batch {
+    /// The batch a create request makes for `caller` at `now`: `validating`, version 1,
+    /// expiring at the end of its completion window.
+    pub fn create(new: NewBatch, caller: &Caller, now: i64) -> Batch {
+        Batch {
+            id: BatchId::generate(),
+            endpoint: new.endpoint,
+            errors: Vec::new(),
+            input_file_id: new.input_file_id,
+            completion_window: new.completion_window.text,
+            status: BatchStatus::Validating,
+            output_file_id: None,
+            error_file_id: None,
+            created_at: now,
+            in_progress_at: None,
+            expires_at: Some(now.saturating_add(new.completion_window.seconds)),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: RequestCounts::default(),
+            metadata: new.metadata,
+            model: None,
+            usage: None,
+            job_id: new.job_id,
+            remark: new.remark,
+            user_id: caller.user_id.clone(),
+            api_key_id: caller.key_id.clone(),
+            version: 1,
+            updated_at: None,
+        }
+    }
+
+    /// Moves the batch to `to`, stamping that status's `*_at` with `now`.
+    fn move_to(&mut self, to: BatchStatus, now: i64) -> Result<()> {
+        if !self.status.can_move_to(to) {
+            return Err(Error::IllegalTransition {
+                from: self.status,
+                to,
+            });
+        }
+        let stamp = match to {
+            BatchStatus::Validating => None,
+            BatchStatus::InProgress => Some(&mut self.in_progress_at),
+            BatchStatus::Finalizing => Some(&mut self.finalizing_at),
+            BatchStatus::Completed => Some(&mut self.completed_at),
+            BatchStatus::Failed => Some(&mut self.failed_at),
+            BatchStatus::Expired => Some(&mut self.expired_at),
+            BatchStatus::Cancelling => Some(&mut self.cancelling_at),
+            BatchStatus::Cancelled => Some(&mut self.cancelled_at),
+        };
+        if let Some(stamp) = stamp {
+            *stamp = Some(now);
+        }
+        self.status = to;
+        Ok(())
+    }
+
+    /// Closes a change: one more version, stamped `now`. `None` when nothing changed,
+    /// so an idempotent request writes nothing and bumps no version.
+    fn commit(mut self, before: &Batch, now: i64) -> Option<Batch> {
+        if self == *before {
+            return None;
+        }
+        self.version = before.version + 1;
+        self.updated_at = Some(now);
+        Some(self)
+    }
+
+    /// A client's cancel request: a running batch moves to `cancelling`; a batch that is
+    /// already cancelling or cancelled stays as it is; other terminal batches refuse.
+    pub fn cancel(&self, now: i64) -> Result<Option<Batch>> {
+        if matches!(
+            self.status,
+            BatchStatus::Cancelling | BatchStatus::Cancelled
+        ) {
+            return Ok(None);
+        }
+        let mut next = self.clone();
+        next.move_to(BatchStatus::Cancelling, now)?;
+        Ok(next.commit(self, now))
+    }
+
+    /// A worker's update, applied all or nothing. `None` when it changes nothing.
+    pub fn apply(&self, update: &BatchUpdate, now: i64) -> Result<Option<Batch>> {
+        if self.status.is_terminal() {
+            return Err(Error::FailedPrecondition(format!(
+                "batch `{}` is `{}`, a final status; it accepts no more updates",
+                self.id, self.status
+            )));
+        }
+        let mut next = self.clone();
+        if let Some(to) = update.status.filter(|&to| to != self.status) {
+            next.move_to(to, now)?;
+        }
+        if let Some(counts) = update.request_counts {
+            next.request_counts = self.counts_moving_forward(counts)?;
+        }
+        if let Some(id) = &update.output_file_id {
+            next.output_file_id = Some(id.clone());
+        }
+        if let Some(id) = &update.error_file_id {
+            next.error_file_id = Some(id.clone());
+        }
+        if !update.errors.is_empty() {
+            if self.errors.len() + update.errors.len() > MAX_BATCH_ERRORS {
+                return Err(Error::FailedPrecondition(format!(
+                    "batch `{}` has {} errors; {} more would exceed the limit of {MAX_BATCH_ERRORS}",
+                    self.id,
+                    self.errors.len(),
+                    update.errors.len()
+                )));
+            }
+            next.errors.extend(update.errors.iter().cloned());
+        }
+        if let Some(usage) = update.usage {
+            next.usage = Some(usage);
+        }
+        if let Some(model) = &update.model {
+            next.model = Some(model.clone());
+        }
+        Ok(next.commit(self, now))
+    }
+
+    /// Request counts only move forward: a stale report must not undo progress.
+    fn counts_moving_forward(&self, new: RequestCounts) -> Result<RequestCounts> {
+        let old = self.request_counts;
+        for (name, before, after) in [
+            ("total", old.total, new.total),
+            ("completed", old.completed, new.completed),
+            ("failed", old.failed, new.failed),
+        ] {
+            if after < before {
+                return Err(Error::FailedPrecondition(format!(
+                    "request_counts.{name} cannot go down (batch `{}` is at {before}, the update says {after})",
+                    self.id
+                )));
+            }
+        }
+        Ok(new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::input::{BatchUpdate, BatchUpdateInput};
+
+    fn batch(status: BatchStatus) -> Batch {
+        Batch {
+            id: BatchId::generate(),
+            endpoint: "/v1/chat/completions".into(),
+            errors: vec![],
+            input_file_id: "file-1".into(),
+            completion_window: "24h".into(),
+            status,
+            output_file_id: None,
+            error_file_id: None,
+            created_at: 1_000,
+            in_progress_at: None,
+            expires_at: Some(1_000 + 86_400),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: RequestCounts::default(),
+            metadata: None,
+            model: None,
+            usage: None,
+            job_id: None,
+            remark: None,
+            user_id: "alice".into(),
+            api_key_id: "key_1".into(),
+            version: 1,
+            updated_at: None,
+        }
+    }
+
+    fn update(input: BatchUpdateInput) -> BatchUpdate {
+        BatchUpdate::parse(input).expect("valid update")
+    }
+
+    #[test]
+    fn each_transition_stamps_its_own_timestamp_and_bumps_the_version() {
+        let start = batch(BatchStatus::Validating);
+        let running = start
+            .apply(
+                &update(BatchUpdateInput {
+                    status: Some(BatchStatus::InProgress),
+                    ..Default::default()
+                }),
+                2_000,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(running.status, BatchStatus::InProgress);
+        assert_eq!(running.in_progress_at, Some(2_000));
+        assert_eq!(running.version, 2);
+        assert_eq!(running.updated_at, Some(2_000));
+        assert_eq!(running.finalizing_at, None);
+    }
+
+    #[test]
+    fn an_illegal_transition_names_both_statuses() {
+        let start = batch(BatchStatus::Validating);
+        let err = start
+            .apply(
+                &update(BatchUpdateInput {
+                    status: Some(BatchStatus::Completed),
+                    ..Default::default()
+                }),
+                2_000,
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a batch cannot move from `validating` to `completed`"
+        );
+    }
+
+    #[test]
+    fn cancelling_a_completed_batch_is_refused() {
+        let err = batch(BatchStatus::Completed).cancel(5).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::IllegalTransition {
+                from: BatchStatus::Completed,
+                to: BatchStatus::Cancelling
+            }
+        ));
+    }
+
+    #[test]
+    fn cancelling_twice_changes_nothing_the_second_time() {
+        let cancelling = batch(BatchStatus::InProgress).cancel(5).unwrap().unwrap();
+        assert_eq!(cancelling.cancelling_at, Some(5));
+        assert_eq!(cancelling.cancel(6).unwrap(), None);
+        assert_eq!(batch(BatchStatus::Cancelled).cancel(6).unwrap(), None);
+    }
+
+    #[test]
+    fn request_counts_never_go_down() {
+        let mut running = batch(BatchStatus::InProgress);
+        running.request_counts = RequestCounts {
+            total: 10,
+            completed: 5,
+            failed: 1,
+        };
+        let err = running
+            .apply(
+                &update(BatchUpdateInput {
+                    request_counts: Some(RequestCounts {
+                        total: 10,
+                        completed: 4,
+                        failed: 1,
+                    }),
+                    ..Default::default()
+                }),
+                9,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("request_counts.completed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_terminal_batch_accepts_no_update() {
+        let err = batch(BatchStatus::Failed)
+            .apply(
+                &update(BatchUpdateInput {
+                    model: Some("gpt".into()),
+                    ..Default::default()
+                }),
+                9,
+            )
+            .unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_writes_nothing() {
+        let running = batch(BatchStatus::InProgress);
+        let same = update(BatchUpdateInput {
+            status: Some(BatchStatus::InProgress),
+            request_counts: Some(RequestCounts::default()),
+            ..Default::default()
+        });
+        assert_eq!(running.apply(&same, 9).unwrap(), None);
+    }
+}

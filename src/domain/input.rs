@@ -1,0 +1,734 @@
+//! Input parsed at the edge into validated types, so the rest of batchd never sees an
+//! invalid value. Every error names the field and the value at fault.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::batch::{BatchErrorEntry, RequestCounts, Usage};
+use super::status::BatchStatus;
+use crate::error::{Error, Result};
+
+/// The id of a batch: `batch_` followed by 1 to 64 ASCII letters and digits. Ids that
+/// batchd generates carry 128 random bits as 32 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BatchId(String);
+
+const BATCH_ID_PREFIX: &str = "batch_";
+
+impl BatchId {
+    /// A new unguessable id from the operating system's CSPRNG.
+    pub fn generate() -> BatchId {
+        BatchId(format!("{BATCH_ID_PREFIX}{}", random_hex::<16>()))
+    }
+
+    /// Parses an id sent by a client; `field` names the request field for the error.
+    pub fn parse(field: &str, text: &str) -> Result<BatchId> {
+        let suffix = text.strip_prefix(BATCH_ID_PREFIX).unwrap_or_default();
+        let well_formed =
+            (1..=64).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_alphanumeric());
+        if well_formed {
+            Ok(BatchId(text.to_owned()))
+        } else {
+            Err(Error::invalid(
+                field,
+                format!(
+                    "`{}` is not a batch id (expected `batch_` followed by 1 to 64 letters or digits)",
+                    truncate_for_message(text)
+                ),
+            ))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `N` random bytes from the OS CSPRNG, as lowercase hex.
+pub(crate) fn random_hex<const N: usize>() -> String {
+    let mut bytes = [0u8; N];
+    // getrandom fails only when the OS has no entropy source at all, in which case no
+    // id or key can be made safely and stopping is the right answer.
+    getrandom::fill(&mut bytes).expect("the operating system's random number generator failed");
+    to_hex(&bytes)
+}
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    bytes
+        .iter()
+        .flat_map(|b| [DIGITS[(b >> 4) as usize], DIGITS[(b & 15) as usize]])
+        .map(char::from)
+        .collect()
+}
+
+/// Echoes at most 80 characters of a client value in an error message.
+fn truncate_for_message(text: &str) -> String {
+    match text.char_indices().nth(80) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// A completion window batchd accepts, such as `24h`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletionWindow {
+    /// The spelling clients send.
+    pub text: String,
+    /// Its length.
+    pub seconds: i64,
+}
+
+impl CompletionWindow {
+    /// Parses a window such as `24h` or `48h` (any humantime duration).
+    pub fn parse(text: &str) -> std::result::Result<CompletionWindow, String> {
+        let duration = humantime::parse_duration(text)
+            .map_err(|e| format!("`{text}` is not a duration like `24h`: {e}"))?;
+        let seconds = i64::try_from(duration.as_secs())
+            .ok()
+            .filter(|&s| s > 0)
+            .ok_or_else(|| {
+                format!("`{text}` is not a positive duration that fits in i64 seconds")
+            })?;
+        Ok(CompletionWindow {
+            text: text.to_owned(),
+            seconds,
+        })
+    }
+}
+
+/// What a deployment accepts on create.
+#[derive(Debug, Clone)]
+pub struct BatchPolicy {
+    /// Accepted `endpoint` values.
+    pub endpoints: Vec<String>,
+    /// Accepted `completion_window` values.
+    pub completion_windows: Vec<CompletionWindow>,
+}
+
+/// The endpoints OpenAI's Batch API accepts.
+pub const DEFAULT_ENDPOINTS: [&str; 5] = [
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+];
+
+/// The completion windows accepted by default.
+pub const DEFAULT_COMPLETION_WINDOWS: [&str; 2] = ["24h", "48h"];
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            endpoints: DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect(),
+            completion_windows: DEFAULT_COMPLETION_WINDOWS
+                .iter()
+                .map(|w| CompletionWindow::parse(w).expect("the default windows parse"))
+                .collect(),
+        }
+    }
+}
+
+/// Metadata limits, as OpenAI documents them.
+pub const MAX_METADATA_PAIRS: usize = 16;
+/// Longest metadata key, in characters.
+pub const MAX_METADATA_KEY_CHARS: usize = 64;
+/// Longest metadata value, in characters.
+pub const MAX_METADATA_VALUE_CHARS: usize = 512;
+/// Longest file id, job id or model name, in characters.
+pub const MAX_ID_CHARS: usize = 256;
+/// Longest remark, in characters.
+pub const MAX_REMARK_CHARS: usize = 1_024;
+/// Longest error code, in characters.
+pub const MAX_ERROR_CODE_CHARS: usize = 128;
+/// Longest error message, in characters.
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 4_096;
+/// Most errors one update may append.
+pub const MAX_ERRORS_PER_UPDATE: usize = 1_000;
+
+/// An identifier-like value: 1..=256 characters, none of them whitespace or control.
+fn parse_identifier(field: &str, text: &str) -> Result<String> {
+    let chars = text.chars().count();
+    if chars == 0 {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if chars > MAX_ID_CHARS {
+        return Err(Error::invalid(
+            field,
+            format!("is {chars} characters long; at most {MAX_ID_CHARS} are allowed"),
+        ));
+    }
+    if let Some(bad) = text.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "`{}` contains the character {bad:?}; whitespace and control characters are not allowed",
+                truncate_for_message(text)
+            ),
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// Free text of at most `max` characters, empty allowed only when `allow_empty`.
+fn parse_text(field: &str, text: &str, max: usize, allow_empty: bool) -> Result<String> {
+    let chars = text.chars().count();
+    if chars == 0 && !allow_empty {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if chars > max {
+        return Err(Error::invalid(
+            field,
+            format!("is {chars} characters long; at most {max} are allowed"),
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_metadata(
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<Option<BTreeMap<String, String>>> {
+    let Some(metadata) = metadata else {
+        return Ok(None);
+    };
+    if metadata.len() > MAX_METADATA_PAIRS {
+        return Err(Error::invalid(
+            "metadata",
+            format!(
+                "has {} pairs; at most {MAX_METADATA_PAIRS} are allowed",
+                metadata.len()
+            ),
+        ));
+    }
+    for (key, value) in &metadata {
+        let key_chars = key.chars().count();
+        if key_chars == 0 || key_chars > MAX_METADATA_KEY_CHARS {
+            return Err(Error::invalid(
+                "metadata",
+                format!(
+                    "key `{}` is {key_chars} characters long; keys must be 1 to {MAX_METADATA_KEY_CHARS}",
+                    truncate_for_message(key)
+                ),
+            ));
+        }
+        let value_chars = value.chars().count();
+        if value_chars > MAX_METADATA_VALUE_CHARS {
+            return Err(Error::invalid(
+                format!("metadata.{key}"),
+                format!(
+                    "value is {value_chars} characters long; at most {MAX_METADATA_VALUE_CHARS} are allowed"
+                ),
+            ));
+        }
+    }
+    Ok(Some(metadata))
+}
+
+/// A create request as the transports receive it.
+#[derive(Debug, Clone, Default)]
+pub struct CreateBatchInput {
+    /// Required.
+    pub input_file_id: String,
+    /// Required; one of the policy's endpoints.
+    pub endpoint: String,
+    /// Required; one of the policy's windows.
+    pub completion_window: String,
+    /// `None` or up to 16 pairs.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Optional grouping id.
+    pub job_id: Option<String>,
+    /// Optional note.
+    pub remark: Option<String>,
+}
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    /// The file holding the requests.
+    pub input_file_id: String,
+    /// An accepted endpoint.
+    pub endpoint: String,
+    /// An accepted window.
+    pub completion_window: CompletionWindow,
+    /// Validated metadata.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Validated job id.
+    pub job_id: Option<String>,
+    /// Validated remark.
+    pub remark: Option<String>,
+}
+
+impl NewBatch {
+    /// Validates a create request against the deployment's policy.
+    pub fn parse(input: CreateBatchInput, policy: &BatchPolicy) -> Result<NewBatch> {
+        let input_file_id = parse_identifier("input_file_id", &input.input_file_id)?;
+        if !policy.endpoints.contains(&input.endpoint) {
+            return Err(Error::invalid(
+                "endpoint",
+                format!(
+                    "`{}` is not supported; use one of {}",
+                    truncate_for_message(&input.endpoint),
+                    policy.endpoints.join(", ")
+                ),
+            ));
+        }
+        let completion_window = policy
+            .completion_windows
+            .iter()
+            .find(|w| w.text == input.completion_window)
+            .cloned()
+            .ok_or_else(|| {
+                let accepted: Vec<&str> = policy
+                    .completion_windows
+                    .iter()
+                    .map(|w| w.text.as_str())
+                    .collect();
+                Error::invalid(
+                    "completion_window",
+                    format!(
+                        "`{}` is not supported; use one of {}",
+                        truncate_for_message(&input.completion_window),
+                        accepted.join(", ")
+                    ),
+                )
+            })?;
+        Ok(NewBatch {
+            input_file_id,
+            endpoint: input.endpoint,
+            completion_window,
+            metadata: parse_metadata(input.metadata)?,
+            job_id: input
+                .job_id
+                .map(|j| parse_identifier("job_id", &j))
+                .transpose()?,
+            remark: input
+                .remark
+                .map(|r| parse_text("remark", &r, MAX_REMARK_CHARS, false))
+                .transpose()?,
+        })
+    }
+}
+
+/// A worker's update as the transports receive it (status already mapped to the
+/// domain enum by the transport, which knows its own spelling).
+#[derive(Debug, Clone, Default)]
+pub struct BatchUpdateInput {
+    /// Apply only if the batch is at this version.
+    pub expected_version: Option<i64>,
+    /// New status.
+    pub status: Option<BatchStatus>,
+    /// New counts.
+    pub request_counts: Option<RequestCounts>,
+    /// Output file id.
+    pub output_file_id: Option<String>,
+    /// Error file id.
+    pub error_file_id: Option<String>,
+    /// Errors to append.
+    pub errors: Vec<BatchErrorEntry>,
+    /// New usage.
+    pub usage: Option<Usage>,
+    /// Model name.
+    pub model: Option<String>,
+}
+
+/// A validated worker update.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchUpdate {
+    /// Apply only if the batch is at this version.
+    pub expected_version: Option<i64>,
+    /// New status.
+    pub status: Option<BatchStatus>,
+    /// New counts, internally consistent.
+    pub request_counts: Option<RequestCounts>,
+    /// Output file id.
+    pub output_file_id: Option<String>,
+    /// Error file id.
+    pub error_file_id: Option<String>,
+    /// Errors to append.
+    pub errors: Vec<BatchErrorEntry>,
+    /// New usage, internally consistent.
+    pub usage: Option<Usage>,
+    /// Model name.
+    pub model: Option<String>,
+}
+
+impl BatchUpdate {
+    /// Validates what can be checked without the batch (the rest is in `Batch::apply`).
+    pub fn parse(input: BatchUpdateInput) -> Result<BatchUpdate> {
+        if let Some(version) = input.expected_version.filter(|&v| v < 1) {
+            return Err(Error::invalid(
+                "expected_version",
+                format!("{version} is not a version; versions start at 1"),
+            ));
+        }
+        if let Some(counts) = input.request_counts {
+            check_request_counts(counts)?;
+        }
+        if let Some(usage) = input.usage {
+            check_usage(usage)?;
+        }
+        if input.errors.len() > MAX_ERRORS_PER_UPDATE {
+            return Err(Error::invalid(
+                "errors",
+                format!(
+                    "has {} entries; at most {MAX_ERRORS_PER_UPDATE} per update",
+                    input.errors.len()
+                ),
+            ));
+        }
+        for (i, entry) in input.errors.iter().enumerate() {
+            check_error_entry(i, entry)?;
+        }
+        Ok(BatchUpdate {
+            expected_version: input.expected_version,
+            status: input.status,
+            request_counts: input.request_counts,
+            output_file_id: input
+                .output_file_id
+                .map(|f| parse_identifier("output_file_id", &f))
+                .transpose()?,
+            error_file_id: input
+                .error_file_id
+                .map(|f| parse_identifier("error_file_id", &f))
+                .transpose()?,
+            errors: input.errors,
+            usage: input.usage,
+            model: input
+                .model
+                .map(|m| parse_identifier("model", &m))
+                .transpose()?,
+        })
+    }
+}
+
+fn check_request_counts(counts: RequestCounts) -> Result<()> {
+    for (name, value) in [
+        ("total", counts.total),
+        ("completed", counts.completed),
+        ("failed", counts.failed),
+    ] {
+        if value < 0 {
+            return Err(Error::invalid(
+                format!("request_counts.{name}"),
+                format!("{value} is negative"),
+            ));
+        }
+    }
+    if counts.completed.saturating_add(counts.failed) > counts.total {
+        return Err(Error::invalid(
+            "request_counts",
+            format!(
+                "completed ({}) + failed ({}) exceeds total ({})",
+                counts.completed, counts.failed, counts.total
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_usage(usage: Usage) -> Result<()> {
+    for (name, value) in [
+        ("input_tokens", usage.input_tokens),
+        ("input_tokens_details.cached_tokens", usage.cached_tokens),
+        ("output_tokens", usage.output_tokens),
+        (
+            "output_tokens_details.reasoning_tokens",
+            usage.reasoning_tokens,
+        ),
+        ("total_tokens", usage.total_tokens),
+    ] {
+        if value < 0 {
+            return Err(Error::invalid(
+                format!("usage.{name}"),
+                format!("{value} is negative"),
+            ));
+        }
+    }
+    if usage.cached_tokens > usage.input_tokens {
+        return Err(Error::invalid(
+            "usage.input_tokens_details.cached_tokens",
+            format!(
+                "{} exceeds input_tokens ({})",
+                usage.cached_tokens, usage.input_tokens
+            ),
+        ));
+    }
+    if usage.reasoning_tokens > usage.output_tokens {
+        return Err(Error::invalid(
+            "usage.output_tokens_details.reasoning_tokens",
+            format!(
+                "{} exceeds output_tokens ({})",
+                usage.reasoning_tokens, usage.output_tokens
+            ),
+        ));
+    }
+    if usage.input_tokens.checked_add(usage.output_tokens) != Some(usage.total_tokens) {
+        return Err(Error::invalid(
+            "usage.total_tokens",
+            format!(
+                "{} is not input_tokens + output_tokens ({} + {})",
+                usage.total_tokens, usage.input_tokens, usage.output_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_error_entry(index: usize, entry: &BatchErrorEntry) -> Result<()> {
+    parse_text(
+        &format!("errors[{index}].code"),
+        &entry.code,
+        MAX_ERROR_CODE_CHARS,
+        false,
+    )?;
+    parse_text(
+        &format!("errors[{index}].message"),
+        &entry.message,
+        MAX_ERROR_MESSAGE_CHARS,
+        false,
+    )?;
+    if let Some(line) = entry.line.filter(|&l| l < 0) {
+        return Err(Error::invalid(
+            format!("errors[{index}].line"),
+            format!("{line} is negative"),
+        ));
+    }
+    if let Some(param) = &entry.param {
+        parse_text(&format!("errors[{index}].param"), param, MAX_ID_CHARS, true)?;
+    }
+    Ok(())
+}
+
+/// Default page size of a list.
+pub const DEFAULT_LIST_LIMIT: i64 = 20;
+/// Largest page size of a list.
+pub const MAX_LIST_LIMIT: i64 = 100;
+
+/// A list request as the transports receive it.
+#[derive(Debug, Clone, Default)]
+pub struct ListBatchesInput {
+    /// Cursor: the id of the last batch of the previous page.
+    pub after: Option<String>,
+    /// Page size, 1..=100.
+    pub limit: Option<i64>,
+    /// Only batches in this status.
+    pub status: Option<BatchStatus>,
+    /// Only batches of this job.
+    pub job_id: Option<String>,
+}
+
+/// A validated list request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListBatches {
+    /// Cursor.
+    pub after: Option<BatchId>,
+    /// Page size, 1..=100.
+    pub limit: i64,
+    /// Status filter.
+    pub status: Option<BatchStatus>,
+    /// Job filter.
+    pub job_id: Option<String>,
+}
+
+impl ListBatches {
+    /// Validates a list request.
+    pub fn parse(input: ListBatchesInput) -> Result<ListBatches> {
+        let limit = input.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(Error::invalid(
+                "limit",
+                format!("{limit} is out of range; use 1 to {MAX_LIST_LIMIT}"),
+            ));
+        }
+        Ok(ListBatches {
+            after: input
+                .after
+                .map(|a| BatchId::parse("after", &a))
+                .transpose()?,
+            limit,
+            status: input.status,
+            job_id: input
+                .job_id
+                .map(|j| parse_identifier("job_id", &j))
+                .transpose()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(edit: impl FnOnce(&mut CreateBatchInput)) -> Result<NewBatch> {
+        let mut input = CreateBatchInput {
+            input_file_id: "file-abc".into(),
+            endpoint: "/v1/chat/completions".into(),
+            completion_window: "24h".into(),
+            ..Default::default()
+        };
+        edit(&mut input);
+        NewBatch::parse(input, &BatchPolicy::default())
+    }
+
+    fn field_of(result: Result<impl fmt::Debug>) -> String {
+        match result.unwrap_err() {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn generated_ids_are_well_formed_and_distinct() {
+        let a = BatchId::generate();
+        let b = BatchId::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), "batch_".len() + 32);
+        assert_eq!(BatchId::parse("batch_id", a.as_str()).unwrap(), a);
+    }
+
+    #[test]
+    fn malformed_ids_are_refused() {
+        for bad in [
+            "",
+            "batch_",
+            "batch-123",
+            "file_123",
+            "batch_a b",
+            "batch_../x",
+        ] {
+            assert_eq!(
+                field_of(BatchId::parse("batch_id", bad)),
+                "batch_id",
+                "{bad}"
+            );
+        }
+        let too_long = format!("batch_{}", "a".repeat(65));
+        assert!(BatchId::parse("batch_id", &too_long).is_err());
+    }
+
+    #[test]
+    fn create_checks_every_field_and_names_it() {
+        assert!(create(|_| {}).is_ok());
+        assert_eq!(
+            field_of(create(|i| i.input_file_id.clear())),
+            "input_file_id"
+        );
+        assert_eq!(
+            field_of(create(|i| i.endpoint = "/v1/images".into())),
+            "endpoint"
+        );
+        assert_eq!(
+            field_of(create(|i| i.completion_window = "72h".into())),
+            "completion_window"
+        );
+        assert_eq!(
+            field_of(create(|i| i.job_id = Some(String::new()))),
+            "job_id"
+        );
+        assert_eq!(
+            field_of(create(|i| i.remark = Some("x".repeat(2_000)))),
+            "remark"
+        );
+    }
+
+    #[test]
+    fn metadata_limits_are_the_documented_ones() {
+        let pairs = |n: usize| (0..n).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert!(create(|i| i.metadata = Some(pairs(16))).is_ok());
+        assert_eq!(
+            field_of(create(|i| i.metadata = Some(pairs(17)))),
+            "metadata"
+        );
+        let one = |k: String, v: String| Some(BTreeMap::from([(k, v)]));
+        assert!(create(|i| i.metadata = one("k".repeat(64), "v".repeat(512))).is_ok());
+        assert_eq!(
+            field_of(create(|i| i.metadata = one("k".repeat(65), "v".into()))),
+            "metadata"
+        );
+        assert_eq!(
+            field_of(create(|i| i.metadata = one("k".into(), "v".repeat(513)))),
+            "metadata.k"
+        );
+    }
+
+    #[test]
+    fn list_limit_must_be_between_1_and_100() {
+        let list = |limit| {
+            ListBatches::parse(ListBatchesInput {
+                limit: Some(limit),
+                ..Default::default()
+            })
+        };
+        assert_eq!(field_of(list(0)), "limit");
+        assert_eq!(field_of(list(1000)), "limit");
+        assert_eq!(field_of(list(-1)), "limit");
+        assert_eq!(list(100).unwrap().limit, 100);
+        assert_eq!(ListBatches::parse(Default::default()).unwrap().limit, 20);
+    }
+
+    #[test]
+    fn update_checks_counts_usage_and_errors() {
+        let update = |edit: fn(&mut BatchUpdateInput)| {
+            let mut input = BatchUpdateInput::default();
+            edit(&mut input);
+            BatchUpdate::parse(input)
+        };
+        assert_eq!(
+            field_of(update(|u| u.request_counts = Some(RequestCounts {
+                total: 1,
+                completed: -1,
+                failed: 0
+            }))),
+            "request_counts.completed"
+        );
+        assert_eq!(
+            field_of(update(|u| u.request_counts = Some(RequestCounts {
+                total: 1,
+                completed: 1,
+                failed: 1
+            }))),
+            "request_counts"
+        );
+        assert_eq!(
+            field_of(update(|u| u.usage = Some(Usage {
+                input_tokens: 1,
+                output_tokens: 1,
+                total_tokens: 3,
+                ..Default::default()
+            }))),
+            "usage.total_tokens"
+        );
+        assert_eq!(
+            field_of(update(|u| u.errors = vec![BatchErrorEntry {
+                code: "bad_line".into(),
+                line: Some(3),
+                message: String::new(),
+                param: None
+            }])),
+            "errors[0].message"
+        );
+        assert_eq!(
+            field_of(update(|u| u.expected_version = Some(0))),
+            "expected_version"
+        );
+    }
+
+    #[test]
+    fn completion_windows_parse_as_durations() {
+        assert_eq!(CompletionWindow::parse("24h").unwrap().seconds, 86_400);
+        assert!(CompletionWindow::parse("soon").is_err());
+        assert!(CompletionWindow::parse("0s").is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! The batch domain: the object, its status machine, validated input and the API key
+//! rules. No I/O: everything here is tested without a database or a network.
+
+mod api_key;
+mod batch;
+mod input;
+mod status;
+
+pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_hex, digest_of};
+pub use batch::{Batch, BatchErrorEntry, BatchEvent, MAX_BATCH_ERRORS, RequestCounts, Usage};
+pub use input::{
+    BatchId, BatchPolicy, BatchUpdate, BatchUpdateInput, CompletionWindow, CreateBatchInput,
+    DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, ListBatches, ListBatchesInput, NewBatch,
+};
+pub use status::BatchStatus;

@@ -1,0 +1,131 @@
+//! The one error type of batchd. It knows nothing of tonic or axum: each transport maps
+//! [`ErrorCode`] to its own status codes in a single exhaustive `match`.
+
+use crate::domain::{BatchStatus, Scope};
+
+/// Everything that can go wrong in a use case, with what the caller needs to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A field of the request is malformed or out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The request field, e.g. `metadata` or `request_counts.total`.
+        field: String,
+        /// What is wrong with it, naming the offending value.
+        reason: String,
+    },
+    /// No API key was sent, or the key is unknown or revoked.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// The API key is valid but its scope does not cover the operation.
+    #[error("an API key with scope `{scope}` may not {action}")]
+    PermissionDenied {
+        /// The caller's scope.
+        scope: Scope,
+        /// What the caller tried to do, e.g. `update batches`.
+        action: &'static str,
+    },
+    /// No such batch, or it belongs to another owner (the two are indistinguishable).
+    #[error("no batch found with id `{0}`")]
+    BatchNotFound(String),
+    /// No API key with this id.
+    #[error("no API key found with id `{0}`")]
+    ApiKeyNotFound(String),
+    /// The state machine does not allow this move.
+    #[error("a batch cannot move from `{from}` to `{to}`")]
+    IllegalTransition {
+        /// The batch's current status.
+        from: BatchStatus,
+        /// The status the caller asked for.
+        to: BatchStatus,
+    },
+    /// The request is well formed but conflicts with the batch's current state
+    /// (a terminal batch, request counts that would go down).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The caller's `expected_version` is not the batch's version.
+    #[error("batch is at version {actual}, not the expected version {expected}")]
+    VersionMismatch {
+        /// What the caller expected.
+        expected: i64,
+        /// What the batch is at.
+        actual: i64,
+    },
+    /// Too many writers changed the batch at once for this one to get through.
+    #[error("batch `{0}` is being changed by too many writers at once; retry")]
+    Contended(String),
+    /// The database does not answer. The detail is logged, never sent to clients.
+    #[error("the database is unavailable; retry later")]
+    Unavailable(String),
+    /// A bug or an unexpected database answer. The detail is logged, never sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// A shorthand for results of batchd's use cases.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The class of an [`Error`], which each transport turns into its own status code.
+/// Named after the canonical gRPC codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The request is malformed.
+    InvalidArgument,
+    /// No valid credentials.
+    Unauthenticated,
+    /// Valid credentials without the right scope.
+    PermissionDenied,
+    /// The resource does not exist (or is not the caller's).
+    NotFound,
+    /// The resource's state does not allow the operation.
+    FailedPrecondition,
+    /// A concurrency conflict; the caller may re-read and retry.
+    Aborted,
+    /// A dependency (the database) is down.
+    Unavailable,
+    /// A bug.
+    Internal,
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The class of this error. Exhaustive on purpose: a new variant must pick its code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+            Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            Error::BatchNotFound(_) | Error::ApiKeyNotFound(_) => ErrorCode::NotFound,
+            Error::IllegalTransition { .. } | Error::FailedPrecondition(_) => {
+                ErrorCode::FailedPrecondition
+            }
+            Error::VersionMismatch { .. } | Error::Contended(_) => ErrorCode::Aborted,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The request field at fault, for transports that report it (OpenAI's `param`).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Error::InvalidArgument { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    /// Logs the internal detail of server-side errors; the client sees only `Display`.
+    pub fn log_detail(&self) {
+        match self {
+            Error::Unavailable(detail) => tracing::warn!(%detail, "database unavailable"),
+            Error::Internal(detail) => tracing::error!(%detail, "internal error"),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Conversions between the protobuf messages and the domain, and the one mapping of
+//! [`Error`] to a gRPC status.
+
+use std::collections::BTreeMap;
+
+use tonic::{Code, Status};
+
+use crate::domain::{
+    Batch, BatchErrorEntry, BatchStatus, BatchUpdateInput, CreateBatchInput, ListBatchesInput,
+    RequestCounts, Usage,
+};
+use crate::error::{Error, ErrorCode, Result};
+use crate::proto::batchd::v1 as pb;
+use crate::service::BatchPage;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        error.log_detail();
+        // Exhaustive on purpose: a new ErrorCode must choose its gRPC code here.
+        let code = match error.code() {
+            ErrorCode::InvalidArgument => Code::InvalidArgument,
+            ErrorCode::Unauthenticated => Code::Unauthenticated,
+            ErrorCode::PermissionDenied => Code::PermissionDenied,
+            ErrorCode::NotFound => Code::NotFound,
+            ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+            ErrorCode::Aborted => Code::Aborted,
+            ErrorCode::Unavailable => Code::Unavailable,
+            ErrorCode::Internal => Code::Internal,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+impl From<BatchStatus> for pb::BatchStatus {
+    fn from(status: BatchStatus) -> pb::BatchStatus {
+        match status {
+            BatchStatus::Validating => pb::BatchStatus::Validating,
+            BatchStatus::Failed => pb::BatchStatus::Failed,
+            BatchStatus::InProgress => pb::BatchStatus::InProgress,
+            BatchStatus::Finalizing => pb::BatchStatus::Finalizing,
+            BatchStatus::Completed => pb::BatchStatus::Completed,
+            BatchStatus::Expired => pb::BatchStatus::Expired,
+            BatchStatus::Cancelling => pb::BatchStatus::Cancelling,
+            BatchStatus::Cancelled => pb::BatchStatus::Cancelled,
+        }
+    }
+}
+
+/// The domain status of a wire enum value; unset and unknown values are refused.
+pub fn status_from_proto(field: &str, value: i32) -> Result<BatchStatus> {
+    let status = match pb::BatchStatus::try_from(value) {
+        Ok(pb::BatchStatus::Validating) => BatchStatus::Validating,
+        Ok(pb::BatchStatus::Failed) => BatchStatus::Failed,
+        Ok(pb::BatchStatus::InProgress) => BatchStatus::InProgress,
+        Ok(pb::BatchStatus::Finalizing) => BatchStatus::Finalizing,
+        Ok(pb::BatchStatus::Completed) => BatchStatus::Completed,
+        Ok(pb::BatchStatus::Expired) => BatchStatus::Expired,
+        Ok(pb::BatchStatus::Cancelling) => BatchStatus::Cancelling,
+        Ok(pb::BatchStatus::Cancelled) => BatchStatus::Cancelled,
+        Ok(pb::BatchStatus::Unspecified) => {
+            return Err(Error::invalid(
+                field,
+                "BATCH_STATUS_UNSPECIFIED is not a status; omit the field instead",
+            ));
+        }
+        Err(_) => {
+            return Err(Error::invalid(
+                field,
+                format!("{value} is not a BatchStatus value"),
+            ));
+        }
+    };
+    Ok(status)
+}
+
+impl From<Batch> for pb::Batch {
+    fn from(b: Batch) -> pb::Batch {
+        pb::Batch {
+            id: b.id.to_string(),
+            object: "batch".into(),
+            endpoint: b.endpoint,
+            errors: (!b.errors.is_empty()).then(|| pb::BatchErrors {
+                object: "list".into(),
+                data: b.errors.into_iter().map(pb::BatchError::from).collect(),
+            }),
+            input_file_id: b.input_file_id,
+            completion_window: b.completion_window,
+            status: pb::BatchStatus::from(b.status).into(),
+            output_file_id: b.output_file_id,
+            error_file_id: b.error_file_id,
+            created_at: b.created_at,
+            in_progress_at: b.in_progress_at,
+            expires_at: b.expires_at,
+            finalizing_at: b.finalizing_at,
+            completed_at: b.completed_at,
+            failed_at: b.failed_at,
+            expired_at: b.expired_at,
+            cancelling_at: b.cancelling_at,
+            cancelled_at: b.cancelled_at,
+            request_counts: Some(b.request_counts.into()),
+            metadata: b.metadata.unwrap_or_default().into_iter().collect(),
+            model: b.model,
+            usage: b.usage.map(pb::Usage::from),
+            job_id: b.job_id,
+            remark: b.remark,
+            user_id: b.user_id,
+            api_key_id: b.api_key_id,
+            version: b.version,
+            updated_at: b.updated_at,
+        }
+    }
+}
+
+impl From<BatchErrorEntry> for pb::BatchError {
+    fn from(e: BatchErrorEntry) -> pb::BatchError {
+        pb::BatchError {
+            code: e.code,
+            line: e.line,
+            message: e.message,
+            param: e.param,
+        }
+    }
+}
+
+impl From<pb::BatchError> for BatchErrorEntry {
+    fn from(e: pb::BatchError) -> BatchErrorEntry {
+        BatchErrorEntry {
+            code: e.code,
+            line: e.line,
+            message: e.message,
+            param: e.param,
+        }
+    }
+}
+
+impl From<RequestCounts> for pb::RequestCounts {
+    fn from(c: RequestCounts) -> pb::RequestCounts {
+        pb::RequestCounts {
+            total: c.total,
+            completed: c.completed,
+            failed: c.failed,
+        }
+    }
+}
+
+impl From<pb::RequestCounts> for RequestCounts {
+    fn from(c: pb::RequestCounts) -> RequestCounts {
+        RequestCounts {
+            total: c.total,
+            completed: c.completed,
+            failed: c.failed,
+        }
+    }
+}
+
+impl From<Usage> for pb::Usage {
+    fn from(u: Usage) -> pb::Usage {
+        pb::Usage {
+            input_tokens: u.input_tokens,
+            input_tokens_details: Some(pb::InputTokensDetails {
+                cached_tokens: u.cached_tokens,
+            }),
+            output_tokens: u.output_tokens,
+            output_tokens_details: Some(pb::OutputTokensDetails {
+                reasoning_tokens: u.reasoning_tokens,
+            }),
+            total_tokens: u.total_tokens,
+        }
+    }
+}
+
+impl From<pb::Usage> for Usage {
+    fn from(u: pb::Usage) -> Usage {
+        Usage {
+            input_tokens: u.input_tokens,
+            cached_tokens: u.input_tokens_details.map_or(0, |d| d.cached_tokens),
+            output_tokens: u.output_tokens,
+            reasoning_tokens: u.output_tokens_details.map_or(0, |d| d.reasoning_tokens),
+            total_tokens: u.total_tokens,
+        }
+    }
+}
+
+impl From<pb::CreateBatchRequest> for CreateBatchInput {
+    fn from(r: pb::CreateBatchRequest) -> CreateBatchInput {
+        CreateBatchInput {
+            input_file_id: r.input_file_id,
+            endpoint: r.endpoint,
+            completion_window: r.completion_window,
+            // A proto map cannot be null: empty means "no metadata".
+            metadata: (!r.metadata.is_empty())
+                .then(|| r.metadata.into_iter().collect::<BTreeMap<_, _>>()),
+            job_id: r.job_id,
+            remark: r.remark,
+        }
+    }
+}
+
+impl TryFrom<pb::ListBatchesRequest> for ListBatchesInput {
+    type Error = Error;
+
+    fn try_from(r: pb::ListBatchesRequest) -> Result<ListBatchesInput> {
+        Ok(ListBatchesInput {
+            after: r.after,
+            limit: r.limit.map(i64::from),
+            status: r
+                .status
+                .map(|s| status_from_proto("status", s))
+                .transpose()?,
+            job_id: r.job_id,
+        })
+    }
+}
+
+impl TryFrom<pb::UpdateBatchRequest> for BatchUpdateInput {
+    type Error = Error;
+
+    fn try_from(r: pb::UpdateBatchRequest) -> Result<BatchUpdateInput> {
+        Ok(BatchUpdateInput {
+            expected_version: r.expected_version,
+            status: r
+                .status
+                .map(|s| status_from_proto("status", s))
+                .transpose()?,
+            request_counts: r.request_counts.map(RequestCounts::from),
+            output_file_id: r.output_file_id,
+            error_file_id: r.error_file_id,
+            errors: r.errors.into_iter().map(BatchErrorEntry::from).collect(),
+            usage: r.usage.map(Usage::from),
+            model: r.model,
+        })
+    }
+}
+
+impl From<BatchPage> for pb::ListBatchesResponse {
+    fn from(page: BatchPage) -> pb::ListBatchesResponse {
+        pb::ListBatchesResponse {
+            object: "list".into(),
+            first_id: page.first_id().map(ToString::to_string),
+            last_id: page.last_id().map(ToString::to_string),
+            has_more: page.has_more,
+            data: page.batches.into_iter().map(pb::Batch::from).collect(),
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The gRPC transport: tonic handlers that authenticate, convert, call the
+//! [`BatchService`](crate::service::BatchService) and convert back. No business rule
+//! lives here.
+
+mod batch_api;
+mod convert;
+mod worker_api;
+
+use std::sync::Arc;
+
+use tonic::Request;
+use tonic::service::Routes;
+use tonic_health::server::HealthReporter;
+
+use crate::domain::Caller;
+use crate::error::{Error, Result};
+use crate::proto::batchd::v1::batch_service_server::BatchServiceServer;
+use crate::proto::batchd::v1::batch_worker_service_server::BatchWorkerServiceServer;
+use crate::service::{BatchService, bearer_token};
+
+pub use batch_api::BatchApi;
+pub use convert::status_from_proto;
+pub use worker_api::WorkerApi;
+
+/// The names health is reported under besides `""`: every service batchd serves.
+pub const SERVICE_NAMES: [&str; 2] = [
+    <BatchServiceServer<BatchApi> as tonic::server::NamedService>::NAME,
+    <BatchWorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+];
+
+/// Every gRPC service of batchd: the two APIs, health and reflection.
+pub fn routes(service: Arc<BatchService>) -> Result<(Routes, HealthReporter)> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
+    let routes = Routes::new(BatchServiceServer::new(BatchApi::new(service.clone())))
+        .add_service(BatchWorkerServiceServer::new(WorkerApi::new(service)))
+        .add_service(health_service)
+        .add_service(reflection);
+    Ok((routes, health_reporter))
+}
+
+/// Authenticates the `authorization` metadata of a request.
+async fn caller<T>(service: &BatchService, request: &Request<T>) -> Result<Caller> {
+    let token = match request.metadata().get("authorization") {
+        None => None,
+        Some(value) => Some(bearer_token(value.to_str().map_err(|_| {
+            Error::Unauthenticated("malformed authorization: not ASCII")
+        })?)?),
+    };
+    service.authenticate(token).await
+}

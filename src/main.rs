@@ -1,0 +1,78 @@
+//! The `batchd` binary: parse the command line, set up logging, run the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use batchd::app::{App, ServeOptions};
+use batchd::clock::SystemClock;
+use batchd::config::{Cli, Command, ServeArgs};
+use batchd::{commands, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let outcome = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(database) => commands::migrate(&database).await.map_err(Into::into),
+        Command::Keys { command } => commands::keys(command).await.map_err(Into::into),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("batchd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut app = App::start(ServeOptions {
+        database_url: args.database.database_url.clone(),
+        store: args.database.store_options(),
+        grpc_addr: args.grpc_addr,
+        http_addr: args.http_addr,
+        policy: args.batch_policy(),
+        health_check_interval: args.health_check_interval,
+        clock: std::sync::Arc::new(SystemClock),
+    })
+    .await?;
+    if let Some((key, secret)) = app.take_first_api_key() {
+        println!(
+            "The database had no API key, so batchd created {} (user {}, scope {}).",
+            key.id, key.user_id, key.scope
+        );
+        println!("Its secret is shown only now; send it as `Authorization: Bearer <secret>`:");
+        println!("{}", secret.expose());
+    }
+    println!(
+        "batchd is serving gRPC on {} and HTTP on {}",
+        app.grpc_addr(),
+        app.http_addr()
+    );
+    app.run_until(shutdown_signal()).await
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops batchd");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

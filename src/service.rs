@@ -1,0 +1,247 @@
+//! The use cases of batchd. Both transports call these and nothing else: each one
+//! authorizes the caller, validates the input, applies the state machine and talks to
+//! the store, which no other module touches.
+
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::domain::{
+    Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchUpdate, BatchUpdateInput,
+    Caller, CreateBatchInput, ListBatches, ListBatchesInput, NewBatch, Scope, digest_of,
+};
+use crate::error::{Error, Result};
+use crate::store::{BatchPageQuery, Store};
+
+/// How often a change is retried when other writers keep committing first. Each failed
+/// attempt means another writer's change went through, so the system always progresses.
+const MAX_COMMIT_ATTEMPTS: usize = 64;
+
+/// One page of a batch listing, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPage {
+    /// The batches of this page.
+    pub batches: Vec<Batch>,
+    /// Whether older batches follow.
+    pub has_more: bool,
+}
+
+impl BatchPage {
+    /// The id of the first batch of the page.
+    pub fn first_id(&self) -> Option<&BatchId> {
+        self.batches.first().map(|b| &b.id)
+    }
+
+    /// The id of the last batch of the page: the cursor for the next one.
+    pub fn last_id(&self) -> Option<&BatchId> {
+        self.batches.last().map(|b| &b.id)
+    }
+}
+
+/// Extracts the key from an `Authorization: Bearer <key>` header value.
+pub fn bearer_token(authorization: &str) -> Result<&str> {
+    match authorization.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(Error::Unauthenticated(
+            "malformed authorization: expected `Bearer <API key>`",
+        )),
+    }
+}
+
+/// The batch use cases over a store and a clock.
+pub struct BatchService {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    policy: BatchPolicy,
+}
+
+impl BatchService {
+    /// A service over `store`, stamping changes with `clock`, creating batches under
+    /// `policy`.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, policy: BatchPolicy) -> Self {
+        BatchService {
+            store,
+            clock,
+            policy,
+        }
+    }
+
+    /// The store, for health checks and shutdown.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Resolves an API key (the bearer token, if one was sent) to its caller.
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller> {
+        let token = token.ok_or(Error::Unauthenticated(
+            "missing API key: send `authorization: Bearer <API key>`",
+        ))?;
+        let key = self
+            .store
+            .api_key_by_digest(&digest_of(token))
+            .await?
+            .filter(|key| key.revoked_at.is_none())
+            .ok_or(Error::Unauthenticated("invalid API key"))?;
+        Ok(Caller::of(&key))
+    }
+
+    /// Creates a batch in `validating`, owned by the caller.
+    pub async fn create_batch(&self, caller: &Caller, input: CreateBatchInput) -> Result<Batch> {
+        caller.authorize(Action::CreateBatch)?;
+        let new = NewBatch::parse(input, &self.policy)?;
+        let batch = Batch::create(new, caller, self.clock.now());
+        self.store.insert_batch(&batch).await?;
+        tracing::info!(batch_id = %batch.id, user_id = %batch.user_id, "batch created");
+        Ok(batch)
+    }
+
+    /// One batch the caller can see.
+    pub async fn get_batch(&self, caller: &Caller, batch_id: &str) -> Result<Batch> {
+        caller.authorize(Action::ReadBatches)?;
+        let id = BatchId::parse("batch_id", batch_id)?;
+        self.visible_batch(caller, &id).await
+    }
+
+    /// A page of the batches the caller can see, newest first.
+    pub async fn list_batches(
+        &self,
+        caller: &Caller,
+        input: ListBatchesInput,
+    ) -> Result<BatchPage> {
+        caller.authorize(Action::ReadBatches)?;
+        let list = ListBatches::parse(input)?;
+        if let Some(after) = &list.after {
+            // An unknown cursor would silently yield an empty page; say so instead.
+            self.visible_batch(caller, after).await.map_err(|_| {
+                Error::invalid("after", format!("no batch `{after}` to page after"))
+            })?;
+        }
+        let mut batches = self
+            .store
+            .list_batches(BatchPageQuery {
+                owner: caller.owner_filter(),
+                after: list.after.as_ref(),
+                status: list.status,
+                job_id: list.job_id.as_deref(),
+                // One more than asked tells whether another page follows.
+                limit: list.limit + 1,
+            })
+            .await?;
+        let has_more = batches.len() as i64 > list.limit;
+        batches.truncate(list.limit as usize);
+        Ok(BatchPage { batches, has_more })
+    }
+
+    /// Requests cancellation of a batch the caller can see. Idempotent.
+    pub async fn cancel_batch(&self, caller: &Caller, batch_id: &str) -> Result<Batch> {
+        caller.authorize(Action::CancelBatch)?;
+        let id = BatchId::parse("batch_id", batch_id)?;
+        let batch = self
+            .change_batch(caller, &id, None, |batch, now| batch.cancel(now))
+            .await?;
+        tracing::info!(batch_id = %id, status = %batch.status, "batch cancel requested");
+        Ok(batch)
+    }
+
+    /// Applies a worker's update atomically: all of it or nothing.
+    pub async fn update_batch(
+        &self,
+        caller: &Caller,
+        batch_id: &str,
+        input: BatchUpdateInput,
+    ) -> Result<Batch> {
+        caller.authorize(Action::UpdateBatch)?;
+        let id = BatchId::parse("batch_id", batch_id)?;
+        let update = BatchUpdate::parse(input)?;
+        self.change_batch(caller, &id, update.expected_version, |batch, now| {
+            batch.apply(&update, now)
+        })
+        .await
+    }
+
+    /// Creates an API key; the secret is returned once and stored only as a digest.
+    pub async fn create_api_key(
+        &self,
+        user_id: &str,
+        scope: Scope,
+    ) -> Result<(ApiKey, ApiKeySecret)> {
+        let key = ApiKey::new(user_id, scope, self.clock.now())?;
+        let secret = ApiKeySecret::generate();
+        self.store.insert_api_key(&key, &secret.digest()).await?;
+        Ok((key, secret))
+    }
+
+    /// Creates an admin key for user `admin` if the database has no key at all, so a
+    /// fresh installation can be used at once. `None` when keys already exist.
+    pub async fn create_first_api_key(&self) -> Result<Option<(ApiKey, ApiKeySecret)>> {
+        let key = ApiKey::new("admin", Scope::Admin, self.clock.now())?;
+        let secret = ApiKeySecret::generate();
+        let created = self
+            .store
+            .insert_first_api_key(&key, &secret.digest())
+            .await?;
+        Ok(created.then_some((key, secret)))
+    }
+
+    /// Every API key, oldest first.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        self.store.list_api_keys().await
+    }
+
+    /// Revokes a key: it authenticates nothing from now on.
+    pub async fn revoke_api_key(&self, key_id: &str) -> Result<()> {
+        if self.store.revoke_api_key(key_id, self.clock.now()).await? {
+            Ok(())
+        } else {
+            Err(Error::ApiKeyNotFound(key_id.to_owned()))
+        }
+    }
+
+    /// The batch, if the caller may see it; otherwise NOT_FOUND, exactly as if it did
+    /// not exist, so ids of other tenants' batches cannot be probed.
+    async fn visible_batch(&self, caller: &Caller, id: &BatchId) -> Result<Batch> {
+        self.store
+            .get_batch(id)
+            .await?
+            .filter(|batch| caller.sees(batch))
+            .ok_or_else(|| Error::BatchNotFound(id.to_string()))
+    }
+
+    /// Reads the batch, computes its next version with `change` and commits it if no
+    /// other writer committed in between; otherwise starts over from the new version.
+    /// `change` returning `None` means "nothing to do": the current batch is returned
+    /// and nothing is written.
+    async fn change_batch(
+        &self,
+        caller: &Caller,
+        id: &BatchId,
+        expected_version: Option<i64>,
+        change: impl Fn(&Batch, i64) -> Result<Option<Batch>>,
+    ) -> Result<Batch> {
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let current = self.visible_batch(caller, id).await?;
+            if let Some(expected) = expected_version
+                && expected != current.version
+            {
+                return Err(Error::VersionMismatch {
+                    expected,
+                    actual: current.version,
+                });
+            }
+            let Some(next) = change(&current, self.clock.now())? else {
+                return Ok(current);
+            };
+            if self.store.commit_change(&next).await? {
+                if next.status != current.status {
+                    tracing::info!(batch_id = %id, from = %current.status, to = %next.status, version = next.version, "batch status changed");
+                }
+                return Ok(next);
+            }
+            tokio::task::yield_now().await;
+        }
+        Err(Error::Contended(id.to_string()))
+    }
+}

@@ -1,0 +1,186 @@
+//! Persistence: one [`Store`] trait, with SQLite (embedded default) and PostgreSQL
+//! (replicated deployments) behind it. [`connect`] picks the backend by URL scheme.
+//!
+//! The store knows rows and transactions, not rules: the state machine lives in the
+//! domain, and the service is the only caller. Both backends speak the same SQL text
+//! (`$n` placeholders work in both), which lives in [`sql`].
+
+mod postgres;
+mod sql;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus};
+use crate::error::{Error, Result};
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// A page request against the store, already validated and scoped to the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPageQuery<'a> {
+    /// Only this owner's batches; `None` for every owner.
+    pub owner: Option<&'a str>,
+    /// Only batches created before this one (which must exist).
+    pub after: Option<&'a BatchId>,
+    /// Only batches in this status.
+    pub status: Option<BatchStatus>,
+    /// Only batches of this job.
+    pub job_id: Option<&'a str>,
+    /// At most this many rows.
+    pub limit: i64,
+}
+
+/// Where batches, their history and API keys are kept.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations. Safe when several replicas start at once.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Succeeds when the database answers a trivial query.
+    async fn ping(&self) -> Result<()>;
+
+    /// Inserts a new batch (version 1) and its first event, atomically.
+    async fn insert_batch(&self, batch: &Batch) -> Result<()>;
+
+    /// The batch with this id, whoever owns it.
+    async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
+
+    /// Batches matching `query`, newest first.
+    async fn list_batches(&self, query: BatchPageQuery<'_>) -> Result<Vec<Batch>>;
+
+    /// Replaces the batch by `next`, whose version must be one more than the stored
+    /// one, and appends `next` to the event log, atomically. Returns `false`, writing
+    /// nothing, when the stored version is no longer `next.version - 1` (another writer
+    /// got there first).
+    async fn commit_change(&self, next: &Batch) -> Result<bool>;
+
+    /// Up to `limit` committed versions of a batch after `after_version`, oldest first.
+    async fn events_after(
+        &self,
+        id: &BatchId,
+        after_version: i64,
+        limit: i64,
+    ) -> Result<Vec<BatchEvent>>;
+
+    /// Stores a new API key by the digest of its secret.
+    async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()>;
+
+    /// Stores `key` only if there is no API key at all yet; `true` if it was stored.
+    /// Two replicas starting together on an empty database store exactly one.
+    async fn insert_first_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<bool>;
+
+    /// The key whose secret has this digest, revoked or not.
+    async fn api_key_by_digest(&self, secret_digest: &[u8; 32]) -> Result<Option<ApiKey>>;
+
+    /// Every API key, oldest first.
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
+
+    /// Marks the key revoked at `at`; `false` if there is no such key. Revoking a
+    /// revoked key keeps its first revocation time.
+    async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool>;
+
+    /// Closes the connection pool, waiting for connections in use to be returned.
+    async fn close(&self);
+}
+
+/// Connection settings shared by both backends.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most open connections in the pool.
+    pub max_connections: u32,
+    /// How long a request waits for a free connection (or a reconnect) before it fails
+    /// with `UNAVAILABLE` instead of hanging.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens the store named by `url`: `sqlite://path` (created if missing) or
+/// `postgres://...`. Does not migrate; call [`Store::migrate`].
+pub async fn connect(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
+    let scheme = url.split(':').next().unwrap_or_default();
+    match scheme {
+        "sqlite" => Ok(Arc::new(SqliteStore::connect(url, options).await?)),
+        "postgres" | "postgresql" => Ok(Arc::new(PostgresStore::connect(url, options).await?)),
+        _ => Err(Error::invalid(
+            "database_url",
+            format!("unsupported scheme `{scheme}`; use sqlite://PATH or postgres://USER@HOST/DB"),
+        )),
+    }
+}
+
+/// Hides credentials when a URL is logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    /// Connection trouble becomes `Unavailable` (retryable); anything else is a bug or
+    /// corrupt data and becomes `Internal`. The detail is only logged.
+    fn from(error: sqlx::Error) -> Error {
+        let unavailable = match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::BeginFailed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // PostgreSQL: connection exceptions (08xxx), shutdown or restart in
+                // progress (57P0x), the database was dropped (3D000).
+                // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) outlasted busy_timeout.
+                code.starts_with("08")
+                    || code.starts_with("57P0")
+                    || code == "3D000"
+                    || code == "5"
+                    || code == "6"
+            }),
+            _ => false,
+        };
+        if unavailable {
+            Error::Unavailable(error.to_string())
+        } else {
+            Error::Internal(error.to_string())
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(error: sqlx::migrate::MigrateError) -> Error {
+        match error {
+            sqlx::migrate::MigrateError::Execute(inner) => inner.into(),
+            other => Error::Internal(format!("migration failed: {other}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn credentials_are_hidden_from_logs() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/batchd"),
+            "postgres://***@db:5432/batchd"
+        );
+        assert_eq!(redact_url("sqlite://batchd.db"), "sqlite://batchd.db");
+    }
+}

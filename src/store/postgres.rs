@@ -1,0 +1,96 @@
+//! The PostgreSQL store, for deployments with several batchd replicas on one database.
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::StoreOptions;
+use super::sql;
+use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
+use crate::error::{Error, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Inserts a batch and its first event in one statement (one round trip, atomic).
+/// $1..$29 as in [`sql::INSERT_BATCH`], $30 the snapshot.
+const INSERT_BATCH_WITH_EVENT: &str = concat!(
+    "WITH inserted AS (",
+    "INSERT INTO batches (",
+    sql::batch_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+     $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29) RETURNING id) \
+     INSERT INTO batch_events (batch_id, version, snapshot, at) \
+     SELECT id, $28, $30, $11 FROM inserted"
+);
+
+/// Replaces a batch if it is still at the previous version and appends the event, in
+/// one statement: when the version moved, the UPDATE matches no row and so the INSERT
+/// selects nothing. $1..$20 as in [`sql::update_batch_sql!`], $21 the snapshot.
+const COMMIT_CHANGE: &str = concat!(
+    "WITH changed AS (",
+    sql::update_batch_sql!(),
+    " RETURNING id) \
+     INSERT INTO batch_events (batch_id, version, snapshot, at) \
+     SELECT id, $18, $21, $19 FROM changed"
+);
+
+/// Serialises the "first key on an empty table" check across replicas.
+const FIRST_KEY_LOCK: i64 = 0x6261_7463_6864_6b31; // "batchdk1"
+
+/// Batches in a PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+sql::impl_store!(PostgresStore, Postgres);
+
+impl PostgresStore {
+    /// Connects a pool to `url`, e.g. `postgres://batchd@db:5432/batchd`.
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<PostgresStore> {
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::invalid("database_url", format!("{e}")))?
+            .application_name("batchd");
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        Ok(PostgresStore { pool })
+    }
+
+    async fn migrate_schema(&self) -> Result<()> {
+        // sqlx holds a PostgreSQL advisory lock while migrating, so replicas that start
+        // together apply each migration exactly once.
+        Ok(MIGRATOR.run(&self.pool).await?)
+    }
+
+    async fn insert_batch_with_event(&self, batch: &Batch) -> Result<()> {
+        sql::bind_new_batch!(sqlx::query(INSERT_BATCH_WITH_EVENT), batch)
+            .bind(sqlx::types::Json(batch))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn commit_change_if_current(&self, next: &Batch) -> Result<bool> {
+        let inserted = sql::bind_changed_batch!(sqlx::query(COMMIT_CHANGE), next)
+            .bind(sqlx::types::Json(next))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    /// A transaction holding an advisory lock, so replicas starting together on an
+    /// empty database cannot both see "no key yet".
+    async fn begin_first_key_check(&self) -> Result<Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(FIRST_KEY_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+}

@@ -1,0 +1,102 @@
+//! The embedded SQLite store: one file, WAL mode, for a single batchd process.
+
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+use super::StoreOptions;
+use super::sql;
+use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
+use crate::error::{Error, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Batches in a SQLite database file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+sql::impl_store!(SqliteStore, Sqlite);
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url`, e.g. `sqlite://batchd.db`.
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<SqliteStore> {
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| Error::invalid("database_url", format!("{e}")))?
+            .create_if_missing(true)
+            // WAL lets reads proceed while one writer commits.
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL syncs the WAL on every commit: an acknowledged change survives a
+            // power cut, not only a crash of batchd.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(options.acquire_timeout);
+        // Each connection to `:memory:` would be a database of its own.
+        let max_connections = if connect.get_filename().as_os_str() == ":memory:" {
+            1
+        } else {
+            options.max_connections
+        };
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        Ok(SqliteStore { pool })
+    }
+
+    async fn migrate_schema(&self) -> Result<()> {
+        Ok(MIGRATOR.run(&self.pool).await?)
+    }
+
+    /// A write transaction that takes the database's write lock up front. A deferred
+    /// transaction takes it at its first write and, when another writer committed in
+    /// between, fails with SQLITE_BUSY instead of waiting.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    async fn insert_batch_with_event(&self, batch: &Batch) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sql::bind_new_batch!(sqlx::query(sql::INSERT_BATCH), batch)
+            .execute(&mut *tx)
+            .await?;
+        append_event(&mut tx, batch).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn commit_change_if_current(&self, next: &Batch) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let updated = sql::bind_changed_batch!(sqlx::query(sql::update_batch_sql!()), next)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if updated == 0 {
+            // Dropping the transaction rolls it back; nothing was written anyway.
+            return Ok(false);
+        }
+        append_event(&mut tx, next).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// BEGIN IMMEDIATE holds the write lock from the "no key yet" check to the insert.
+    async fn begin_first_key_check(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.begin_write().await
+    }
+}
+
+/// Appends `batch` at its version to the event log, inside `tx`.
+async fn append_event(tx: &mut Transaction<'static, Sqlite>, batch: &Batch) -> Result<()> {
+    sqlx::query(sql::INSERT_EVENT)
+        .bind(batch.id.as_str())
+        .bind(batch.version)
+        .bind(sqlx::types::Json(batch))
+        .bind(batch.updated_at.unwrap_or(batch.created_at))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
