@@ -14,7 +14,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::clock::{Clock, SystemClock};
 use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy};
-use crate::health::{self, DatabaseHealth};
+use crate::health::{DatabaseHealth, HealthChecker};
 use crate::service::BatchService;
 use crate::store::{self, StoreOptions};
 use crate::{grpc, rest};
@@ -107,16 +107,19 @@ impl App {
         let database_health = Arc::new(DatabaseHealth::default());
         let mut tasks = JoinSet::new();
 
-        let checker = health::watch_database(
+        // The first check runs before the listeners serve, so health is known (and every
+        // service registered) from the first probe on.
+        let mut checker = HealthChecker::new(
             service.store().clone(),
             health_reporter,
             database_health.clone(),
             &grpc::SERVICE_NAMES,
             options.health_check_interval,
-            shutdown.subscribe(),
         );
+        checker.check().await;
+        let checks = checker.run(options.health_check_interval, shutdown.subscribe());
         tasks.spawn(async move {
-            checker.await;
+            checks.await;
             ("health checks", Ok(()))
         });
 

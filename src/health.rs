@@ -24,39 +24,71 @@ impl DatabaseHealth {
     }
 }
 
-/// Checks the database every `interval` (each check bounded by it too) until shutdown,
-/// reporting SERVING / NOT_SERVING for `""` and every name in `services`.
-pub async fn watch_database(
+/// Checks the database and publishes the outcome under `""` and every service name.
+pub struct HealthChecker {
     store: Arc<dyn Store>,
     reporter: HealthReporter,
     health: Arc<DatabaseHealth>,
     services: &'static [&'static str],
-    interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut last: Option<bool> = None;
-    loop {
+    timeout: Duration,
+    last: Option<bool>,
+}
+
+impl HealthChecker {
+    /// A checker whose pings give up after `timeout`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        reporter: HealthReporter,
+        health: Arc<DatabaseHealth>,
+        services: &'static [&'static str],
+        timeout: Duration,
+    ) -> Self {
+        HealthChecker {
+            store,
+            reporter,
+            health,
+            services,
+            timeout,
+            last: None,
+        }
+    }
+
+    /// Pings the database once and publishes SERVING or NOT_SERVING if it changed.
+    /// The first call registers every service, so a probe never sees "unknown".
+    pub async fn check(&mut self) {
         let reachable = matches!(
-            tokio::time::timeout(interval, store.ping()).await,
+            tokio::time::timeout(self.timeout, self.store.ping()).await,
             Ok(Ok(()))
         );
-        health.reachable.store(reachable, Ordering::Relaxed);
-        if last != Some(reachable) {
-            let status = if reachable {
-                tracing::info!("database reachable: serving");
-                ServingStatus::Serving
-            } else {
-                tracing::warn!("database unreachable: not serving");
-                ServingStatus::NotServing
-            };
-            for name in std::iter::once("").chain(services.iter().copied()) {
-                reporter.set_service_status(name, status).await;
-            }
-            last = Some(reachable);
+        self.health.reachable.store(reachable, Ordering::Relaxed);
+        if self.last == Some(reachable) {
+            return;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        let status = if reachable {
+            tracing::info!("database reachable: serving");
+            ServingStatus::Serving
+        } else {
+            tracing::warn!("database unreachable: not serving");
+            ServingStatus::NotServing
+        };
+        for name in std::iter::once("").chain(self.services.iter().copied()) {
+            self.reporter.set_service_status(name, status).await;
+        }
+        self.last = Some(reachable);
+    }
+
+    /// Checks every `interval` until `shutdown` turns true.
+    pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        let stopped = async move {
+            // An error means the sender is gone, which also means "stop".
+            let _ = shutdown.wait_for(|stopping| *stopping).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => self.check().await,
+                _ = &mut stopped => return,
+            }
         }
     }
 }

@@ -1,0 +1,12 @@
+//! batchd's integration tests: a real server on random ports, real tonic clients, and
+//! every store-dependent test run on SQLite and on PostgreSQL
+//! (`<module>::sqlite::<test>` and `<module>::postgres::<test>`).
+
+mod helpers;
+
+mod auth;
+mod batches;
+mod cli;
+mod concurrency;
+mod health;
+mod replicas;
