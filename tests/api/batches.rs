@@ -63,13 +63,7 @@ async fn a_new_batch_starts_validating_at_version_1_and_expires_after_its_window
     assert_eq!(batch.errors, None);
     assert_eq!(batch.usage, None);
 
-    let fetched = client
-        .get_batch(pb::GetBatchRequest {
-            batch_id: batch.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let fetched = get(&mut client, &batch.id).await;
     assert_eq!(fetched, batch);
 }
 
@@ -412,13 +406,7 @@ async fn an_illegal_transition_is_refused_naming_both_statuses_and_writes_nothin
         Code::FailedPrecondition,
         "`validating` to `completed`",
     );
-    let after = client
-        .get_batch(pb::GetBatchRequest {
-            batch_id: batch.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = get(&mut client, &batch.id).await;
     assert_eq!(after, batch, "nothing written");
 }
 
@@ -583,13 +571,7 @@ async fn bad_worker_input_is_refused_naming_the_field(backend: Backend) {
             field,
         );
     }
-    let unchanged = client
-        .get_batch(pb::GetBatchRequest {
-            batch_id: batch.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let unchanged = get(&mut client, &batch.id).await;
     assert_eq!(unchanged, batch);
 }
 

@@ -112,13 +112,7 @@ async fn the_quick_start_prints_a_working_admin_key_once(backend: Backend) {
     let second = serve(&db.url).await;
     assert_eq!(second.stdout.len(), 1, "{:?}", second.stdout);
     let mut admin = client(&second.grpc_addr, &key).await;
-    let fetched = admin
-        .get_batch(pb::GetBatchRequest {
-            batch_id: batch.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let fetched = get(&mut admin, &batch.id).await;
     assert_eq!(fetched, batch);
 }
 

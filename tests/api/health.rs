@@ -34,24 +34,10 @@ async fn health_is_serving_for_every_service_while_the_database_answers(backend:
         .await;
     }
 
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", app.http_addr);
-    assert_eq!(
-        http.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        http.get(format!("{base}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    for probe in ["healthz", "readyz"] {
+        let response = reqwest::get(format!("http://{}/{probe}", app.http_addr)).await;
+        assert_eq!(response.unwrap().status(), 200, "/{probe}");
+    }
 }
 
 async fn reflection_lists_the_services_so_grpcurl_needs_no_proto(backend: Backend) {

@@ -250,6 +250,17 @@ pub async fn create(client: &mut Client) -> pb::Batch {
         .into_inner()
 }
 
+/// Fetches a batch with `client`, which must be allowed to see it.
+pub async fn get(client: &mut Client, batch_id: &str) -> pb::Batch {
+    client
+        .get_batch(pb::GetBatchRequest {
+            batch_id: batch_id.to_owned(),
+        })
+        .await
+        .expect("get batch")
+        .into_inner()
+}
+
 /// An update that only moves the status.
 pub fn move_to(batch_id: &str, status: pb::BatchStatus) -> pb::UpdateBatchRequest {
     pb::UpdateBatchRequest {

@@ -10,3 +10,4 @@ mod cli;
 mod concurrency;
 mod health;
 mod replicas;
+mod store;
