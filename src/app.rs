@@ -137,7 +137,7 @@ impl App {
         });
 
         let http_stopped = stopped(&shutdown);
-        let router = rest::router(database_health);
+        let router = rest::router(service.clone(), database_health);
         tasks.spawn(async move {
             let outcome = axum::serve(http_listener, router)
                 .with_graceful_shutdown(http_stopped)

@@ -87,6 +87,34 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// The one table from error class to both transports' status codes:
+    /// `(canonical gRPC code number, HTTP status)`. The HTTP statuses are the ones the
+    /// OpenAI SDKs map to their exception classes.
+    pub const fn statuses(self) -> (i32, u16) {
+        match self {
+            ErrorCode::InvalidArgument => (3, 400),
+            ErrorCode::Unauthenticated => (16, 401),
+            ErrorCode::PermissionDenied => (7, 403),
+            ErrorCode::NotFound => (5, 404),
+            ErrorCode::FailedPrecondition => (9, 409),
+            ErrorCode::Aborted => (10, 409),
+            ErrorCode::Unavailable => (14, 503),
+            ErrorCode::Internal => (13, 500),
+        }
+    }
+
+    /// The canonical gRPC status code number.
+    pub const fn grpc_code(self) -> i32 {
+        self.statuses().0
+    }
+
+    /// The HTTP status code.
+    pub const fn http_status(self) -> u16 {
+        self.statuses().1
+    }
+}
+
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {

@@ -9,25 +9,14 @@ use crate::domain::{
     Batch, BatchErrorEntry, BatchStatus, BatchUpdateInput, CreateBatchInput, ListBatchesInput,
     RequestCounts, Usage,
 };
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, Result};
 use crate::proto::batchd::v1 as pb;
 use crate::service::BatchPage;
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
         error.log_detail();
-        // Exhaustive on purpose: a new ErrorCode must choose its gRPC code here.
-        let code = match error.code() {
-            ErrorCode::InvalidArgument => Code::InvalidArgument,
-            ErrorCode::Unauthenticated => Code::Unauthenticated,
-            ErrorCode::PermissionDenied => Code::PermissionDenied,
-            ErrorCode::NotFound => Code::NotFound,
-            ErrorCode::FailedPrecondition => Code::FailedPrecondition,
-            ErrorCode::Aborted => Code::Aborted,
-            ErrorCode::Unavailable => Code::Unavailable,
-            ErrorCode::Internal => Code::Internal,
-        };
-        Status::new(code, error.to_string())
+        Status::new(Code::from_i32(error.code().grpc_code()), error.to_string())
     }
 }
 
@@ -240,6 +229,32 @@ impl From<BatchPage> for pb::ListBatchesResponse {
             last_id: page.last_id().map(ToString::to_string),
             has_more: page.has_more,
             data: page.batches.into_iter().map(pb::Batch::from).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use crate::error::ErrorCode;
+
+    #[test]
+    fn each_error_class_maps_to_the_grpc_code_of_the_same_name() {
+        use ErrorCode::*;
+        let classes = [
+            InvalidArgument,
+            Unauthenticated,
+            PermissionDenied,
+            NotFound,
+            FailedPrecondition,
+            Aborted,
+            Unavailable,
+            Internal,
+        ];
+        for class in classes {
+            let code = Code::from_i32(class.grpc_code());
+            assert_eq!(format!("{code:?}"), format!("{class:?}"));
         }
     }
 }

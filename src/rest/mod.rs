@@ -1,28 +1,124 @@
-//! The HTTP port: liveness and readiness probes (the OpenAI-compatible REST shim of the
-//! batch API joins them here).
+//! The HTTP port: the OpenAI-compatible REST shim of the batch API, its OpenAPI
+//! document, and the liveness and readiness probes. Handlers convert JSON to domain
+//! input, call the same [`BatchService`] as gRPC and convert back; no rule lives here.
+
+mod batches;
+mod dto;
+mod error;
+mod extract;
 
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{Method, StatusCode, Uri};
 use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use dto::{BatchJson, BatchListJson};
+pub use error::ApiError;
 
 use crate::health::DatabaseHealth;
+use crate::service::BatchService;
 
-/// The HTTP routes.
-pub fn router(health: Arc<DatabaseHealth>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(health)
+/// Largest accepted request body. Larger bodies get a 413 before any parsing.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct RestState {
+    service: Arc<BatchService>,
+    health: Arc<DatabaseHealth>,
 }
 
-/// 200 while the database answers, 503 while it does not.
-async fn readyz(State(health): State<Arc<DatabaseHealth>>) -> (StatusCode, &'static str) {
-    if health.is_reachable() {
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "batchd",
+        description = "Batch jobs in the shape of the OpenAI Batch API. Send the API key as \
+                       `Authorization: Bearer <key>` (or `x-portkey-api-key: <key>`)."
+    ),
+    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    modifiers(&SecuritySchemes),
+    tags((name = batches::TAG, description = "The batch object and its lifecycle"))
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "portkey",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(extract::PORTKEY_API_KEY))),
+        );
+    }
+}
+
+/// The router of the HTTP port and the OpenAPI document of its batch routes.
+pub fn router(service: Arc<BatchService>, health: Arc<DatabaseHealth>) -> Router {
+    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(batches::create_batch, batches::list_batches))
+        .routes(routes!(batches::get_batch))
+        .routes(routes!(batches::cancel_batch))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .split_for_parts();
+    let openapi = Arc::new(openapi);
+    api.route(
+        "/openapi.json",
+        get(move || async move { Json(openapi.as_ref().clone()) }),
+    )
+    .fallback(unknown_route)
+    .method_not_allowed_fallback(method_not_allowed)
+    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    .with_state(RestState { service, health })
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "probes", responses((status = 200, description = "Alive", body = String)))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The database answers: ready for traffic.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "probes",
+    responses(
+        (status = 200, description = "Ready", body = String),
+        (status = 503, description = "The database does not answer", body = String)
+    )
+)]
+async fn readyz(State(state): State<RestState>) -> (StatusCode, &'static str) {
+    if state.health.is_reachable() {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "database unreachable")
     }
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::transport(
+        StatusCode::NOT_FOUND,
+        "unknown_url",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::transport(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not accept {method}", uri.path()),
+    )
 }

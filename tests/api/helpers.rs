@@ -231,6 +231,79 @@ impl TestApp {
     }
 }
 
+/// A test clock that stands still until told to move.
+#[derive(Debug)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// A clock at `now` (Unix seconds).
+    pub fn at(now: i64) -> std::sync::Arc<ManualClock> {
+        std::sync::Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(now)))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, seconds: i64) {
+        self.0
+            .fetch_add(seconds, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl batchd::clock::Clock for ManualClock {
+    fn now(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A REST client of one batchd, sending one API key.
+#[derive(Clone)]
+pub struct Rest {
+    client: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Rest {
+    /// A request to `path` with the key as `Authorization: Bearer`.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, format!("{}{path}", self.base));
+        match &self.key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
+    /// Sends `request` and returns the status and the JSON body.
+    pub async fn send(request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+        let response = request.send().await.expect("HTTP request");
+        let status = response.status().as_u16();
+        let body = response.text().await.expect("HTTP body");
+        let json = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {body}"));
+        (status, json)
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        Self::send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        Self::send(self.request(reqwest::Method::POST, path).json(&body)).await
+    }
+}
+
+impl TestApp {
+    /// A REST client sending `key` (or no key).
+    pub fn rest(&self, key: Option<&str>) -> Rest {
+        Rest {
+            client: reqwest::Client::new(),
+            base: format!("http://{}", self.http_addr),
+            key: key.map(str::to_owned),
+        }
+    }
+}
+
 /// A valid create request.
 pub fn new_batch() -> pb::CreateBatchRequest {
     pb::CreateBatchRequest {

@@ -10,4 +10,5 @@ mod cli;
 mod concurrency;
 mod health;
 mod replicas;
+mod rest;
 mod store;

@@ -1,0 +1,92 @@
+//! The batch routes: the paths of OpenAI's Batch API, over the same service as gRPC.
+
+use axum::Json;
+use axum::extract::{Path, State};
+
+use super::RestState;
+use super::dto::{BatchJson, BatchListJson, CreateBatchBody, ListParams};
+use super::error::{ApiError, ErrorResponses};
+use super::extract::{Authenticated, JsonBody, QueryParams};
+
+/// The tag of the batch routes in the OpenAPI document.
+pub const TAG: &str = "batches";
+
+/// Creates a batch.
+#[utoipa::path(
+    post,
+    path = "/v1/batches",
+    tag = TAG,
+    operation_id = "createBatch",
+    request_body = CreateBatchBody,
+    responses((status = 200, description = "The new batch, in status `validating`", body = BatchJson), ErrorResponses),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn create_batch(
+    State(state): State<RestState>,
+    Authenticated(caller): Authenticated,
+    JsonBody(body): JsonBody<CreateBatchBody>,
+) -> Result<Json<BatchJson>, ApiError> {
+    let batch = state
+        .service
+        .create_batch(&caller, body.try_into()?)
+        .await?;
+    Ok(Json(batch.into()))
+}
+
+/// Lists the caller's batches, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/batches",
+    tag = TAG,
+    operation_id = "listBatches",
+    params(ListParams),
+    responses((status = 200, description = "A page of batches", body = BatchListJson), ErrorResponses),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn list_batches(
+    State(state): State<RestState>,
+    Authenticated(caller): Authenticated,
+    QueryParams(params): QueryParams<ListParams>,
+) -> Result<Json<BatchListJson>, ApiError> {
+    let page = state.service.list_batches(&caller, params.into()).await?;
+    Ok(Json(page.into()))
+}
+
+/// Retrieves a batch.
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{batch_id}",
+    tag = TAG,
+    operation_id = "retrieveBatch",
+    params(("batch_id" = String, Path, description = "The id of the batch")),
+    responses((status = 200, description = "The batch", body = BatchJson), ErrorResponses),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn get_batch(
+    State(state): State<RestState>,
+    Authenticated(caller): Authenticated,
+    Path(batch_id): Path<String>,
+) -> Result<Json<BatchJson>, ApiError> {
+    let batch = state.service.get_batch(&caller, &batch_id).await?;
+    Ok(Json(batch.into()))
+}
+
+/// Requests cancellation of a batch; a batch already cancelling or cancelled is
+/// returned unchanged.
+#[utoipa::path(
+    post,
+    path = "/v1/batches/{batch_id}/cancel",
+    tag = TAG,
+    operation_id = "cancelBatch",
+    params(("batch_id" = String, Path, description = "The id of the batch")),
+    responses((status = 200, description = "The batch, now `cancelling`", body = BatchJson), ErrorResponses),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn cancel_batch(
+    State(state): State<RestState>,
+    Authenticated(caller): Authenticated,
+    Path(batch_id): Path<String>,
+) -> Result<Json<BatchJson>, ApiError> {
+    let batch = state.service.cancel_batch(&caller, &batch_id).await?;
+    Ok(Json(batch.into()))
+}

@@ -1,0 +1,141 @@
+//! Errors in OpenAI's envelope, `{"error": {"message", "type", "param", "code"}}`, with
+//! the HTTP statuses the OpenAI SDKs map to their exception classes.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::{IntoResponses, ToSchema};
+
+use crate::error::{Error, ErrorCode};
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The error object of OpenAI's envelope.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A human-readable explanation, naming the value at fault.
+    pub message: String,
+    /// `invalid_request_error` for client errors, `server_error` for server errors.
+    #[serde(rename = "type")]
+    #[schema(rename = "type")]
+    pub kind: &'static str,
+    /// The request field or parameter at fault, if one is.
+    #[schema(required = true)]
+    pub param: Option<String>,
+    /// A machine-readable code, e.g. `invalid_value` or `invalid_api_key`.
+    #[schema(required = true)]
+    pub code: Option<&'static str>,
+}
+
+/// An error response of the REST shim.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+const CLIENT_ERROR: &str = "invalid_request_error";
+const SERVER_ERROR: &str = "server_error";
+
+impl ApiError {
+    /// An error that the transport itself detects (bad JSON, wrong media type, ...).
+    pub fn transport(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let kind = if status.is_server_error() {
+            SERVER_ERROR
+        } else {
+            CLIENT_ERROR
+        };
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    message: message.into(),
+                    kind,
+                    param: None,
+                    code: Some(code),
+                },
+            },
+        }
+    }
+
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> ApiError {
+        error.log_detail();
+        let class = error.code();
+        // The OpenAI-style code of each class. Exhaustive: a new class must pick one.
+        let (kind, code) = match class {
+            ErrorCode::InvalidArgument => (CLIENT_ERROR, "invalid_value"),
+            ErrorCode::Unauthenticated => (CLIENT_ERROR, "invalid_api_key"),
+            ErrorCode::PermissionDenied => (CLIENT_ERROR, "insufficient_permissions"),
+            ErrorCode::NotFound => (CLIENT_ERROR, "not_found"),
+            ErrorCode::FailedPrecondition => (CLIENT_ERROR, "invalid_state"),
+            ErrorCode::Aborted => (CLIENT_ERROR, "conflict"),
+            ErrorCode::Unavailable => (SERVER_ERROR, "service_unavailable"),
+            ErrorCode::Internal => (SERVER_ERROR, "internal_error"),
+        };
+        let status =
+            StatusCode::from_u16(class.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    message: error.to_string(),
+                    kind,
+                    param: error.field().map(str::to_owned),
+                    code: Some(code),
+                },
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+/// The error responses every batch route may give, for the OpenAPI document.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub enum ErrorResponses {
+    /// A parameter or field is invalid; `param` names it.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No API key, or an unknown or revoked one.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The API key's scope does not allow the operation.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such batch (or it belongs to someone else), or no such route.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The batch's status does not allow the operation.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// The body is larger than 1 MiB.
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
+    /// The body is not `application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// A bug; nothing internal is disclosed.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// The database is unavailable; retry later.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
