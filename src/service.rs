@@ -69,6 +69,11 @@ impl BatchService {
         }
     }
 
+    /// What new batches may ask for.
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
+    }
+
     /// The store, for health checks and shutdown.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -114,10 +119,9 @@ impl BatchService {
         caller.authorize(Action::ReadBatches)?;
         let list = ListBatches::parse(input)?;
         if let Some(after) = &list.after {
-            // An unknown cursor would silently yield an empty page; say so instead.
-            self.visible_batch(caller, after).await.map_err(|_| {
-                Error::invalid("after", format!("no batch `{after}` to page after"))
-            })?;
+            // An unknown cursor would silently yield an empty page: NOT_FOUND instead,
+            // the same for another tenant's batch as for one that does not exist.
+            self.visible_batch(caller, after).await?;
         }
         let mut batches = self
             .store

@@ -19,6 +19,9 @@ pub struct BatchId(String);
 const BATCH_ID_PREFIX: &str = "batch_";
 
 impl BatchId {
+    /// What [`BatchId::parse`] accepts, as an ECMA-262 regular expression.
+    pub const PATTERN: &'static str = "^batch_[A-Za-z0-9]{1,64}$";
+
     /// A new unguessable id from the operating system's CSPRNG.
     pub fn generate() -> BatchId {
         BatchId(format!("{BATCH_ID_PREFIX}{}", random_hex::<16>()))
@@ -157,6 +160,10 @@ pub const MAX_ERROR_CODE_CHARS: usize = 128;
 pub const MAX_ERROR_MESSAGE_CHARS: usize = 4_096;
 /// Most errors one update may append.
 pub const MAX_ERRORS_PER_UPDATE: usize = 1_000;
+
+/// What identifier-like values (file ids, job ids, model names) must look like, as an
+/// ECMA-262 regular expression: what [`parse_identifier`] accepts.
+pub const IDENTIFIER_PATTERN: &str = "^[^\\s\\x00-\\x1f\\x7f-\\x9f]{1,256}$";
 
 /// An identifier-like value: 1..=256 characters, none of them whitespace or control.
 fn parse_identifier(field: &str, text: &str) -> Result<String> {

@@ -10,6 +10,8 @@ pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_hex, diges
 pub use batch::{Batch, BatchErrorEntry, BatchEvent, MAX_BATCH_ERRORS, RequestCounts, Usage};
 pub use input::{
     BatchId, BatchPolicy, BatchUpdate, BatchUpdateInput, CompletionWindow, CreateBatchInput,
-    DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, ListBatches, ListBatchesInput, NewBatch,
+    DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, IDENTIFIER_PATTERN, ListBatches,
+    ListBatchesInput, MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS,
+    NewBatch,
 };
 pub use status::BatchStatus;

@@ -328,7 +328,7 @@ impl From<BatchPage> for BatchListJson {
 #[schema(as = CreateBatchRequest)]
 pub struct CreateBatchBody {
     /// The file holding the requests.
-    #[schema(required = true, nullable = false, min_length = 1)]
+    #[schema(required = true, nullable = false)]
     pub input_file_id: Option<String>,
     /// One of the accepted endpoints, e.g. `/v1/chat/completions`.
     #[schema(required = true, nullable = false)]
@@ -341,6 +341,7 @@ pub struct CreateBatchBody {
     /// Groups batches of one job.
     pub job_id: Option<String>,
     /// A free-form note.
+    #[schema(min_length = 1, max_length = 1024)]
     pub remark: Option<String>,
 }
 

@@ -21,6 +21,12 @@ use utoipa_axum::routes;
 pub use dto::{BatchJson, BatchListJson};
 pub use error::ApiError;
 
+use serde_json::{Value, json};
+
+use crate::domain::{
+    BatchId, BatchPolicy, IDENTIFIER_PATTERN, MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE_CHARS,
+};
 use crate::health::DatabaseHealth;
 use crate::service::BatchService;
 
@@ -72,15 +78,56 @@ pub fn router(service: Arc<BatchService>, health: Arc<DatabaseHealth>) -> Router
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .split_for_parts();
-    let openapi = Arc::new(openapi);
+    let document = Arc::new(openapi_document(&openapi, service.policy()));
     api.route(
         "/openapi.json",
-        get(move || async move { Json(openapi.as_ref().clone()) }),
+        get(move || async move { Json(document.as_ref().clone()) }),
     )
     .fallback(unknown_route)
     .method_not_allowed_fallback(method_not_allowed)
     .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
     .with_state(RestState { service, health })
+}
+
+/// The OpenAPI document as served: utoipa's, plus what it cannot express in attributes:
+/// this deployment's policy (accepted endpoints and windows), the metadata limits, and
+/// the patterns of ids, taken from the domain that enforces them.
+fn openapi_document(openapi: &utoipa::openapi::OpenApi, policy: &BatchPolicy) -> Value {
+    let mut document = serde_json::to_value(openapi).unwrap_or_else(|_| json!({}));
+    if let Some(paths) = document["paths"].as_object_mut() {
+        let parameters = paths
+            .values_mut()
+            .filter_map(Value::as_object_mut)
+            .flat_map(|operations| operations.values_mut())
+            // `get_mut`, not indexing: indexing would insert `"parameters": null`.
+            .filter_map(|operation| operation.get_mut("parameters")?.as_array_mut())
+            .flatten();
+        for parameter in parameters {
+            let pattern = match parameter["name"].as_str() {
+                Some("batch_id" | "after") => BatchId::PATTERN,
+                Some("job_id") => IDENTIFIER_PATTERN,
+                _ => continue,
+            };
+            parameter["schema"]["pattern"] = json!(pattern);
+        }
+    }
+    let create = &mut document["components"]["schemas"]["CreateBatchRequest"]["properties"];
+    create["input_file_id"]["pattern"] = json!(IDENTIFIER_PATTERN);
+    create["job_id"]["pattern"] = json!(IDENTIFIER_PATTERN);
+    create["endpoint"]["enum"] = json!(policy.endpoints);
+    let windows: Vec<&str> = policy
+        .completion_windows
+        .iter()
+        .map(|w| w.text.as_str())
+        .collect();
+    create["completion_window"]["enum"] = json!(windows);
+    let metadata = &mut create["metadata"];
+    metadata["maxProperties"] = json!(MAX_METADATA_PAIRS);
+    metadata["propertyNames"] =
+        json!({"type": "string", "minLength": 1, "maxLength": MAX_METADATA_KEY_CHARS});
+    metadata["additionalProperties"] =
+        json!({"type": "string", "maxLength": MAX_METADATA_VALUE_CHARS});
+    document
 }
 
 /// The process is alive.

@@ -99,15 +99,15 @@ async fn tenants_never_see_each_others_batches(backend: Backend) {
         Code::NotFound,
         &alices.id,
     );
-    // Nor can a foreign batch serve as a paging cursor.
+    // Nor can a foreign batch serve as a paging cursor: NOT_FOUND, as for an unknown one.
     assert_status(
         bob.list_batches(pb::ListBatchesRequest {
             after: Some(alices.id.clone()),
             ..Default::default()
         })
         .await,
-        Code::InvalidArgument,
-        "after",
+        Code::NotFound,
+        &alices.id,
     );
 
     let ids =

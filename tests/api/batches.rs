@@ -260,15 +260,25 @@ async fn list_refuses_bad_limits_statuses_and_cursors(backend: Backend) {
             .await;
         assert_status(result, Code::InvalidArgument, "status");
     }
-    for after in ["not-an-id".to_owned(), BatchId::generate().to_string()] {
-        let result = client
-            .list_batches(pb::ListBatchesRequest {
-                after: Some(after),
-                ..Default::default()
-            })
-            .await;
-        assert_status(result, Code::InvalidArgument, "after");
-    }
+    let list_after = |after: String| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_batches(pb::ListBatchesRequest {
+                    after: Some(after),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    assert_status(
+        list_after("not-an-id".into()).await,
+        Code::InvalidArgument,
+        "after",
+    );
+    // A well-formed cursor naming no batch would silently give an empty page.
+    let unknown = BatchId::generate().to_string();
+    assert_status(list_after(unknown.clone()).await, Code::NotFound, &unknown);
 }
 
 async fn a_worker_drives_a_batch_to_completion_and_every_version_is_logged(backend: Backend) {
