@@ -1,0 +1,141 @@
+"""The official `openai` SDK, pointed at batchd with `base_url`, works unchanged:
+create, retrieve, list (with pagination) and cancel, and the SDK's exceptions for
+missing keys and other tenants' batches. Every response must parse strictly into the
+SDK's own pydantic model, with no field missing and no warning."""
+
+import warnings
+
+import openai
+import pytest
+from openai.types import Batch
+
+# The fields batchd adds to OpenAI's object (documented by other vendors).
+EXTENSIONS = {"job_id", "remark", "user_id", "api_key_id", "version", "updated_at"}
+STATUSES = {
+    "validating", "failed", "in_progress", "finalizing",
+    "completed", "expired", "cancelling", "cancelled",
+}
+
+
+def strictly_parsed(raw: dict) -> Batch:
+    """Validates a raw JSON batch with the SDK's model, turning any warning into an
+    error, and checks that every field the SDK knows is present (none omitted) and
+    that the only extras are batchd's documented extensions."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = Batch.model_validate(raw, strict=False)
+    missing = set(Batch.model_fields) - set(raw)
+    assert not missing, f"fields omitted instead of null: {missing}"
+    assert set(batch.model_extra or {}) == EXTENSIONS
+    assert isinstance(batch.created_at, int) and batch.status in STATUSES
+    return batch
+
+
+def create(client: openai.OpenAI, **extra) -> Batch:
+    response = client.batches.with_raw_response.create(
+        input_file_id="file-abc123",
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        **extra,
+    )
+    strictly_parsed(response.http_response.json())
+    return response.parse()
+
+
+def test_create_retrieve_and_cancel(batchd):
+    client = batchd.client(batchd.key("alice"))
+    batch = create(client, metadata={"team": "search", "run": "7"})
+    assert batch.object == "batch"
+    assert batch.status == "validating"
+    assert batch.id.startswith("batch_")
+    assert batch.expires_at == batch.created_at + 24 * 3600
+    assert batch.metadata == {"team": "search", "run": "7"}
+    assert batch.request_counts.total == 0
+    assert batch.errors is None and batch.usage is None and batch.output_file_id is None
+    assert batch.model_extra["version"] == 1
+    assert batch.model_extra["user_id"] == "alice"
+
+    fetched = client.batches.with_raw_response.retrieve(batch.id)
+    assert strictly_parsed(fetched.http_response.json()) == batch
+    assert fetched.parse() == batch
+
+    cancelled = client.batches.with_raw_response.cancel(batch.id)
+    cancelling = strictly_parsed(cancelled.http_response.json())
+    assert cancelling.status == "cancelling"
+    assert cancelling.cancelling_at is not None
+    assert cancelling.model_extra["version"] == 2
+    # Cancelling again changes nothing.
+    assert client.batches.cancel(batch.id) == cancelling
+
+
+def test_list_pages_through_every_batch_with_after(batchd):
+    client = batchd.client(batchd.key("pager"))
+    created = [create(client).id for _ in range(7)]
+    newest_first = list(reversed(created))
+
+    page = client.batches.with_raw_response.list(limit=3)
+    raw = page.http_response.json()
+    assert raw["object"] == "list" and raw["has_more"] is True
+    assert raw["first_id"] == newest_first[0] and raw["last_id"] == newest_first[2]
+    for item in raw["data"]:
+        strictly_parsed(item)
+
+    # The SDK follows `after` = the last id by itself, page after page.
+    seen = [batch.id for batch in client.batches.list(limit=3)]
+    assert seen == newest_first
+
+    second = client.batches.list(limit=3, after=newest_first[2])
+    assert [b.id for b in second.data] == newest_first[3:6]
+    last = client.batches.list(limit=3, after=newest_first[5])
+    assert [b.id for b in last.data] == newest_first[6:]
+    assert last.has_more is False
+    assert not last.has_next_page()
+
+
+def test_another_tenants_batch_is_not_found(batchd):
+    mine = create(batchd.client(batchd.key("alice")))
+    stranger = batchd.client(batchd.key("mallory"))
+    with pytest.raises(openai.NotFoundError) as foreign:
+        stranger.batches.retrieve(mine.id)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        stranger.batches.retrieve("batch_" + "0" * 32)
+    assert foreign.value.body["message"].replace(mine.id, "ID") == unknown.value.body[
+        "message"
+    ].replace("batch_" + "0" * 32, "ID")
+    with pytest.raises(openai.NotFoundError):
+        stranger.batches.cancel(mine.id)
+    assert mine.id not in [b.id for b in stranger.batches.list()]
+
+
+def test_missing_or_wrong_keys_are_authentication_errors(batchd):
+    # The SDK refuses to send an empty key, so "no key" is an omitted header.
+    no_key = {"extra_headers": {"Authorization": openai.omit}}
+    for key, options in [("placeholder", no_key), ("bd_sk_not-a-key", {})]:
+        with pytest.raises(openai.AuthenticationError) as error:
+            batchd.client(key).batches.list(**options)
+        assert error.value.status_code == 401
+        assert error.value.body["type"] == "invalid_request_error"
+        assert error.value.code == "invalid_api_key"
+
+
+def test_other_client_errors_map_to_the_sdks_exceptions(batchd):
+    worker = batchd.client(batchd.key("executor", "worker"))
+    with pytest.raises(openai.PermissionDeniedError):
+        create(worker)
+    client = batchd.client(batchd.key("alice"))
+    with pytest.raises(openai.BadRequestError) as error:
+        client.batches.list(limit=0)
+    assert error.value.param == "limit"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.batches.create(
+            input_file_id="file-1", endpoint="/v1/images/generations", completion_window="24h"
+        )
+    assert error.value.param == "endpoint"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.batches.create(
+            input_file_id="file-1",
+            endpoint="/v1/embeddings",
+            completion_window="24h",
+            metadata={f"k{i}": "v" for i in range(17)},
+        )
+    assert error.value.param == "metadata"
