@@ -32,7 +32,7 @@ pub struct BatchJson {
     /// The completion window, e.g. `24h`.
     pub completion_window: String,
     /// The lifecycle status.
-    pub status: StatusJson,
+    pub status: BatchStatus,
     /// The file with the successful outputs.
     #[schema(required = true)]
     pub output_file_id: Option<String>,
@@ -93,58 +93,21 @@ pub struct BatchJson {
     pub updated_at: Option<i64>,
 }
 
-/// The lifecycle status, in OpenAI's lowercase spelling.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[schema(as = BatchStatus)]
-pub enum StatusJson {
-    /// The input file is being validated.
-    Validating,
-    /// Validation or processing failed.
-    Failed,
-    /// The batch is running.
-    InProgress,
-    /// Results are being prepared.
-    Finalizing,
-    /// Results are ready.
-    Completed,
-    /// The completion window passed.
-    Expired,
-    /// Cancellation is under way.
-    Cancelling,
-    /// The batch was cancelled.
-    Cancelled,
-}
-
-impl From<BatchStatus> for StatusJson {
-    fn from(status: BatchStatus) -> StatusJson {
-        match status {
-            BatchStatus::Validating => StatusJson::Validating,
-            BatchStatus::Failed => StatusJson::Failed,
-            BatchStatus::InProgress => StatusJson::InProgress,
-            BatchStatus::Finalizing => StatusJson::Finalizing,
-            BatchStatus::Completed => StatusJson::Completed,
-            BatchStatus::Expired => StatusJson::Expired,
-            BatchStatus::Cancelling => StatusJson::Cancelling,
-            BatchStatus::Cancelled => StatusJson::Cancelled,
-        }
+/// The OpenAPI schema of the status: the domain enum itself is the DTO (its serde
+/// spelling is OpenAI's lowercase one), so only its schema is written here.
+impl utoipa::PartialSchema for BatchStatus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .description(Some(
+                "The lifecycle status, in OpenAI's lowercase spelling.",
+            ))
+            .enum_values(Some(BatchStatus::ALL.map(BatchStatus::as_str)))
+            .into()
     }
 }
 
-impl From<StatusJson> for BatchStatus {
-    fn from(status: StatusJson) -> BatchStatus {
-        match status {
-            StatusJson::Validating => BatchStatus::Validating,
-            StatusJson::Failed => BatchStatus::Failed,
-            StatusJson::InProgress => BatchStatus::InProgress,
-            StatusJson::Finalizing => BatchStatus::Finalizing,
-            StatusJson::Completed => BatchStatus::Completed,
-            StatusJson::Expired => BatchStatus::Expired,
-            StatusJson::Cancelling => BatchStatus::Cancelling,
-            StatusJson::Cancelled => BatchStatus::Cancelled,
-        }
-    }
-}
+impl ToSchema for BatchStatus {}
 
 /// `errors`: a list object.
 #[derive(Debug, Serialize, ToSchema)]
@@ -229,7 +192,7 @@ impl From<Batch> for BatchJson {
             }),
             input_file_id: b.input_file_id,
             completion_window: b.completion_window,
-            status: b.status.into(),
+            status: b.status,
             output_file_id: b.output_file_id,
             error_file_id: b.error_file_id,
             created_at: b.created_at,
@@ -374,8 +337,7 @@ pub struct ListParams {
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// Only batches in this status.
-    #[param(inline)]
-    pub status: Option<StatusJson>,
+    pub status: Option<BatchStatus>,
     /// Only batches of this job.
     pub job_id: Option<String>,
 }
@@ -385,7 +347,7 @@ impl From<ListParams> for ListBatchesInput {
         ListBatchesInput {
             after: params.after,
             limit: params.limit,
-            status: params.status.map(BatchStatus::from),
+            status: params.status,
             job_id: params.job_id,
         }
     }
