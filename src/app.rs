@@ -13,10 +13,12 @@ use tokio::task::JoinSet;
 use tonic::transport::server::TcpIncoming;
 
 use crate::clock::{Clock, SystemClock};
-use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy};
+use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy, random_hex};
 use crate::health::{DatabaseHealth, HealthChecker};
 use crate::service::BatchService;
 use crate::store::{self, StoreOptions};
+use crate::watch::WatchOptions;
+use crate::watch::postgres::{self, Outbox};
 use crate::{grpc, rest};
 
 /// Everything `serve` needs.
@@ -36,6 +38,12 @@ pub struct ServeOptions {
     pub health_check_interval: Duration,
     /// The source of "now" for every timestamp.
     pub clock: Arc<dyn Clock>,
+    /// Watch streams: heartbeats, limits, safety poll.
+    pub watch: WatchOptions,
+    /// How long the event log keeps versions that are not a batch's latest.
+    pub event_retention: Duration,
+    /// How often the event log is compacted.
+    pub event_compaction_interval: Duration,
 }
 
 impl ServeOptions {
@@ -49,6 +57,9 @@ impl ServeOptions {
             policy: BatchPolicy::default(),
             health_check_interval: Duration::from_secs(2),
             clock: Arc::new(SystemClock),
+            watch: WatchOptions::default(),
+            event_retention: Duration::from_secs(7 * 24 * 3600),
+            event_compaction_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -67,6 +78,10 @@ impl App {
     /// Connects and migrates the store, creates the first API key on an empty
     /// database, binds both listeners and starts serving.
     pub async fn start(options: ServeOptions) -> anyhow::Result<App> {
+        let options_for_tasks = TaskIntervals {
+            event_retention: options.event_retention,
+            event_compaction_interval: options.event_compaction_interval,
+        };
         let store = store::connect(&options.database_url, &options.store)
             .await
             .with_context(|| {
@@ -79,7 +94,12 @@ impl App {
             .migrate()
             .await
             .context("cannot migrate the database")?;
-        let service = Arc::new(BatchService::new(store, options.clock, options.policy));
+        let service = Arc::new(BatchService::new(
+            store,
+            options.clock,
+            options.policy,
+            options.watch,
+        ));
         let first_api_key = service
             .create_first_api_key()
             .await
@@ -96,11 +116,8 @@ impl App {
 
         let (shutdown, _) = watch::channel(false);
         let stopped = |shutdown: &watch::Sender<bool>| {
-            let mut rx = shutdown.subscribe();
-            async move {
-                // An error means the sender is gone, which also means "stop".
-                let _ = rx.wait_for(|stopping| *stopping).await;
-            }
+            let mut stopping = shutdown.subscribe();
+            async move { crate::shutdown::requested(&mut stopping).await }
         };
 
         let (routes, health_reporter) = grpc::routes(service.clone())?;
@@ -122,6 +139,8 @@ impl App {
             checks.await;
             ("health checks", Ok(()))
         });
+
+        spawn_watch_tasks(&mut tasks, &service, &options_for_tasks, &shutdown);
 
         let grpc_stopped = stopped(&shutdown);
         tasks.spawn(async move {
@@ -202,8 +221,10 @@ impl App {
         }
     }
 
-    /// Stops serving: listeners close, in-flight calls finish, the pool closes.
+    /// Stops serving: watch streams end with UNAVAILABLE, listeners close, in-flight
+    /// calls finish, the pool closes.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.service.hub().stop();
         let _ = self.shutdown.send(true);
         let mut first_error = None;
         while let Some(joined) = self.tasks.join_next().await {
@@ -217,5 +238,61 @@ impl App {
         }
         self.service.store().close().await;
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// The periods of the background tasks.
+struct TaskIntervals {
+    event_retention: Duration,
+    event_compaction_interval: Duration,
+}
+
+/// The watch machinery's background work: the hub's safety poll, the event log's
+/// compaction and, on PostgreSQL, the cross-replica notifier and listener.
+fn spawn_watch_tasks(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    service: &Arc<BatchService>,
+    intervals: &TaskIntervals,
+    shutdown: &watch::Sender<bool>,
+) {
+    let hub = service.hub().clone();
+    tasks.spawn(async move {
+        hub.run_safety_poll().await;
+        ("watch safety poll", Ok(()))
+    });
+
+    let compactor = service.clone();
+    let (retention, every) = (
+        intervals.event_retention,
+        intervals.event_compaction_interval,
+    );
+    let mut stopping = shutdown.subscribe();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {
+                    if let Err(error) = compactor.compact_event_log(retention).await {
+                        tracing::warn!(%error, "event log compaction failed");
+                    }
+                }
+                _ = crate::shutdown::requested(&mut stopping) => return ("event log compaction", Ok(())),
+            }
+        }
+    });
+
+    if let Some(pool) = service.store().postgres_pool() {
+        let replica = format!("replica-{}", random_hex::<8>());
+        let outbox = Outbox::new(replica.clone());
+        service.hub().publish_to(outbox.clone());
+        let (notifier_pool, notifier_stop) = (pool.clone(), shutdown.subscribe());
+        tasks.spawn(async move {
+            postgres::run_notifier(notifier_pool, outbox, notifier_stop).await;
+            ("watch notifier", Ok(()))
+        });
+        let (hub, listener_stop) = (service.hub().clone(), shutdown.subscribe());
+        tasks.spawn(async move {
+            postgres::run_listener(pool, hub, replica, listener_stop).await;
+            ("watch listener", Ok(()))
+        });
     }
 }

@@ -10,6 +10,7 @@ use crate::domain::{ApiKey, BatchPolicy};
 use crate::error::Result;
 use crate::service::BatchService;
 use crate::store::{self, Store};
+use crate::watch::WatchOptions;
 
 /// Connects to the database and applies pending migrations.
 pub async fn open_store(database: &DatabaseArgs) -> Result<Arc<dyn Store>> {
@@ -37,7 +38,12 @@ pub async fn keys(command: KeysCommand) -> Result<()> {
         | KeysCommand::Revoke { database, .. } => database.clone(),
     };
     let store = open_store(&database).await?;
-    let service = BatchService::new(store.clone(), Arc::new(SystemClock), BatchPolicy::default());
+    let service = BatchService::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        BatchPolicy::default(),
+        WatchOptions::default(),
+    );
     let outcome = run_keys(&service, command).await;
     store.close().await;
     outcome

@@ -2,14 +2,18 @@
 //! variable shown in `--help`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::app::ServeOptions;
+use crate::clock::SystemClock;
 use crate::domain::{
     BatchPolicy, CompletionWindow, DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, Scope,
 };
 use crate::store::StoreOptions;
+use crate::watch::WatchOptions;
 
 /// batchd: batch jobs in the shape of the OpenAI Batch API, over gRPC and REST.
 #[derive(Debug, Parser)]
@@ -92,6 +96,28 @@ pub struct ServeArgs {
     /// How often the database is checked for the health service and `/readyz`.
     #[arg(long, env = "BATCHD_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,
+
+    /// A watch stream gets a heartbeat after this long without a change.
+    #[arg(long, env = "BATCHD_WATCH_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub watch_heartbeat: Duration,
+
+    /// Most open watch streams per API key, per replica.
+    #[arg(long, env = "BATCHD_MAX_WATCHES_PER_KEY", default_value_t = 100)]
+    pub max_watches_per_key: usize,
+
+    /// Every watched batch is re-read at least this often, in case a cross-replica
+    /// notification was lost.
+    #[arg(long, env = "BATCHD_WATCH_SAFETY_POLL", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub watch_safety_poll: Duration,
+
+    /// How long the event log keeps versions older than each batch's latest; a watch
+    /// resuming from before that gets a snapshot.
+    #[arg(long, env = "BATCHD_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub event_retention: Duration,
+
+    /// How often the event log is compacted.
+    #[arg(long, env = "BATCHD_EVENT_COMPACTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub event_compaction_interval: Duration,
 }
 
 fn parse_window(text: &str) -> Result<String, String> {
@@ -99,6 +125,27 @@ fn parse_window(text: &str) -> Result<String, String> {
 }
 
 impl ServeArgs {
+    /// Everything `serve` needs, with the system clock.
+    pub fn serve_options(&self) -> ServeOptions {
+        ServeOptions {
+            database_url: self.database.database_url.clone(),
+            store: self.database.store_options(),
+            grpc_addr: self.grpc_addr,
+            http_addr: self.http_addr,
+            policy: self.batch_policy(),
+            health_check_interval: self.health_check_interval,
+            clock: Arc::new(SystemClock),
+            watch: WatchOptions {
+                heartbeat: self.watch_heartbeat,
+                max_watches_per_key: self.max_watches_per_key,
+                safety_poll: self.watch_safety_poll,
+                ..WatchOptions::default()
+            },
+            event_retention: self.event_retention,
+            event_compaction_interval: self.event_compaction_interval,
+        }
+    }
+
     /// What new batches may ask for.
     pub fn batch_policy(&self) -> BatchPolicy {
         BatchPolicy {

@@ -54,6 +54,15 @@ pub enum Error {
     /// Too many writers changed the batch at once for this one to get through.
     #[error("batch `{0}` is being changed by too many writers at once; retry")]
     Contended(String),
+    /// The API key has as many open watch streams as it may have.
+    #[error("this API key already has {limit} open watch streams, the most it may have")]
+    TooManyWatches {
+        /// The limit (`--max-watches-per-key`).
+        limit: usize,
+    },
+    /// This replica is shutting down; the client should resume on another one.
+    #[error("batchd is shutting down; resume the watch with after_version on another replica")]
+    ShuttingDown,
     /// The database does not answer. The detail is logged, never sent to clients.
     #[error("the database is unavailable; retry later")]
     Unavailable(String),
@@ -81,6 +90,8 @@ pub enum ErrorCode {
     FailedPrecondition,
     /// A concurrency conflict; the caller may re-read and retry.
     Aborted,
+    /// A limit was reached; retry later.
+    ResourceExhausted,
     /// A dependency (the database) is down.
     Unavailable,
     /// A bug.
@@ -99,6 +110,7 @@ impl ErrorCode {
             ErrorCode::NotFound => (5, 404),
             ErrorCode::FailedPrecondition => (9, 409),
             ErrorCode::Aborted => (10, 409),
+            ErrorCode::ResourceExhausted => (8, 429),
             ErrorCode::Unavailable => (14, 503),
             ErrorCode::Internal => (13, 500),
         }
@@ -135,7 +147,8 @@ impl Error {
                 ErrorCode::FailedPrecondition
             }
             Error::VersionMismatch { .. } | Error::Contended(_) => ErrorCode::Aborted,
-            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::TooManyWatches { .. } => ErrorCode::ResourceExhausted,
+            Error::Unavailable(_) | Error::ShuttingDown => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -79,15 +79,10 @@ impl HealthChecker {
 
     /// Checks every `interval` until `shutdown` turns true.
     pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
-        let stopped = async move {
-            // An error means the sender is gone, which also means "stop".
-            let _ = shutdown.wait_for(|stopping| *stopping).await;
-        };
-        tokio::pin!(stopped);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => self.check().await,
-                _ = &mut stopped => return,
+                _ = crate::shutdown::requested(&mut shutdown) => return,
             }
         }
     }

@@ -16,5 +16,7 @@ pub mod health; // background database checks feeding gRPC health and /readyz
 pub mod proto; // code generated from proto/batchd/v1/batch.proto
 pub mod rest; // axum handlers of the HTTP port
 pub mod service; // the use cases; the only caller of the store
+pub mod shutdown; // the stop signal shared by every background task
 pub mod store; // the Store trait, SQLite and PostgreSQL behind it
 pub mod telemetry; // logging setup
+pub mod watch; // WatchBatch: the per-replica hub, its feeds, cross-replica fan-out

@@ -4,8 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use batchd::app::{App, ServeOptions};
-use batchd::clock::SystemClock;
+use batchd::app::App;
 use batchd::config::{Cli, Command, ServeArgs};
 use batchd::{commands, telemetry};
 
@@ -28,16 +27,7 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut app = App::start(ServeOptions {
-        database_url: args.database.database_url.clone(),
-        store: args.database.store_options(),
-        grpc_addr: args.grpc_addr,
-        http_addr: args.http_addr,
-        policy: args.batch_policy(),
-        health_check_interval: args.health_check_interval,
-        clock: std::sync::Arc::new(SystemClock),
-    })
-    .await?;
+    let mut app = App::start(args.serve_options()).await?;
     if let Some((key, secret)) = app.take_first_api_key() {
         println!(
             "The database had no API key, so batchd created {} (user {}, scope {}).",

@@ -3,6 +3,9 @@
 //! the store, which no other module touches.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::clock::Clock;
 use crate::domain::{
@@ -11,6 +14,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::{BatchPageQuery, Store};
+use crate::watch::{WatchEvent, WatchHub, WatchOptions};
 
 /// How often a change is retried when other writers keep committing first. Each failed
 /// attempt means another writer's change went through, so the system always progresses.
@@ -51,22 +55,37 @@ pub fn bearer_token(authorization: &str) -> Result<&str> {
     }
 }
 
+/// A stream of watch events; an `Err` item ends it with that error.
+pub type WatchStream = ReceiverStream<Result<WatchEvent>>;
+
 /// The batch use cases over a store and a clock.
 pub struct BatchService {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     policy: BatchPolicy,
+    hub: Arc<WatchHub>,
 }
 
 impl BatchService {
     /// A service over `store`, stamping changes with `clock`, creating batches under
-    /// `policy`.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, policy: BatchPolicy) -> Self {
+    /// `policy`, serving watches with `watch`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        policy: BatchPolicy,
+        watch: WatchOptions,
+    ) -> Self {
         BatchService {
+            hub: WatchHub::new(store.clone(), watch),
             store,
             clock,
             policy,
         }
+    }
+
+    /// The watch hub of this replica, for the fan-out tasks and shutdown.
+    pub fn hub(&self) -> &Arc<WatchHub> {
+        &self.hub
     }
 
     /// What new batches may ask for.
@@ -99,6 +118,7 @@ impl BatchService {
         let new = NewBatch::parse(input, &self.policy)?;
         let batch = Batch::create(new, caller, self.clock.now());
         self.store.insert_batch(&batch).await?;
+        self.hub.committed(&batch.id);
         tracing::info!(batch_id = %batch.id, user_id = %batch.user_id, "batch created");
         Ok(batch)
     }
@@ -164,6 +184,51 @@ impl BatchService {
             batch.apply(&update, now)
         })
         .await
+    }
+
+    /// Streams every committed version of a batch the caller can see: a snapshot (or
+    /// the versions after `after_version`), then each change, until it is terminal.
+    pub async fn watch_batch(
+        &self,
+        caller: &Caller,
+        batch_id: &str,
+        after_version: Option<i64>,
+    ) -> Result<WatchStream> {
+        caller.authorize(Action::ReadBatches)?;
+        let id = BatchId::parse("batch_id", batch_id)?;
+        let current = self.visible_batch(caller, &id).await?;
+        if let Some(after) = after_version {
+            if after < 0 {
+                return Err(Error::invalid(
+                    "after_version",
+                    format!("{after} is negative"),
+                ));
+            }
+            if after > current.version {
+                return Err(Error::invalid(
+                    "after_version",
+                    format!(
+                        "{after} is ahead of the batch, which is at version {}",
+                        current.version
+                    ),
+                ));
+            }
+        }
+        self.hub.watch(caller, &id, after_version).await
+    }
+
+    /// Deletes the event history older than `retention`, keeping each batch's latest
+    /// version. Returns how many events were deleted.
+    pub async fn compact_event_log(&self, retention: Duration) -> Result<u64> {
+        let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        let deleted = self
+            .store
+            .compact_events(self.clock.now().saturating_sub(retention))
+            .await?;
+        if deleted > 0 {
+            tracing::info!(deleted, "compacted the event log");
+        }
+        Ok(deleted)
     }
 
     /// Creates an API key; the secret is returned once and stored only as a digest.
@@ -239,6 +304,7 @@ impl BatchService {
                 return Ok(current);
             };
             if self.store.commit_change(&next).await? {
+                self.hub.committed(id);
                 if next.status != current.status {
                     tracing::info!(batch_id = %id, from = %current.status, to = %next.status, version = next.version, "batch status changed");
                 }

@@ -15,3 +15,5 @@ pub use input::{
     NewBatch,
 };
 pub use status::BatchStatus;
+
+pub(crate) use input::random_hex;

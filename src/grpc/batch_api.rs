@@ -2,6 +2,9 @@
 
 use std::sync::Arc;
 
+use std::pin::Pin;
+
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::caller;
@@ -20,8 +23,32 @@ impl BatchApi {
     }
 }
 
+/// The stream of a `WatchBatch` call.
+pub type WatchBatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchBatchResponse, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl pb::batch_service_server::BatchService for BatchApi {
+    type WatchBatchStream = WatchBatchStream;
+
+    async fn watch_batch(
+        &self,
+        request: Request<pb::WatchBatchRequest>,
+    ) -> Result<Response<WatchBatchStream>, Status> {
+        let caller = caller(&self.service, &request).await?;
+        let request = request.into_inner();
+        let events = self
+            .service
+            .watch_batch(&caller, &request.batch_id, request.after_version)
+            .await?;
+        let responses = events.map(|event| {
+            event
+                .map(pb::WatchBatchResponse::from)
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(responses)))
+    }
+
     async fn create_batch(
         &self,
         request: Request<pb::CreateBatchRequest>,

@@ -2,6 +2,7 @@
 //! [`Error`] to a gRPC status.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tonic::{Code, Status};
 
@@ -12,6 +13,7 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::proto::batchd::v1 as pb;
 use crate::service::BatchPage;
+use crate::watch::{WatchEvent, WatchEventKind};
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
@@ -221,6 +223,20 @@ impl TryFrom<pb::UpdateBatchRequest> for BatchUpdateInput {
     }
 }
 
+impl From<WatchEvent> for pb::WatchBatchResponse {
+    fn from(event: WatchEvent) -> pb::WatchBatchResponse {
+        let kind = match event.kind {
+            WatchEventKind::Snapshot => pb::EventType::Snapshot,
+            WatchEventKind::Change => pb::EventType::Change,
+            WatchEventKind::Heartbeat => pb::EventType::Heartbeat,
+        };
+        pb::WatchBatchResponse {
+            r#type: kind.into(),
+            batch: Some(Arc::unwrap_or_clone(event.batch).into()),
+        }
+    }
+}
+
 impl From<BatchPage> for pb::ListBatchesResponse {
     fn from(page: BatchPage) -> pb::ListBatchesResponse {
         pb::ListBatchesResponse {
@@ -249,6 +265,7 @@ mod tests {
             NotFound,
             FailedPrecondition,
             Aborted,
+            ResourceExhausted,
             Unavailable,
             Internal,
         ];

@@ -68,6 +68,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The envelope, for transports that send it inside a stream.
+    pub fn into_body(self) -> ErrorBody {
+        self.body
+    }
 }
 
 impl From<Error> for ApiError {
@@ -82,6 +87,7 @@ impl From<Error> for ApiError {
             ErrorCode::NotFound => (CLIENT_ERROR, "not_found"),
             ErrorCode::FailedPrecondition => (CLIENT_ERROR, "invalid_state"),
             ErrorCode::Aborted => (CLIENT_ERROR, "conflict"),
+            ErrorCode::ResourceExhausted => (CLIENT_ERROR, "rate_limit_exceeded"),
             ErrorCode::Unavailable => (SERVER_ERROR, "service_unavailable"),
             ErrorCode::Internal => (SERVER_ERROR, "internal_error"),
         };
@@ -132,6 +138,9 @@ pub enum ErrorResponses {
     /// The body is not `application/json`.
     #[response(status = 415)]
     UnsupportedMediaType(ErrorBody),
+    /// A limit was reached (open watch streams per key).
+    #[response(status = 429)]
+    TooManyRequests(ErrorBody),
     /// A bug; nothing internal is disclosed.
     #[response(status = 500)]
     Internal(ErrorBody),

@@ -6,6 +6,7 @@ mod batches;
 mod dto;
 mod error;
 mod extract;
+mod watch;
 
 use std::sync::Arc;
 
@@ -75,6 +76,7 @@ pub fn router(service: Arc<BatchService>, health: Arc<DatabaseHealth>) -> Router
         .routes(routes!(batches::create_batch, batches::list_batches))
         .routes(routes!(batches::get_batch))
         .routes(routes!(batches::cancel_batch))
+        .routes(routes!(watch::watch_batch))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .split_for_parts();

@@ -67,6 +67,19 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<BatchEvent>>;
 
+    /// The current version of each of these batches; unknown ids are left out.
+    async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>>;
+
+    /// Deletes the events committed before `before_at`, except the latest version of
+    /// each batch, which is always kept. Returns how many were deleted.
+    async fn compact_events(&self, before_at: i64) -> Result<u64>;
+
+    /// The connection pool when the store is PostgreSQL, whose replicas need
+    /// cross-process wake-ups (LISTEN/NOTIFY); `None` for the single-process SQLite.
+    fn postgres_pool(&self) -> Option<sqlx::PgPool> {
+        None
+    }
+
     /// Stores a new API key by the digest of its secret.
     async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()>;
 

@@ -44,7 +44,11 @@ pub struct PostgresStore {
     pool: PgPool,
 }
 
-sql::impl_store!(PostgresStore, Postgres);
+sql::impl_store!(PostgresStore, Postgres {
+    fn postgres_pool(&self) -> Option<PgPool> {
+        Some(self.pool.clone())
+    }
+});
 
 impl PostgresStore {
     /// Connects a pool to `url`, e.g. `postgres://batchd@db:5432/batchd`.
@@ -81,6 +85,16 @@ impl PostgresStore {
             .await?
             .rows_affected();
         Ok(inserted == 1)
+    }
+
+    async fn latest_versions_of(&self, ids: &[BatchId]) -> Result<Vec<(String, i64)>> {
+        let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
+        Ok(
+            sqlx::query_as("SELECT id, version FROM batches WHERE id = ANY($1)")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// A transaction holding an advisory lock, so replicas starting together on an

@@ -121,6 +121,10 @@ pub(super) const INSERT_EVENT: &str =
 pub(super) const SELECT_BATCH: &str =
     concat!("SELECT ", batch_columns!(), " FROM batches WHERE id = $1");
 
+/// Deletes events older than $1, keeping the latest version of every batch.
+pub(super) const COMPACT_EVENTS: &str = "DELETE FROM batch_events WHERE at < $1 \
+     AND version < (SELECT b.version FROM batches b WHERE b.id = batch_events.batch_id)";
+
 /// Events of batch $1 after version $2, oldest first, at most $3.
 pub(super) const SELECT_EVENTS_AFTER: &str = "SELECT version, snapshot, at FROM batch_events \
      WHERE batch_id = $1 AND version > $2 ORDER BY version LIMIT $3";
@@ -174,10 +178,11 @@ pub(super) const REVOKE_API_KEY: &str =
 
 /// Implements [`super::Store`] for a backend struct that has a `pool` field and the
 /// inherent methods that differ between backends (`migrate_schema`,
-/// `insert_batch_with_event`, `commit_change_if_current`, `begin_first_key_check`).
+/// `insert_batch_with_event`, `commit_change_if_current`, `begin_first_key_check`,
+/// `latest_versions_of`). Trait methods only one backend overrides follow in braces.
 /// Every query both backends share is written once, here.
 macro_rules! impl_store {
-    ($store:ty, $db:ty) => {
+    ($store:ty, $db:ty { $($backend_specific:item)* }) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn migrate(&self) -> Result<()> {
@@ -283,9 +288,32 @@ macro_rules! impl_store {
                 Ok(result.rows_affected() == 1)
             }
 
+            async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let rows = self.latest_versions_of(ids).await?;
+                rows.into_iter()
+                    .map(|(id, version)| {
+                        let id = BatchId::parse("id", &id).map_err(|e| Error::Internal(e.to_string()))?;
+                        Ok((id, version))
+                    })
+                    .collect()
+            }
+
+            async fn compact_events(&self, before_at: i64) -> Result<u64> {
+                let result = sqlx::query(sql::COMPACT_EVENTS)
+                    .bind(before_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(result.rows_affected())
+            }
+
             async fn close(&self) {
                 self.pool.close().await;
             }
+
+            $($backend_specific)*
         }
     };
 }

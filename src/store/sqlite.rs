@@ -18,7 +18,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
-sql::impl_store!(SqliteStore, Sqlite);
+sql::impl_store!(SqliteStore, Sqlite {});
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://batchd.db`.
@@ -81,6 +81,16 @@ impl SqliteStore {
         append_event(&mut tx, next).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    async fn latest_versions_of(&self, ids: &[BatchId]) -> Result<Vec<(String, i64)>> {
+        let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
+        Ok(sqlx::query_as(
+            "SELECT id, version FROM batches WHERE id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(sqlx::types::Json(ids))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// BEGIN IMMEDIATE holds the write lock from the "no key yet" check to the insert.

@@ -218,6 +218,11 @@ impl TestApp {
         )
     }
 
+    /// Where gRPC listens.
+    pub fn grpc_addr(&self) -> std::net::SocketAddr {
+        self.app.as_ref().expect("running").grpc_addr()
+    }
+
     /// The gRPC channel, for other services (health, reflection).
     pub fn channel(&self) -> Channel {
         self.channel.clone()

@@ -3,6 +3,7 @@
 //! (`<module>::sqlite::<test>` and `<module>::postgres::<test>`).
 
 mod helpers;
+mod process;
 
 mod auth;
 mod batches;
@@ -12,3 +13,4 @@ mod health;
 mod replicas;
 mod rest;
 mod store;
+mod watch;

@@ -1,7 +1,8 @@
 """`GET /openapi.json` is kept true: it documents exactly batchd's routes, and
 schemathesis drives every documented operation (positive and negative inputs,
 stateful sequences) and checks each response against it (status codes, content
-types, schemas, auth, that schema-valid input is accepted and invalid input refused)."""
+types, schemas, auth, that schema-valid input is accepted and invalid input refused),
+except the watch stream, which the Rust suite covers."""
 
 import json
 import subprocess
@@ -14,6 +15,7 @@ ROUTES = {
     ("/v1/batches", "get"),
     ("/v1/batches/{batch_id}", "get"),
     ("/v1/batches/{batch_id}/cancel", "post"),
+    ("/v1/batches/{batch_id}/watch", "get"),
     ("/healthz", "get"),
     ("/readyz", "get"),
 }
@@ -59,6 +61,9 @@ def test_every_operation_conforms_to_the_document(batchd, tmp_path: Path):
             "--seed", "20261122",
             "--generation-database", "none",
             "--no-color",
+            # The watch stream stays open until its batch is terminal, which a
+            # request/response fuzzer cannot wait for; tests/api/watch.rs covers it.
+            "--exclude-operation-id", "watchBatch",
         ],
         cwd=tmp_path,
         capture_output=True,

@@ -1,0 +1,70 @@
+//! Watching a batch: every committed version, in order, each exactly once, resumable.
+//!
+//! The event log (`batch_events`, written in the same transaction as each change) is
+//! the source of truth; everything else is a wake-up signal. Per replica there is one
+//! [`WatchHub`] with one feed per watched batch: a woken feed reads the versions after
+//! its cursor from the log once and broadcasts them to every watcher of that batch.
+//! Each watcher checks that what it sends is contiguous and, when it is not (it fell
+//! behind, or joined between two reads), catches up from the log itself, so a slow or
+//! late watcher never makes a gap and never slows the others.
+//!
+//! Wake-ups come from commits in this process, from other replicas through
+//! PostgreSQL LISTEN/NOTIFY ([`postgres`]), and from a safety poll that compares every
+//! feed's cursor with the batches' current versions, for notifications that were lost.
+
+mod hub;
+pub mod postgres;
+mod subscriber;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::domain::Batch;
+
+pub use hub::WatchHub;
+
+/// What a watcher receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEvent {
+    /// Which kind of message this is.
+    pub kind: WatchEventKind,
+    /// The batch: the current state, a committed version, or (heartbeat) the latest
+    /// version sent, as a bookmark.
+    pub batch: Arc<Batch>,
+}
+
+/// The kinds of watch messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEventKind {
+    /// The current state: first, when no version to resume after was given or the
+    /// history after it is no longer retained.
+    Snapshot,
+    /// The next committed version.
+    Change,
+    /// Nothing changed for a while; the batch is the latest version sent.
+    Heartbeat,
+}
+
+/// Settings of the watch machinery.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// A heartbeat is sent after this long without any other message.
+    pub heartbeat: Duration,
+    /// Most open watch streams per API key (per replica).
+    pub max_watches_per_key: usize,
+    /// Every watched batch is re-read at least this often, in case a wake-up was lost.
+    pub safety_poll: Duration,
+    /// Messages buffered per stream before its watcher waits for the client.
+    pub stream_buffer: usize,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            heartbeat: Duration::from_secs(15),
+            max_watches_per_key: 100,
+            safety_poll: Duration::from_secs(3),
+            stream_buffer: 16,
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Cross-replica wake-ups over PostgreSQL LISTEN/NOTIFY.
+//!
+//! PostgreSQL serializes every committing transaction that has sent a NOTIFY, so a
+//! NOTIFY inside each write would cap write throughput. Writes send none: each replica
+//! queues the ids it committed in its [`Outbox`], and one notifier task sends them,
+//! coalesced, in a separate short transaction after the commits. One listener per
+//! replica wakes the local hub. A lost notification (a replica dying between its
+//! commit and its notify, a listener reconnecting) only delays delivery until the
+//! hub's safety poll or the listener's reconnect re-reads every watched batch.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, watch};
+
+use super::WatchHub;
+use crate::domain::BatchId;
+
+/// The notification channel.
+pub const CHANNEL: &str = "batchd_batch_events";
+/// NOTIFY payloads must stay under 8000 bytes.
+const MAX_PAYLOAD: usize = 7_900;
+
+/// Batch ids committed by this replica and not yet announced to the others.
+#[derive(Debug)]
+pub struct Outbox {
+    replica: String,
+    pending: Mutex<HashSet<BatchId>>,
+    wake: Notify,
+}
+
+impl Outbox {
+    /// An outbox of the replica named `replica` (unique per process).
+    pub fn new(replica: impl Into<String>) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            replica: replica.into(),
+            pending: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Queues a wake-up for batch `id`.
+    pub fn push(&self, id: &BatchId) {
+        self.lock().insert(id.clone());
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<BatchId> {
+        self.lock().drain().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<BatchId>> {
+        // Inserts and drains cannot leave the set half-updated.
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `replica|id,id,...` payloads of at most [`MAX_PAYLOAD`] bytes.
+    fn payloads(&self, ids: &[BatchId]) -> Vec<String> {
+        let mut payloads = Vec::new();
+        let mut current = String::new();
+        for id in ids {
+            if !current.is_empty() && current.len() + 1 + id.as_str().len() > MAX_PAYLOAD {
+                payloads.push(std::mem::take(&mut current));
+            }
+            if current.is_empty() {
+                current.push_str(&self.replica);
+                current.push('|');
+            } else {
+                current.push(',');
+            }
+            current.push_str(id.as_str());
+        }
+        if !current.is_empty() {
+            payloads.push(current);
+        }
+        payloads
+    }
+}
+
+/// Sends the outbox's wake-ups until `stopping`, one NOTIFY per batch of pending ids.
+pub async fn run_notifier(pool: PgPool, outbox: Arc<Outbox>, mut stopping: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = outbox.wake.notified() => {}
+            _ = crate::shutdown::requested(&mut stopping) => return,
+        }
+        let ids = outbox.take();
+        for payload in outbox.payloads(&ids) {
+            let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(&payload)
+                .execute(&pool)
+                .await;
+            if let Err(error) = sent {
+                // The other replicas' safety polls pick these changes up.
+                tracing::warn!(%error, "cannot notify other replicas");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Listens for the other replicas' wake-ups and passes them to `hub` until `stopping`.
+/// Whenever the connection was lost, every watched batch is re-read, since
+/// notifications sent meanwhile are gone.
+pub async fn run_listener(
+    pool: PgPool,
+    hub: Arc<WatchHub>,
+    replica: String,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut listener = loop {
+        match listen(&pool).await {
+            Ok(listener) => break listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for other replicas' changes; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = crate::shutdown::requested(&mut stopping) => return,
+                }
+            }
+        }
+    };
+    // Changes committed before LISTEN took effect may have been missed.
+    hub.wake_all();
+    loop {
+        let received = tokio::select! {
+            received = listener.try_recv() => received,
+            _ = crate::shutdown::requested(&mut stopping) => return,
+        };
+        match received {
+            Ok(Some(notification)) => {
+                let Some((sender, ids)) = notification.payload().split_once('|') else {
+                    continue;
+                };
+                if sender == replica {
+                    continue; // our own commits woke the hub already
+                }
+                for id in ids.split(',') {
+                    if let Ok(id) = BatchId::parse("id", id) {
+                        hub.wake(&id);
+                    }
+                }
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    "LISTEN connection was lost and re-established; re-reading every watched batch"
+                );
+                hub.wake_all();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "LISTEN connection failed; reconnecting");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                hub.wake_all();
+            }
+        }
+    }
+}
+
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_name_the_replica_and_stay_under_the_limit() {
+        let outbox = Outbox::new("replica-1");
+        let ids: Vec<BatchId> = (0..500).map(|_| BatchId::generate()).collect();
+        let payloads = outbox.payloads(&ids);
+        assert!(payloads.len() > 1);
+        let mut seen = Vec::new();
+        for payload in &payloads {
+            assert!(payload.len() <= MAX_PAYLOAD, "{}", payload.len());
+            let (replica, list) = payload.split_once('|').unwrap();
+            assert_eq!(replica, "replica-1");
+            seen.extend(list.split(',').map(str::to_owned));
+        }
+        let expected: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        assert_eq!(seen, expected);
+    }
+}

@@ -1,0 +1,166 @@
+//! One watch stream: its start (snapshot, or the versions after `after_version`), then
+//! every next version from the feed, checked for contiguity, with catch-up from the log
+//! whenever the feed's broadcast skipped ahead, and heartbeats while nothing changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::hub::{LOG_PAGE, Subscription};
+use super::{WatchEvent, WatchEventKind};
+use crate::domain::{Batch, BatchId};
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// What a watcher starts from.
+pub(super) struct Start {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) batch_id: BatchId,
+    pub(super) after_version: Option<i64>,
+    pub(super) heartbeat: Duration,
+    pub(super) stopping: watch::Receiver<bool>,
+}
+
+/// Why a stream stops early.
+enum Stop {
+    /// The client went away: nothing more to send.
+    ClientGone,
+    /// The stream ends with this error.
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(error: Error) -> Stop {
+        Stop::Failed(error)
+    }
+}
+
+struct Watcher {
+    start: Start,
+    out: mpsc::Sender<Result<WatchEvent>>,
+    /// The latest version sent (0 before the first).
+    cursor: i64,
+    /// The batch at `cursor`.
+    last: Option<Arc<Batch>>,
+    last_sent: Instant,
+}
+
+/// Streams batch events into `out` until the batch is terminal (the stream then ends
+/// normally), the client goes away, or an error ends it.
+pub(super) async fn run(
+    start: Start,
+    mut subscription: Subscription,
+    out: mpsc::Sender<Result<WatchEvent>>,
+) {
+    let mut watcher = Watcher {
+        cursor: start.after_version.unwrap_or(0),
+        start,
+        out,
+        last: None,
+        last_sent: Instant::now(),
+    };
+    if let Err(Stop::Failed(error)) = watcher.stream(&mut subscription).await {
+        let _ = watcher.out.send(Err(error)).await;
+    }
+}
+
+impl Watcher {
+    async fn stream(&mut self, subscription: &mut Subscription) -> Result<(), Stop> {
+        match self.start.after_version {
+            None => {
+                let current = self.current().await?;
+                self.send(WatchEventKind::Snapshot, current).await?;
+            }
+            Some(_) => {
+                self.catch_up().await?;
+                if self.last.is_none() {
+                    // Nothing after `after_version`: the batch is at that version.
+                    self.last = Some(self.current().await?);
+                }
+            }
+        }
+        let mut stopping = self.start.stopping.clone();
+        loop {
+            if self.last.as_ref().is_some_and(|b| b.status.is_terminal()) {
+                return Ok(());
+            }
+            let next_heartbeat = self.last_sent + self.start.heartbeat;
+            tokio::select! {
+                _ = crate::shutdown::requested(&mut stopping) => return Err(Error::ShuttingDown.into()),
+                _ = self.out.closed() => return Err(Stop::ClientGone),
+                received = subscription.events.recv() => match received {
+                    Ok(batch) if batch.version <= self.cursor => {}
+                    Ok(batch) if batch.version == self.cursor + 1 => {
+                        self.send(WatchEventKind::Change, batch).await?;
+                    }
+                    // Ahead of the cursor (joined between two reads) or fell behind
+                    // the feed's buffer: the log has everything in between.
+                    Ok(_) | Err(RecvError::Lagged(_)) => self.catch_up().await?,
+                    Err(RecvError::Closed) => return Err(Error::ShuttingDown.into()),
+                },
+                _ = tokio::time::sleep_until(next_heartbeat) => {
+                    if let Some(last) = self.last.clone() {
+                        self.send(WatchEventKind::Heartbeat, last).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every version after the cursor from the log, or a snapshot of the current
+    /// state when the versions right after the cursor are no longer retained.
+    async fn catch_up(&mut self) -> Result<(), Stop> {
+        loop {
+            let events = self
+                .start
+                .store
+                .events_after(&self.start.batch_id, self.cursor, LOG_PAGE)
+                .await?;
+            let complete = (events.len() as i64) < LOG_PAGE;
+            match events.first() {
+                None => return Ok(()),
+                Some(first) if first.version != self.cursor + 1 => {
+                    let current = self.current().await?;
+                    return self.send(WatchEventKind::Snapshot, current).await;
+                }
+                Some(_) => {}
+            }
+            for event in events {
+                let terminal = event.batch.status.is_terminal();
+                self.send(WatchEventKind::Change, Arc::new(event.batch))
+                    .await?;
+                if terminal {
+                    return Ok(());
+                }
+            }
+            if complete {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn current(&self) -> Result<Arc<Batch>> {
+        let batch = self
+            .start
+            .store
+            .get_batch(&self.start.batch_id)
+            .await?
+            .ok_or_else(|| Error::BatchNotFound(self.start.batch_id.to_string()))?;
+        Ok(Arc::new(batch))
+    }
+
+    async fn send(&mut self, kind: WatchEventKind, batch: Arc<Batch>) -> Result<(), Stop> {
+        if kind != WatchEventKind::Heartbeat {
+            self.cursor = batch.version;
+            self.last = Some(batch.clone());
+        }
+        self.last_sent = Instant::now();
+        self.out
+            .send(Ok(WatchEvent { kind, batch }))
+            .await
+            .map_err(|_| Stop::ClientGone)
+    }
+}
