@@ -31,6 +31,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Follow a batch live: a progress bar of completed + failed over total, until it
+    /// ends. Exit code 0 when it completed, 2 failed, 3 expired, 4 cancelled, 1 error.
+    Watch(WatchArgs),
     /// Manage API keys.
     Keys {
         /// What to do with keys.
@@ -158,6 +161,25 @@ impl ServeArgs {
                 .collect(),
         }
     }
+}
+
+/// `batchd watch`.
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// The batch to follow.
+    pub batch_id: String,
+
+    /// batchd's gRPC address.
+    #[arg(long, env = "BATCHD_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+
+    /// The API key to watch with.
+    #[arg(long, env = "BATCHD_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+
+    /// How long to keep reconnecting (resuming where the stream broke) before giving up.
+    #[arg(long, env = "BATCHD_WATCH_RECONNECT_FOR", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub reconnect_for: Duration,
 }
 
 /// `batchd keys ...`.

@@ -6,24 +6,29 @@ use clap::Parser;
 
 use batchd::app::App;
 use batchd::config::{Cli, Command, ServeArgs};
-use batchd::{commands, telemetry};
+use batchd::{commands, follow, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init();
+    let success = |()| ExitCode::SUCCESS;
     let outcome = match cli.command {
-        Command::Serve(args) => serve(args).await,
-        Command::Migrate(database) => commands::migrate(&database).await.map_err(Into::into),
-        Command::Keys { command } => commands::keys(command).await.map_err(Into::into),
+        Command::Serve(args) => serve(args).await.map(success),
+        Command::Migrate(database) => commands::migrate(&database)
+            .await
+            .map(success)
+            .map_err(Into::into),
+        Command::Keys { command } => commands::keys(command)
+            .await
+            .map(success)
+            .map_err(Into::into),
+        Command::Watch(args) => follow::run(args).await,
     };
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("batchd: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    outcome.unwrap_or_else(|error| {
+        eprintln!("batchd: {error:#}");
+        ExitCode::FAILURE
+    })
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

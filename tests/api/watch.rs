@@ -546,7 +546,80 @@ async fn server_sent_events_resume_with_last_event_id_and_heartbeat(backend: Bac
     );
 }
 
+/// `batchd watch` follows a batch to its end; its exit code tells how it ended.
+async fn the_watch_command_follows_a_batch_to_its_end(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = app.client(&app.admin_key);
+    let mut worker = app.worker(&app.admin_key);
+    let server = format!("http://{}", app.grpc_addr());
+    for (ending, code) in [(S::Completed, 0), (S::Failed, 2), (S::Cancelled, 4)] {
+        let batch = create(&mut client).await;
+        let follower = crate::process::batchd(
+            &[
+                "watch",
+                &batch.id,
+                "--server",
+                &server,
+                "--api-key",
+                &app.admin_key,
+            ],
+            "unused://",
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        worker
+            .update_batch(move_to(&batch.id, S::InProgress))
+            .await
+            .unwrap();
+        worker.update_batch(progress(&batch.id, 40)).await.unwrap();
+        let path: &[S] = match ending {
+            S::Completed => &[S::Finalizing, S::Completed],
+            S::Cancelled => &[S::Cancelling, S::Cancelled],
+            _ => &[S::Failed],
+        };
+        for status in path {
+            worker
+                .update_batch(move_to(&batch.id, *status))
+                .await
+                .unwrap();
+        }
+        let output = tokio::time::timeout(PATIENCE, follower.wait_with_output())
+            .await
+            .expect("batchd watch exits when the batch ends")
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(output.status.code(), Some(code), "{stdout}");
+        let name = ending
+            .as_str_name()
+            .trim_start_matches("BATCH_STATUS_")
+            .to_ascii_lowercase();
+        assert!(
+            stdout.ends_with(&format!(
+                "{} {name}: 40 completed, 0 failed, of 10000\n",
+                batch.id
+            )),
+            "{stdout}"
+        );
+    }
+    let (code, _, stderr) = crate::process::run(
+        &[
+            "watch",
+            &BatchId::generate().to_string(),
+            "--server",
+            &server,
+            "--api-key",
+            &app.admin_key,
+        ],
+        "unused://",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no batch found"), "{stderr}");
+}
+
 on_both_stores!(
+    the_watch_command_follows_a_batch_to_its_end,
     a_watch_starts_with_a_snapshot_and_ends_after_the_terminal_status,
     resuming_after_a_version_yields_exactly_the_versions_after_it,
     watching_follows_the_same_rules_as_reading,
