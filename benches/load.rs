@@ -100,7 +100,10 @@ impl Report {
         let ratio = figure
             .ratio
             .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"));
-        println!("{} {:.1} {} {}", figure.name, figure.value, figure.unit, ratio);
+        println!(
+            "{} {:.1} {} {}",
+            figure.name, figure.value, figure.unit, ratio
+        );
         self.figures.push(figure);
     }
 }
@@ -143,7 +146,13 @@ async fn run(plan: &Plan, database: &TempDatabase, report: &mut Report) -> anyho
     // event insert in one statement (no NOTIFY), then the same with a NOTIFY in each
     // transaction, which is what batchd avoids. Run after batchd has stopped: pgbench
     // writes raw rows that batchd's watchers would not expect.
-    let anchor = pgbench(&database.url, &pgbench_update_script(false), &template, plan).await?;
+    let anchor = pgbench(
+        &database.url,
+        &pgbench_update_script(false),
+        &template,
+        plan,
+    )
+    .await?;
     let with_notify = pgbench(&database.url, &pgbench_update_script(true), &template, plan).await?;
     report.add("update_pgbench_anchor", anchor, "tx/s", None);
     report.add(
@@ -178,13 +187,17 @@ impl TempDatabase {
     async fn create(admin_url: &str) -> anyhow::Result<TempDatabase> {
         let name = format!("batchd_bench_{}", std::process::id());
         let mut admin = PgConnection::connect(admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut admin)
             .await?;
-        let base = admin_url.rsplit_once('/').map_or(admin_url, |(base, _)| base);
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url, |(base, _)| base);
         Ok(TempDatabase {
             admin_url: admin_url.to_owned(),
             url: format!("{base}/{name}"),
@@ -214,7 +227,13 @@ struct Batchd {
 impl Batchd {
     async fn start(database_url: &str) -> anyhow::Result<Batchd> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_batchd"))
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
             .args(["--max-watches-per-key", "100000"])
             .env("BATCHD_DATABASE_URL", database_url)
             .env("RUST_LOG", "warn")
@@ -239,7 +258,9 @@ impl Batchd {
     }
 
     async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.grpc_url.clone())?.connect().await?)
+        Ok(Channel::from_shared(self.grpc_url.clone())?
+            .connect()
+            .await?)
     }
 
     fn bearer(&self) -> Bearer {
@@ -255,8 +276,13 @@ impl Batchd {
 struct Bearer(MetadataValue<Ascii>);
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -327,12 +353,17 @@ async fn seed(plan: &Plan, database: &TempDatabase, server: &Batchd) -> anyhow::
     .execute(&mut db)
     .await?;
     sqlx::query("ANALYZE").execute(&mut db).await?;
-    let snapshot: String =
-        sqlx::query_scalar("SELECT snapshot::text FROM batch_events WHERE batch_id = $1 AND version = 2")
-            .bind(&template.id)
-            .fetch_one(&mut db)
-            .await?;
-    eprintln!("bench: seeded {} batches in {:.1?}", plan.batches, started.elapsed());
+    let snapshot: String = sqlx::query_scalar(
+        "SELECT snapshot::text FROM batch_events WHERE batch_id = $1 AND version = 2",
+    )
+    .bind(&template.id)
+    .fetch_one(&mut db)
+    .await?;
+    eprintln!(
+        "bench: seeded {} batches in {:.1?}",
+        plan.batches,
+        started.elapsed()
+    );
     Ok(Template { snapshot })
 }
 
@@ -340,8 +371,7 @@ async fn seed(plan: &Plan, database: &TempDatabase, server: &Batchd) -> anyhow::
 /// batchd's (every mutable column set, the event appended in the same statement), the
 /// snapshot bound as a parameter (`-D snapshot=...`) as batchd binds it.
 fn pgbench_update_script(notify_in_transaction: bool) -> String {
-    let change = format!(
-        "WITH changed AS (UPDATE batches SET status = 'in_progress', output_file_id = NULL, \
+    let change = "WITH changed AS (UPDATE batches SET status = 'in_progress', output_file_id = NULL, \
          error_file_id = NULL, errors = NULL, in_progress_at = 1, finalizing_at = NULL, \
          completed_at = NULL, failed_at = NULL, expired_at = NULL, cancelling_at = NULL, \
          cancelled_at = NULL, request_total = 1000000000, \
@@ -349,8 +379,7 @@ fn pgbench_update_script(notify_in_transaction: bool) -> String {
          usage = NULL, version = version + 1, updated_at = 1 \
          WHERE id = 'batch_' || lpad(to_hex(:n::bigint), 32, '0') RETURNING id, version) \
          INSERT INTO batch_events (batch_id, version, snapshot, at) \
-         SELECT id, version, :snapshot::jsonb, 1 FROM changed;"
-    );
+         SELECT id, version, :snapshot::jsonb, 1 FROM changed;";
     if notify_in_transaction {
         format!(
             "\\set n random(1, :nbatches)\nBEGIN;\n{change}\n\
@@ -468,8 +497,10 @@ async fn update_load(server: &Batchd, plan: &Plan) -> anyhow::Result<Throughput>
     let end = measure_from + plan.window;
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..plan.concurrency {
-        let mut worker: Worker =
-            BatchWorkerServiceClient::with_interceptor(channels[w % channels.len()].clone(), server.bearer());
+        let mut worker: Worker = BatchWorkerServiceClient::with_interceptor(
+            channels[w % channels.len()].clone(),
+            server.bearer(),
+        );
         let owned: Vec<u64> = (1..=plan.batches)
             .filter(|n| (*n as usize) % plan.concurrency == w)
             .collect();
