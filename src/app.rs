@@ -1,5 +1,5 @@
 //! Builds batchd from its parts, binds the listeners (port 0 allowed, so tests run on
-//! random ports) and runs until told to stop.
+//! random ports), runs the background work, and stops in order when told to.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,16 +10,18 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tonic::transport::server::TcpIncoming;
 
 use crate::clock::{Clock, SystemClock};
 use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy, random_hex};
-use crate::health::{DatabaseHealth, HealthChecker};
+use crate::health::{HealthChecker, Readiness};
 use crate::service::BatchService;
 use crate::store::{self, StoreOptions};
+use crate::telemetry::grpc::ObserveLayer;
 use crate::watch::WatchOptions;
 use crate::watch::postgres::{self, Outbox};
-use crate::{grpc, rest};
+use crate::{grpc, rest, shutdown};
 
 /// Everything `serve` needs.
 #[derive(Clone)]
@@ -36,7 +38,7 @@ pub struct ServeOptions {
     pub policy: BatchPolicy,
     /// How often the database is checked for health.
     pub health_check_interval: Duration,
-    /// The source of "now" for every timestamp.
+    /// The source of "now" for every timestamp and timer.
     pub clock: Arc<dyn Clock>,
     /// Watch streams: heartbeats, limits, safety poll.
     pub watch: WatchOptions,
@@ -44,6 +46,14 @@ pub struct ServeOptions {
     pub event_retention: Duration,
     /// How often the event log is compacted.
     pub event_compaction_interval: Duration,
+    /// How long a batch may stay `cancelling` before it is `cancelled` by itself.
+    pub cancel_grace: Duration,
+    /// How often the lifecycle timers are applied.
+    pub sweep_interval: Duration,
+    /// How long requests are still served after a stop signal, readiness failing.
+    pub shutdown_delay: Duration,
+    /// How long after a stop signal the process is gone at the latest.
+    pub shutdown_timeout: Duration,
 }
 
 impl ServeOptions {
@@ -60,6 +70,10 @@ impl ServeOptions {
             watch: WatchOptions::default(),
             event_retention: Duration::from_secs(7 * 24 * 3600),
             event_compaction_interval: Duration::from_secs(3600),
+            cancel_grace: Duration::from_secs(600),
+            sweep_interval: Duration::from_secs(5),
+            shutdown_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -69,19 +83,18 @@ pub struct App {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     service: Arc<BatchService>,
+    readiness: Arc<Readiness>,
     first_api_key: Option<(ApiKey, ApiKeySecret)>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    shutdown_delay: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl App {
     /// Connects and migrates the store, creates the first API key on an empty
     /// database, binds both listeners and starts serving.
     pub async fn start(options: ServeOptions) -> anyhow::Result<App> {
-        let options_for_tasks = TaskIntervals {
-            event_retention: options.event_retention,
-            event_compaction_interval: options.event_compaction_interval,
-        };
         let store = store::connect(&options.database_url, &options.store)
             .await
             .with_context(|| {
@@ -96,9 +109,9 @@ impl App {
             .context("cannot migrate the database")?;
         let service = Arc::new(BatchService::new(
             store,
-            options.clock,
-            options.policy,
-            options.watch,
+            options.clock.clone(),
+            options.policy.clone(),
+            options.watch.clone(),
         ));
         let first_api_key = service
             .create_first_api_key()
@@ -117,20 +130,18 @@ impl App {
         let (shutdown, _) = watch::channel(false);
         let stopped = |shutdown: &watch::Sender<bool>| {
             let mut stopping = shutdown.subscribe();
-            async move { crate::shutdown::requested(&mut stopping).await }
+            async move { shutdown::requested(&mut stopping).await }
         };
 
         let (routes, health_reporter) = grpc::routes(service.clone())?;
-        let database_health = Arc::new(DatabaseHealth::default());
+        let readiness = Readiness::new(health_reporter, &grpc::SERVICE_NAMES);
         let mut tasks = JoinSet::new();
 
         // The first check runs before the listeners serve, so health is known (and every
         // service registered) from the first probe on.
         let mut checker = HealthChecker::new(
             service.store().clone(),
-            health_reporter,
-            database_health.clone(),
-            &grpc::SERVICE_NAMES,
+            readiness.clone(),
             options.health_check_interval,
         );
         checker.check().await;
@@ -140,11 +151,12 @@ impl App {
             ("health checks", Ok(()))
         });
 
-        spawn_watch_tasks(&mut tasks, &service, &options_for_tasks, &shutdown);
+        spawn_background_work(&mut tasks, &service, &options, &shutdown);
 
         let grpc_stopped = stopped(&shutdown);
         tasks.spawn(async move {
             let outcome = tonic::transport::Server::builder()
+                .layer(ObserveLayer)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(
                     TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
@@ -156,7 +168,7 @@ impl App {
         });
 
         let http_stopped = stopped(&shutdown);
-        let router = rest::router(service.clone(), database_health);
+        let router = rest::router(service.clone(), readiness.clone());
         tasks.spawn(async move {
             let outcome = axum::serve(http_listener, router)
                 .with_graceful_shutdown(http_stopped)
@@ -170,9 +182,12 @@ impl App {
             grpc_addr,
             http_addr,
             service,
+            readiness,
             first_api_key,
             shutdown,
             tasks,
+            shutdown_delay: options.shutdown_delay,
+            shutdown_timeout: options.shutdown_timeout,
         })
     }
 
@@ -204,10 +219,7 @@ impl App {
             Some(joined) = self.tasks.join_next() => Some(joined),
         };
         match early_exit {
-            None => {
-                tracing::info!("stopping");
-                self.stop().await
-            }
+            None => self.stop().await,
             Some(joined) => {
                 let error = match joined {
                     Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
@@ -221,63 +233,94 @@ impl App {
         }
     }
 
-    /// Stops serving: watch streams end with UNAVAILABLE, listeners close, in-flight
-    /// calls finish, the pool closes.
+    /// Stops in order, within `shutdown_timeout`: readiness fails at once (gRPC health
+    /// NOT_SERVING, `/readyz` 503) while requests are still served for
+    /// `shutdown_delay`; then watch streams end with UNAVAILABLE, the listeners close,
+    /// in-flight calls finish and the pool closes. Whatever is still running when the
+    /// timeout comes (a client that never reads its stream) is abandoned.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.shutdown_timeout;
+        tracing::info!(delay = ?self.shutdown_delay, "stopping: readiness off");
+        self.readiness.start_shutdown().await;
+        tokio::time::sleep(self.shutdown_delay.min(self.shutdown_timeout)).await;
+
         self.service.hub().stop();
         let _ = self.shutdown.send(true);
         let mut first_error = None;
-        while let Some(joined) = self.tasks.join_next().await {
-            let outcome = match joined {
-                Ok((_, outcome)) => outcome,
-                Err(e) => Err(anyhow::anyhow!("a task of batchd panicked: {e}")),
-            };
-            if let Err(e) = outcome {
-                first_error.get_or_insert(e);
+        loop {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(joined)) => {
+                    let outcome = match joined {
+                        Ok((_, outcome)) => outcome,
+                        Err(e) => Err(anyhow::anyhow!("a task of batchd panicked: {e}")),
+                    };
+                    if let Err(e) = outcome {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        timeout = ?self.shutdown_timeout,
+                        "shutdown timeout reached; abandoning open connections"
+                    );
+                    self.tasks.abort_all();
+                    break;
+                }
             }
         }
-        self.service.store().close().await;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(remaining, self.service.store().close()).await;
+        tracing::info!("stopped");
         first_error.map_or(Ok(()), Err)
     }
 }
 
-/// The periods of the background tasks.
-struct TaskIntervals {
-    event_retention: Duration,
-    event_compaction_interval: Duration,
-}
-
-/// The watch machinery's background work: the hub's safety poll, the event log's
-/// compaction and, on PostgreSQL, the cross-replica notifier and listener.
-fn spawn_watch_tasks(
+/// The background work of a replica: the lifecycle timers, the watch hub's safety
+/// poll, the event log's compaction and, on PostgreSQL, the cross-replica notifier and
+/// listener. Each runs until the stop signal.
+fn spawn_background_work(
     tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
     service: &Arc<BatchService>,
-    intervals: &TaskIntervals,
+    options: &ServeOptions,
     shutdown: &watch::Sender<bool>,
 ) {
+    let sweeper = service.clone();
+    let cancel_grace = options.cancel_grace;
+    tasks.spawn(every(
+        options.sweep_interval,
+        shutdown,
+        "lifecycle timers",
+        move || {
+            let sweeper = sweeper.clone();
+            async move {
+                if let Err(error) = sweeper.sweep_due_batches(cancel_grace).await {
+                    tracing::warn!(%error, "applying the lifecycle timers failed");
+                }
+            }
+        },
+    ));
+
+    let compactor = service.clone();
+    let retention = options.event_retention;
+    tasks.spawn(every(
+        options.event_compaction_interval,
+        shutdown,
+        "event log compaction",
+        move || {
+            let compactor = compactor.clone();
+            async move {
+                if let Err(error) = compactor.compact_event_log(retention).await {
+                    tracing::warn!(%error, "event log compaction failed");
+                }
+            }
+        },
+    ));
+
     let hub = service.hub().clone();
     tasks.spawn(async move {
         hub.run_safety_poll().await;
         ("watch safety poll", Ok(()))
-    });
-
-    let compactor = service.clone();
-    let (retention, every) = (
-        intervals.event_retention,
-        intervals.event_compaction_interval,
-    );
-    let mut stopping = shutdown.subscribe();
-    tasks.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {
-                    if let Err(error) = compactor.compact_event_log(retention).await {
-                        tracing::warn!(%error, "event log compaction failed");
-                    }
-                }
-                _ = crate::shutdown::requested(&mut stopping) => return ("event log compaction", Ok(())),
-            }
-        }
     });
 
     if let Some(pool) = service.store().postgres_pool() {
@@ -294,5 +337,27 @@ fn spawn_watch_tasks(
             postgres::run_listener(pool, hub, replica, listener_stop).await;
             ("watch listener", Ok(()))
         });
+    }
+}
+
+/// Runs `work` every `period` until the stop signal.
+fn every<F, Fut>(
+    period: Duration,
+    shutdown: &watch::Sender<bool>,
+    name: &'static str,
+    mut work: F,
+) -> impl Future<Output = (&'static str, anyhow::Result<()>)> + Send + 'static
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let mut stopping = shutdown.subscribe();
+    async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => work().await,
+                _ = shutdown::requested(&mut stopping) => return (name, Ok(())),
+            }
+        }
     }
 }

@@ -13,12 +13,17 @@ use crate::domain::{
     BatchPolicy, CompletionWindow, DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, Scope,
 };
 use crate::store::StoreOptions;
+use crate::telemetry::LogFormat;
 use crate::watch::WatchOptions;
 
 /// batchd: batch jobs in the shape of the OpenAI Batch API, over gRPC and REST.
 #[derive(Debug, Parser)]
 #[command(name = "batchd", version, about, propagate_version = true)]
 pub struct Cli {
+    /// How log lines look (logs go to stderr; filter them with RUST_LOG).
+    #[arg(long, global = true, env = "BATCHD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -28,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC and HTTP servers (migrates the database first).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
     /// Follow a batch live: a progress bar of completed + failed over total, until it
@@ -121,6 +126,24 @@ pub struct ServeArgs {
     /// How often the event log is compacted.
     #[arg(long, env = "BATCHD_EVENT_COMPACTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub event_compaction_interval: Duration,
+
+    /// A batch `cancelling` for longer than this moves to `cancelled` by itself.
+    #[arg(long, env = "BATCHD_CANCEL_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub cancel_grace: Duration,
+
+    /// How often the lifecycle timers (expiry, cancel grace) are applied.
+    #[arg(long, env = "BATCHD_SWEEP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// After SIGTERM/SIGINT, readiness fails at once but requests are still served for
+    /// this long, so load balancers stop sending new ones.
+    #[arg(long, env = "BATCHD_SHUTDOWN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// The process exits within this long after SIGTERM/SIGINT, even if a client never
+    /// reads its stream.
+    #[arg(long, env = "BATCHD_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
 }
 
 fn parse_window(text: &str) -> Result<String, String> {
@@ -146,6 +169,10 @@ impl ServeArgs {
             },
             event_retention: self.event_retention,
             event_compaction_interval: self.event_compaction_interval,
+            cancel_grace: self.cancel_grace,
+            sweep_interval: self.sweep_interval,
+            shutdown_delay: self.shutdown_delay,
+            shutdown_timeout: self.shutdown_timeout,
         }
     }
 

@@ -1,72 +1,69 @@
 //! Readiness: a background task pings the database and publishes the answer to the
-//! gRPC health service and the REST probes, so probes never wait on the database.
+//! gRPC health service and the REST probes, so probes never wait on the database. A
+//! replica that is shutting down is not ready, whatever the database says.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::store::Store;
 
-/// Whether the database answered the last check. Shared with the REST probes.
-#[derive(Debug, Default)]
-pub struct DatabaseHealth {
+/// Whether this replica should get traffic, published to gRPC health (`""` and every
+/// service name) and read by `/readyz`.
+pub struct Readiness {
     reachable: AtomicBool,
-}
-
-impl DatabaseHealth {
-    /// Whether the database answered the last check.
-    pub fn is_reachable(&self) -> bool {
-        self.reachable.load(Ordering::Relaxed)
-    }
-}
-
-/// Checks the database and publishes the outcome under `""` and every service name.
-pub struct HealthChecker {
-    store: Arc<dyn Store>,
+    shutting_down: AtomicBool,
     reporter: HealthReporter,
-    health: Arc<DatabaseHealth>,
     services: &'static [&'static str],
-    timeout: Duration,
-    last: Option<bool>,
+    /// What gRPC health last said; serializes publications.
+    published: Mutex<Option<bool>>,
 }
 
-impl HealthChecker {
-    /// A checker whose pings give up after `timeout`.
-    pub fn new(
-        store: Arc<dyn Store>,
-        reporter: HealthReporter,
-        health: Arc<DatabaseHealth>,
-        services: &'static [&'static str],
-        timeout: Duration,
-    ) -> Self {
-        HealthChecker {
-            store,
+impl Readiness {
+    /// Not ready until the first database check says otherwise.
+    pub fn new(reporter: HealthReporter, services: &'static [&'static str]) -> Arc<Readiness> {
+        Arc::new(Readiness {
+            reachable: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
             reporter,
-            health,
             services,
-            timeout,
-            last: None,
-        }
+            published: Mutex::new(None),
+        })
     }
 
-    /// Pings the database once and publishes SERVING or NOT_SERVING if it changed.
-    /// The first call registers every service, so a probe never sees "unknown".
-    pub async fn check(&mut self) {
-        let reachable = matches!(
-            tokio::time::timeout(self.timeout, self.store.ping()).await,
-            Ok(Ok(()))
-        );
-        self.health.reachable.store(reachable, Ordering::Relaxed);
-        if self.last == Some(reachable) {
+    /// The database answers and the replica is not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.reachable.load(Ordering::Acquire) && !self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Records a database check.
+    pub async fn set_reachable(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::Release);
+        self.publish().await;
+    }
+
+    /// The replica stops taking traffic: NOT_SERVING from now on.
+    pub async fn start_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.publish().await;
+    }
+
+    async fn publish(&self) {
+        let mut published = self.published.lock().await;
+        let ready = self.is_ready();
+        if *published == Some(ready) {
             return;
         }
-        let status = if reachable {
-            tracing::info!("database reachable: serving");
+        let status = if ready {
+            tracing::info!("ready: serving");
             ServingStatus::Serving
+        } else if self.shutting_down.load(Ordering::Acquire) {
+            tracing::info!("shutting down: not serving");
+            ServingStatus::NotServing
         } else {
             tracing::warn!("database unreachable: not serving");
             ServingStatus::NotServing
@@ -74,7 +71,35 @@ impl HealthChecker {
         for name in std::iter::once("").chain(self.services.iter().copied()) {
             self.reporter.set_service_status(name, status).await;
         }
-        self.last = Some(reachable);
+        *published = Some(ready);
+    }
+}
+
+/// Pings the database on a schedule and records the outcome in a [`Readiness`].
+pub struct HealthChecker {
+    store: Arc<dyn Store>,
+    readiness: Arc<Readiness>,
+    timeout: Duration,
+}
+
+impl HealthChecker {
+    /// A checker whose pings give up after `timeout`.
+    pub fn new(store: Arc<dyn Store>, readiness: Arc<Readiness>, timeout: Duration) -> Self {
+        HealthChecker {
+            store,
+            readiness,
+            timeout,
+        }
+    }
+
+    /// Pings the database once. The first call registers every service, so a probe
+    /// never sees "unknown service".
+    pub async fn check(&mut self) {
+        let reachable = matches!(
+            tokio::time::timeout(self.timeout, self.store.ping()).await,
+            Ok(Ok(()))
+        );
+        self.readiness.set_reachable(reachable).await;
     }
 
     /// Checks every `interval` until `shutdown` turns true.

@@ -11,10 +11,17 @@ use batchd::{commands, follow, telemetry};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
+    // Held to the end of main: dropping it flushes the trace exporter.
+    let _telemetry = match telemetry::init(cli.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("batchd: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let success = |()| ExitCode::SUCCESS;
     let outcome = match cli.command {
-        Command::Serve(args) => serve(args).await.map(success),
+        Command::Serve(args) => serve(*args).await.map(success),
         Command::Migrate(database) => commands::migrate(&database)
             .await
             .map(success)

@@ -9,8 +9,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::clock::Clock;
 use crate::domain::{
-    Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchUpdate, BatchUpdateInput,
-    Caller, CreateBatchInput, ListBatches, ListBatchesInput, NewBatch, Scope, digest_of,
+    Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
+    BatchUpdateInput, Caller, CreateBatchInput, ListBatches, ListBatchesInput, NewBatch, Scope,
+    digest_of,
 };
 use crate::error::{Error, Result};
 use crate::store::{BatchPageQuery, Store};
@@ -39,6 +40,15 @@ impl BatchPage {
     pub fn last_id(&self) -> Option<&BatchId> {
         self.batches.last().map(|b| &b.id)
     }
+}
+
+/// What one sweep of the lifecycle timers moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// Batches moved to `expired`.
+    pub expired: u64,
+    /// Batches moved from `cancelling` to `cancelled`.
+    pub cancelled: u64,
 }
 
 /// Extracts the key from an `Authorization: Bearer <key>` header value.
@@ -99,6 +109,7 @@ impl BatchService {
     }
 
     /// Resolves an API key (the bearer token, if one was sent) to its caller.
+    #[tracing::instrument(skip_all)]
     pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller> {
         let token = token.ok_or(Error::Unauthenticated(
             "missing API key: send `authorization: Bearer <API key>`",
@@ -113,10 +124,12 @@ impl BatchService {
     }
 
     /// Creates a batch in `validating`, owned by the caller.
+    #[tracing::instrument(skip_all, fields(batch_id = tracing::field::Empty, user_id = %caller.user_id))]
     pub async fn create_batch(&self, caller: &Caller, input: CreateBatchInput) -> Result<Batch> {
         caller.authorize(Action::CreateBatch)?;
         let new = NewBatch::parse(input, &self.policy)?;
         let batch = Batch::create(new, caller, self.clock.now());
+        tracing::Span::current().record("batch_id", tracing::field::display(&batch.id));
         self.store.insert_batch(&batch).await?;
         self.hub.committed(&batch.id);
         tracing::info!(batch_id = %batch.id, user_id = %batch.user_id, "batch created");
@@ -124,6 +137,7 @@ impl BatchService {
     }
 
     /// One batch the caller can see.
+    #[tracing::instrument(skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
     pub async fn get_batch(&self, caller: &Caller, batch_id: &str) -> Result<Batch> {
         caller.authorize(Action::ReadBatches)?;
         let id = BatchId::parse("batch_id", batch_id)?;
@@ -131,6 +145,7 @@ impl BatchService {
     }
 
     /// A page of the batches the caller can see, newest first.
+    #[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
     pub async fn list_batches(
         &self,
         caller: &Caller,
@@ -160,6 +175,7 @@ impl BatchService {
     }
 
     /// Requests cancellation of a batch the caller can see. Idempotent.
+    #[tracing::instrument(skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
     pub async fn cancel_batch(&self, caller: &Caller, batch_id: &str) -> Result<Batch> {
         caller.authorize(Action::CancelBatch)?;
         let id = BatchId::parse("batch_id", batch_id)?;
@@ -171,6 +187,7 @@ impl BatchService {
     }
 
     /// Applies a worker's update atomically: all of it or nothing.
+    #[tracing::instrument(skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
     pub async fn update_batch(
         &self,
         caller: &Caller,
@@ -188,6 +205,7 @@ impl BatchService {
 
     /// Streams every committed version of a batch the caller can see: a snapshot (or
     /// the versions after `after_version`), then each change, until it is terminal.
+    #[tracing::instrument(skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
     pub async fn watch_batch(
         &self,
         caller: &Caller,
@@ -215,6 +233,47 @@ impl BatchService {
             }
         }
         self.hub.watch(caller, &id, after_version).await
+    }
+
+    /// Applies the lifecycle timers to every batch that is due now: expiry after the
+    /// completion window, and `cancelled` after `cancel_grace` in `cancelling`. Each
+    /// move goes through the state machine, the event log and the watchers like any
+    /// other change; with several replicas sweeping one database, the version check of
+    /// the commit lets exactly one of them move each batch.
+    #[tracing::instrument(skip_all)]
+    pub async fn sweep_due_batches(&self, cancel_grace: Duration) -> Result<SweepOutcome> {
+        const PAGE: i64 = 500;
+        let grace = i64::try_from(cancel_grace.as_secs()).unwrap_or(i64::MAX);
+        let mut outcome = SweepOutcome::default();
+        loop {
+            let now = self.clock.now();
+            let due = self
+                .store
+                .due_batches(now, now.saturating_sub(grace), PAGE)
+                .await?;
+            let mut moved = 0;
+            for batch in &due {
+                let Some(next) = batch.on_timer(now, grace) else {
+                    continue;
+                };
+                // `false`: another writer (a worker, another replica's sweeper) changed
+                // the batch first; the next sweep sees its new state.
+                if self.store.commit_change(&next).await? {
+                    self.hub.committed(&next.id);
+                    moved += 1;
+                    match next.status {
+                        BatchStatus::Expired => outcome.expired += 1,
+                        _ => outcome.cancelled += 1,
+                    }
+                    metrics::counter!("batchd_sweeper_transitions_total", "to" => next.status.as_str())
+                        .increment(1);
+                    tracing::info!(batch_id = %next.id, from = %batch.status, to = %next.status, "lifecycle timer moved batch");
+                }
+            }
+            if (due.len() as i64) < PAGE || moved == 0 {
+                return Ok(outcome);
+            }
+        }
     }
 
     /// Deletes the event history older than `retention`, keeping each batch's latest

@@ -207,6 +207,31 @@ impl Batch {
         Ok(next.commit(self, now))
     }
 
+    /// The lifecycle's timers at `now`: a running batch whose window has passed moves
+    /// to `expired`; a batch `cancelling` for longer than `cancel_grace` seconds moves
+    /// to `cancelled` (no worker confirmed in time). `None` when neither is due.
+    pub fn on_timer(&self, now: i64, cancel_grace: i64) -> Option<Batch> {
+        let to = match self.status {
+            BatchStatus::Validating | BatchStatus::InProgress | BatchStatus::Finalizing
+                if self.expires_at.is_some_and(|at| at <= now) =>
+            {
+                BatchStatus::Expired
+            }
+            BatchStatus::Cancelling
+                if self
+                    .cancelling_at
+                    .is_some_and(|at| at.saturating_add(cancel_grace) <= now) =>
+            {
+                BatchStatus::Cancelled
+            }
+            _ => return None,
+        };
+        let mut next = self.clone();
+        // Both moves are legal from these statuses; `move_to` checks it all the same.
+        next.move_to(to, now).ok()?;
+        next.commit(self, now)
+    }
+
     /// A worker's update, applied all or nothing. `None` when it changes nothing.
     pub fn apply(&self, update: &BatchUpdate, now: i64) -> Result<Option<Batch>> {
         if self.status.is_terminal() {
@@ -405,6 +430,47 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    }
+
+    #[test]
+    fn a_running_batch_expires_when_its_window_has_passed() {
+        for status in [
+            BatchStatus::Validating,
+            BatchStatus::InProgress,
+            BatchStatus::Finalizing,
+        ] {
+            let running = batch(status);
+            let deadline = running.expires_at.unwrap();
+            assert_eq!(running.on_timer(deadline - 1, 600), None, "{status}");
+            let expired = running.on_timer(deadline, 600).expect("due");
+            assert_eq!(expired.status, BatchStatus::Expired);
+            assert_eq!(expired.expired_at, Some(deadline));
+            assert_eq!(expired.version, 2);
+        }
+        for status in [
+            BatchStatus::Completed,
+            BatchStatus::Failed,
+            BatchStatus::Cancelled,
+        ] {
+            assert_eq!(batch(status).on_timer(i64::MAX, 600), None, "{status}");
+        }
+    }
+
+    #[test]
+    fn a_cancelling_batch_is_cancelled_after_the_grace_period() {
+        let cancelling = batch(BatchStatus::InProgress)
+            .cancel(5_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cancelling.on_timer(5_599, 600), None);
+        let cancelled = cancelling.on_timer(5_600, 600).expect("due");
+        assert_eq!(cancelled.status, BatchStatus::Cancelled);
+        assert_eq!(cancelled.cancelled_at, Some(5_600));
+        // A cancelling batch past its window is cancelled, not expired.
+        assert_eq!(
+            cancelling.on_timer(i64::MAX, 600).unwrap().status,
+            BatchStatus::Cancelled
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod watch;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::{CONTENT_TYPE, HeaderName};
 use axum::http::{Method, StatusCode, Uri};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -28,7 +29,7 @@ use crate::domain::{
     BatchId, BatchPolicy, IDENTIFIER_PATTERN, MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS,
     MAX_METADATA_VALUE_CHARS,
 };
-use crate::health::DatabaseHealth;
+use crate::health::Readiness;
 use crate::service::BatchService;
 
 /// Largest accepted request body. Larger bodies get a 413 before any parsing.
@@ -38,7 +39,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct RestState {
     service: Arc<BatchService>,
-    health: Arc<DatabaseHealth>,
+    readiness: Arc<Readiness>,
 }
 
 #[derive(OpenApi)]
@@ -71,7 +72,7 @@ impl Modify for SecuritySchemes {
 }
 
 /// The router of the HTTP port and the OpenAPI document of its batch routes.
-pub fn router(service: Arc<BatchService>, health: Arc<DatabaseHealth>) -> Router {
+pub fn router(service: Arc<BatchService>, readiness: Arc<Readiness>) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(batches::create_batch, batches::list_batches))
         .routes(routes!(batches::get_batch))
@@ -79,16 +80,18 @@ pub fn router(service: Arc<BatchService>, health: Arc<DatabaseHealth>) -> Router
         .routes(routes!(watch::watch_batch))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .routes(routes!(metrics))
         .split_for_parts();
     let document = Arc::new(openapi_document(&openapi, service.policy()));
-    api.route(
-        "/openapi.json",
-        get(move || async move { Json(document.as_ref().clone()) }),
-    )
-    .fallback(unknown_route)
-    .method_not_allowed_fallback(method_not_allowed)
-    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-    .with_state(RestState { service, health })
+    api.route_layer(axum::middleware::from_fn(crate::telemetry::http::observe))
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(document.as_ref().clone()) }),
+        )
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(RestState { service, readiness })
 }
 
 /// The OpenAPI document as served: utoipa's, plus what it cannot express in attributes:
@@ -138,22 +141,36 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// The database answers: ready for traffic.
+/// Ready for traffic: the database answers and the replica is not shutting down.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "probes",
     responses(
         (status = 200, description = "Ready", body = String),
-        (status = 503, description = "The database does not answer", body = String)
+        (status = 503, description = "The database does not answer, or batchd is shutting down", body = String)
     )
 )]
 async fn readyz(State(state): State<RestState>) -> (StatusCode, &'static str) {
-    if state.health.is_reachable() {
+    if state.readiness.is_ready() {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "database unreachable")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
+}
+
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "probes",
+    responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String))
+)]
+async fn metrics(State(state): State<RestState>) -> ([(HeaderName, &'static str); 1], String) {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::telemetry::metrics::render(state.service.store().as_ref()),
+    )
 }
 
 async fn unknown_route(method: Method, uri: Uri) -> ApiError {

@@ -80,6 +80,15 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Up to `limit` batches whose lifecycle timer is due: running (validating,
+    /// in_progress, finalizing) with `expires_at <= now`, or cancelling since
+    /// `cancelling_before` or earlier. Oldest first.
+    async fn due_batches(&self, now: i64, cancelling_before: i64, limit: i64)
+    -> Result<Vec<Batch>>;
+
+    /// Connections of the pool: (open, idle).
+    fn pool_usage(&self) -> (u32, u32);
+
     /// Stores a new API key by the digest of its secret.
     async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()>;
 
@@ -157,16 +166,26 @@ impl From<sqlx::Error> for Error {
             | sqlx::Error::BeginFailed => true,
             sqlx::Error::Database(db) => db.code().is_some_and(|code| {
                 // PostgreSQL: connection exceptions (08xxx), shutdown or restart in
-                // progress (57P0x), the database was dropped (3D000).
+                // progress (57P0x), the database was dropped (3D000), too many
+                // connections and other resource shortages (53xxx), a database that
+                // does not accept connections (55000).
                 // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) outlasted busy_timeout.
                 code.starts_with("08")
                     || code.starts_with("57P0")
+                    || code.starts_with("53")
                     || code == "3D000"
+                    || code == "55000"
                     || code == "5"
                     || code == "6"
             }),
             _ => false,
         };
+        let kind = if unavailable {
+            "unavailable"
+        } else {
+            "internal"
+        };
+        metrics::counter!("batchd_db_errors_total", "kind" => kind).increment(1);
         if unavailable {
             Error::Unavailable(error.to_string())
         } else {

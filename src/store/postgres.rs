@@ -44,7 +44,7 @@ pub struct PostgresStore {
     pool: PgPool,
 }
 
-sql::impl_store!(PostgresStore, Postgres {
+sql::impl_store!(PostgresStore, Postgres, "postgresql" {
     fn postgres_pool(&self) -> Option<PgPool> {
         Some(self.pool.clone())
     }

@@ -125,6 +125,15 @@ pub(super) const SELECT_BATCH: &str =
 pub(super) const COMPACT_EVENTS: &str = "DELETE FROM batch_events WHERE at < $1 \
      AND version < (SELECT b.version FROM batches b WHERE b.id = batch_events.batch_id)";
 
+/// Batches whose timer is due: running past $1, or cancelling since $2; at most $3.
+pub(super) const SELECT_DUE_BATCHES: &str = concat!(
+    "SELECT ",
+    batch_columns!(),
+    " FROM batches WHERE (status IN ('validating', 'in_progress', 'finalizing') \
+     AND expires_at <= $1) OR (status = 'cancelling' AND cancelling_at <= $2) \
+     ORDER BY seq LIMIT $3"
+);
+
 /// Events of batch $1 after version $2, oldest first, at most $3.
 pub(super) const SELECT_EVENTS_AFTER: &str = "SELECT version, snapshot, at FROM batch_events \
      WHERE batch_id = $1 AND version > $2 ORDER BY version LIMIT $3";
@@ -182,22 +191,26 @@ pub(super) const REVOKE_API_KEY: &str =
 /// `latest_versions_of`). Trait methods only one backend overrides follow in braces.
 /// Every query both backends share is written once, here.
 macro_rules! impl_store {
-    ($store:ty, $db:ty { $($backend_specific:item)* }) => {
+    ($store:ty, $db:ty, $system:literal { $($backend_specific:item)* }) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
+            #[tracing::instrument(name = "store.migrate", skip_all, fields(db.system = $system))]
             async fn migrate(&self) -> Result<()> {
                 self.migrate_schema().await
             }
 
+            #[tracing::instrument(name = "store.ping", skip_all, fields(db.system = $system))]
             async fn ping(&self) -> Result<()> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
             }
 
+            #[tracing::instrument(name = "store.insert_batch", skip_all, fields(db.system = $system, batch_id = %batch.id))]
             async fn insert_batch(&self, batch: &Batch) -> Result<()> {
                 self.insert_batch_with_event(batch).await
             }
 
+            #[tracing::instrument(name = "store.get_batch", skip_all, fields(db.system = $system, batch_id = %id))]
             async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {
                 sqlx::query_as::<_, sql::BatchRow>(sql::SELECT_BATCH)
                     .bind(id.as_str())
@@ -207,6 +220,7 @@ macro_rules! impl_store {
                     .transpose()
             }
 
+            #[tracing::instrument(name = "store.list_batches", skip_all, fields(db.system = $system))]
             async fn list_batches(
                 &self,
                 query: $crate::store::BatchPageQuery<'_>,
@@ -218,10 +232,12 @@ macro_rules! impl_store {
                 sql::convert_all(rows)
             }
 
+            #[tracing::instrument(name = "store.commit_change", skip_all, fields(db.system = $system, batch_id = %next.id, version = next.version))]
             async fn commit_change(&self, next: &Batch) -> Result<bool> {
                 self.commit_change_if_current(next).await
             }
 
+            #[tracing::instrument(name = "store.events_after", skip_all, fields(db.system = $system, batch_id = %id, after_version))]
             async fn events_after(
                 &self,
                 id: &BatchId,
@@ -237,6 +253,7 @@ macro_rules! impl_store {
                 Ok(rows.into_iter().map(BatchEvent::from).collect())
             }
 
+            #[tracing::instrument(name = "store.insert_api_key", skip_all, fields(db.system = $system))]
             async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()> {
                 sql::bind_api_key!(sqlx::query(sql::INSERT_API_KEY), key, secret_digest)
                     .execute(&self.pool)
@@ -244,6 +261,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(name = "store.insert_first_api_key", skip_all, fields(db.system = $system))]
             async fn insert_first_api_key(
                 &self,
                 key: &ApiKey,
@@ -263,6 +281,7 @@ macro_rules! impl_store {
                 Ok(true)
             }
 
+            #[tracing::instrument(name = "store.api_key_by_digest", skip_all, fields(db.system = $system))]
             async fn api_key_by_digest(&self, secret_digest: &[u8; 32]) -> Result<Option<ApiKey>> {
                 sqlx::query_as::<_, sql::ApiKeyRow>(sql::SELECT_API_KEY_BY_DIGEST)
                     .bind(&secret_digest[..])
@@ -272,6 +291,7 @@ macro_rules! impl_store {
                     .transpose()
             }
 
+            #[tracing::instrument(name = "store.list_api_keys", skip_all, fields(db.system = $system))]
             async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
                 let rows = sqlx::query_as::<_, sql::ApiKeyRow>(sql::SELECT_API_KEYS)
                     .fetch_all(&self.pool)
@@ -279,6 +299,7 @@ macro_rules! impl_store {
                 sql::convert_all(rows)
             }
 
+            #[tracing::instrument(name = "store.revoke_api_key", skip_all, fields(db.system = $system))]
             async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool> {
                 let result = sqlx::query(sql::REVOKE_API_KEY)
                     .bind(id)
@@ -288,6 +309,7 @@ macro_rules! impl_store {
                 Ok(result.rows_affected() == 1)
             }
 
+            #[tracing::instrument(name = "store.latest_versions", skip_all, fields(db.system = $system, batches = ids.len()))]
             async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
                 if ids.is_empty() {
                     return Ok(Vec::new());
@@ -301,12 +323,33 @@ macro_rules! impl_store {
                     .collect()
             }
 
+            #[tracing::instrument(name = "store.compact_events", skip_all, fields(db.system = $system))]
             async fn compact_events(&self, before_at: i64) -> Result<u64> {
                 let result = sqlx::query(sql::COMPACT_EVENTS)
                     .bind(before_at)
                     .execute(&self.pool)
                     .await?;
                 Ok(result.rows_affected())
+            }
+
+            #[tracing::instrument(name = "store.due_batches", skip_all, fields(db.system = $system))]
+            async fn due_batches(
+                &self,
+                now: i64,
+                cancelling_before: i64,
+                limit: i64,
+            ) -> Result<Vec<Batch>> {
+                let rows = sqlx::query_as::<_, sql::BatchRow>(sql::SELECT_DUE_BATCHES)
+                    .bind(now)
+                    .bind(cancelling_before)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                sql::convert_all(rows)
+            }
+
+            fn pool_usage(&self) -> (u32, u32) {
+                (self.pool.size(), self.pool.num_idle() as u32)
             }
 
             async fn close(&self) {

@@ -18,7 +18,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
-sql::impl_store!(SqliteStore, Sqlite {});
+sql::impl_store!(SqliteStore, Sqlite, "sqlite" {});
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://batchd.db`.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use super::postgres::Outbox;
 use super::subscriber::{self, Start};
@@ -29,6 +30,9 @@ pub(super) struct Feed {
     wake: Notify,
     /// The latest version broadcast.
     cursor: AtomicI64,
+    /// Wall-clock milliseconds of the earliest commit not yet broadcast (0: none
+    /// known), for the notification lag metric.
+    pending_commit_ms: AtomicI64,
     closed: AtomicBool,
 }
 
@@ -77,9 +81,24 @@ impl WatchHub {
     /// A change of batch `id` was committed by this replica: wake its watchers here,
     /// and queue a wake-up for the other replicas.
     pub fn committed(&self, id: &BatchId) {
-        self.wake(id);
+        let at = now_ms();
+        self.wake_for_commit(id, at);
         if let Some(outbox) = self.outbox.get() {
-            outbox.push(id);
+            outbox.push(id, at);
+        }
+    }
+
+    /// Batch `id` changed in a commit at `committed_at_ms` (wall clock): its feed (if
+    /// watched) re-reads the log.
+    pub fn wake_for_commit(&self, id: &BatchId, committed_at_ms: i64) {
+        if let Some(feed) = self.lock_feeds().get(id) {
+            // Keep the earliest commit still waiting; 0 means none.
+            let _ = feed.pending_commit_ms.fetch_update(
+                Ordering::AcqRel,
+                Ordering::Acquire,
+                |pending| (pending == 0 || committed_at_ms < pending).then_some(committed_at_ms),
+            );
+            feed.wake.notify_one();
         }
     }
 
@@ -172,10 +191,15 @@ impl WatchHub {
             heartbeat: self.options.heartbeat,
             stopping: self.stopping.subscribe(),
         };
-        tokio::spawn(async move {
-            subscriber::run(start, subscription, sender).await;
-            drop(permit);
-        });
+        // A child of the request's span: the stream's work shows in the caller's trace.
+        let span = tracing::info_span!("watch_stream", batch_id = %id, after_version);
+        tokio::spawn(
+            async move {
+                subscriber::run(start, subscription, sender).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
         Ok(ReceiverStream::new(receiver))
     }
 
@@ -187,6 +211,7 @@ impl WatchHub {
             return Err(Error::TooManyWatches { limit });
         }
         *count += 1;
+        metrics::gauge!("batchd_watch_streams_open").increment(1.0);
         Ok(StreamPermit {
             hub: self.clone(),
             key_id: key_id.to_owned(),
@@ -216,6 +241,7 @@ impl WatchHub {
             sender: broadcast::channel(FEED_CAPACITY).0,
             wake: Notify::new(),
             cursor: AtomicI64::new(version),
+            pending_commit_ms: AtomicI64::new(0),
             closed: AtomicBool::new(false),
         });
         feeds.insert(id.clone(), feed.clone());
@@ -271,6 +297,7 @@ impl Drop for Subscription {
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
+        metrics::gauge!("batchd_watch_streams_open").decrement(1.0);
         let mut open = self.hub.lock_keys();
         if let Some(count) = open.get_mut(&self.key_id) {
             *count -= 1;
@@ -289,27 +316,54 @@ async fn run_feed(store: Arc<dyn Store>, feed: Arc<Feed>) {
         if feed.closed.load(Ordering::Acquire) {
             return;
         }
-        loop {
-            let cursor = feed.cursor.load(Ordering::Acquire);
-            match store.events_after(&feed.id, cursor, LOG_PAGE).await {
-                Ok(events) => {
-                    let complete = (events.len() as i64) < LOG_PAGE;
-                    for event in events {
-                        feed.cursor.store(event.version, Ordering::Release);
-                        // No receiver is not an error: the feed is being closed.
-                        let _ = feed.sender.send(Arc::new(event.batch));
-                    }
-                    if complete {
-                        break;
+        // Not a child of whichever request woke the feed: it serves every watcher.
+        let span = tracing::info_span!(parent: None, "watch_feed_read", batch_id = %feed.id, versions = tracing::field::Empty);
+        read_new_versions(store.as_ref(), &feed)
+            .instrument(span)
+            .await;
+    }
+}
+
+/// Broadcasts every version after the feed's cursor.
+async fn read_new_versions(store: &dyn Store, feed: &Feed) {
+    let mut versions = 0;
+    loop {
+        let cursor = feed.cursor.load(Ordering::Acquire);
+        match store.events_after(&feed.id, cursor, LOG_PAGE).await {
+            Ok(events) => {
+                let complete = (events.len() as i64) < LOG_PAGE;
+                if !events.is_empty() {
+                    let committed = feed.pending_commit_ms.swap(0, Ordering::AcqRel);
+                    if committed > 0 {
+                        let lag = (now_ms() - committed).max(0) as f64 / 1_000.0;
+                        metrics::histogram!("batchd_watch_notify_lag_seconds").record(lag);
                     }
                 }
-                Err(error) => {
-                    // The safety poll wakes this feed again once the database answers.
-                    tracing::warn!(batch_id = %feed.id, %error, "watch feed cannot read the event log");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                for event in events {
+                    versions += 1;
+                    feed.cursor.store(event.version, Ordering::Release);
+                    // No receiver is not an error: the feed is being closed.
+                    let _ = feed.sender.send(Arc::new(event.batch));
+                }
+                if complete {
                     break;
                 }
             }
+            Err(error) => {
+                // The safety poll wakes this feed again once the database answers.
+                tracing::warn!(batch_id = %feed.id, %error, "watch feed cannot read the event log");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                break;
+            }
         }
     }
+    tracing::Span::current().record("versions", versions);
+}
+
+/// Wall-clock Unix milliseconds: commit times travel between replicas, so they cannot
+/// be `Instant`s.
+pub(super) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -8,7 +8,7 @@
 //! commit and its notify, a listener reconnecting) only delays delivery until the
 //! hub's safety poll or the listener's reconnect re-reads every watched batch.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,11 +24,12 @@ pub const CHANNEL: &str = "batchd_batch_events";
 /// NOTIFY payloads must stay under 8000 bytes.
 const MAX_PAYLOAD: usize = 7_900;
 
-/// Batch ids committed by this replica and not yet announced to the others.
+/// Batch ids committed by this replica and not yet announced to the others, each with
+/// the wall-clock time (ms) of its earliest unannounced commit.
 #[derive(Debug)]
 pub struct Outbox {
     replica: String,
-    pending: Mutex<HashSet<BatchId>>,
+    pending: Mutex<HashMap<BatchId, i64>>,
     wake: Notify,
 }
 
@@ -42,29 +43,30 @@ impl Outbox {
         })
     }
 
-    /// Queues a wake-up for batch `id`.
-    pub fn push(&self, id: &BatchId) {
-        self.lock().insert(id.clone());
+    /// Queues a wake-up for batch `id`, committed at `committed_at_ms`.
+    pub fn push(&self, id: &BatchId, committed_at_ms: i64) {
+        self.lock().entry(id.clone()).or_insert(committed_at_ms);
         self.wake.notify_one();
     }
 
-    fn take(&self) -> Vec<BatchId> {
+    fn take(&self) -> Vec<(BatchId, i64)> {
         self.lock().drain().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<BatchId>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BatchId, i64>> {
         // Inserts and drains cannot leave the set half-updated.
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// `replica|id,id,...` payloads of at most [`MAX_PAYLOAD`] bytes.
-    fn payloads(&self, ids: &[BatchId]) -> Vec<String> {
+    /// `replica|id@ms,id@ms,...` payloads of at most [`MAX_PAYLOAD`] bytes.
+    fn payloads(&self, ids: &[(BatchId, i64)]) -> Vec<String> {
         let mut payloads = Vec::new();
         let mut current = String::new();
-        for id in ids {
-            if !current.is_empty() && current.len() + 1 + id.as_str().len() > MAX_PAYLOAD {
+        for (id, committed_at_ms) in ids {
+            let entry = format!("{id}@{committed_at_ms}");
+            if !current.is_empty() && current.len() + 1 + entry.len() > MAX_PAYLOAD {
                 payloads.push(std::mem::take(&mut current));
             }
             if current.is_empty() {
@@ -73,7 +75,7 @@ impl Outbox {
             } else {
                 current.push(',');
             }
-            current.push_str(id.as_str());
+            current.push_str(&entry);
         }
         if !current.is_empty() {
             payloads.push(current);
@@ -141,9 +143,12 @@ pub async fn run_listener(
                 if sender == replica {
                     continue; // our own commits woke the hub already
                 }
-                for id in ids.split(',') {
-                    if let Ok(id) = BatchId::parse("id", id) {
-                        hub.wake(&id);
+                for entry in ids.split(',') {
+                    let Some((id, at)) = entry.split_once('@') else {
+                        continue;
+                    };
+                    if let (Ok(id), Ok(at)) = (BatchId::parse("id", id), at.parse()) {
+                        hub.wake_for_commit(&id, at);
                     }
                 }
             }
@@ -175,7 +180,9 @@ mod tests {
     #[test]
     fn payloads_name_the_replica_and_stay_under_the_limit() {
         let outbox = Outbox::new("replica-1");
-        let ids: Vec<BatchId> = (0..500).map(|_| BatchId::generate()).collect();
+        let ids: Vec<(BatchId, i64)> = (0..500)
+            .map(|i| (BatchId::generate(), 1_700_000_000_000 + i))
+            .collect();
         let payloads = outbox.payloads(&ids);
         assert!(payloads.len() > 1);
         let mut seen = Vec::new();
@@ -185,7 +192,7 @@ mod tests {
             assert_eq!(replica, "replica-1");
             seen.extend(list.split(',').map(str::to_owned));
         }
-        let expected: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let expected: Vec<String> = ids.iter().map(|(id, at)| format!("{id}@{at}")).collect();
         assert_eq!(seen, expected);
     }
 }

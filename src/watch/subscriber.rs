@@ -15,6 +15,9 @@ use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
+/// How long an ending stream waits for room to queue its closing error.
+const FINAL_ERROR_WAIT: Duration = Duration::from_secs(2);
+
 /// What a watcher starts from.
 pub(super) struct Start {
     pub(super) store: Arc<dyn Store>,
@@ -63,7 +66,9 @@ pub(super) async fn run(
         last_sent: Instant::now(),
     };
     if let Err(Stop::Failed(error)) = watcher.stream(&mut subscription).await {
-        let _ = watcher.out.send(Err(error)).await;
+        // Behind what the client has not read yet; a client that reads nothing at all
+        // cannot get it, and must not keep this task (and a shutdown) waiting.
+        let _ = tokio::time::timeout(FINAL_ERROR_WAIT, watcher.out.send(Err(error))).await;
     }
 }
 
@@ -152,15 +157,26 @@ impl Watcher {
         Ok(Arc::new(batch))
     }
 
+    /// Queues a message for the client. Waits while the stream's buffer is full (the
+    /// client reads slowly), but not past a shutdown: a client that never reads must
+    /// not hold the process up.
     async fn send(&mut self, kind: WatchEventKind, batch: Arc<Batch>) -> Result<(), Stop> {
         if kind != WatchEventKind::Heartbeat {
             self.cursor = batch.version;
             self.last = Some(batch.clone());
         }
         self.last_sent = Instant::now();
-        self.out
-            .send(Ok(WatchEvent { kind, batch }))
-            .await
-            .map_err(|_| Stop::ClientGone)
+        let mut stopping = self.start.stopping.clone();
+        tokio::select! {
+            sent = self.out.send(Ok(WatchEvent { kind, batch })) => sent.map_err(|_| Stop::ClientGone)?,
+            _ = crate::shutdown::requested(&mut stopping) => return Err(Error::ShuttingDown.into()),
+        }
+        let kind = match kind {
+            WatchEventKind::Snapshot => "snapshot",
+            WatchEventKind::Change => "change",
+            WatchEventKind::Heartbeat => "heartbeat",
+        };
+        metrics::counter!("batchd_watch_events_delivered_total", "kind" => kind).increment(1);
+        Ok(())
     }
 }
