@@ -95,6 +95,8 @@ impl App {
     /// Connects and migrates the store, creates the first API key on an empty
     /// database, binds both listeners and starts serving.
     pub async fn start(options: ServeOptions) -> anyhow::Result<App> {
+        // Installed before anything is recorded: the facade drops what comes earlier.
+        crate::telemetry::metrics::handle();
         let store = store::connect(&options.database_url, &options.store)
             .await
             .with_context(|| {

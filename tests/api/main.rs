@@ -3,6 +3,7 @@
 //! (`<module>::sqlite::<test>` and `<module>::postgres::<test>`).
 
 mod helpers;
+mod operations;
 mod process;
 
 mod auth;

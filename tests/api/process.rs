@@ -42,6 +42,8 @@ pub struct Server {
     pub stdout: Vec<String>,
     /// Where gRPC listens.
     pub grpc_addr: String,
+    /// Where HTTP listens.
+    pub http_addr: String,
 }
 
 impl Server {
@@ -55,18 +57,23 @@ impl Server {
             "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
-        let mut child = batchd(&args, database_url)
+        Self::spawn(batchd(&args, database_url)).await
+    }
+
+    /// Spawns a prepared `batchd serve` command and waits until it serves.
+    pub async fn spawn(mut command: Command) -> Server {
+        let mut child = command
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn batchd serve");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut stdout = Vec::new();
-        let grpc_addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let (grpc_addr, http_addr) = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 stdout.push(line.clone());
                 if let Some(rest) = line.strip_prefix("batchd is serving gRPC on ") {
-                    let (grpc, _http) = rest.split_once(" and HTTP on ").unwrap();
-                    return grpc.to_owned();
+                    let (grpc, http) = rest.split_once(" and HTTP on ").unwrap();
+                    return (grpc.to_owned(), http.to_owned());
                 }
             }
             panic!("batchd exited before serving: {stdout:?}");
@@ -77,6 +84,7 @@ impl Server {
             child,
             stdout,
             grpc_addr,
+            http_addr,
         }
     }
 

@@ -18,6 +18,7 @@ ROUTES = {
     ("/v1/batches/{batch_id}/watch", "get"),
     ("/healthz", "get"),
     ("/readyz", "get"),
+    ("/metrics", "get"),
 }
 
 
