@@ -54,6 +54,8 @@ pub struct ServeOptions {
     pub shutdown_delay: Duration,
     /// How long after a stop signal the process is gone at the latest.
     pub shutdown_timeout: Duration,
+    /// Create an admin key when the database has none.
+    pub create_first_key: bool,
 }
 
 impl ServeOptions {
@@ -74,6 +76,7 @@ impl ServeOptions {
             sweep_interval: Duration::from_secs(5),
             shutdown_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(30),
+            create_first_key: true,
         }
     }
 }
@@ -115,10 +118,14 @@ impl App {
             options.policy.clone(),
             options.watch.clone(),
         ));
-        let first_api_key = service
-            .create_first_api_key()
-            .await
-            .context("cannot create the first API key")?;
+        let first_api_key = if options.create_first_key {
+            service
+                .create_first_api_key()
+                .await
+                .context("cannot create the first API key")?
+        } else {
+            None
+        };
 
         let grpc_listener = TcpListener::bind(options.grpc_addr)
             .await
@@ -136,7 +143,7 @@ impl App {
         };
 
         let (routes, health_reporter) = grpc::routes(service.clone())?;
-        let readiness = Readiness::new(health_reporter, &grpc::SERVICE_NAMES);
+        let readiness = Readiness::new(health_reporter, &grpc::SERVICE_NAMES, grpc::LIVENESS).await;
         let mut tasks = JoinSet::new();
 
         // The first check runs before the listeners serve, so health is known (and every

@@ -36,6 +36,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Ask a batchd's gRPC health service whether it is SERVING (exit 0) or not (1);
+    /// what the Helm chart's `helm test` pod runs.
+    Health(HealthArgs),
     /// Follow a batch live: a progress bar of completed + failed over total, until it
     /// ends. Exit code 0 when it completed, 2 failed, 3 expired, 4 cancelled, 1 error.
     Watch(WatchArgs),
@@ -144,6 +147,11 @@ pub struct ServeArgs {
     /// reads its stream.
     #[arg(long, env = "BATCHD_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Create an admin key, printed once on stdout, when the database has no key at
+    /// all (the quick start). Deployments that create keys on purpose turn it off.
+    #[arg(long, env = "BATCHD_CREATE_FIRST_KEY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_first_key: bool,
 }
 
 fn parse_window(text: &str) -> Result<String, String> {
@@ -173,6 +181,7 @@ impl ServeArgs {
             sweep_interval: self.sweep_interval,
             shutdown_delay: self.shutdown_delay,
             shutdown_timeout: self.shutdown_timeout,
+            create_first_key: self.create_first_key,
         }
     }
 
@@ -188,6 +197,23 @@ impl ServeArgs {
                 .collect(),
         }
     }
+}
+
+/// `batchd health`.
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// batchd's gRPC address.
+    #[arg(long, env = "BATCHD_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+
+    /// The health service name to check: empty for the whole server (readiness),
+    /// `liveness` for the process alone.
+    #[arg(long, env = "BATCHD_HEALTH_SERVICE", default_value = "")]
+    pub service: String,
+
+    /// How long to wait for an answer.
+    #[arg(long, env = "BATCHD_HEALTH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `batchd watch`.

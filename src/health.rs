@@ -24,8 +24,16 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Not ready until the first database check says otherwise.
-    pub fn new(reporter: HealthReporter, services: &'static [&'static str]) -> Arc<Readiness> {
+    /// Not ready until the first database check says otherwise. `liveness`, a health
+    /// service name of its own, is SERVING from now until the process exits.
+    pub async fn new(
+        reporter: HealthReporter,
+        services: &'static [&'static str],
+        liveness: &str,
+    ) -> Arc<Readiness> {
+        reporter
+            .set_service_status(liveness, ServingStatus::Serving)
+            .await;
         Arc::new(Readiness {
             reachable: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),

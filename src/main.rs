@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
             .map(success)
             .map_err(Into::into),
         Command::Watch(args) => follow::run(args).await,
+        Command::Health(args) => follow::check_health(args).await,
     };
     outcome.unwrap_or_else(|error| {
         eprintln!("batchd: {error:#}");

@@ -28,6 +28,11 @@ pub const SERVICE_NAMES: [&str; 2] = [
     <BatchWorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
 ];
 
+/// The health service name that is SERVING as long as the process runs, whatever the
+/// database does: what liveness probes check, so that a database outage makes replicas
+/// unready but never gets them restarted.
+pub const LIVENESS: &str = "liveness";
+
 /// Every gRPC service of batchd: the two APIs, health and reflection.
 pub fn routes(service: Arc<BatchService>) -> Result<(Routes, HealthReporter)> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -35,6 +35,15 @@ async fn the_quick_start_prints_a_working_admin_key_once(backend: Backend) {
     assert_eq!(fetched, batch);
 }
 
+async fn deployments_can_turn_the_first_key_off(backend: Backend) {
+    let db = TestDb::fresh(backend).await;
+    let server = Server::start(&db.url, &["--create-first-key", "false"]).await;
+    assert_eq!(server.stdout.len(), 1, "{:?}", server.stdout);
+    let (code, listed, _) = run(&["keys", "list"], &db.url).await;
+    assert_eq!(code, 0);
+    assert_eq!(listed.lines().count(), 1, "only the header: {listed}");
+}
+
 async fn keys_are_created_listed_and_revoked_from_the_command_line(backend: Backend) {
     let db = TestDb::fresh(backend).await;
     let (code, stdout, stderr) = run(
@@ -111,6 +120,7 @@ async fn command_line_mistakes_fail_with_a_clear_message(backend: Backend) {
 
 on_both_stores!(
     the_quick_start_prints_a_working_admin_key_once,
+    deployments_can_turn_the_first_key_off,
     keys_are_created_listed_and_revoked_from_the_command_line,
     command_line_mistakes_fail_with_a_clear_message,
 );

@@ -86,7 +86,43 @@ async fn reflection_lists_the_services_so_grpcurl_needs_no_proto(backend: Backen
     );
 }
 
+/// `batchd health`, what the chart's `helm test` pod runs, checks a server's health.
+async fn the_health_command_reports_serving_and_fails_otherwise(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let server = format!("http://{}", app.grpc_addr());
+    for service in ["", "liveness", "batchd.v1.BatchService"] {
+        let (code, stdout, stderr) = crate::process::run(
+            &["health", "--server", &server, "--service", service],
+            "unused://",
+        )
+        .await;
+        assert_eq!(code, 0, "{service:?}: {stdout}{stderr}");
+        assert!(stdout.contains("SERVING"), "{stdout}");
+    }
+    let (code, _, stderr) = crate::process::run(
+        &["health", "--server", &server, "--service", "nope"],
+        "unused://",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("health check"), "{stderr}");
+    let (code, _, stderr) = crate::process::run(
+        &[
+            "health",
+            "--server",
+            "http://127.0.0.1:1",
+            "--timeout",
+            "1s",
+        ],
+        "unused://",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+}
+
 on_both_stores!(
+    the_health_command_reports_serving_and_fails_otherwise,
     health_is_serving_for_every_service_while_the_database_answers,
     reflection_lists_the_services_so_grpcurl_needs_no_proto,
 );
@@ -119,6 +155,15 @@ async fn postgres_health_goes_not_serving_when_the_database_disappears() {
         .unwrap()
         .unwrap();
     assert_eq!(next.status, ServingStatus::NotServing as i32);
+    // Liveness stays SERVING: an outage must make replicas unready, not restart them.
+    let liveness = health
+        .check(HealthCheckRequest {
+            service: "liveness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(liveness.status, ServingStatus::Serving as i32);
     let readyz = reqwest::get(format!("http://{}/readyz", app.http_addr))
         .await
         .unwrap();
