@@ -13,10 +13,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::transport::server::TcpIncoming;
 
+use crate::cache::CacheOptions;
 use crate::clock::{Clock, SystemClock};
 use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy, random_hex};
 use crate::health::{HealthChecker, Readiness};
-use crate::service::BatchService;
+use crate::service::{BatchService, ServiceOptions};
 use crate::store::{self, StoreOptions};
 use crate::telemetry::grpc::ObserveLayer;
 use crate::watch::WatchOptions;
@@ -42,6 +43,8 @@ pub struct ServeOptions {
     pub clock: Arc<dyn Clock>,
     /// Watch streams: heartbeats, limits, safety poll.
     pub watch: WatchOptions,
+    /// In-memory caches: API keys, terminal batches, latest versions.
+    pub caches: CacheOptions,
     /// How long the event log keeps versions that are not a batch's latest.
     pub event_retention: Duration,
     /// How often the event log is compacted.
@@ -70,6 +73,7 @@ impl ServeOptions {
             health_check_interval: Duration::from_secs(2),
             clock: Arc::new(SystemClock),
             watch: WatchOptions::default(),
+            caches: CacheOptions::default(),
             event_retention: Duration::from_secs(7 * 24 * 3600),
             event_compaction_interval: Duration::from_secs(3600),
             cancel_grace: Duration::from_secs(600),
@@ -115,8 +119,11 @@ impl App {
         let service = Arc::new(BatchService::new(
             store,
             options.clock.clone(),
-            options.policy.clone(),
-            options.watch.clone(),
+            ServiceOptions {
+                policy: options.policy.clone(),
+                watch: options.watch.clone(),
+                caches: options.caches.clone(),
+            },
         ));
         let first_api_key = if options.create_first_key {
             service

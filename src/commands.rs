@@ -6,11 +6,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::clock::SystemClock;
 use crate::config::{DatabaseArgs, KeysCommand};
-use crate::domain::{ApiKey, BatchPolicy};
+use crate::domain::ApiKey;
 use crate::error::Result;
 use crate::service::BatchService;
 use crate::store::{self, Store};
-use crate::watch::WatchOptions;
 
 /// Connects to the database and applies pending migrations.
 pub async fn open_store(database: &DatabaseArgs) -> Result<Arc<dyn Store>> {
@@ -38,12 +37,7 @@ pub async fn keys(command: KeysCommand) -> Result<()> {
         | KeysCommand::Revoke { database, .. } => database.clone(),
     };
     let store = open_store(&database).await?;
-    let service = BatchService::new(
-        store.clone(),
-        Arc::new(SystemClock),
-        BatchPolicy::default(),
-        WatchOptions::default(),
-    );
+    let service = BatchService::new(store.clone(), Arc::new(SystemClock), Default::default());
     let outcome = run_keys(&service, command).await;
     store.close().await;
     outcome

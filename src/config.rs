@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::app::ServeOptions;
+use crate::cache::CacheOptions;
 use crate::clock::SystemClock;
 use crate::domain::{
     BatchPolicy, CompletionWindow, DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, Scope,
@@ -152,6 +153,20 @@ pub struct ServeArgs {
     /// all (the quick start). Deployments that create keys on purpose turn it off.
     #[arg(long, env = "BATCHD_CREATE_FIRST_KEY", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_first_key: bool,
+
+    /// How long an API key lookup is remembered: a revoked key stops working within
+    /// this time. 0 checks the database on every call.
+    #[arg(long, env = "BATCHD_API_KEY_CACHE_TTL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub api_key_cache_ttl: Duration,
+
+    /// Terminal batches kept in memory (they never change, so reads need no database).
+    #[arg(long, env = "BATCHD_TERMINAL_CACHE_ENTRIES", default_value_t = 20_000)]
+    pub terminal_cache_entries: usize,
+
+    /// Recently written batches kept in memory, so a write usually needs one database
+    /// round trip (a stale entry is caught by the commit's version check).
+    #[arg(long, env = "BATCHD_LATEST_CACHE_ENTRIES", default_value_t = 20_000)]
+    pub latest_cache_entries: usize,
 }
 
 fn parse_window(text: &str) -> Result<String, String> {
@@ -182,6 +197,11 @@ impl ServeArgs {
             shutdown_delay: self.shutdown_delay,
             shutdown_timeout: self.shutdown_timeout,
             create_first_key: self.create_first_key,
+            caches: CacheOptions {
+                api_key_ttl: self.api_key_cache_ttl,
+                terminal_batches: self.terminal_cache_entries,
+                latest_batches: self.latest_cache_entries,
+            },
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::cache::{CacheOptions, Caches};
 use crate::clock::Clock;
 use crate::domain::{
     Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
@@ -68,28 +69,35 @@ pub fn bearer_token(authorization: &str) -> Result<&str> {
 /// A stream of watch events; an `Err` item ends it with that error.
 pub type WatchStream = ReceiverStream<Result<WatchEvent>>;
 
+/// How the service behaves, beyond its store and clock.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceOptions {
+    /// What new batches may ask for.
+    pub policy: BatchPolicy,
+    /// Watch streams.
+    pub watch: WatchOptions,
+    /// In-memory caches.
+    pub caches: CacheOptions,
+}
+
 /// The batch use cases over a store and a clock.
 pub struct BatchService {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     policy: BatchPolicy,
     hub: Arc<WatchHub>,
+    caches: Caches,
 }
 
 impl BatchService {
-    /// A service over `store`, stamping changes with `clock`, creating batches under
-    /// `policy`, serving watches with `watch`.
-    pub fn new(
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-        policy: BatchPolicy,
-        watch: WatchOptions,
-    ) -> Self {
+    /// A service over `store`, stamping changes with `clock`.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, options: ServiceOptions) -> Self {
         BatchService {
-            hub: WatchHub::new(store.clone(), watch),
+            hub: WatchHub::new(store.clone(), options.watch),
+            caches: Caches::new(&options.caches),
             store,
             clock,
-            policy,
+            policy: options.policy,
         }
     }
 
@@ -114,13 +122,21 @@ impl BatchService {
         let token = token.ok_or(Error::Unauthenticated(
             "missing API key: send `authorization: Bearer <API key>`",
         ))?;
-        let key = self
-            .store
-            .api_key_by_digest(&digest_of(token))
-            .await?
-            .filter(|key| key.revoked_at.is_none())
-            .ok_or(Error::Unauthenticated("invalid API key"))?;
-        Ok(Caller::of(&key))
+        let digest = digest_of(token);
+        let caller = match self.caches.api_key(&digest) {
+            Some(known) => known,
+            None => {
+                let caller = self
+                    .store
+                    .api_key_by_digest(&digest)
+                    .await?
+                    .filter(|key| key.revoked_at.is_none())
+                    .map(|key| Caller::of(&key));
+                self.caches.remember_api_key(digest, caller.clone());
+                caller
+            }
+        };
+        caller.ok_or(Error::Unauthenticated("invalid API key"))
     }
 
     /// Creates a batch in `validating`, owned by the caller.
@@ -132,6 +148,7 @@ impl BatchService {
         tracing::Span::current().record("batch_id", tracing::field::display(&batch.id));
         self.store.insert_batch(&batch).await?;
         self.hub.committed(&batch.id);
+        self.caches.remember(Arc::new(batch.clone()));
         tracing::info!(batch_id = %batch.id, user_id = %batch.user_id, "batch created");
         Ok(batch)
     }
@@ -260,6 +277,7 @@ impl BatchService {
                 // the batch first; the next sweep sees its new state.
                 if self.store.commit_change(&next).await? {
                     self.hub.committed(&next.id);
+                    self.caches.remember(Arc::new(next.clone()));
                     moved += 1;
                     match next.status {
                         BatchStatus::Expired => outcome.expired += 1,
@@ -329,19 +347,50 @@ impl BatchService {
     }
 
     /// The batch, if the caller may see it; otherwise NOT_FOUND, exactly as if it did
-    /// not exist, so ids of other tenants' batches cannot be probed.
+    /// not exist, so ids of other tenants' batches cannot be probed. A terminal batch
+    /// comes from memory once read: it never changes again.
     async fn visible_batch(&self, caller: &Caller, id: &BatchId) -> Result<Batch> {
-        self.store
+        let batch = match self.caches.terminal(id) {
+            Some(batch) => Arc::unwrap_or_clone(batch),
+            None => {
+                let batch = self.store.get_batch(id).await?;
+                if let Some(batch) = batch.as_ref().filter(|b| b.status.is_terminal()) {
+                    self.caches.remember(Arc::new(batch.clone()));
+                }
+                batch.ok_or_else(|| Error::BatchNotFound(id.to_string()))?
+            }
+        };
+        if caller.sees(&batch) {
+            Ok(batch)
+        } else {
+            Err(Error::BatchNotFound(id.to_string()))
+        }
+    }
+
+    /// The latest version of a batch for a write: from memory when this replica wrote it
+    /// last (`true`), else from the database (`false`).
+    async fn batch_to_change(&self, id: &BatchId, from_memory: bool) -> Result<(Arc<Batch>, bool)> {
+        if from_memory
+            && let Some(batch) = self.caches.terminal(id).or_else(|| self.caches.latest(id))
+        {
+            return Ok((batch, true));
+        }
+        let batch = self
+            .store
             .get_batch(id)
             .await?
-            .filter(|batch| caller.sees(batch))
-            .ok_or_else(|| Error::BatchNotFound(id.to_string()))
+            .ok_or_else(|| Error::BatchNotFound(id.to_string()))?;
+        Ok((Arc::new(batch), false))
     }
 
     /// Reads the batch, computes its next version with `change` and commits it if no
     /// other writer committed in between; otherwise starts over from the new version.
     /// `change` returning `None` means "nothing to do": the current batch is returned
     /// and nothing is written.
+    ///
+    /// The first attempt may start from the version in memory. Whenever that could
+    /// give a different answer than the database (a version mismatch, a refused change,
+    /// nothing to do, a lost commit race), the attempt is repeated from the database.
     async fn change_batch(
         &self,
         caller: &Caller,
@@ -349,26 +398,39 @@ impl BatchService {
         expected_version: Option<i64>,
         change: impl Fn(&Batch, i64) -> Result<Option<Batch>>,
     ) -> Result<Batch> {
+        let mut from_memory = true;
         for _ in 0..MAX_COMMIT_ATTEMPTS {
-            let current = self.visible_batch(caller, id).await?;
+            let (current, remembered) = self.batch_to_change(id, from_memory).await?;
+            from_memory = false;
+            if !caller.sees(&current) {
+                return Err(Error::BatchNotFound(id.to_string()));
+            }
             if let Some(expected) = expected_version
                 && expected != current.version
             {
+                if remembered {
+                    continue;
+                }
                 return Err(Error::VersionMismatch {
                     expected,
                     actual: current.version,
                 });
             }
-            let Some(next) = change(&current, self.clock.now())? else {
-                return Ok(current);
+            let next = match change(&current, self.clock.now()) {
+                Ok(Some(next)) => next,
+                Ok(None) | Err(_) if remembered => continue,
+                Ok(None) => return Ok(Arc::unwrap_or_clone(current)),
+                Err(error) => return Err(error),
             };
             if self.store.commit_change(&next).await? {
                 self.hub.committed(id);
                 if next.status != current.status {
                     tracing::info!(batch_id = %id, from = %current.status, to = %next.status, version = next.version, "batch status changed");
                 }
+                self.caches.remember(Arc::new(next.clone()));
                 return Ok(next);
             }
+            self.caches.forget(id);
             tokio::task::yield_now().await;
         }
         Err(Error::Contended(id.to_string()))

@@ -170,6 +170,8 @@ impl TestApp {
     pub async fn spawn_with(backend: Backend, edit: impl FnOnce(&mut ServeOptions)) -> TestApp {
         let db = TestDb::fresh(backend).await;
         let mut options = ServeOptions::local(db.url.clone());
+        // Tests apply the lifecycle timers themselves, with a manual clock.
+        options.sweep_interval = Duration::from_secs(3600);
         edit(&mut options);
         let mut app = App::start(options).await.expect("batchd starts");
         let (_, secret) = app

@@ -8,6 +8,7 @@ mod process;
 
 mod auth;
 mod batches;
+mod cache;
 mod cli;
 mod concurrency;
 mod health;
