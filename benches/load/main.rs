@@ -45,17 +45,28 @@ pub struct Plan {
     pub warm_up: Duration,
     /// Each timed window.
     pub window: Duration,
+    /// `--only GROUP`: run one group of figures (reads, fanout, writes, sqlite, peers),
+    /// e.g. to profile it; the figures that need another group's then lack a ratio.
+    only: Option<String>,
 }
 
 impl Plan {
+    /// Whether the group of figures `group` is to run.
+    fn runs(&self, group: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == group)
+    }
+
     fn from_args() -> Plan {
         let args: Vec<String> = std::env::args().collect();
         let quick = args.iter().any(|a| a == "--quick");
-        let json = args
-            .iter()
-            .position(|a| a == "--json")
-            .and_then(|i| args.get(i + 1))
-            .map(PathBuf::from);
+        let value = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        let json = value("--json").map(PathBuf::from);
+        let only = value("--only");
         if quick {
             Plan {
                 quick,
@@ -69,6 +80,7 @@ impl Plan {
                 fanout_rate: 50,
                 warm_up: Duration::from_millis(500),
                 window: Duration::from_secs(2),
+                only,
             }
         } else {
             Plan {
@@ -83,6 +95,7 @@ impl Plan {
                 fanout_rate: 100,
                 warm_up: Duration::from_secs(2),
                 window: Duration::from_secs(6),
+                only,
             }
         }
     }
@@ -200,18 +213,28 @@ async fn run(
     let server = Batchd::start(&postgres.url, &[]).await?;
     let seeded = Seeded::create(plan, &server, &postgres.url).await?;
     setup::pgbench_initialize(&postgres.url).await?;
-    reads::postgres(plan, &server, &seeded, &postgres.url, report).await?;
-    fanout::run(plan, &server, &seeded, &postgres.url, report).await?;
-    writes::run(plan, &server, &seeded, &postgres.url, report).await?;
+    if plan.runs("reads") {
+        reads::postgres(plan, &server, &seeded, &postgres.url, report).await?;
+    }
+    if plan.runs("fanout") {
+        fanout::run(plan, &server, &seeded, &postgres.url, report).await?;
+    }
+    if plan.runs("writes") {
+        writes::run(plan, &server, &seeded, &postgres.url, report).await?;
+    }
     server.stop().await;
 
     // SQLite (figure 4).
-    let server = Batchd::start(&sqlite.url, &[]).await?;
-    let seeded = Seeded::create(plan, &server, &sqlite.url).await?;
-    reads::sqlite(plan, &server, &seeded, report).await?;
-    server.stop().await;
+    if plan.runs("sqlite") {
+        let server = Batchd::start(&sqlite.url, &[]).await?;
+        let seeded = Seeded::create(plan, &server, &sqlite.url).await?;
+        reads::sqlite(plan, &server, &seeded, report).await?;
+        server.stop().await;
+    }
 
     // The dedicated watch systems, same counts (figure 7).
-    peers::run(plan, report).await?;
+    if plan.runs("peers") {
+        peers::run(plan, report).await?;
+    }
     Ok(())
 }

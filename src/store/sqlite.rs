@@ -41,6 +41,10 @@ impl SqliteStore {
         };
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
+            // sqlx pings every connection before handing it out by default: a second
+            // round trip per query. A broken connection shows up as an error of the
+            // query itself (UNAVAILABLE) and is dropped from the pool.
+            .test_before_acquire(false)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
