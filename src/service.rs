@@ -147,8 +147,9 @@ impl BatchService {
         let batch = Batch::create(new, caller, self.clock.now());
         tracing::Span::current().record("batch_id", tracing::field::display(&batch.id));
         self.store.insert_batch(&batch).await?;
-        self.hub.committed(&batch.id);
-        self.caches.remember(Arc::new(batch.clone()));
+        let created = Arc::new(batch.clone());
+        self.hub.committed(&created);
+        self.caches.remember(created);
         tracing::info!(batch_id = %batch.id, user_id = %batch.user_id, "batch created");
         Ok(batch)
     }
@@ -276,8 +277,9 @@ impl BatchService {
                 // `false`: another writer (a worker, another replica's sweeper) changed
                 // the batch first; the next sweep sees its new state.
                 if self.store.commit_change(&next).await? {
-                    self.hub.committed(&next.id);
-                    self.caches.remember(Arc::new(next.clone()));
+                    let committed = Arc::new(next.clone());
+                    self.hub.committed(&committed);
+                    self.caches.remember(committed);
                     moved += 1;
                     match next.status {
                         BatchStatus::Expired => outcome.expired += 1,
@@ -423,11 +425,12 @@ impl BatchService {
                 Err(error) => return Err(error),
             };
             if self.store.commit_change(&next).await? {
-                self.hub.committed(id);
                 if next.status != current.status {
                     tracing::info!(batch_id = %id, from = %current.status, to = %next.status, version = next.version, "batch status changed");
                 }
-                self.caches.remember(Arc::new(next.clone()));
+                let committed = Arc::new(next.clone());
+                self.hub.committed(&committed);
+                self.caches.remember(committed);
                 return Ok(next);
             }
             self.caches.forget(id);

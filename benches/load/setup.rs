@@ -97,7 +97,11 @@ impl Batchd {
         extra: &[&str],
         key: Option<&str>,
     ) -> anyhow::Result<Batchd> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        // BATCHD_BENCH_BINARY: another build of batchd, e.g. one with frame pointers for
+        // profiling.
+        let binary = std::env::var("BATCHD_BENCH_BINARY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_batchd").to_owned());
+        let mut child = Command::new(binary)
             .args([
                 "serve",
                 "--grpc-addr",

@@ -34,6 +34,26 @@ pub(super) struct Feed {
     /// known), for the notification lag metric.
     pending_commit_ms: AtomicI64,
     closed: AtomicBool,
+    /// Held while advancing the cursor and broadcasting, by the feed's reader and by
+    /// this replica's commits, so that each version goes out once and in order.
+    publishing: std::sync::Mutex<()>,
+}
+
+impl Feed {
+    /// Broadcasts `batch` if it is the version right after the cursor; `true` when it
+    /// went out now or already had.
+    fn publish(&self, batch: &Arc<Batch>) -> bool {
+        // Nothing in here can panic and leave the guarded state inconsistent.
+        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        let cursor = self.cursor.load(Ordering::Acquire);
+        if batch.version != cursor + 1 {
+            return batch.version <= cursor;
+        }
+        self.cursor.store(batch.version, Ordering::Release);
+        // No receiver is not an error: the feed is being closed.
+        let _ = self.sender.send(batch.clone());
+        true
+    }
 }
 
 /// The watch hub of one replica.
@@ -78,13 +98,22 @@ impl WatchHub {
         let _ = self.outbox.set(outbox);
     }
 
-    /// A change of batch `id` was committed by this replica: wake its watchers here,
-    /// and queue a wake-up for the other replicas.
-    pub fn committed(&self, id: &BatchId) {
+    /// `batch` was committed by this replica: its watchers here get it at once when
+    /// it is the version right after what they were sent (otherwise the feed reads the
+    /// log), and the other replicas are told.
+    pub fn committed(&self, batch: &Arc<Batch>) {
         let at = now_ms();
-        self.wake_for_commit(id, at);
+        let feed = self.lock_feeds().get(&batch.id).cloned();
+        if let Some(feed) = feed {
+            if feed.publish(batch) {
+                metrics::histogram!("batchd_watch_notify_lag_seconds")
+                    .record((now_ms() - at).max(0) as f64 / 1_000.0);
+            } else {
+                self.wake_for_commit(&batch.id, at);
+            }
+        }
         if let Some(outbox) = self.outbox.get() {
-            outbox.push(id, at);
+            outbox.push(&batch.id, at);
         }
     }
 
@@ -243,6 +272,7 @@ impl WatchHub {
             cursor: AtomicI64::new(version),
             pending_commit_ms: AtomicI64::new(0),
             closed: AtomicBool::new(false),
+            publishing: std::sync::Mutex::new(()),
         });
         feeds.insert(id.clone(), feed.clone());
         let subscription = self.subscription(feed.clone());
@@ -341,9 +371,7 @@ async fn read_new_versions(store: &dyn Store, feed: &Feed) {
                 }
                 for event in events {
                     versions += 1;
-                    feed.cursor.store(event.version, Ordering::Release);
-                    // No receiver is not an error: the feed is being closed.
-                    let _ = feed.sender.send(Arc::new(event.batch));
+                    feed.publish(&Arc::new(event.batch));
                 }
                 if complete {
                     break;

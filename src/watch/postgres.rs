@@ -21,6 +21,8 @@ use crate::domain::BatchId;
 
 /// The notification channel.
 pub const CHANNEL: &str = "batchd_batch_events";
+/// How long the notifier waits for more commits before it sends.
+const COALESCE: Duration = Duration::from_millis(3);
 /// NOTIFY payloads must stay under 8000 bytes.
 const MAX_PAYLOAD: usize = 7_900;
 
@@ -91,6 +93,9 @@ pub async fn run_notifier(pool: PgPool, outbox: Arc<Outbox>, mut stopping: watch
             _ = outbox.wake.notified() => {}
             _ = crate::shutdown::requested(&mut stopping) => return,
         }
+        // Let a burst of commits gather: under load this bounds the NOTIFY transactions
+        // to a few hundred per second, whatever the write rate.
+        tokio::time::sleep(COALESCE).await;
         let ids = outbox.take();
         for payload in outbox.payloads(&ids) {
             let sent = sqlx::query("SELECT pg_notify($1, $2)")
