@@ -123,6 +123,7 @@ impl App {
                 policy: options.policy.clone(),
                 watch: options.watch.clone(),
                 caches: options.caches.clone(),
+                point_read_queries: options.store.point_read_queries,
             },
         ));
         let first_api_key = if options.create_first_key {

@@ -70,6 +70,12 @@ pub struct DatabaseArgs {
     /// UNAVAILABLE.
     #[arg(long, env = "BATCHD_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub database_acquire_timeout: Duration,
+
+    /// Most queries reading batches by id that run at once. Reads that arrive while
+    /// they run are fetched together by the next one, which spares the database a
+    /// round trip per read under load.
+    #[arg(long, env = "BATCHD_DATABASE_POINT_READ_QUERIES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_point_read_queries: u32,
 }
 
 impl DatabaseArgs {
@@ -78,6 +84,7 @@ impl DatabaseArgs {
         StoreOptions {
             max_connections: self.database_max_connections,
             acquire_timeout: self.database_acquire_timeout,
+            point_read_queries: self.database_point_read_queries as usize,
         }
     }
 }

@@ -4,7 +4,7 @@
 use crate::domain::{BatchStatus, Scope};
 
 /// Everything that can go wrong in a use case, with what the caller needs to fix it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A field of the request is malformed or out of range.
     #[error("invalid {field}: {reason}")]

@@ -15,7 +15,7 @@ use crate::domain::{
     digest_of,
 };
 use crate::error::{Error, Result};
-use crate::store::{BatchPageQuery, Store};
+use crate::store::{BatchPageQuery, PointReads, Store, StoreOptions};
 use crate::watch::{WatchEvent, WatchHub, WatchOptions};
 
 /// How often a change is retried when other writers keep committing first. Each failed
@@ -70,7 +70,7 @@ pub fn bearer_token(authorization: &str) -> Result<&str> {
 pub type WatchStream = ReceiverStream<Result<WatchEvent>>;
 
 /// How the service behaves, beyond its store and clock.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServiceOptions {
     /// What new batches may ask for.
     pub policy: BatchPolicy,
@@ -78,6 +78,19 @@ pub struct ServiceOptions {
     pub watch: WatchOptions,
     /// In-memory caches.
     pub caches: CacheOptions,
+    /// Most concurrent queries reading batches by id (see [`PointReads`]).
+    pub point_read_queries: usize,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            policy: BatchPolicy::default(),
+            watch: WatchOptions::default(),
+            caches: CacheOptions::default(),
+            point_read_queries: StoreOptions::default().point_read_queries,
+        }
+    }
 }
 
 /// The batch use cases over a store and a clock.
@@ -87,6 +100,7 @@ pub struct BatchService {
     policy: BatchPolicy,
     hub: Arc<WatchHub>,
     caches: Caches,
+    reads: Arc<PointReads>,
 }
 
 impl BatchService {
@@ -95,6 +109,7 @@ impl BatchService {
         BatchService {
             hub: WatchHub::new(store.clone(), options.watch),
             caches: Caches::new(&options.caches),
+            reads: PointReads::new(store.clone(), options.point_read_queries),
             store,
             clock,
             policy: options.policy,
@@ -355,11 +370,15 @@ impl BatchService {
         let batch = match self.caches.terminal(id) {
             Some(batch) => Arc::unwrap_or_clone(batch),
             None => {
-                let batch = self.store.get_batch(id).await?;
-                if let Some(batch) = batch.as_ref().filter(|b| b.status.is_terminal()) {
-                    self.caches.remember(Arc::new(batch.clone()));
+                let batch = self
+                    .reads
+                    .get(id)
+                    .await?
+                    .ok_or_else(|| Error::BatchNotFound(id.to_string()))?;
+                if batch.status.is_terminal() {
+                    self.caches.remember(batch.clone());
                 }
-                batch.ok_or_else(|| Error::BatchNotFound(id.to_string()))?
+                Arc::unwrap_or_clone(batch)
             }
         };
         if caller.sees(&batch) {
@@ -378,11 +397,11 @@ impl BatchService {
             return Ok((batch, true));
         }
         let batch = self
-            .store
-            .get_batch(id)
+            .reads
+            .get(id)
             .await?
             .ok_or_else(|| Error::BatchNotFound(id.to_string()))?;
-        Ok((Arc::new(batch), false))
+        Ok((batch, false))
     }
 
     /// Reads the batch, computes its next version with `change` and commits it if no

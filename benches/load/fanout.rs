@@ -144,10 +144,16 @@ async fn measure(
     let stop = Arc::new(AtomicBool::new(false));
     let worker = writer.worker(writer.channel().await?);
     let targets: Vec<String> = batches.iter().map(|n| seeded_id(*n)).collect();
+    // The writes' own round trips, which the delivery latency includes: what is left
+    // is the fan-out.
+    let write_latencies = Arc::new(Mutex::new(Vec::new()));
+    let (measuring, recorded) = (deliveries.measuring.clone(), write_latencies.clone());
     let writes = steady_writes(rate, targets.len(), stop.clone(), move |i, sent| {
         let mut worker = worker.clone();
         let batch_id = targets[i].clone();
+        let (measuring, recorded) = (measuring.clone(), recorded.clone());
         async move {
+            let started = Instant::now();
             worker
                 .update_batch(pb::UpdateBatchRequest {
                     batch_id,
@@ -156,6 +162,10 @@ async fn measure(
                     ..Default::default()
                 })
                 .await?;
+            if measuring.load(Ordering::Relaxed) {
+                let took = started.elapsed().as_secs_f64() * 1_000.0;
+                recorded.lock().unwrap().push(took);
+            }
             Ok(())
         }
     });
@@ -168,6 +178,13 @@ async fn measure(
     anyhow::ensure!(!latencies.is_empty(), "{name}: no delivery was measured");
     report.add(&format!("{name}_p50"), latencies.quantile(0.50), "ms", None);
     report.add(&format!("{name}_p99"), latencies.quantile(0.99), "ms", None);
+    let write_latencies = Latencies::new(std::mem::take(&mut *write_latencies.lock().unwrap()));
+    report.add(
+        &format!("{name}_write_p50"),
+        write_latencies.quantile(0.50),
+        "ms",
+        None,
+    );
     report.add(
         &format!("{name}_deliveries"),
         latencies.len() as f64,

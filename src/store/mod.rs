@@ -5,6 +5,7 @@
 //! domain, and the service is the only caller. Both backends speak the same SQL text
 //! (`$n` placeholders work in both), which lives in [`sql`].
 
+mod coalesce;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -17,6 +18,7 @@ use async_trait::async_trait;
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus};
 use crate::error::{Error, Result};
 
+pub use coalesce::PointReads;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -49,6 +51,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The batch with this id, whoever owns it.
     async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
+
+    /// The batches with these ids, in no particular order; unknown ids are left out.
+    async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>>;
 
     /// Batches matching `query`, newest first.
     async fn list_batches(&self, query: BatchPageQuery<'_>) -> Result<Vec<Batch>>;
@@ -118,6 +123,8 @@ pub struct StoreOptions {
     /// How long a request waits for a free connection (or a reconnect) before it fails
     /// with `UNAVAILABLE` instead of hanging.
     pub acquire_timeout: Duration,
+    /// Most concurrent queries of [`PointReads`].
+    pub point_read_queries: usize,
 }
 
 impl Default for StoreOptions {
@@ -125,6 +132,7 @@ impl Default for StoreOptions {
         StoreOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            point_read_queries: 2,
         }
     }
 }

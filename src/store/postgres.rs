@@ -35,6 +35,13 @@ const COMMIT_CHANGE: &str = concat!(
      SELECT id, $18, $21, $19 FROM changed"
 );
 
+/// The batches whose ids are in the array $1.
+const SELECT_BATCHES: &str = concat!(
+    "SELECT ",
+    sql::batch_columns!(),
+    " FROM batches WHERE id = ANY($1)"
+);
+
 /// Serialises the "first key on an empty table" check across replicas.
 const FIRST_KEY_LOCK: i64 = 0x6261_7463_6864_6b31; // "batchdk1"
 
@@ -89,6 +96,14 @@ impl PostgresStore {
             .await?
             .rows_affected();
         Ok(inserted == 1)
+    }
+
+    async fn batches_by_id(&self, ids: &[BatchId]) -> Result<Vec<sql::BatchRow>> {
+        let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
+        Ok(sqlx::query_as(SELECT_BATCHES)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn latest_versions_of(&self, ids: &[BatchId]) -> Result<Vec<(String, i64)>> {

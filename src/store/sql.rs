@@ -220,6 +220,15 @@ macro_rules! impl_store {
                     .transpose()
             }
 
+            #[tracing::instrument(name = "store.get_batches", skip_all, fields(db.system = $system, batches = ids.len()))]
+            async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>> {
+                match ids {
+                    [] => Ok(Vec::new()),
+                    [id] => Ok(self.get_batch(id).await?.into_iter().collect()),
+                    _ => sql::convert_all(self.batches_by_id(ids).await?),
+                }
+            }
+
             #[tracing::instrument(name = "store.list_batches", skip_all, fields(db.system = $system))]
             async fn list_batches(
                 &self,

@@ -12,6 +12,13 @@ use crate::error::{Error, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// The batches whose ids are in the JSON array $1.
+const SELECT_BATCHES: &str = concat!(
+    "SELECT ",
+    sql::batch_columns!(),
+    " FROM batches WHERE id IN (SELECT value FROM json_each($1))"
+);
+
 /// Batches in a SQLite database file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -85,6 +92,14 @@ impl SqliteStore {
         append_event(&mut tx, next).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    async fn batches_by_id(&self, ids: &[BatchId]) -> Result<Vec<sql::BatchRow>> {
+        let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
+        Ok(sqlx::query_as(SELECT_BATCHES)
+            .bind(sqlx::types::Json(ids))
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn latest_versions_of(&self, ids: &[BatchId]) -> Result<Vec<(String, i64)>> {

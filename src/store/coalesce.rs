@@ -1,0 +1,294 @@
+//! Point reads that arrive together share one query.
+//!
+//! Under load, most of the cost of reading one batch by id is the round trip itself
+//! (pool checkout, a socket write, a wake-up on the answer, the database's per-statement
+//! work), not the row. So at most a few queries run at once, and the reads that arrive
+//! while they run wait for the next one, which fetches all of them with a single
+//! `WHERE id IN (...)`. At low load every read has a query to itself and waits for
+//! nothing.
+//!
+//! Consistency is that of a query per read: a read only ever joins a query that has not
+//! been sent yet, so its answer includes every commit that finished before it was asked.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tracing::Instrument as _;
+
+use super::Store;
+use crate::domain::{Batch, BatchId};
+use crate::error::{Error, Result};
+
+/// Most ids fetched by one query.
+const MAX_GROUP: usize = 128;
+
+/// A read waiting for its query.
+type Waiter = (BatchId, oneshot::Sender<Result<Option<Arc<Batch>>>>);
+
+/// What coalesced reads need of a store: many batches by id in one query.
+#[async_trait]
+pub trait ReadMany: Send + Sync + 'static {
+    /// The batches with these ids (sorted, distinct); unknown ids are left out.
+    async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>>;
+}
+
+struct StoreReads(Arc<dyn Store>);
+
+#[async_trait]
+impl ReadMany for StoreReads {
+    async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>> {
+        self.0.get_batches(ids).await
+    }
+}
+
+/// Coalesces point reads of batches on one store.
+pub struct PointReads {
+    store: Arc<dyn ReadMany>,
+    waiting: Mutex<Vec<Waiter>>,
+    /// One permit per query that may run at once.
+    slots: Arc<Semaphore>,
+}
+
+impl PointReads {
+    /// Point reads on `store`, at most `concurrent_queries` queries at a time.
+    pub fn new(store: Arc<dyn Store>, concurrent_queries: usize) -> Arc<PointReads> {
+        Self::over(Arc::new(StoreReads(store)), concurrent_queries)
+    }
+
+    /// Point reads on any source of batches.
+    pub fn over(store: Arc<dyn ReadMany>, concurrent_queries: usize) -> Arc<PointReads> {
+        Arc::new(PointReads {
+            store,
+            waiting: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(concurrent_queries.max(1))),
+        })
+    }
+
+    /// The batch with this id, whoever owns it, as the database has it now.
+    #[tracing::instrument(name = "store.get_batch", skip_all, fields(batch_id = %id))]
+    pub async fn get(self: &Arc<Self>, id: &BatchId) -> Result<Option<Arc<Batch>>> {
+        let (answer, answered) = oneshot::channel();
+        self.lock().push((id.clone(), answer));
+        self.start_query();
+        answered
+            .await
+            .map_err(|_| Error::Internal("a coalesced read ended without an answer".into()))?
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Waiter>> {
+        // The vector stays valid whatever panicked while holding the lock.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends one query for everything waiting, if a slot is free. When none is, the
+    /// query that finishes next calls this again, so no waiter is left behind: a waiter
+    /// is queued before it looks for a slot, and a query frees its slot before it looks
+    /// at the queue.
+    fn start_query(self: &Arc<Self>) {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return;
+        };
+        let group: Vec<Waiter> = {
+            let mut waiting = self.lock();
+            let take = waiting.len().min(MAX_GROUP);
+            waiting.drain(..take).collect()
+        };
+        if group.is_empty() {
+            return;
+        }
+        // Its own task: a caller that goes away must not take the others' answers along.
+        let span = tracing::info_span!("store.get_batches", batches = group.len());
+        tokio::spawn(self.clone().answer(group, slot).instrument(span));
+    }
+
+    async fn answer(self: Arc<Self>, group: Vec<Waiter>, slot: OwnedSemaphorePermit) {
+        let mut ids: Vec<BatchId> = group.iter().map(|(id, _)| id.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let found = self.store.get_batches(&ids).await;
+        drop(slot);
+        self.start_query();
+        match found {
+            Ok(batches) => {
+                let by_id: HashMap<BatchId, Arc<Batch>> = batches
+                    .into_iter()
+                    .map(|batch| (batch.id.clone(), Arc::new(batch)))
+                    .collect();
+                for (id, answer) in group {
+                    // A waiter that went away no longer needs its answer.
+                    let _ = answer.send(Ok(by_id.get(&id).cloned()));
+                }
+            }
+            Err(error) => {
+                for (_, answer) in group {
+                    let _ = answer.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::domain::{Batch, BatchId, BatchPolicy, Caller, CreateBatchInput, NewBatch, Scope};
+
+    /// Batches in memory whose queries wait for the test to let them through, and
+    /// which remember the ids of every query.
+    struct GatedBatches {
+        batches: HashMap<BatchId, Batch>,
+        gate: Semaphore,
+        queries: Mutex<Vec<Vec<BatchId>>>,
+        fail: bool,
+    }
+
+    impl GatedBatches {
+        fn with_ids(ids: &[&BatchId], fail: bool) -> Arc<GatedBatches> {
+            let caller = Caller::of(
+                &crate::domain::ApiKey::new("tenant", Scope::Admin, 1_700_000_000).unwrap(),
+            );
+            let batches = ids
+                .iter()
+                .map(|id| {
+                    let input = CreateBatchInput {
+                        input_file_id: "file-1".into(),
+                        endpoint: "/v1/chat/completions".into(),
+                        completion_window: "24h".into(),
+                        ..Default::default()
+                    };
+                    let new = NewBatch::parse(input, &BatchPolicy::default()).unwrap();
+                    let mut batch = Batch::create(new, &caller, 1_700_000_000);
+                    batch.id = (*id).clone();
+                    ((*id).clone(), batch)
+                })
+                .collect();
+            Arc::new(GatedBatches {
+                batches,
+                gate: Semaphore::new(0),
+                queries: Mutex::new(Vec::new()),
+                fail,
+            })
+        }
+
+        fn queries(&self) -> Vec<Vec<BatchId>> {
+            self.queries.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl ReadMany for GatedBatches {
+        async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>> {
+            self.queries.lock().unwrap().push(ids.to_vec());
+            self.gate.acquire().await.unwrap().forget();
+            if self.fail {
+                return Err(Error::Unavailable("connection refused".into()));
+            }
+            Ok(ids
+                .iter()
+                .filter_map(|id| self.batches.get(id).cloned())
+                .collect())
+        }
+    }
+
+    fn id(n: u32) -> BatchId {
+        BatchId::parse("batch_id", &format!("batch_{n:032x}")).unwrap()
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn spawn_read(
+        reads: &Arc<PointReads>,
+        n: u32,
+    ) -> tokio::task::JoinHandle<Result<Option<Arc<Batch>>>> {
+        let reads = reads.clone();
+        tokio::spawn(async move { reads.get(&id(n)).await })
+    }
+
+    #[tokio::test]
+    async fn reads_that_arrive_while_the_query_runs_share_the_next_one() {
+        let source = GatedBatches::with_ids(&[&id(1), &id(2), &id(3), &id(4)], false);
+        let reads = PointReads::over(source.clone(), 1);
+
+        let first = spawn_read(&reads, 1);
+        until("the first query", || source.queries().len() == 1).await;
+        // The only slot is busy: these wait, and 3 is asked for twice.
+        let waiting: Vec<_> = [2, 3, 3, 4, 99].map(|n| spawn_read(&reads, n)).into();
+        until("the reads to queue", || reads.lock().len() == 5).await;
+        assert_eq!(
+            source.queries().len(),
+            1,
+            "no second query while the slot is busy"
+        );
+
+        source.gate.add_permits(2);
+        assert_eq!(first.await.unwrap().unwrap().unwrap().id, id(1));
+        let mut answers: Vec<Option<BatchId>> = Vec::new();
+        for read in waiting {
+            answers.push(read.await.unwrap().unwrap().map(|batch| batch.id.clone()));
+        }
+        assert_eq!(
+            answers,
+            vec![Some(id(2)), Some(id(3)), Some(id(3)), Some(id(4)), None]
+        );
+        assert_eq!(
+            source.queries(),
+            vec![vec![id(1)], vec![id(2), id(3), id(4), id(99)]],
+            "one query for the first read, one for everything that queued behind it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_query_fails_every_read_it_carried() {
+        let source = GatedBatches::with_ids(&[&id(1), &id(2)], true);
+        let reads = PointReads::over(source.clone(), 1);
+        let first = spawn_read(&reads, 1);
+        until("the first query", || source.queries().len() == 1).await;
+        let second = spawn_read(&reads, 2);
+        let third = spawn_read(&reads, 2);
+        until("the reads to queue", || reads.lock().len() == 2).await;
+        source.gate.add_permits(2);
+        for read in [first, second, third] {
+            assert!(matches!(read.await.unwrap(), Err(Error::Unavailable(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_goes_away_does_not_take_the_others_answers_along() {
+        let source = GatedBatches::with_ids(&[&id(1), &id(2)], false);
+        let reads = PointReads::over(source.clone(), 1);
+        // The first read starts the query that its queued companions depend on, then
+        // its caller disappears.
+        let first = spawn_read(&reads, 1);
+        until("the first query", || source.queries().len() == 1).await;
+        let second = spawn_read(&reads, 2);
+        until("the read to queue", || reads.lock().len() == 1).await;
+        first.abort();
+        source.gate.add_permits(2);
+        assert_eq!(second.await.unwrap().unwrap().unwrap().id, id(2));
+    }
+
+    #[tokio::test]
+    async fn without_contention_each_read_has_a_query_of_its_own() {
+        let source = GatedBatches::with_ids(&[&id(1)], false);
+        source.gate.add_permits(10);
+        let reads = PointReads::over(source.clone(), 2);
+        for _ in 0..3 {
+            assert_eq!(reads.get(&id(1)).await.unwrap().unwrap().id, id(1));
+        }
+        assert_eq!(source.queries(), vec![vec![id(1)]; 3]);
+    }
+}
