@@ -8,8 +8,23 @@ use batchd::app::App;
 use batchd::config::{Cli, Command, ServeArgs};
 use batchd::{commands, follow, telemetry};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    // Fewer, larger writes when many watch streams receive an event at once; see
+    // .cargo/config.toml for the measurement.
+    #[cfg(tokio_unstable)]
+    runtime.disable_lifo_slot();
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(error) => {
+            eprintln!("batchd: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     // Held to the end of main: dropping it flushes the trace exporter.
     let _telemetry = match telemetry::init(cli.log_format) {

@@ -132,7 +132,7 @@ impl BatchService {
     }
 
     /// Resolves an API key (the bearer token, if one was sent) to its caller.
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller> {
         let token = token.ok_or(Error::Unauthenticated(
             "missing API key: send `authorization: Bearer <API key>`",
@@ -155,7 +155,7 @@ impl BatchService {
     }
 
     /// Creates a batch in `validating`, owned by the caller.
-    #[tracing::instrument(skip_all, fields(batch_id = tracing::field::Empty, user_id = %caller.user_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(batch_id = tracing::field::Empty, user_id = %caller.user_id))]
     pub async fn create_batch(&self, caller: &Caller, input: CreateBatchInput) -> Result<Batch> {
         caller.authorize(Action::CreateBatch)?;
         let new = NewBatch::parse(input, &self.policy)?;
@@ -170,7 +170,7 @@ impl BatchService {
     }
 
     /// One batch the caller can see.
-    #[tracing::instrument(skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
     pub async fn get_batch(&self, caller: &Caller, batch_id: &str) -> Result<Batch> {
         caller.authorize(Action::ReadBatches)?;
         let id = BatchId::parse("batch_id", batch_id)?;
@@ -178,7 +178,7 @@ impl BatchService {
     }
 
     /// A page of the batches the caller can see, newest first.
-    #[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(user_id = %caller.user_id))]
     pub async fn list_batches(
         &self,
         caller: &Caller,
@@ -208,7 +208,7 @@ impl BatchService {
     }
 
     /// Requests cancellation of a batch the caller can see. Idempotent.
-    #[tracing::instrument(skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
     pub async fn cancel_batch(&self, caller: &Caller, batch_id: &str) -> Result<Batch> {
         caller.authorize(Action::CancelBatch)?;
         let id = BatchId::parse("batch_id", batch_id)?;
@@ -220,7 +220,7 @@ impl BatchService {
     }
 
     /// Applies a worker's update atomically: all of it or nothing.
-    #[tracing::instrument(skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
     pub async fn update_batch(
         &self,
         caller: &Caller,
@@ -238,7 +238,7 @@ impl BatchService {
 
     /// Streams every committed version of a batch the caller can see: a snapshot (or
     /// the versions after `after_version`), then each change, until it is terminal.
-    #[tracing::instrument(skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
     pub async fn watch_batch(
         &self,
         caller: &Caller,
@@ -273,7 +273,7 @@ impl BatchService {
     /// move goes through the state machine, the event log and the watchers like any
     /// other change; with several replicas sweeping one database, the version check of
     /// the commit lets exactly one of them move each batch.
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn sweep_due_batches(&self, cancel_grace: Duration) -> Result<SweepOutcome> {
         const PAGE: i64 = 500;
         let grace = i64::try_from(cancel_grace.as_secs()).unwrap_or(i64::MAX);

@@ -17,6 +17,8 @@ use crate::{Latencies, Plan, Report};
 pub struct Throughput {
     pub per_second: f64,
     pub latencies: Latencies,
+    /// Every request completed, warm-up included.
+    pub completed: usize,
 }
 
 /// Runs `request` from `concurrency` tasks in a loop: a warm-up, then the timed window
@@ -38,23 +40,29 @@ where
         tasks.spawn(async move {
             let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ (task as u64 + 1));
             let mut latencies = Vec::new();
+            let mut completed = 0;
             while Instant::now() < end {
                 let sent = Instant::now();
                 request(task, &mut rng).await?;
+                completed += 1;
                 if sent >= measure_from {
                     latencies.push(sent.elapsed().as_secs_f64() * 1_000.0);
                 }
             }
-            anyhow::Ok(latencies)
+            anyhow::Ok((latencies, completed))
         });
     }
     let mut latencies = Vec::new();
+    let mut completed = 0;
     while let Some(done) = tasks.join_next().await {
-        latencies.extend(done??);
+        let (task_latencies, task_completed) = done??;
+        latencies.extend(task_latencies);
+        completed += task_completed;
     }
     Ok(Throughput {
         per_second: latencies.len() as f64 / plan.window.as_secs_f64(),
         latencies: Latencies::new(latencies),
+        completed,
     })
 }
 
@@ -81,8 +89,32 @@ async fn grpc_gets(
     .await
 }
 
-fn report_reads(report: &mut Report, name: &str, reads: &Throughput, anchor: Option<(&str, f64)>) {
+/// Runs `load` and adds batchd's CPU time per completed request to its figures: the
+/// cost of a request, which noise on a shared machine moves much less than throughput.
+async fn with_cpu(
+    server: &Batchd,
+    load: impl Future<Output = anyhow::Result<Throughput>>,
+) -> anyhow::Result<(Throughput, f64)> {
+    let before = server.cpu_seconds()?;
+    let reads = load.await?;
+    let used = server.cpu_seconds()? - before;
+    let per_request = used * 1e6 / reads.completed.max(1) as f64;
+    Ok((reads, per_request))
+}
+
+fn report_reads(
+    report: &mut Report,
+    name: &str,
+    (reads, cpu_per_request): &(Throughput, f64),
+    anchor: Option<(&str, f64)>,
+) {
     report.add(name, reads.per_second, "req/s", anchor);
+    report.add(
+        &format!("{name}_batchd_cpu"),
+        *cpu_per_request,
+        "us/req",
+        None,
+    );
     report.add(
         &format!("{name}_p50"),
         reads.latencies.quantile(0.50),
@@ -110,14 +142,18 @@ pub async fn postgres(
         let anchor_name = format!("pgbench_select_c{clients}");
         let anchor = pgbench(database_url, None, &[], clients, plan).await?;
         report.add(&anchor_name, anchor, "tx/s", None);
-        let running = grpc_gets(server, plan, clients, 1, seeded.running).await?;
+        let running = with_cpu(server, grpc_gets(server, plan, clients, 1, seeded.running)).await?;
         report_reads(
             report,
             &format!("get_grpc_running_c{clients}"),
             &running,
             Some((&anchor_name, anchor)),
         );
-        let done = grpc_gets(server, plan, clients, seeded.running + 1, terminal).await?;
+        let done = with_cpu(
+            server,
+            grpc_gets(server, plan, clients, seeded.running + 1, terminal),
+        )
+        .await?;
         report_reads(
             report,
             &format!("get_grpc_terminal_c{clients}"),
@@ -129,7 +165,7 @@ pub async fn postgres(
     let clients = plan.read_concurrency[0];
     let grpc_name = format!("get_grpc_running_c{clients}");
     let grpc = report.value(&grpc_name).unwrap_or(0.0);
-    let rest = rest_gets(server, plan, clients, seeded.running).await?;
+    let rest = with_cpu(server, rest_gets(server, plan, clients, seeded.running)).await?;
     report_reads(
         report,
         &format!("get_rest_running_c{clients}"),
@@ -149,7 +185,7 @@ pub async fn sqlite(
     let clients = plan.read_concurrency[0];
     let postgres_name = format!("get_grpc_running_c{clients}");
     let postgres = report.value(&postgres_name).unwrap_or(0.0);
-    let reads = grpc_gets(server, plan, clients, 1, seeded.running).await?;
+    let reads = with_cpu(server, grpc_gets(server, plan, clients, 1, seeded.running)).await?;
     report_reads(
         report,
         &format!("get_grpc_running_sqlite_c{clients}"),

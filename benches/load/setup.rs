@@ -158,17 +158,37 @@ impl Batchd {
     }
 
     /// The resident set size of the process, KiB.
-    pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let pid = self
-            .child
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child
             .id()
-            .ok_or_else(|| anyhow::anyhow!("batchd exited"))?;
+            .ok_or_else(|| anyhow::anyhow!("batchd exited"))
+    }
+
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
+    }
+
+    /// CPU time batchd has used so far (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self.pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces, inside parentheses):
+        // utime and stime are the 12th and 13th, in clock ticks.
+        let after_name = stat
+            .rsplit_once(')')
+            .ok_or_else(|| anyhow::anyhow!("unreadable /proc/{pid}/stat"))?
+            .1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Ok(ticks as f64 / per_second as f64)
     }
 
     pub async fn stop(mut self) {

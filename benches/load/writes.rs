@@ -105,6 +105,7 @@ pub async fn run(
     let running = seeded.running;
     // Each task writes only the batches n with n % clients == task, so that no two
     // updates of one batch race and none is refused.
+    let cpu_before = server.cpu_seconds()?;
     let updates = closed_loop(plan, clients, move |task, rng| {
         let mut worker = workers[task % workers.len()].clone();
         let mine = (running / clients as u64).max(1);
@@ -121,6 +122,8 @@ pub async fn run(
         }
     })
     .await?;
+    let cpu_per_update =
+        (server.cpu_seconds()? - cpu_before) * 1e6 / updates.completed.max(1) as f64;
     let delivered = watchers.stop();
 
     let variables = [
@@ -168,6 +171,12 @@ pub async fn run(
         &format!("{name}_p99"),
         updates.latencies.quantile(0.99),
         "ms",
+        None,
+    );
+    report.add(
+        &format!("{name}_batchd_cpu"),
+        cpu_per_update,
+        "us/req",
         None,
     );
     report.add(

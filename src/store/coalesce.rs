@@ -67,7 +67,7 @@ impl PointReads {
     }
 
     /// The batch with this id, whoever owns it, as the database has it now.
-    #[tracing::instrument(name = "store.get_batch", skip_all, fields(batch_id = %id))]
+    #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(batch_id = %id))]
     pub async fn get(self: &Arc<Self>, id: &BatchId) -> Result<Option<Arc<Batch>>> {
         let (answer, answered) = oneshot::channel();
         self.lock().push((id.clone(), answer));
@@ -99,7 +99,7 @@ impl PointReads {
             return;
         }
         // Its own task: a caller that goes away must not take the others' answers along.
-        let span = tracing::info_span!("store.get_batches", batches = group.len());
+        let span = tracing::debug_span!("store.get_batches", batches = group.len());
         tokio::spawn(self.clone().answer(group, slot).instrument(span));
     }
 

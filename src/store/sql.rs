@@ -194,23 +194,23 @@ macro_rules! impl_store {
     ($store:ty, $db:ty, $system:literal { $($backend_specific:item)* }) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
-            #[tracing::instrument(name = "store.migrate", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.migrate", skip_all, fields(db.system = $system))]
             async fn migrate(&self) -> Result<()> {
                 self.migrate_schema().await
             }
 
-            #[tracing::instrument(name = "store.ping", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.ping", skip_all, fields(db.system = $system))]
             async fn ping(&self) -> Result<()> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
             }
 
-            #[tracing::instrument(name = "store.insert_batch", skip_all, fields(db.system = $system, batch_id = %batch.id))]
+            #[tracing::instrument(level = "debug", name = "store.insert_batch", skip_all, fields(db.system = $system, batch_id = %batch.id))]
             async fn insert_batch(&self, batch: &Batch) -> Result<()> {
                 self.insert_batch_with_event(batch).await
             }
 
-            #[tracing::instrument(name = "store.get_batch", skip_all, fields(db.system = $system, batch_id = %id))]
+            #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(db.system = $system, batch_id = %id))]
             async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {
                 sqlx::query_as::<_, sql::BatchRow>(sql::SELECT_BATCH)
                     .bind(id.as_str())
@@ -220,7 +220,7 @@ macro_rules! impl_store {
                     .transpose()
             }
 
-            #[tracing::instrument(name = "store.get_batches", skip_all, fields(db.system = $system, batches = ids.len()))]
+            #[tracing::instrument(level = "debug", name = "store.get_batches", skip_all, fields(db.system = $system, batches = ids.len()))]
             async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>> {
                 match ids {
                     [] => Ok(Vec::new()),
@@ -229,7 +229,7 @@ macro_rules! impl_store {
                 }
             }
 
-            #[tracing::instrument(name = "store.list_batches", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.list_batches", skip_all, fields(db.system = $system))]
             async fn list_batches(
                 &self,
                 query: $crate::store::BatchPageQuery<'_>,
@@ -241,12 +241,12 @@ macro_rules! impl_store {
                 sql::convert_all(rows)
             }
 
-            #[tracing::instrument(name = "store.commit_change", skip_all, fields(db.system = $system, batch_id = %next.id, version = next.version))]
+            #[tracing::instrument(level = "debug", name = "store.commit_change", skip_all, fields(db.system = $system, batch_id = %next.id, version = next.version))]
             async fn commit_change(&self, next: &Batch) -> Result<bool> {
                 self.commit_change_if_current(next).await
             }
 
-            #[tracing::instrument(name = "store.events_after", skip_all, fields(db.system = $system, batch_id = %id, after_version))]
+            #[tracing::instrument(level = "debug", name = "store.events_after", skip_all, fields(db.system = $system, batch_id = %id, after_version))]
             async fn events_after(
                 &self,
                 id: &BatchId,
@@ -262,7 +262,7 @@ macro_rules! impl_store {
                 Ok(rows.into_iter().map(BatchEvent::from).collect())
             }
 
-            #[tracing::instrument(name = "store.insert_api_key", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.insert_api_key", skip_all, fields(db.system = $system))]
             async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()> {
                 sql::bind_api_key!(sqlx::query(sql::INSERT_API_KEY), key, secret_digest)
                     .execute(&self.pool)
@@ -270,7 +270,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            #[tracing::instrument(name = "store.insert_first_api_key", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.insert_first_api_key", skip_all, fields(db.system = $system))]
             async fn insert_first_api_key(
                 &self,
                 key: &ApiKey,
@@ -290,7 +290,7 @@ macro_rules! impl_store {
                 Ok(true)
             }
 
-            #[tracing::instrument(name = "store.api_key_by_digest", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.api_key_by_digest", skip_all, fields(db.system = $system))]
             async fn api_key_by_digest(&self, secret_digest: &[u8; 32]) -> Result<Option<ApiKey>> {
                 sqlx::query_as::<_, sql::ApiKeyRow>(sql::SELECT_API_KEY_BY_DIGEST)
                     .bind(&secret_digest[..])
@@ -300,7 +300,7 @@ macro_rules! impl_store {
                     .transpose()
             }
 
-            #[tracing::instrument(name = "store.list_api_keys", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.list_api_keys", skip_all, fields(db.system = $system))]
             async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
                 let rows = sqlx::query_as::<_, sql::ApiKeyRow>(sql::SELECT_API_KEYS)
                     .fetch_all(&self.pool)
@@ -308,7 +308,7 @@ macro_rules! impl_store {
                 sql::convert_all(rows)
             }
 
-            #[tracing::instrument(name = "store.revoke_api_key", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.revoke_api_key", skip_all, fields(db.system = $system))]
             async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool> {
                 let result = sqlx::query(sql::REVOKE_API_KEY)
                     .bind(id)
@@ -318,7 +318,7 @@ macro_rules! impl_store {
                 Ok(result.rows_affected() == 1)
             }
 
-            #[tracing::instrument(name = "store.latest_versions", skip_all, fields(db.system = $system, batches = ids.len()))]
+            #[tracing::instrument(level = "debug", name = "store.latest_versions", skip_all, fields(db.system = $system, batches = ids.len()))]
             async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
                 if ids.is_empty() {
                     return Ok(Vec::new());
@@ -332,7 +332,7 @@ macro_rules! impl_store {
                     .collect()
             }
 
-            #[tracing::instrument(name = "store.compact_events", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.compact_events", skip_all, fields(db.system = $system))]
             async fn compact_events(&self, before_at: i64) -> Result<u64> {
                 let result = sqlx::query(sql::COMPACT_EVENTS)
                     .bind(before_at)
@@ -341,7 +341,7 @@ macro_rules! impl_store {
                 Ok(result.rows_affected())
             }
 
-            #[tracing::instrument(name = "store.due_batches", skip_all, fields(db.system = $system))]
+            #[tracing::instrument(level = "debug", name = "store.due_batches", skip_all, fields(db.system = $system))]
             async fn due_batches(
                 &self,
                 now: i64,
