@@ -111,14 +111,7 @@ async fn measure(
             channel = watched.channel().await?;
         }
         let id = seeded_id(batches[s % batches.len()]);
-        let mut stream = watched
-            .client(channel.clone())
-            .watch_batch(pb::WatchBatchRequest {
-                batch_id: id,
-                after_version: None,
-            })
-            .await?
-            .into_inner();
+        let mut stream = watched.watch(channel.clone(), id).await?;
         let deliveries = deliveries.clone();
         tasks.push(tokio::spawn(async move {
             while let Ok(Some(message)) = stream.message().await {
@@ -176,8 +169,7 @@ async fn measure(
         task.abort();
     }
     anyhow::ensure!(!latencies.is_empty(), "{name}: no delivery was measured");
-    report.add(&format!("{name}_p50"), latencies.quantile(0.50), "ms", None);
-    report.add(&format!("{name}_p99"), latencies.quantile(0.99), "ms", None);
+    report.latencies(&name, &latencies);
     let write_latencies = Latencies::new(std::mem::take(&mut *write_latencies.lock().unwrap()));
     report.add(
         &format!("{name}_write_p50"),

@@ -140,6 +140,12 @@ impl Report {
         self.figures.push(figure);
     }
 
+    /// Records `{name}_p50` and `{name}_p99` of `latencies`, in milliseconds.
+    pub fn latencies(&mut self, name: &str, latencies: &Latencies) {
+        self.add(&format!("{name}_p50"), latencies.quantile(0.50), "ms", None);
+        self.add(&format!("{name}_p99"), latencies.quantile(0.99), "ms", None);
+    }
+
     /// The value of a figure recorded earlier.
     pub fn value(&self, name: &str) -> Option<f64> {
         self.figures

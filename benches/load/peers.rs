@@ -39,14 +39,8 @@ fn report_peer(
         !latencies.is_empty(),
         "{peer} {shape}: no delivery was measured"
     );
+    report.latencies(&format!("{peer}_{shape}"), latencies);
     let p99_name = format!("{peer}_{shape}_p99");
-    report.add(
-        &format!("{peer}_{shape}_p50"),
-        latencies.quantile(0.50),
-        "ms",
-        None,
-    );
-    report.add(&p99_name, latencies.quantile(0.99), "ms", None);
     if let Some(batchd) = report.value(&format!("watch_{shape}_p99")) {
         report.add(
             &format!("watch_{shape}_p99_vs_{peer}"),

@@ -115,18 +115,7 @@ fn report_reads(
         "us/req",
         None,
     );
-    report.add(
-        &format!("{name}_p50"),
-        reads.latencies.quantile(0.50),
-        "ms",
-        None,
-    );
-    report.add(
-        &format!("{name}_p99"),
-        reads.latencies.quantile(0.99),
-        "ms",
-        None,
-    );
+    report.latencies(name, &reads.latencies);
 }
 
 /// Figures 1-3 on PostgreSQL.

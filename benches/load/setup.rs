@@ -157,13 +157,29 @@ impl Batchd {
         BatchWorkerServiceClient::with_interceptor(channel, self.bearer())
     }
 
-    /// The resident set size of the process, KiB.
+    /// Opens a WatchBatch stream from the start (a snapshot first).
+    pub async fn watch(
+        &self,
+        channel: Channel,
+        batch_id: String,
+    ) -> anyhow::Result<tonic::Streaming<pb::WatchBatchResponse>> {
+        Ok(self
+            .client(channel)
+            .watch_batch(pb::WatchBatchRequest {
+                batch_id,
+                after_version: None,
+            })
+            .await?
+            .into_inner())
+    }
+
     fn pid(&self) -> anyhow::Result<u32> {
         self.child
             .id()
             .ok_or_else(|| anyhow::anyhow!("batchd exited"))
     }
 
+    /// The resident set size of the process, KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -37,14 +37,7 @@ impl Watchers {
                 channel = server.channel().await?;
             }
             let id = seeded_id(1 + (w as u64 * 7_919) % running);
-            let mut stream = server
-                .client(channel.clone())
-                .watch_batch(pb::WatchBatchRequest {
-                    batch_id: id,
-                    after_version: None,
-                })
-                .await?
-                .into_inner();
+            let mut stream = server.watch(channel.clone(), id).await?;
             let (stop, delivered) = (stop.clone(), delivered.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
@@ -161,18 +154,7 @@ pub async fn run(
         "tx/s",
         Some((&anchor_name, anchor)),
     );
-    report.add(
-        &format!("{name}_p50"),
-        updates.latencies.quantile(0.50),
-        "ms",
-        None,
-    );
-    report.add(
-        &format!("{name}_p99"),
-        updates.latencies.quantile(0.99),
-        "ms",
-        None,
-    );
+    report.latencies(&name, &updates.latencies);
     report.add(
         &format!("{name}_batchd_cpu"),
         cpu_per_update,
