@@ -77,6 +77,25 @@ async fn drive(worker: &mut Worker, batch_id: &str, updates: i64) {
         .unwrap();
 }
 
+/// Commits progress `steps` on a running batch, then cancels it (cancelling, cancelled).
+async fn progress_then_cancel(
+    worker: &mut Worker,
+    batch_id: &str,
+    steps: std::ops::RangeInclusive<i64>,
+) {
+    for step in steps {
+        worker.update_batch(progress(batch_id, step)).await.unwrap();
+    }
+    worker
+        .update_batch(move_to(batch_id, S::Cancelling))
+        .await
+        .unwrap();
+    worker
+        .update_batch(move_to(batch_id, S::Cancelled))
+        .await
+        .unwrap();
+}
+
 async fn a_watch_starts_with_a_snapshot_and_ends_after_the_terminal_status(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let mut client = app.client(&app.admin_key);
@@ -504,20 +523,7 @@ async fn server_sent_events_resume_with_last_event_id_and_heartbeat(backend: Bac
     assert_eq!(change.data["status"], "in_progress");
     drop(stream); // the connection drops after version 2
 
-    for step in 1..=3 {
-        worker
-            .update_batch(progress(&batch.id, step))
-            .await
-            .unwrap();
-    }
-    worker
-        .update_batch(move_to(&batch.id, S::Cancelling))
-        .await
-        .unwrap();
-    worker
-        .update_batch(move_to(&batch.id, S::Cancelled))
-        .await
-        .unwrap();
+    progress_then_cancel(&mut worker, &batch.id, 1..=3).await;
     let mut resumed = sse(&rest, &batch.id, Some(2)).await;
     let mut rest_of_it = Vec::new();
     while let Some(message) = resumed.next().await {
@@ -747,20 +753,7 @@ async fn postgres_a_client_resumes_on_another_replica_when_its_server_dies() {
     }
 
     // Meanwhile more versions are committed, through B.
-    for step in 11..=20 {
-        writer
-            .update_batch(progress(&batch.id, step))
-            .await
-            .unwrap();
-    }
-    writer
-        .update_batch(move_to(&batch.id, S::Cancelling))
-        .await
-        .unwrap();
-    writer
-        .update_batch(move_to(&batch.id, S::Cancelled))
-        .await
-        .unwrap();
+    progress_then_cancel(&mut writer, &batch.id, 11..=20).await;
     let mut resumed = watch(&mut b.client(&key).await, &batch.id, seen.last().copied())
         .await
         .unwrap();
