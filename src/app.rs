@@ -17,8 +17,8 @@ use crate::cache::CacheOptions;
 use crate::clock::{Clock, SystemClock};
 use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy, random_hex};
 use crate::health::{HealthChecker, Readiness};
-use crate::service::{BatchService, ServiceOptions};
-use crate::store::{self, StoreOptions};
+use crate::service::{BatchService, ServiceOptions, key_lookups_for};
+use crate::store::{self, DatabaseStatus, PointReadOptions, StoreOptions};
 use crate::telemetry::grpc::ObserveLayer;
 use crate::watch::WatchOptions;
 use crate::watch::postgres::{self, Outbox};
@@ -116,6 +116,8 @@ impl App {
             .migrate()
             .await
             .context("cannot migrate the database")?;
+        // What the readiness check finds, for the request paths to fail fast on.
+        let database = DatabaseStatus::default();
         let service = Arc::new(BatchService::new(
             store,
             options.clock.clone(),
@@ -123,7 +125,12 @@ impl App {
                 policy: options.policy.clone(),
                 watch: options.watch.clone(),
                 caches: options.caches.clone(),
-                point_read_queries: options.store.point_read_queries,
+                point_reads: PointReadOptions {
+                    concurrent_queries: options.store.point_read_queries,
+                    max_wait: options.store.call_deadline(),
+                    database: database.clone(),
+                },
+                key_lookups: key_lookups_for(options.store.max_connections),
             },
         ));
         let first_api_key = if options.create_first_key {
@@ -159,6 +166,7 @@ impl App {
         let mut checker = HealthChecker::new(
             service.store().clone(),
             readiness.clone(),
+            database,
             options.health_check_interval,
         );
         checker.check().await;
@@ -294,8 +302,8 @@ impl App {
 }
 
 /// The background work of a replica: the lifecycle timers, the watch hub's safety
-/// poll, the event log's compaction and, on PostgreSQL, the cross-replica notifier and
-/// listener. Each runs until the stop signal.
+/// poll and revocation checks, the event log's compaction and, on PostgreSQL, the
+/// cross-replica notifier and listener. Each runs until the stop signal.
 fn spawn_background_work(
     tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
     service: &Arc<BatchService>,
@@ -338,6 +346,15 @@ fn spawn_background_work(
     tasks.spawn(async move {
         hub.run_safety_poll().await;
         ("watch safety poll", Ok(()))
+    });
+
+    // Open streams of a revoked key end within the time its cached lookup is trusted,
+    // the time in which new requests with it are refused.
+    let hub = service.hub().clone();
+    let api_key_ttl = options.caches.api_key_ttl;
+    tasks.spawn(async move {
+        hub.run_revocation_checks(api_key_ttl).await;
+        ("watch revocation checks", Ok(()))
     });
 
     if let Some(pool) = service.store().postgres_pool() {

@@ -3,23 +3,34 @@
 //! batches for good (they never change again), and the latest version of recently
 //! written batches for the write path, where the version check of every commit catches
 //! a stale entry and the write is retried from the database.
+//!
+//! Every cache is bounded in entries and the batch caches in bytes too: a batch may
+//! hold up to [`MAX_BATCH_BYTES`](crate::domain::MAX_BATCH_BYTES) of text, so a bound on
+//! entries alone would allow gigabytes. Unknown API keys have a cache of their own, so
+//! a client sending made-up keys can neither evict the valid ones nor make each repeat
+//! cost a database lookup.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quick_cache::sync::Cache;
+use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
-use crate::domain::{Batch, BatchId, Caller};
+use crate::domain::{Batch, BatchId, Caller, MAX_BATCH_BYTES};
 
 /// Sizes and lifetimes of the caches.
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
     /// How long an API key lookup (found or not) is trusted; zero disables the cache.
     pub api_key_ttl: Duration,
-    /// Terminal batches kept in memory.
+    /// Most terminal batches kept in memory.
     pub terminal_batches: usize,
-    /// Recently written batches kept for the write path.
+    /// Most bytes of terminal batches kept in memory.
+    pub terminal_bytes: u64,
+    /// Most recently written batches kept for the write path.
     pub latest_batches: usize,
+    /// Most bytes of recently written batches kept for the write path.
+    pub latest_bytes: u64,
 }
 
 impl Default for CacheOptions {
@@ -27,47 +38,147 @@ impl Default for CacheOptions {
         CacheOptions {
             api_key_ttl: Duration::from_secs(2),
             terminal_batches: 20_000,
+            terminal_bytes: 64 * 1024 * 1024,
             latest_batches: 20_000,
+            latest_bytes: 64 * 1024 * 1024,
         }
     }
 }
 
-/// A key lookup: its caller (`None`: no valid key) and when it was made.
-type KeyLookup = (Option<Caller>, Instant);
+/// A key lookup: its caller and when it was made.
+type KeyLookup<T> = (T, Instant);
+
+/// A cached batch with its weight, computed once when it is inserted (the weighter runs
+/// during eviction and must be cheap).
+#[derive(Clone)]
+struct Weighed {
+    batch: Arc<Batch>,
+    bytes: u64,
+}
+
+/// Weighs a cached batch by its bytes, but never less than `floor`, the byte budget
+/// divided by the most entries: so the cache holds at most that many entries and at
+/// most that many bytes, whichever bound is reached first.
+#[derive(Clone)]
+struct BatchWeight {
+    floor: u64,
+}
+
+impl Weighter<BatchId, Weighed> for BatchWeight {
+    fn weight(&self, _id: &BatchId, value: &Weighed) -> u64 {
+        value.bytes.max(self.floor)
+    }
+}
+
+/// Bytes a batch occupies in memory besides its text: the struct, the `Arc`, the map
+/// entry (measured order of magnitude; the text dominates large batches).
+const BATCH_OVERHEAD_BYTES: u64 = 512;
+
+/// A byte- and entry-bounded cache of batches.
+struct BatchCache(Cache<BatchId, Weighed, BatchWeight>);
+
+impl BatchCache {
+    fn new(entries: usize, bytes: u64) -> BatchCache {
+        let entries = entries.max(1);
+        let bytes = bytes.max(BATCH_OVERHEAD_BYTES);
+        let floor = (bytes / entries as u64).max(1);
+        // The cache is split into shards, each with its share of the bytes, and an
+        // item heavier than its shard's share is never kept: so that the largest
+        // batch fits, a shard holds at least four of them.
+        let largest = (MAX_BATCH_BYTES as u64).saturating_add(BATCH_OVERHEAD_BYTES);
+        let shards = (bytes / largest.saturating_mul(4)).clamp(1, 64) as usize;
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(entries)
+            .weight_capacity(bytes)
+            .shards(shards)
+            .build()
+            // Every setting above is in range: capacities and shards are at least 1.
+            .expect("valid cache options");
+        BatchCache(Cache::with_options(
+            options,
+            BatchWeight { floor },
+            DefaultHashBuilder::default(),
+            DefaultLifecycle::default(),
+        ))
+    }
+
+    fn get(&self, id: &BatchId) -> Option<Arc<Batch>> {
+        self.0.get(id).map(|weighed| weighed.batch)
+    }
+
+    fn insert(&self, batch: Arc<Batch>) {
+        let bytes = batch.text_bytes() as u64 + BATCH_OVERHEAD_BYTES;
+        self.0.insert(batch.id.clone(), Weighed { batch, bytes });
+    }
+
+    fn remove(&self, id: &BatchId) {
+        self.0.remove(id);
+    }
+
+    fn weight(&self) -> u64 {
+        self.0.weight()
+    }
+}
 
 /// The caches of one replica.
 pub struct Caches {
-    api_keys: Option<Cache<[u8; 32], KeyLookup>>,
+    api_keys: Option<Cache<[u8; 32], KeyLookup<Caller>>>,
+    unknown_keys: Option<Cache<[u8; 32], KeyLookup<()>>>,
     api_key_ttl: Duration,
-    terminal: Cache<BatchId, Arc<Batch>>,
-    latest: Cache<BatchId, Arc<Batch>>,
+    terminal: BatchCache,
+    latest: BatchCache,
 }
 
-/// Most API keys remembered at once.
+/// Most valid API keys remembered at once (each well under 1 KiB).
 const API_KEY_ENTRIES: usize = 10_000;
+/// Most unknown key digests remembered at once (32 bytes and an instant each).
+const UNKNOWN_KEY_ENTRIES: usize = 10_000;
 
 impl Caches {
     /// Empty caches of the given sizes.
     pub fn new(options: &CacheOptions) -> Caches {
+        let enabled = !options.api_key_ttl.is_zero();
         Caches {
-            api_keys: (!options.api_key_ttl.is_zero()).then(|| Cache::new(API_KEY_ENTRIES)),
+            api_keys: enabled.then(|| Cache::new(API_KEY_ENTRIES)),
+            unknown_keys: enabled.then(|| Cache::new(UNKNOWN_KEY_ENTRIES)),
             api_key_ttl: options.api_key_ttl,
-            terminal: Cache::new(options.terminal_batches.max(1)),
-            latest: Cache::new(options.latest_batches.max(1)),
+            terminal: BatchCache::new(options.terminal_batches, options.terminal_bytes),
+            latest: BatchCache::new(options.latest_batches, options.latest_bytes),
         }
     }
 
     /// The caller of the key with this digest (`Some(None)`: no valid key), if looked up
     /// less than the TTL ago.
     pub fn api_key(&self, digest: &[u8; 32]) -> Option<Option<Caller>> {
-        let (caller, fetched) = self.api_keys.as_ref()?.get(digest)?;
-        (fetched.elapsed() < self.api_key_ttl).then_some(caller)
+        let fresh = |fetched: Instant| fetched.elapsed() < self.api_key_ttl;
+        if let Some((caller, fetched)) = self.api_keys.as_ref()?.get(digest)
+            && fresh(fetched)
+        {
+            return Some(Some(caller));
+        }
+        let ((), fetched) = self.unknown_keys.as_ref()?.get(digest)?;
+        fresh(fetched).then_some(None)
     }
 
-    /// Remembers a key lookup.
+    /// Remembers a key lookup: a valid key, or that no valid key has this digest. A key
+    /// created after its digest was remembered as unknown works within the TTL.
     pub fn remember_api_key(&self, digest: [u8; 32], caller: Option<Caller>) {
-        if let Some(keys) = &self.api_keys {
-            keys.insert(digest, (caller, Instant::now()));
+        let now = Instant::now();
+        match caller {
+            Some(caller) => {
+                if let Some(keys) = &self.api_keys {
+                    keys.insert(digest, (caller, now));
+                }
+            }
+            None => {
+                if let Some(keys) = &self.api_keys {
+                    // A key revoked since it was remembered.
+                    keys.remove(&digest);
+                }
+                if let Some(unknown) = &self.unknown_keys {
+                    unknown.insert(digest, ((), now));
+                }
+            }
         }
     }
 
@@ -87,14 +198,92 @@ impl Caches {
     pub fn remember(&self, batch: Arc<Batch>) {
         if batch.status.is_terminal() {
             self.latest.remove(&batch.id);
-            self.terminal.insert(batch.id.clone(), batch);
+            self.terminal.insert(batch);
         } else {
-            self.latest.insert(batch.id.clone(), batch);
+            self.latest.insert(batch);
         }
     }
 
     /// Forgets what the write path knew of a batch (another writer got there first).
     pub fn forget(&self, id: &BatchId) {
         self.latest.remove(id);
+    }
+
+    /// Bytes held by the batch caches (terminal, latest), as their weighers count them.
+    pub fn batch_bytes(&self) -> (u64, u64) {
+        (self.terminal.weight(), self.latest.weight())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ApiKey, BatchErrorEntry, BatchPolicy, CreateBatchInput, NewBatch, Scope};
+
+    fn batch_of_text(bytes: usize) -> Arc<Batch> {
+        let key = ApiKey::new("tenant", Scope::Admin, 1_700_000_000).unwrap();
+        let input = CreateBatchInput {
+            input_file_id: "file-1".into(),
+            endpoint: "/v1/chat/completions".into(),
+            completion_window: "24h".into(),
+            ..Default::default()
+        };
+        let new = NewBatch::parse(input, &BatchPolicy::default()).unwrap();
+        let mut batch = Batch::create(new, &Caller::of(&key), 1_700_000_000);
+        batch.errors = vec![BatchErrorEntry {
+            code: "c".into(),
+            line: None,
+            message: "m".repeat(bytes),
+            param: None,
+        }];
+        Arc::new(batch)
+    }
+
+    #[test]
+    fn batch_caches_are_bounded_in_bytes_as_well_as_entries() {
+        let caches = Caches::new(&CacheOptions {
+            terminal_batches: 1_000,
+            terminal_bytes: 4 * 1024 * 1024,
+            ..CacheOptions::default()
+        });
+        // 40 batches of 1 MiB: far fewer entries than allowed, far more bytes.
+        for _ in 0..40 {
+            let mut batch = Arc::unwrap_or_clone(batch_of_text(1024 * 1024));
+            batch.status = crate::domain::BatchStatus::Completed;
+            caches.remember(Arc::new(batch));
+        }
+        let (terminal, _) = caches.batch_bytes();
+        assert!(terminal <= 4 * 1024 * 1024, "{terminal} bytes cached");
+        assert!(terminal > 0);
+    }
+
+    #[test]
+    fn batch_caches_are_bounded_in_entries_when_batches_are_small() {
+        let cache = BatchCache::new(10, 64 * 1024 * 1024);
+        let ids: Vec<BatchId> = (0..100)
+            .map(|_| {
+                let batch = batch_of_text(1);
+                let id = batch.id.clone();
+                cache.insert(batch);
+                id
+            })
+            .collect();
+        let held = ids.iter().filter(|id| cache.get(id).is_some()).count();
+        assert!((1..=10).contains(&held), "{held} entries held");
+    }
+
+    #[test]
+    fn unknown_keys_do_not_evict_valid_ones() {
+        let caches = Caches::new(&CacheOptions::default());
+        let key = ApiKey::new("alice", Scope::Batches, 1).unwrap();
+        caches.remember_api_key([7; 32], Some(Caller::of(&key)));
+        for i in 0..(3 * UNKNOWN_KEY_ENTRIES as u32) {
+            let mut digest = [0u8; 32];
+            digest[..4].copy_from_slice(&i.to_le_bytes());
+            digest[31] = 1;
+            caches.remember_api_key(digest, None);
+        }
+        let known = caches.api_key(&[7; 32]).expect("still cached");
+        assert_eq!(known.map(|c| c.user_id), Some("alice".to_owned()));
     }
 }

@@ -170,10 +170,18 @@ pub struct ServeArgs {
     #[arg(long, env = "BATCHD_TERMINAL_CACHE_ENTRIES", default_value_t = 20_000)]
     pub terminal_cache_entries: usize,
 
+    /// Most bytes of terminal batches kept in memory (batch text counted in bytes).
+    #[arg(long, env = "BATCHD_TERMINAL_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub terminal_cache_bytes: u64,
+
     /// Recently written batches kept in memory, so a write usually needs one database
     /// round trip (a stale entry is caught by the commit's version check).
     #[arg(long, env = "BATCHD_LATEST_CACHE_ENTRIES", default_value_t = 20_000)]
     pub latest_cache_entries: usize,
+
+    /// Most bytes of recently written batches kept in memory.
+    #[arg(long, env = "BATCHD_LATEST_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub latest_cache_bytes: u64,
 }
 
 fn parse_window(text: &str) -> Result<String, String> {
@@ -207,7 +215,9 @@ impl ServeArgs {
             caches: CacheOptions {
                 api_key_ttl: self.api_key_cache_ttl,
                 terminal_batches: self.terminal_cache_entries,
+                terminal_bytes: self.terminal_cache_bytes,
                 latest_batches: self.latest_cache_entries,
+                latest_bytes: self.latest_cache_bytes,
             },
         }
     }

@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, watch};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::store::Store;
+use crate::store::{DatabaseStatus, Store};
 
 /// Whether this replica should get traffic, published to gRPC health (`""` and every
 /// service name) and read by `/readyz`.
@@ -83,19 +83,27 @@ impl Readiness {
     }
 }
 
-/// Pings the database on a schedule and records the outcome in a [`Readiness`].
+/// Pings the database on a schedule (on a connection of its own, never the request
+/// pool's) and records the outcome in a [`Readiness`] and a [`DatabaseStatus`].
 pub struct HealthChecker {
     store: Arc<dyn Store>,
     readiness: Arc<Readiness>,
+    database: DatabaseStatus,
     timeout: Duration,
 }
 
 impl HealthChecker {
     /// A checker whose pings give up after `timeout`.
-    pub fn new(store: Arc<dyn Store>, readiness: Arc<Readiness>, timeout: Duration) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        readiness: Arc<Readiness>,
+        database: DatabaseStatus,
+        timeout: Duration,
+    ) -> Self {
         HealthChecker {
             store,
             readiness,
+            database,
             timeout,
         }
     }
@@ -107,6 +115,7 @@ impl HealthChecker {
             tokio::time::timeout(self.timeout, self.store.ping()).await,
             Ok(Ok(()))
         );
+        self.database.set_down(!reachable);
         self.readiness.set_reachable(reachable).await;
     }
 

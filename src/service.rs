@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cache::{CacheOptions, Caches};
@@ -15,8 +16,11 @@ use crate::domain::{
     digest_of,
 };
 use crate::error::{Error, Result};
-use crate::store::{BatchPageQuery, PointReads, Store, StoreOptions};
+use crate::store::{BatchPageQuery, PointReadOptions, PointReads, Store, StoreOptions};
 use crate::watch::{WatchEvent, WatchHub, WatchOptions};
+
+/// Most events one compaction statement deletes.
+pub const COMPACTION_CHUNK: i64 = 1_000;
 
 /// How often a change is retried when other writers keep committing first. Each failed
 /// attempt means another writer's change went through, so the system always progresses.
@@ -78,8 +82,11 @@ pub struct ServiceOptions {
     pub watch: WatchOptions,
     /// In-memory caches.
     pub caches: CacheOptions,
-    /// Most concurrent queries reading batches by id (see [`PointReads`]).
-    pub point_read_queries: usize,
+    /// How reads of batches by id are coalesced and bounded (see [`PointReads`]).
+    pub point_reads: PointReadOptions,
+    /// Most API key lookups in the database at once: keys not in memory (made-up ones
+    /// above all, which anyone can send) never take more than these connections.
+    pub key_lookups: usize,
 }
 
 impl Default for ServiceOptions {
@@ -88,9 +95,15 @@ impl Default for ServiceOptions {
             policy: BatchPolicy::default(),
             watch: WatchOptions::default(),
             caches: CacheOptions::default(),
-            point_read_queries: StoreOptions::default().point_read_queries,
+            point_reads: PointReadOptions::default(),
+            key_lookups: key_lookups_for(StoreOptions::default().max_connections),
         }
     }
+}
+
+/// The share of a pool of `max_connections` that API key lookups may use at once.
+pub fn key_lookups_for(max_connections: u32) -> usize {
+    (max_connections as usize / 4).max(1)
 }
 
 /// The batch use cases over a store and a clock.
@@ -101,6 +114,9 @@ pub struct BatchService {
     hub: Arc<WatchHub>,
     caches: Caches,
     reads: Arc<PointReads>,
+    key_lookups: Semaphore,
+    /// How long an API key lookup may wait for its turn.
+    key_lookup_wait: Duration,
 }
 
 impl BatchService {
@@ -109,7 +125,9 @@ impl BatchService {
         BatchService {
             hub: WatchHub::new(store.clone(), options.watch),
             caches: Caches::new(&options.caches),
-            reads: PointReads::new(store.clone(), options.point_read_queries),
+            key_lookups: Semaphore::new(options.key_lookups.max(1)),
+            key_lookup_wait: options.point_reads.max_wait,
+            reads: PointReads::new(store.clone(), options.point_reads),
             store,
             clock,
             policy: options.policy,
@@ -140,18 +158,30 @@ impl BatchService {
         let digest = digest_of(token);
         let caller = match self.caches.api_key(&digest) {
             Some(known) => known,
-            None => {
-                let caller = self
-                    .store
-                    .api_key_by_digest(&digest)
-                    .await?
-                    .filter(|key| key.revoked_at.is_none())
-                    .map(|key| Caller::of(&key));
-                self.caches.remember_api_key(digest, caller.clone());
-                caller
-            }
+            None => self.look_up_api_key(digest).await?,
         };
         caller.ok_or(Error::Unauthenticated("invalid API key"))
+    }
+
+    /// Looks a key up in the database, at most `key_lookups` at a time, so that a flood
+    /// of made-up keys leaves the rest of the pool to everyone else.
+    async fn look_up_api_key(&self, digest: [u8; 32]) -> Result<Option<Caller>> {
+        let _turn = tokio::time::timeout(self.key_lookup_wait, self.key_lookups.acquire())
+            .await
+            .map_err(|_| Error::Unavailable("too many API key lookups at once".into()))?
+            .map_err(|_| Error::Internal("the key lookup semaphore was closed".into()))?;
+        // Another caller with the same key may have looked it up while this one waited.
+        if let Some(known) = self.caches.api_key(&digest) {
+            return Ok(known);
+        }
+        let caller = self
+            .store
+            .api_key_by_digest(&digest)
+            .await?
+            .filter(|key| key.revoked_at.is_none())
+            .map(|key| Caller::of(&key));
+        self.caches.remember_api_key(digest, caller.clone());
+        Ok(caller)
     }
 
     /// Creates a batch in `validating`, owned by the caller.
@@ -312,13 +342,25 @@ impl BatchService {
     }
 
     /// Deletes the event history older than `retention`, keeping each batch's latest
-    /// version. Returns how many events were deleted.
+    /// version, in chunks of [`COMPACTION_CHUNK`] events, each its own short
+    /// transaction: writers wait behind one chunk at most, never the whole
+    /// compaction. Returns how many events were deleted.
     pub async fn compact_event_log(&self, retention: Duration) -> Result<u64> {
         let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
-        let deleted = self
-            .store
-            .compact_events(self.clock.now().saturating_sub(retention))
-            .await?;
+        let before_at = self.clock.now().saturating_sub(retention);
+        let mut deleted = 0;
+        loop {
+            let chunk = self
+                .store
+                .compact_events(before_at, COMPACTION_CHUNK)
+                .await?;
+            deleted += chunk;
+            if chunk < COMPACTION_CHUNK as u64 {
+                break;
+            }
+            // Let the writers queued behind this chunk commit first.
+            tokio::task::yield_now().await;
+        }
         if deleted > 0 {
             tracing::info!(deleted, "compacted the event log");
         }

@@ -122,6 +122,12 @@ pub struct BatchEvent {
 /// Most errors a batch keeps; a worker that reports more is refused, not truncated.
 pub const MAX_BATCH_ERRORS: usize = 1_000;
 
+/// Most bytes of text one batch may hold (see [`Batch::text_bytes`]). Every version is
+/// sent whole to each reader and watcher, and default gRPC clients (grpcio, grpc-go,
+/// tonic) refuse messages over 4 MiB: 1 MiB leaves room for the encoding's overhead
+/// and keeps each version, in memory and in the event log, small.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
 impl Batch {
     /// The batch a create request makes for `caller` at `now`: `validating`, version 1,
     /// expiring at the end of its completion window.
@@ -255,14 +261,30 @@ impl Batch {
         }
         if !update.errors.is_empty() {
             if self.errors.len() + update.errors.len() > MAX_BATCH_ERRORS {
-                return Err(Error::FailedPrecondition(format!(
-                    "batch `{}` has {} errors; {} more would exceed the limit of {MAX_BATCH_ERRORS}",
-                    self.id,
-                    self.errors.len(),
-                    update.errors.len()
-                )));
+                return Err(Error::invalid(
+                    "errors",
+                    format!(
+                        "batch `{}` has {} errors; {} more would exceed the limit of {MAX_BATCH_ERRORS} per batch",
+                        self.id,
+                        self.errors.len(),
+                        update.errors.len()
+                    ),
+                ));
             }
             next.errors.extend(update.errors.iter().cloned());
+            // Only errors accumulate: every other field is replaced, and bounded by
+            // its own limit, so this is the one place a batch can outgrow the cap.
+            let bytes = next.text_bytes();
+            if bytes > MAX_BATCH_BYTES {
+                return Err(Error::invalid(
+                    "errors",
+                    format!(
+                        "these {} errors would grow batch `{}` to {bytes} bytes of text; at most {MAX_BATCH_BYTES} are allowed per batch",
+                        update.errors.len(),
+                        self.id
+                    ),
+                ));
+            }
         }
         if let Some(usage) = update.usage {
             next.usage = Some(usage);
@@ -271,6 +293,38 @@ impl Batch {
             next.model = Some(model.clone());
         }
         Ok(next.commit(self, now))
+    }
+
+    /// The bytes of text the batch holds: every string field, metadata key and value,
+    /// and error field, counted in UTF-8 bytes (what memory, the wire and the event
+    /// log spend), not characters. Fixed-size fields are left out: they are the same
+    /// few hundred bytes for every batch.
+    pub fn text_bytes(&self) -> usize {
+        let optional = |text: &Option<String>| text.as_ref().map_or(0, String::len);
+        let metadata: usize = self
+            .metadata
+            .iter()
+            .flatten()
+            .map(|(key, value)| key.len() + value.len())
+            .sum();
+        let errors: usize = self
+            .errors
+            .iter()
+            .map(|e| e.code.len() + e.message.len() + optional(&e.param))
+            .sum();
+        self.id.as_str().len()
+            + self.endpoint.len()
+            + self.input_file_id.len()
+            + self.completion_window.len()
+            + optional(&self.output_file_id)
+            + optional(&self.error_file_id)
+            + optional(&self.model)
+            + optional(&self.job_id)
+            + optional(&self.remark)
+            + self.user_id.len()
+            + self.api_key_id.len()
+            + metadata
+            + errors
     }
 
     /// Request counts only move forward: a stale report must not undo progress.
@@ -482,5 +536,68 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(running.apply(&same, 9).unwrap(), None);
+    }
+
+    fn errors_of(count: usize, message: &str) -> BatchUpdate {
+        update(BatchUpdateInput {
+            errors: (0..count)
+                .map(|i| BatchErrorEntry {
+                    code: "bad_line".into(),
+                    line: Some(i as i64),
+                    message: message.into(),
+                    param: None,
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn invalid_field(error: Error) -> String {
+        match error {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_past_the_batch_size_cap_are_refused_naming_errors() {
+        // 4,000 characters of 2-byte text each: 8,000 bytes per error, so the cap is
+        // reached in bytes long before the count (and long before 1 MiB of characters).
+        let message = "é".repeat(4_000);
+        let mut grown = batch(BatchStatus::InProgress);
+        let mut refused = None;
+        for round in 0..20 {
+            match grown.apply(&errors_of(10, &message), round) {
+                Ok(next) => grown = next.expect("errors were appended"),
+                Err(error) => {
+                    refused = Some(error);
+                    break;
+                }
+            }
+        }
+        assert!(grown.text_bytes() <= MAX_BATCH_BYTES);
+        assert!(grown.text_bytes() > MAX_BATCH_BYTES - 10 * 8_020);
+        assert_eq!(
+            invalid_field(refused.expect("the cap was reached")),
+            "errors"
+        );
+    }
+
+    #[test]
+    fn more_than_the_most_errors_per_batch_are_refused_naming_errors() {
+        let full = batch(BatchStatus::InProgress)
+            .apply(&errors_of(MAX_BATCH_ERRORS, "x"), 5)
+            .unwrap()
+            .unwrap();
+        let error = full.apply(&errors_of(1, "x"), 6).unwrap_err();
+        assert_eq!(invalid_field(error), "errors");
+    }
+
+    #[test]
+    fn text_bytes_counts_bytes_not_characters() {
+        let mut one = batch(BatchStatus::InProgress);
+        let base = one.text_bytes();
+        one.remark = Some("日本".into());
+        assert_eq!(one.text_bytes(), base + 6);
     }
 }

@@ -189,8 +189,22 @@ fn parse_identifier(field: &str, text: &str) -> Result<String> {
     Ok(text.to_owned())
 }
 
+/// Refuses text a store cannot keep: PostgreSQL's TEXT and JSONB refuse the NUL
+/// character (SQLite would keep it, and both stores must accept the same values).
+/// Rust strings are valid UTF-8, so NUL is the only character either store refuses.
+fn refuse_nul(field: &str, text: &str) -> Result<()> {
+    match text.find('\0') {
+        None => Ok(()),
+        Some(at) => Err(Error::invalid(
+            field,
+            format!("contains the NUL character (\\u0000) at byte {at}; it cannot be stored"),
+        )),
+    }
+}
+
 /// Free text of at most `max` characters, empty allowed only when `allow_empty`.
 fn parse_text(field: &str, text: &str, max: usize, allow_empty: bool) -> Result<String> {
+    refuse_nul(field, text)?;
     let chars = text.chars().count();
     if chars == 0 && !allow_empty {
         return Err(Error::invalid(field, "must not be empty"));
@@ -220,6 +234,8 @@ fn parse_metadata(
         ));
     }
     for (key, value) in &metadata {
+        refuse_nul("metadata", key)?;
+        refuse_nul(&format!("metadata.{key}"), value)?;
         let key_chars = key.chars().count();
         if key_chars == 0 || key_chars > MAX_METADATA_KEY_CHARS {
             return Err(Error::invalid(
@@ -433,7 +449,13 @@ fn check_request_counts(counts: RequestCounts) -> Result<()> {
             ));
         }
     }
-    if counts.completed.saturating_add(counts.failed) > counts.total {
+    // `checked_add`: a sum past i64::MAX is no count either, and must not wrap or
+    // saturate into passing the invariant.
+    if counts
+        .completed
+        .checked_add(counts.failed)
+        .is_none_or(|done| done > counts.total)
+    {
         return Err(Error::invalid(
             "request_counts",
             format!(
@@ -729,6 +751,75 @@ mod tests {
         assert_eq!(
             field_of(update(|u| u.expected_version = Some(0))),
             "expected_version"
+        );
+    }
+
+    #[test]
+    fn text_a_store_cannot_keep_is_refused_naming_the_field() {
+        let nul = "a\0b".to_owned();
+        assert_eq!(field_of(create(|i| i.remark = Some(nul.clone()))), "remark");
+        assert_eq!(field_of(create(|i| i.job_id = Some(nul.clone()))), "job_id");
+        assert_eq!(
+            field_of(create(|i| i.input_file_id = nul.clone())),
+            "input_file_id"
+        );
+        let one = |k: &str, v: &str| Some(BTreeMap::from([(k.to_owned(), v.to_owned())]));
+        assert_eq!(
+            field_of(create(|i| i.metadata = one("a\0", "v"))),
+            "metadata"
+        );
+        assert_eq!(
+            field_of(create(|i| i.metadata = one("k", "a\0"))),
+            "metadata.k"
+        );
+        let entry = |code: &str, message: &str, param: Option<&str>| BatchUpdateInput {
+            errors: vec![BatchErrorEntry {
+                code: code.into(),
+                line: None,
+                message: message.into(),
+                param: param.map(str::to_owned),
+            }],
+            ..Default::default()
+        };
+        for (input, field) in [
+            (entry("a\0", "m", None), "errors[0].code"),
+            (entry("c", "a\0", None), "errors[0].message"),
+            (entry("c", "m", Some("a\0")), "errors[0].param"),
+            (
+                BatchUpdateInput {
+                    model: Some(nul.clone()),
+                    ..Default::default()
+                },
+                "model",
+            ),
+        ] {
+            assert_eq!(field_of(BatchUpdate::parse(input)), field);
+        }
+    }
+
+    #[test]
+    fn counts_whose_sum_overflows_are_refused() {
+        let counts = RequestCounts {
+            total: i64::MAX,
+            completed: i64::MAX,
+            failed: 1,
+        };
+        let input = BatchUpdateInput {
+            request_counts: Some(counts),
+            ..Default::default()
+        };
+        assert_eq!(field_of(BatchUpdate::parse(input)), "request_counts");
+        let full = RequestCounts {
+            total: i64::MAX,
+            completed: i64::MAX - 1,
+            failed: 1,
+        };
+        assert!(
+            BatchUpdate::parse(BatchUpdateInput {
+                request_counts: Some(full),
+                ..Default::default()
+            })
+            .is_ok()
         );
     }
 

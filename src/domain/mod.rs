@@ -7,7 +7,9 @@ mod input;
 mod status;
 
 pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_hex, digest_of};
-pub use batch::{Batch, BatchErrorEntry, BatchEvent, MAX_BATCH_ERRORS, RequestCounts, Usage};
+pub use batch::{
+    Batch, BatchErrorEntry, BatchEvent, MAX_BATCH_BYTES, MAX_BATCH_ERRORS, RequestCounts, Usage,
+};
 pub use input::{
     BatchId, BatchPolicy, BatchUpdate, BatchUpdateInput, CompletionWindow, CreateBatchInput,
     DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, IDENTIFIER_PATTERN, ListBatches,

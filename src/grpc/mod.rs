@@ -33,9 +33,18 @@ pub const SERVICE_NAMES: [&str; 2] = [
 /// unready but never gets them restarted.
 pub const LIVENESS: &str = "liveness";
 
+/// The descriptors of every service batchd serves (its own, health, reflection): the
+/// metrics name exactly their RPCs.
+pub const FILE_DESCRIPTOR_SETS: [&[u8]; 3] = [
+    crate::proto::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+];
+
 /// Every gRPC service of batchd: the two APIs, health and reflection.
 pub fn routes(service: Arc<BatchService>) -> Result<(Routes, HealthReporter)> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // Reflection describes itself without being told.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

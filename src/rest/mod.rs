@@ -83,6 +83,7 @@ pub fn router(service: Arc<BatchService>, readiness: Arc<Readiness>) -> Router {
         .routes(routes!(metrics))
         .split_for_parts();
     let document = Arc::new(openapi_document(&openapi, service.policy()));
+    register_route_metrics(&document);
     api.route_layer(axum::middleware::from_fn(crate::telemetry::http::observe))
         .route(
             "/openapi.json",
@@ -133,6 +134,24 @@ fn openapi_document(openapi: &utoipa::openapi::OpenApi, policy: &BatchPolicy) ->
     metadata["additionalProperties"] =
         json!({"type": "string", "maxLength": MAX_METADATA_VALUE_CHARS});
     document
+}
+
+/// Registers the request metrics of every observed route (`METHOD /path`, as the
+/// observation middleware names them) at zero.
+fn register_route_metrics(document: &Value) {
+    let Some(paths) = document["paths"].as_object() else {
+        return;
+    };
+    let routes: Vec<String> = paths
+        .iter()
+        .filter_map(|(path, operations)| Some((path, operations.as_object()?)))
+        .flat_map(|(path, operations)| {
+            operations
+                .keys()
+                .map(move |method| format!("{} {path}", method.to_ascii_uppercase()))
+        })
+        .collect();
+    crate::telemetry::metrics::register_http_routes(routes.iter().map(String::as_str));
 }
 
 /// The process is alive.

@@ -9,12 +9,21 @@
 //!
 //! Consistency is that of a query per read: a read only ever joins a query that has not
 //! been sent yet, so its answer includes every commit that finished before it was asked.
+//!
+//! The queue is bounded in length and in time: a read that finds it full, or that has
+//! waited longer than its deadline, fails with UNAVAILABLE; a read whose caller went away
+//! is dropped from it unasked; and while the database is known to be down (the
+//! readiness check says so) reads fail at once instead of queueing behind queries that
+//! cannot succeed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::Store;
@@ -23,9 +32,33 @@ use crate::error::{Error, Result};
 
 /// Most ids fetched by one query.
 const MAX_GROUP: usize = 128;
+/// Most reads waiting for a query at once.
+pub const MAX_WAITING_READS: usize = 4_096;
 
-/// A read waiting for its query.
-type Waiter = (BatchId, oneshot::Sender<Result<Option<Arc<Batch>>>>);
+/// A read waiting for its query: the id, where the answer goes, and when the read
+/// gives up.
+struct Waiter {
+    id: BatchId,
+    answer: oneshot::Sender<Result<Option<Arc<Batch>>>>,
+    deadline: Instant,
+}
+
+/// Whether the database is known to be down, as the readiness check last found it.
+/// Shared by the check, which sets it, and the request paths, which fail fast on it.
+#[derive(Debug, Clone, Default)]
+pub struct DatabaseStatus(Arc<AtomicBool>);
+
+impl DatabaseStatus {
+    /// Records what the last check found.
+    pub fn set_down(&self, down: bool) {
+        self.0.store(down, Ordering::Release);
+    }
+
+    /// The last check found the database down.
+    pub fn is_down(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// What coalesced reads need of a store: many batches by id in one query.
 #[async_trait]
@@ -43,38 +76,89 @@ impl ReadMany for StoreReads {
     }
 }
 
+/// How point reads are bounded.
+#[derive(Debug, Clone)]
+pub struct PointReadOptions {
+    /// Most queries at once.
+    pub concurrent_queries: usize,
+    /// How long a read waits in all (queue and query) before it fails.
+    pub max_wait: Duration,
+    /// Reads fail at once while this says the database is down.
+    pub database: DatabaseStatus,
+}
+
+impl Default for PointReadOptions {
+    fn default() -> Self {
+        PointReadOptions {
+            concurrent_queries: 2,
+            max_wait: Duration::from_secs(5),
+            database: DatabaseStatus::default(),
+        }
+    }
+}
+
 /// Coalesces point reads of batches on one store.
 pub struct PointReads {
     store: Arc<dyn ReadMany>,
     waiting: Mutex<Vec<Waiter>>,
     /// One permit per query that may run at once.
     slots: Arc<Semaphore>,
+    max_wait: Duration,
+    database: DatabaseStatus,
 }
 
 impl PointReads {
-    /// Point reads on `store`, at most `concurrent_queries` queries at a time.
-    pub fn new(store: Arc<dyn Store>, concurrent_queries: usize) -> Arc<PointReads> {
-        Self::over(Arc::new(StoreReads(store)), concurrent_queries)
+    /// Point reads on `store`.
+    pub fn new(store: Arc<dyn Store>, options: PointReadOptions) -> Arc<PointReads> {
+        Self::over(Arc::new(StoreReads(store)), options)
     }
 
     /// Point reads on any source of batches.
-    pub fn over(store: Arc<dyn ReadMany>, concurrent_queries: usize) -> Arc<PointReads> {
+    pub fn over(store: Arc<dyn ReadMany>, options: PointReadOptions) -> Arc<PointReads> {
         Arc::new(PointReads {
             store,
             waiting: Mutex::new(Vec::new()),
-            slots: Arc::new(Semaphore::new(concurrent_queries.max(1))),
+            slots: Arc::new(Semaphore::new(options.concurrent_queries.max(1))),
+            max_wait: options.max_wait,
+            database: options.database,
         })
     }
 
     /// The batch with this id, whoever owns it, as the database has it now.
     #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(batch_id = %id))]
     pub async fn get(self: &Arc<Self>, id: &BatchId) -> Result<Option<Arc<Batch>>> {
+        if self.database.is_down() {
+            return Err(Error::Unavailable(
+                "the database is down (readiness check); not queueing the read".into(),
+            ));
+        }
+        let deadline = Instant::now() + self.max_wait;
         let (answer, answered) = oneshot::channel();
-        self.lock().push((id.clone(), answer));
+        {
+            let mut waiting = self.lock();
+            if waiting.len() >= MAX_WAITING_READS {
+                return Err(Error::Unavailable(format!(
+                    "{MAX_WAITING_READS} reads are already waiting for the database"
+                )));
+            }
+            waiting.push(Waiter {
+                id: id.clone(),
+                answer,
+                deadline,
+            });
+        }
         self.start_query();
-        answered
-            .await
-            .map_err(|_| Error::Internal("a coalesced read ended without an answer".into()))?
+        // Dropping `answered` on time-out marks this waiter gone: the next query skips it.
+        match tokio::time::timeout_at(deadline, answered).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(Error::Internal(
+                "a coalesced read ended without an answer".into(),
+            )),
+            Err(_) => Err(Error::Unavailable(format!(
+                "no answer from the database within {:?}",
+                self.max_wait
+            ))),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Waiter>> {
@@ -90,11 +174,24 @@ impl PointReads {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return;
         };
-        let group: Vec<Waiter> = {
+        let (group, expired): (Vec<Waiter>, Vec<Waiter>) = {
             let mut waiting = self.lock();
+            // Callers that went away need no query; callers past their deadline are
+            // told so rather than queried for.
+            let now = Instant::now();
+            let (expired, live): (Vec<Waiter>, Vec<Waiter>) = waiting
+                .drain(..)
+                .filter(|waiter| !waiter.answer.is_closed())
+                .partition(|waiter| waiter.deadline <= now);
+            *waiting = live;
             let take = waiting.len().min(MAX_GROUP);
-            waiting.drain(..take).collect()
+            (waiting.drain(..take).collect(), expired)
         };
+        for waiter in expired {
+            let _ = waiter.answer.send(Err(Error::Unavailable(
+                "no answer from the database in time".into(),
+            )));
+        }
         if group.is_empty() {
             return;
         }
@@ -104,7 +201,7 @@ impl PointReads {
     }
 
     async fn answer(self: Arc<Self>, group: Vec<Waiter>, slot: OwnedSemaphorePermit) {
-        let mut ids: Vec<BatchId> = group.iter().map(|(id, _)| id.clone()).collect();
+        let mut ids: Vec<BatchId> = group.iter().map(|waiter| waiter.id.clone()).collect();
         ids.sort_unstable();
         ids.dedup();
         let found = self.store.get_batches(&ids).await;
@@ -116,14 +213,14 @@ impl PointReads {
                     .into_iter()
                     .map(|batch| (batch.id.clone(), Arc::new(batch)))
                     .collect();
-                for (id, answer) in group {
+                for waiter in group {
                     // A waiter that went away no longer needs its answer.
-                    let _ = answer.send(Ok(by_id.get(&id).cloned()));
+                    let _ = waiter.answer.send(Ok(by_id.get(&waiter.id).cloned()));
                 }
             }
             Err(error) => {
-                for (_, answer) in group {
-                    let _ = answer.send(Err(error.clone()));
+                for waiter in group {
+                    let _ = waiter.answer.send(Err(error.clone()));
                 }
             }
         }
@@ -196,6 +293,13 @@ mod tests {
         }
     }
 
+    fn one_query() -> PointReadOptions {
+        PointReadOptions {
+            concurrent_queries: 1,
+            ..PointReadOptions::default()
+        }
+    }
+
     fn id(n: u32) -> BatchId {
         BatchId::parse("batch_id", &format!("batch_{n:032x}")).unwrap()
     }
@@ -221,7 +325,7 @@ mod tests {
     #[tokio::test]
     async fn reads_that_arrive_while_the_query_runs_share_the_next_one() {
         let source = GatedBatches::with_ids(&[&id(1), &id(2), &id(3), &id(4)], false);
-        let reads = PointReads::over(source.clone(), 1);
+        let reads = PointReads::over(source.clone(), one_query());
 
         let first = spawn_read(&reads, 1);
         until("the first query", || source.queries().len() == 1).await;
@@ -254,7 +358,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_query_fails_every_read_it_carried() {
         let source = GatedBatches::with_ids(&[&id(1), &id(2)], true);
-        let reads = PointReads::over(source.clone(), 1);
+        let reads = PointReads::over(source.clone(), one_query());
         let first = spawn_read(&reads, 1);
         until("the first query", || source.queries().len() == 1).await;
         let second = spawn_read(&reads, 2);
@@ -269,7 +373,7 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_goes_away_does_not_take_the_others_answers_along() {
         let source = GatedBatches::with_ids(&[&id(1), &id(2)], false);
-        let reads = PointReads::over(source.clone(), 1);
+        let reads = PointReads::over(source.clone(), one_query());
         // The first read starts the query that its queued companions depend on, then
         // its caller disappears.
         let first = spawn_read(&reads, 1);
@@ -285,7 +389,7 @@ mod tests {
     async fn without_contention_each_read_has_a_query_of_its_own() {
         let source = GatedBatches::with_ids(&[&id(1)], false);
         source.gate.add_permits(10);
-        let reads = PointReads::over(source.clone(), 2);
+        let reads = PointReads::over(source.clone(), PointReadOptions::default());
         for _ in 0..3 {
             assert_eq!(reads.get(&id(1)).await.unwrap().unwrap().id, id(1));
         }

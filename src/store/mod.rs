@@ -6,6 +6,7 @@
 //! (`$n` placeholders work in both), which lives in [`sql`].
 
 mod coalesce;
+mod deadline;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -18,7 +19,8 @@ use async_trait::async_trait;
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus};
 use crate::error::{Error, Result};
 
-pub use coalesce::PointReads;
+pub use coalesce::{DatabaseStatus, MAX_WAITING_READS, PointReadOptions, PointReads};
+pub use deadline::DeadlineStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -75,9 +77,11 @@ pub trait Store: Send + Sync + 'static {
     /// The current version of each of these batches; unknown ids are left out.
     async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>>;
 
-    /// Deletes the events committed before `before_at`, except the latest version of
-    /// each batch, which is always kept. Returns how many were deleted.
-    async fn compact_events(&self, before_at: i64) -> Result<u64>;
+    /// Deletes at most `limit` of the events committed before `before_at`, never the
+    /// latest version of a batch. Returns how many were deleted. Callers delete in
+    /// chunks, each its own short transaction, so that writers (SQLite has one write
+    /// lock) never wait behind a whole compaction.
+    async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64>;
 
     /// The connection pool when the store is PostgreSQL, whose replicas need
     /// cross-process wake-ups (LISTEN/NOTIFY); `None` for the single-process SQLite.
@@ -111,6 +115,9 @@ pub trait Store: Send + Sync + 'static {
     /// revoked key keeps its first revocation time.
     async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool>;
 
+    /// Which of the keys with these ids are revoked; unknown ids are left out.
+    async fn revoked_api_keys(&self, ids: &[String]) -> Result<Vec<String>>;
+
     /// Closes the connection pool, waiting for connections in use to be returned.
     async fn close(&self);
 }
@@ -121,10 +128,19 @@ pub struct StoreOptions {
     /// Most open connections in the pool.
     pub max_connections: u32,
     /// How long a request waits for a free connection (or a reconnect) before it fails
-    /// with `UNAVAILABLE` instead of hanging.
+    /// with `UNAVAILABLE` instead of hanging; also the deadline of each whole database
+    /// call and PostgreSQL's `statement_timeout`.
     pub acquire_timeout: Duration,
     /// Most concurrent queries of [`PointReads`].
     pub point_read_queries: usize,
+}
+
+impl StoreOptions {
+    /// How long one database call may take in all: the wait for a connection and the
+    /// statement together. A database that does not answer fails the call within it.
+    pub fn call_deadline(&self) -> Duration {
+        self.acquire_timeout
+    }
 }
 
 impl Default for StoreOptions {
@@ -138,17 +154,23 @@ impl Default for StoreOptions {
 }
 
 /// Opens the store named by `url`: `sqlite://path` (created if missing) or
-/// `postgres://...`. Does not migrate; call [`Store::migrate`].
+/// `postgres://...`, every call of which ends within the acquire timeout (see
+/// [`DeadlineStore`]). Does not migrate; call [`Store::migrate`].
 pub async fn connect(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
     let scheme = url.split(':').next().unwrap_or_default();
-    match scheme {
-        "sqlite" => Ok(Arc::new(SqliteStore::connect(url, options).await?)),
-        "postgres" | "postgresql" => Ok(Arc::new(PostgresStore::connect(url, options).await?)),
-        _ => Err(Error::invalid(
-            "database_url",
-            format!("unsupported scheme `{scheme}`; use sqlite://PATH or postgres://USER@HOST/DB"),
-        )),
-    }
+    let store: Arc<dyn Store> = match scheme {
+        "sqlite" => Arc::new(SqliteStore::connect(url, options).await?),
+        "postgres" | "postgresql" => Arc::new(PostgresStore::connect(url, options).await?),
+        _ => {
+            return Err(Error::invalid(
+                "database_url",
+                format!(
+                    "unsupported scheme `{scheme}`; use sqlite://PATH or postgres://USER@HOST/DB"
+                ),
+            ));
+        }
+    };
+    Ok(Arc::new(DeadlineStore::new(store, options.call_deadline())))
 }
 
 /// Hides credentials when a URL is logged.
@@ -172,19 +194,30 @@ impl From<sqlx::Error> for Error {
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::BeginFailed => true,
+            sqlx::Error::Database(db)
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+            {
+                // SQLite reports extended result codes, whose low byte is the primary
+                // code: SQLITE_BUSY (5) and SQLITE_LOCKED (6) with every variant of
+                // theirs (BUSY_RECOVERY 261, BUSY_SNAPSHOT 517, BUSY_TIMEOUT 773,
+                // LOCKED_SHAREDCACHE 262, ...): another writer held on past
+                // busy_timeout.
+                db.code()
+                    .and_then(|code| code.parse::<i32>().ok())
+                    .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+            }
             sqlx::Error::Database(db) => db.code().is_some_and(|code| {
                 // PostgreSQL: connection exceptions (08xxx), shutdown or restart in
                 // progress (57P0x), the database was dropped (3D000), too many
                 // connections and other resource shortages (53xxx), a database that
-                // does not accept connections (55000).
-                // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) outlasted busy_timeout.
+                // does not accept connections (55000), a statement cancelled by
+                // statement_timeout or an admin (57014).
                 code.starts_with("08")
                     || code.starts_with("57P0")
                     || code.starts_with("53")
                     || code == "3D000"
                     || code == "55000"
-                    || code == "5"
-                    || code == "6"
+                    || code == "57014"
             }),
             _ => false,
         };
@@ -214,6 +247,37 @@ impl From<sqlx::migrate::MigrateError> for Error {
 #[cfg(test)]
 mod tests {
     use super::redact_url;
+    use crate::error::Error;
+
+    /// A real SQLITE_BUSY_SNAPSHOT (517, an extended code of SQLITE_BUSY): a read
+    /// transaction that tries to write after another connection committed.
+    #[tokio::test]
+    async fn sqlite_extended_busy_codes_are_unavailable_not_internal() {
+        use sqlx::Connection;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("busy.db").display());
+        let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let mut writer = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        for statement in ["PRAGMA journal_mode = WAL", "CREATE TABLE t (x INTEGER)"] {
+            sqlx::query(statement).execute(&mut reader).await.unwrap();
+        }
+        sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+        sqlx::query("SELECT count(*) FROM t")
+            .fetch_one(&mut reader)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        let busy = sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut reader)
+            .await
+            .unwrap_err();
+        let code = busy.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("517"), "{busy}");
+        assert!(matches!(Error::from(busy), Error::Unavailable(_)));
+    }
 
     #[test]
     fn credentials_are_hidden_from_logs() {

@@ -46,9 +46,10 @@ const SELECT_BATCHES: &str = concat!(
 const FIRST_KEY_LOCK: i64 = 0x6261_7463_6864_6b31; // "batchdk1"
 
 /// Batches in a PostgreSQL database.
-#[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    health: sql::HealthConnection<Postgres>,
+    migration_options: PgConnectOptions,
 }
 
 sql::impl_store!(PostgresStore, Postgres, "postgresql" {
@@ -60,9 +61,22 @@ sql::impl_store!(PostgresStore, Postgres, "postgresql" {
 impl PostgresStore {
     /// Connects a pool to `url`, e.g. `postgres://batchd@db:5432/batchd`.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<PostgresStore> {
+        let statement_timeout = format!("{}ms", options.call_deadline().as_millis().max(1));
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| Error::invalid("database_url", format!("{e}")))?
-            .application_name("batchd");
+            .application_name("batchd")
+            .options([
+                // The server abandons what batchd's own deadline abandoned.
+                ("statement_timeout", statement_timeout.as_str()),
+                // sqlx cannot set keepalive on its client sockets; the server's probes
+                // find a vanished batchd and end its sessions and their locks.
+                ("tcp_keepalives_idle", "10"),
+                ("tcp_keepalives_interval", "5"),
+                ("tcp_keepalives_count", "3"),
+            ]);
+        let health = sql::HealthConnection::new(connect.clone().application_name("batchd-health"));
+        // A later `-c` wins over an earlier one.
+        let migration_options = connect.clone().options([("statement_timeout", "0")]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             // sqlx pings every connection before handing it out by default: a second
@@ -72,13 +86,25 @@ impl PostgresStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore {
+            pool,
+            health,
+            migration_options,
+        })
     }
 
     async fn migrate_schema(&self) -> Result<()> {
+        // A migration may rightly take longer than a request's statement_timeout, so
+        // it runs on a connection of its own without one.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.migration_options.clone())
+            .await?;
         // sqlx holds a PostgreSQL advisory lock while migrating, so replicas that start
         // together apply each migration exactly once.
-        Ok(MIGRATOR.run(&self.pool).await?)
+        let migrated = MIGRATOR.run(&pool).await;
+        pool.close().await;
+        Ok(migrated?)
     }
 
     async fn insert_batch_with_event(&self, batch: &Batch) -> Result<()> {

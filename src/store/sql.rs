@@ -121,9 +121,10 @@ pub(super) const INSERT_EVENT: &str =
 pub(super) const SELECT_BATCH: &str =
     concat!("SELECT ", batch_columns!(), " FROM batches WHERE id = $1");
 
-/// Deletes events older than $1, keeping the latest version of every batch.
-pub(super) const COMPACT_EVENTS: &str = "DELETE FROM batch_events WHERE at < $1 \
-     AND version < (SELECT b.version FROM batches b WHERE b.id = batch_events.batch_id)";
+/// Deletes at most $2 events older than $1, keeping the latest version of every batch.
+pub(super) const COMPACT_EVENTS: &str = "DELETE FROM batch_events \
+     WHERE (batch_id, version) IN (SELECT e.batch_id, e.version FROM batch_events e \
+     JOIN batches b ON b.id = e.batch_id WHERE e.at < $1 AND e.version < b.version LIMIT $2)";
 
 /// Batches whose timer is due: running past $1, or cancelling since $2; at most $3.
 pub(super) const SELECT_DUE_BATCHES: &str = concat!(
@@ -201,8 +202,7 @@ macro_rules! impl_store {
 
             #[tracing::instrument(level = "debug", name = "store.ping", skip_all, fields(db.system = $system))]
             async fn ping(&self) -> Result<()> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
-                Ok(())
+                self.health.ping().await
             }
 
             #[tracing::instrument(level = "debug", name = "store.insert_batch", skip_all, fields(db.system = $system, batch_id = %batch.id))]
@@ -318,6 +318,22 @@ macro_rules! impl_store {
                 Ok(result.rows_affected() == 1)
             }
 
+            #[tracing::instrument(level = "debug", name = "store.revoked_api_keys", skip_all, fields(db.system = $system, keys = ids.len()))]
+            async fn revoked_api_keys(&self, ids: &[String]) -> Result<Vec<String>> {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut query = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT id FROM api_keys WHERE revoked_at IS NOT NULL AND id IN (",
+                );
+                let mut list = query.separated(", ");
+                for id in ids {
+                    list.push_bind(id.as_str());
+                }
+                query.push(")");
+                Ok(query.build_query_scalar().fetch_all(&self.pool).await?)
+            }
+
             #[tracing::instrument(level = "debug", name = "store.latest_versions", skip_all, fields(db.system = $system, batches = ids.len()))]
             async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
                 if ids.is_empty() {
@@ -333,9 +349,10 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(level = "debug", name = "store.compact_events", skip_all, fields(db.system = $system))]
-            async fn compact_events(&self, before_at: i64) -> Result<u64> {
+            async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
                 let result = sqlx::query(sql::COMPACT_EVENTS)
                     .bind(before_at)
+                    .bind(limit)
                     .execute(&self.pool)
                     .await?;
                 Ok(result.rows_affected())
@@ -370,6 +387,40 @@ macro_rules! impl_store {
     };
 }
 pub(super) use impl_store;
+
+/// The connection readiness checks use, apart from the request pool: a pool that
+/// clients saturate (or that waits on a database that stopped answering) must not make
+/// the check fail or hang with it. A check that fails or is abandoned (its future
+/// dropped by a timeout) closes the connection; the next one opens a new one.
+pub(super) struct HealthConnection<DB: sqlx::Database> {
+    options: <DB::Connection as sqlx::Connection>::Options,
+    connection: tokio::sync::Mutex<Option<DB::Connection>>,
+}
+
+impl<DB: sqlx::Database> HealthConnection<DB> {
+    /// Connects on first use with `options`.
+    pub(super) fn new(options: <DB::Connection as sqlx::Connection>::Options) -> Self {
+        HealthConnection {
+            options,
+            connection: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Succeeds when the database answers a ping on this connection.
+    pub(super) async fn ping(&self) -> Result<()> {
+        use sqlx::{ConnectOptions, Connection};
+        let mut slot = self.connection.lock().await;
+        // Taken out while in use: if this future is dropped midway, the connection,
+        // in an unknown state, is dropped (closed) with it.
+        let mut connection = match slot.take() {
+            Some(connection) => connection,
+            None => self.options.connect().await?,
+        };
+        connection.ping().await?;
+        *slot = Some(connection);
+        Ok(())
+    }
+}
 
 /// Builds the newest-first page query for either backend.
 pub(super) fn page_query<'a, DB>(query: super::BatchPageQuery<'a>) -> sqlx::QueryBuilder<DB>

@@ -20,9 +20,9 @@ const SELECT_BATCHES: &str = concat!(
 );
 
 /// Batches in a SQLite database file.
-#[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    health: sql::HealthConnection<Sqlite>,
 }
 
 sql::impl_store!(SqliteStore, Sqlite, "sqlite" {});
@@ -40,6 +40,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(options.acquire_timeout);
+        let health = sql::HealthConnection::new(connect.clone());
         // Each connection to `:memory:` would be a database of its own.
         let max_connections = if connect.get_filename().as_os_str() == ":memory:" {
             1
@@ -55,7 +56,7 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, health })
     }
 
     async fn migrate_schema(&self) -> Result<()> {

@@ -4,13 +4,16 @@
 //! response headers when the call failed at once, otherwise in the trailers at the end
 //! of the body, which is where a streaming call ends too; the body is wrapped to read it.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
+use prost::Message as _;
 use tower::{Layer, Service};
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
@@ -51,9 +54,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // "/batchd.v1.BatchService/GetBatch": a fixed set, fine as a metric label.
-        let rpc = request.uri().path().trim_start_matches('/').to_owned();
-        let (service, method) = rpc.split_once('/').unwrap_or((rpc.as_str(), ""));
+        // "batchd.v1.BatchService/GetBatch" when it is an RPC batchd serves; any other
+        // path is a client's choice, and a label per path would let anyone grow the
+        // metrics without bound, so all of them are one `unknown`.
+        let rpc = known_rpc(request.uri().path());
+        let (service, method) = rpc.split_once('/').unwrap_or((rpc, ""));
         let span = tracing::info_span!(
             "grpc_request",
             otel.name = %rpc,
@@ -83,9 +88,51 @@ where
     }
 }
 
+/// The route label of calls to paths batchd does not serve.
+pub const UNKNOWN_RPC: &str = "unknown";
+
+/// Every RPC batchd serves, as `package.Service/Method`, read from the descriptors
+/// of the services it registers (its own, health, reflection).
+fn served_rpcs() -> &'static HashSet<String> {
+    static RPCS: OnceLock<HashSet<String>> = OnceLock::new();
+    RPCS.get_or_init(|| {
+        crate::grpc::FILE_DESCRIPTOR_SETS
+            .iter()
+            .filter_map(|encoded| prost_types::FileDescriptorSet::decode(*encoded).ok())
+            .flat_map(|set| set.file)
+            .flat_map(|file| {
+                let package = file.package.unwrap_or_default();
+                file.service.into_iter().flat_map(move |service| {
+                    let service_name = format!("{package}.{}", service.name.unwrap_or_default());
+                    service.method.into_iter().map(move |method| {
+                        format!("{service_name}/{}", method.name.unwrap_or_default())
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
+/// The route label of a request path: the RPC when batchd serves it, else
+/// [`UNKNOWN_RPC`]. The label set is closed: it cannot grow with what clients send.
+pub fn known_rpc(path: &str) -> &'static str {
+    let rpc = path.strip_prefix('/').unwrap_or(path);
+    served_rpcs()
+        .get(rpc)
+        .map_or(UNKNOWN_RPC, |known| known.as_str())
+}
+
+/// Every route label gRPC requests can have.
+pub fn rpc_labels() -> impl Iterator<Item = &'static str> {
+    served_rpcs()
+        .iter()
+        .map(String::as_str)
+        .chain(std::iter::once(UNKNOWN_RPC))
+}
+
 /// What is recorded when a call ends.
 struct Finished {
-    rpc: String,
+    rpc: &'static str,
     span: Span,
     started: Instant,
     immediate: Option<i32>,
@@ -94,8 +141,26 @@ struct Finished {
 impl Finished {
     fn record(self, status: i32) {
         self.span.record("rpc.grpc.status_code", status);
-        record_request("grpc", self.rpc, status.to_string(), self.started.elapsed());
+        record_request(
+            "grpc",
+            self.rpc,
+            grpc_status_label(status),
+            self.started.elapsed(),
+        );
     }
+}
+
+/// The status label: one of gRPC's 17 codes (a status outside them is UNKNOWN, as
+/// gRPC itself treats it), so this label set is closed too.
+fn grpc_status_label(status: i32) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    usize::try_from(status)
+        .ok()
+        .and_then(|code| CODES.get(code))
+        .copied()
+        .unwrap_or(CODES[UNKNOWN as usize])
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {

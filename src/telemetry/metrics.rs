@@ -28,13 +28,86 @@ pub fn handle() -> &'static PrometheusHandle {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
             .expect("the latency buckets are not empty");
-        match builder.install_recorder() {
+        let handle = match builder.install_recorder() {
             Ok(handle) => handle,
             // Another recorder is installed (an embedding program's): render ours
             // anyway, it just stays empty.
-            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-        }
+            Err(_) => return PrometheusBuilder::new().build_recorder().handle(),
+        };
+        register_families();
+        handle
     })
+}
+
+/// Registers every family at zero, so that dashboards and alerts see `0` from the
+/// start rather than an absent series (Prometheus' advice on missing metrics).
+/// Request series are registered for each gRPC RPC with status OK; the HTTP routes are
+/// registered by [`register_http_routes`] once the router exists.
+fn register_families() {
+    metrics::describe_counter!(
+        "batchd_requests_total",
+        "Requests finished, by transport, route and status"
+    );
+    metrics::describe_histogram!(
+        "batchd_request_duration_seconds",
+        "Request latency (streams: to the first byte)"
+    );
+    metrics::describe_gauge!(
+        "batchd_watch_streams_open",
+        "Open watch streams on this replica"
+    );
+    metrics::describe_counter!(
+        "batchd_watch_events_delivered_total",
+        "Watch messages queued for clients, by kind"
+    );
+    metrics::describe_histogram!(
+        "batchd_watch_notify_lag_seconds",
+        "From a commit to its broadcast by the watch feed"
+    );
+    metrics::describe_counter!(
+        "batchd_sweeper_transitions_total",
+        "Batches moved by the lifecycle timers, by target status"
+    );
+    metrics::describe_gauge!(
+        "batchd_db_pool_connections",
+        "Database pool connections, by state"
+    );
+    metrics::describe_counter!("batchd_db_errors_total", "Database errors, by kind");
+    for rpc in super::grpc::rpc_labels() {
+        register_request_series("grpc", rpc, "0");
+    }
+    metrics::gauge!("batchd_watch_streams_open").increment(0.0);
+    for kind in ["snapshot", "change", "heartbeat"] {
+        metrics::counter!("batchd_watch_events_delivered_total", "kind" => kind).increment(0);
+    }
+    // Registering the handle is the point: it renders from now on.
+    let _ = metrics::histogram!("batchd_watch_notify_lag_seconds");
+    for to in ["expired", "cancelled"] {
+        metrics::counter!("batchd_sweeper_transitions_total", "to" => to).increment(0);
+    }
+    for state in ["in_use", "idle"] {
+        metrics::gauge!("batchd_db_pool_connections", "state" => state).increment(0.0);
+    }
+    for kind in ["unavailable", "internal"] {
+        metrics::counter!("batchd_db_errors_total", "kind" => kind).increment(0);
+    }
+}
+
+/// Registers the request series of each HTTP route (`METHOD /path`) with status 200.
+pub fn register_http_routes<'a>(routes: impl IntoIterator<Item = &'a str>) {
+    for route in routes {
+        register_request_series("http", route.to_owned(), "200");
+    }
+}
+
+fn register_request_series(
+    transport: &'static str,
+    route: impl Into<metrics::SharedString>,
+    status: &'static str,
+) {
+    let labels = super::http::request_labels(transport, route.into(), status.into());
+    metrics::counter!("batchd_requests_total", labels.clone()).increment(0);
+    let _ = metrics::histogram!("batchd_request_duration_seconds", labels);
 }
 
 /// The metrics in Prometheus's text format, with the gauges sampled now.

@@ -1,5 +1,13 @@
 //! The per-replica hub: one feed per watched batch, woken by commits, notifications
 //! and the safety poll; each feed reads the log once per wake-up for all watchers.
+//!
+//! A feed lives exactly as long as it has watchers. The feed map counts them under its
+//! lock, and every subscription to a feed's broadcast is made under that same lock, so
+//! a watcher never joins a feed that is being closed, and the last one to leave always
+//! removes it, however many leave at once.
+//!
+//! The hub also counts each API key's open streams, and ends them all when the
+//! database says the key was revoked.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -22,6 +30,12 @@ use crate::store::Store;
 const FEED_CAPACITY: usize = 256;
 /// Versions read from the log per query.
 pub(super) const LOG_PAGE: i64 = 256;
+/// API keys asked about per revocation query, to keep its parameter list bounded.
+const REVOCATION_PAGE: usize = 500;
+/// Revocations are checked at most this often, even with the API key cache off.
+const MIN_REVOCATION_CHECK: Duration = Duration::from_millis(100);
+/// What a stream of a revoked API key ends with.
+pub(super) const KEY_REVOKED: &str = "the API key was revoked";
 
 /// One watched batch.
 pub(super) struct Feed {
@@ -40,33 +54,80 @@ pub(super) struct Feed {
 }
 
 impl Feed {
-    /// Broadcasts `batch` if it is the version right after the cursor; `true` when it
-    /// went out now or already had.
-    fn publish(&self, batch: &Arc<Batch>) -> bool {
-        // Nothing in here can panic and leave the guarded state inconsistent.
-        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+    /// Broadcasts `batch`, just committed by this replica, if it is the version right
+    /// after the cursor; `true` when it went out now or already had. `false` means the
+    /// feed has not seen versions before it, which only the log has.
+    fn publish_commit(&self, batch: &Arc<Batch>) -> bool {
+        let _publishing = self.lock_publishing();
         let cursor = self.cursor.load(Ordering::Acquire);
         if batch.version != cursor + 1 {
             return batch.version <= cursor;
         }
+        self.advance(batch);
+        true
+    }
+
+    /// Broadcasts `batch`, read from the log, if it is ahead of the cursor. The log is
+    /// the truth: when compaction removed the versions right after the cursor, the
+    /// cursor jumps to what the log has, and each watcher, seeing a version ahead of
+    /// its own, catches up from the log itself (with a snapshot across the gap).
+    fn publish_from_log(&self, batch: &Arc<Batch>) {
+        let _publishing = self.lock_publishing();
+        let cursor = self.cursor.load(Ordering::Acquire);
+        if batch.version <= cursor {
+            return;
+        }
+        if batch.version > cursor + 1 {
+            tracing::info!(
+                batch_id = %self.id,
+                cursor,
+                version = batch.version,
+                "watch feed skips versions the event log no longer keeps"
+            );
+        }
+        self.advance(batch);
+    }
+
+    /// Moves the cursor to `batch` and broadcasts it; the caller holds `publishing`.
+    fn advance(&self, batch: &Arc<Batch>) {
         self.cursor.store(batch.version, Ordering::Release);
         // No receiver is not an error: the feed is being closed.
         let _ = self.sender.send(batch.clone());
-        true
     }
+
+    fn lock_publishing(&self) -> std::sync::MutexGuard<'_, ()> {
+        // Nothing under this lock can panic and leave the guarded state inconsistent.
+        self.publishing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A watched batch in the feed map: its feed and how many subscriptions hold it.
+struct FeedEntry {
+    feed: Arc<Feed>,
+    watchers: usize,
+}
+
+/// The open streams of one API key.
+struct KeyStreams {
+    open: usize,
+    /// Turns `true` once the key is found revoked; every stream of the key ends then.
+    revoked: watch::Sender<bool>,
 }
 
 /// The watch hub of one replica.
 pub struct WatchHub {
     store: Arc<dyn Store>,
     options: WatchOptions,
-    feeds: Mutex<HashMap<BatchId, Arc<Feed>>>,
-    open_per_key: Mutex<HashMap<String, usize>>,
+    feeds: Mutex<HashMap<BatchId, FeedEntry>>,
+    open_per_key: Mutex<HashMap<String, KeyStreams>>,
     outbox: OnceLock<Arc<Outbox>>,
     stopping: watch::Sender<bool>,
 }
 
-/// A watcher's hold on a feed; dropping it lets the feed go when it was the last.
+/// A watcher's hold on a feed, counted in the feed map; dropping it lets the feed go
+/// when it was the last.
 pub(super) struct Subscription {
     hub: Arc<WatchHub>,
     feed: Arc<Feed>,
@@ -77,6 +138,8 @@ pub(super) struct Subscription {
 pub(super) struct StreamPermit {
     hub: Arc<WatchHub>,
     key_id: String,
+    /// The key's revocation signal.
+    revoked: watch::Receiver<bool>,
 }
 
 impl WatchHub {
@@ -103,9 +166,9 @@ impl WatchHub {
     /// log), and the other replicas are told.
     pub fn committed(&self, batch: &Arc<Batch>) {
         let at = now_ms();
-        let feed = self.lock_feeds().get(&batch.id).cloned();
+        let feed = self.feed_of(&batch.id);
         if let Some(feed) = feed {
-            if feed.publish(batch) {
+            if feed.publish_commit(batch) {
                 metrics::histogram!("batchd_watch_notify_lag_seconds")
                     .record((now_ms() - at).max(0) as f64 / 1_000.0);
             } else {
@@ -120,28 +183,28 @@ impl WatchHub {
     /// Batch `id` changed in a commit at `committed_at_ms` (wall clock): its feed (if
     /// watched) re-reads the log.
     pub fn wake_for_commit(&self, id: &BatchId, committed_at_ms: i64) {
-        if let Some(feed) = self.lock_feeds().get(id) {
+        if let Some(entry) = self.lock_feeds().get(id) {
             // Keep the earliest commit still waiting; 0 means none.
-            let _ = feed.pending_commit_ms.fetch_update(
+            let _ = entry.feed.pending_commit_ms.fetch_update(
                 Ordering::AcqRel,
                 Ordering::Acquire,
                 |pending| (pending == 0 || committed_at_ms < pending).then_some(committed_at_ms),
             );
-            feed.wake.notify_one();
+            entry.feed.wake.notify_one();
         }
     }
 
     /// Something may have changed batch `id`: its feed (if watched) re-reads the log.
     pub fn wake(&self, id: &BatchId) {
-        if let Some(feed) = self.lock_feeds().get(id) {
-            feed.wake.notify_one();
+        if let Some(entry) = self.lock_feeds().get(id) {
+            entry.feed.wake.notify_one();
         }
     }
 
     /// Wake-ups may have been lost (the listener reconnected): every feed re-reads.
     pub fn wake_all(&self) {
-        for feed in self.lock_feeds().values() {
-            feed.wake.notify_one();
+        for entry in self.lock_feeds().values() {
+            entry.feed.wake.notify_one();
         }
     }
 
@@ -151,7 +214,10 @@ impl WatchHub {
         let cursors: Vec<(BatchId, i64)> = self
             .lock_feeds()
             .values()
-            .map(|feed| (feed.id.clone(), feed.cursor.load(Ordering::Acquire)))
+            .map(|entry| {
+                let feed = &entry.feed;
+                (feed.id.clone(), feed.cursor.load(Ordering::Acquire))
+            })
             .collect();
         if cursors.is_empty() {
             return Ok(());
@@ -187,6 +253,48 @@ impl WatchHub {
         }
     }
 
+    /// Asks the database which API keys with open streams here were revoked, and ends
+    /// those keys' streams with UNAUTHENTICATED. The database, not this process, is
+    /// asked because a key is revoked by another process (`batchd keys revoke`) and
+    /// every replica must notice.
+    pub async fn check_revoked_keys(&self) -> Result<()> {
+        let keys: Vec<String> = self.lock_keys().keys().cloned().collect();
+        for page in keys.chunks(REVOCATION_PAGE) {
+            let revoked = self.store.revoked_api_keys(page).await?;
+            let open = self.lock_keys();
+            for key_id in revoked {
+                if let Some(streams) = open.get(&key_id)
+                    && !streams.revoked.send_replace(true)
+                {
+                    tracing::info!(
+                        key_id,
+                        streams = streams.open,
+                        "API key revoked: ending its watch streams"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs [`WatchHub::check_revoked_keys`] every `every` (the API key cache's TTL,
+    /// so that open streams end as soon as new requests are refused) until the hub
+    /// stops.
+    pub async fn run_revocation_checks(self: Arc<Self>, every: Duration) {
+        let every = every.max(MIN_REVOCATION_CHECK);
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {
+                    if let Err(error) = self.check_revoked_keys().await {
+                        tracing::warn!(%error, "checking watched API keys for revocation failed");
+                    }
+                }
+                _ = crate::shutdown::requested(&mut stopping) => return,
+            }
+        }
+    }
+
     /// Ends every open stream with UNAVAILABLE (clients resume on another replica)
     /// and refuses new ones.
     pub fn stop(&self) {
@@ -195,7 +303,12 @@ impl WatchHub {
 
     /// Open watch streams on this replica.
     pub fn open_streams(&self) -> usize {
-        self.lock_keys().values().sum()
+        self.lock_keys().values().map(|streams| streams.open).sum()
+    }
+
+    /// Batches watched on this replica: one feed (and one reader task) each.
+    pub fn watched_batches(&self) -> usize {
+        self.lock_feeds().len()
     }
 
     /// Starts streaming batch `id` to `caller` (who may see it): counts the stream
@@ -219,6 +332,7 @@ impl WatchHub {
             after_version,
             heartbeat: self.options.heartbeat,
             stopping: self.stopping.subscribe(),
+            revoked: permit.revoked.clone(),
         };
         // A child of the request's span: the stream's work shows in the caller's trace.
         let span = tracing::info_span!("watch_stream", batch_id = %id, after_version);
@@ -235,21 +349,38 @@ impl WatchHub {
     fn open_stream(self: &Arc<Self>, key_id: &str) -> Result<StreamPermit> {
         let limit = self.options.max_watches_per_key;
         let mut open = self.lock_keys();
-        let count = open.entry(key_id.to_owned()).or_default();
-        if *count >= limit {
-            return Err(Error::TooManyWatches { limit });
+        let streams = open.entry(key_id.to_owned()).or_insert_with(|| KeyStreams {
+            open: 0,
+            revoked: watch::channel(false).0,
+        });
+        // Revoked, but still cached as valid by the request's authentication: the
+        // key's other streams are ending, and this one would at once.
+        let refused = if *streams.revoked.borrow() {
+            Some(Error::Unauthenticated(KEY_REVOKED))
+        } else if streams.open >= limit {
+            Some(Error::TooManyWatches { limit })
+        } else {
+            None
+        };
+        if let Some(error) = refused {
+            if streams.open == 0 {
+                open.remove(key_id);
+            }
+            return Err(error);
         }
-        *count += 1;
+        streams.open += 1;
+        let revoked = streams.revoked.subscribe();
         metrics::gauge!("batchd_watch_streams_open").increment(1.0);
         Ok(StreamPermit {
             hub: self.clone(),
             key_id: key_id.to_owned(),
+            revoked,
         })
     }
 
     /// Joins the feed of batch `id`, creating it if nobody watches the batch yet.
     async fn subscribe(self: &Arc<Self>, id: &BatchId) -> Result<Subscription> {
-        if let Some(subscription) = self.join_existing(id) {
+        if let Some(subscription) = self.join_existing(&mut self.lock_feeds(), id) {
             return Ok(subscription);
         }
         // The new feed starts at the version current now: every commit after this
@@ -262,8 +393,8 @@ impl WatchHub {
             .map_or(0, |(_, version)| *version);
         let mut feeds = self.lock_feeds();
         // Another watcher may have created it meanwhile.
-        if let Some(feed) = feeds.get(id) {
-            return Ok(self.subscription(feed.clone()));
+        if let Some(subscription) = self.join_existing(&mut feeds, id) {
+            return Ok(subscription);
         }
         let feed = Arc::new(Feed {
             id: id.clone(),
@@ -274,34 +405,54 @@ impl WatchHub {
             closed: AtomicBool::new(false),
             publishing: std::sync::Mutex::new(()),
         });
-        feeds.insert(id.clone(), feed.clone());
-        let subscription = self.subscription(feed.clone());
+        feeds.insert(
+            id.clone(),
+            FeedEntry {
+                feed: feed.clone(),
+                watchers: 1,
+            },
+        );
+        let subscription = Subscription {
+            hub: self.clone(),
+            events: feed.sender.subscribe(),
+            feed: feed.clone(),
+        };
+        drop(feeds);
         tokio::spawn(run_feed(self.store.clone(), feed));
         Ok(subscription)
     }
 
-    fn join_existing(self: &Arc<Self>, id: &BatchId) -> Option<Subscription> {
-        let feed = self.lock_feeds().get(id).cloned()?;
-        Some(self.subscription(feed))
-    }
-
-    fn subscription(self: &Arc<Self>, feed: Arc<Feed>) -> Subscription {
-        Subscription {
+    /// Joins the feed of batch `id` if there is one. Takes the map's guard: counting
+    /// the watcher and subscribing to the broadcast under the lock is what keeps the
+    /// last leaving watcher from closing the feed in between.
+    fn join_existing(
+        self: &Arc<Self>,
+        feeds: &mut HashMap<BatchId, FeedEntry>,
+        id: &BatchId,
+    ) -> Option<Subscription> {
+        let entry = feeds.get_mut(id)?;
+        entry.watchers += 1;
+        Some(Subscription {
             hub: self.clone(),
-            events: feed.sender.subscribe(),
-            feed,
-        }
+            events: entry.feed.sender.subscribe(),
+            feed: entry.feed.clone(),
+        })
     }
 
-    fn lock_feeds(&self) -> std::sync::MutexGuard<'_, HashMap<BatchId, Arc<Feed>>> {
+    fn feed_of(&self, id: &BatchId) -> Option<Arc<Feed>> {
+        self.lock_feeds().get(id).map(|entry| entry.feed.clone())
+    }
+
+    fn lock_feeds(&self) -> std::sync::MutexGuard<'_, HashMap<BatchId, FeedEntry>> {
         // A panic while holding the lock cannot leave the map inconsistent (every
-        // update is a single insert or remove), so a poisoned lock is still usable.
+        // update is a single insert, remove or count change), so a poisoned lock is
+        // still usable.
         self.feeds
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lock_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+    fn lock_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyStreams>> {
         self.open_per_key
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -311,13 +462,16 @@ impl WatchHub {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut feeds = self.hub.lock_feeds();
-        // This receiver still counts until the struct is gone, hence `<= 1`. The
-        // check runs under the map's lock, which every new subscription also takes.
-        if self.feed.sender.receiver_count() <= 1
-            && feeds
-                .get(&self.feed.id)
-                .is_some_and(|feed| Arc::ptr_eq(feed, &self.feed))
-        {
+        let Some(entry) = feeds.get_mut(&self.feed.id) else {
+            return;
+        };
+        // The map keeps a feed while it has watchers, so this is always ours; the
+        // check only keeps a bug from closing another feed.
+        if !Arc::ptr_eq(&entry.feed, &self.feed) {
+            return;
+        }
+        entry.watchers -= 1;
+        if entry.watchers == 0 {
             feeds.remove(&self.feed.id);
             self.feed.closed.store(true, Ordering::Release);
             self.feed.wake.notify_one();
@@ -329,9 +483,9 @@ impl Drop for StreamPermit {
     fn drop(&mut self) {
         metrics::gauge!("batchd_watch_streams_open").decrement(1.0);
         let mut open = self.hub.lock_keys();
-        if let Some(count) = open.get_mut(&self.key_id) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(streams) = open.get_mut(&self.key_id) {
+            streams.open -= 1;
+            if streams.open == 0 {
                 open.remove(&self.key_id);
             }
         }
@@ -371,7 +525,7 @@ async fn read_new_versions(store: &dyn Store, feed: &Feed) {
                 }
                 for event in events {
                     versions += 1;
-                    feed.publish(&Arc::new(event.batch));
+                    feed.publish_from_log(&Arc::new(event.batch));
                 }
                 if complete {
                     break;
@@ -394,4 +548,82 @@ pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use tokio::sync::Barrier;
+    use tokio::task::JoinSet;
+
+    use super::WatchHub;
+    use crate::domain::BatchId;
+    use crate::store::StoreOptions;
+    use crate::watch::WatchOptions;
+
+    async fn hub() -> Arc<WatchHub> {
+        let store = crate::store::connect("sqlite::memory:", &StoreOptions::default())
+            .await
+            .expect("an in-memory database");
+        store.migrate().await.expect("migrations");
+        WatchHub::new(store, WatchOptions::default())
+    }
+
+    /// Watchers join while the last one leaves, on several threads at once: none ever
+    /// holds a feed that was closed under it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_watcher_never_joins_a_feed_that_is_closing() {
+        let hub = hub().await;
+        let id = BatchId::generate();
+        let mut watchers = JoinSet::new();
+        for _ in 0..4 {
+            let (hub, id) = (hub.clone(), id.clone());
+            watchers.spawn(async move {
+                for _ in 0..20_000 {
+                    let subscription = hub.subscribe(&id).await.expect("subscribe");
+                    assert!(
+                        !subscription.feed.closed.load(Ordering::Acquire),
+                        "joined a closed feed"
+                    );
+                }
+            });
+        }
+        while let Some(done) = watchers.join_next().await {
+            done.expect("watcher");
+        }
+        assert_eq!(hub.watched_batches(), 0);
+    }
+
+    /// Every round, several watchers of one feed leave at the same moment: afterwards
+    /// the feed is gone, every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_last_of_watchers_leaving_together_removes_the_feed() {
+        const WATCHERS: usize = 4;
+        let hub = hub().await;
+        let id = BatchId::generate();
+        let barrier = Arc::new(Barrier::new(WATCHERS));
+        let mut watchers = JoinSet::new();
+        for _ in 0..WATCHERS {
+            let (hub, id, barrier) = (hub.clone(), id.clone(), barrier.clone());
+            watchers.spawn(async move {
+                for round in 0..5_000 {
+                    let subscription = hub.subscribe(&id).await.expect("subscribe");
+                    barrier.wait().await;
+                    drop(subscription);
+                    barrier.wait().await;
+                    assert_eq!(
+                        hub.watched_batches(),
+                        0,
+                        "a feed left behind in round {round}"
+                    );
+                    barrier.wait().await;
+                }
+            });
+        }
+        while let Some(done) = watchers.join_next().await {
+            done.expect("watcher");
+        }
+    }
 }

@@ -8,9 +8,23 @@
 //! behind, or joined between two reads), catches up from the log itself, so a slow or
 //! late watcher never makes a gap and never slows the others.
 //!
+//! A feed lives exactly as long as it has watchers: the hub counts them per feed under
+//! the lock of its feed map, where each watcher also subscribes, and the last watcher
+//! to leave removes and closes the feed. When a feed finds that compaction removed the
+//! versions right after its cursor, it moves its cursor to what the log has; its
+//! watchers see a version ahead of theirs and resume from a snapshot.
+//!
 //! Wake-ups come from commits in this process, from other replicas through
 //! PostgreSQL LISTEN/NOTIFY ([`postgres`]), and from a safety poll that compares every
 //! feed's cursor with the batches' current versions, for notifications that were lost.
+//! The listener replaces a lost connection itself, with backoff, and re-reads every
+//! watched batch only once LISTEN works again, so nothing committed meanwhile waits
+//! for the safety poll.
+//!
+//! Streams are counted per API key. Every API key cache TTL, the hub asks the database
+//! which keys with open streams were revoked (by any process: `batchd keys revoke`
+//! writes only the database) and ends their streams with UNAUTHENTICATED, freeing
+//! their places, on every replica.
 
 mod hub;
 pub mod postgres;

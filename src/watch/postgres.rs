@@ -6,7 +6,8 @@
 //! coalesced, in a separate short transaction after the commits. One listener per
 //! replica wakes the local hub. A lost notification (a replica dying between its
 //! commit and its notify, a listener reconnecting) only delays delivery until the
-//! hub's safety poll or the listener's reconnect re-reads every watched batch.
+//! hub's safety poll, or until the listener's reconnect has succeeded and re-reads
+//! every watched batch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,10 @@ pub const CHANNEL: &str = "batchd_batch_events";
 const COALESCE: Duration = Duration::from_millis(3);
 /// NOTIFY payloads must stay under 8000 bytes.
 const MAX_PAYLOAD: usize = 7_900;
+/// The first wait before LISTEN is tried again; it doubles up to the maximum.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait between two LISTEN attempts.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Batch ids committed by this replica and not yet announced to the others, each with
 /// the wall-clock time (ms) of its earliest unannounced commit.
@@ -113,67 +118,95 @@ pub async fn run_notifier(pool: PgPool, outbox: Arc<Outbox>, mut stopping: watch
 }
 
 /// Listens for the other replicas' wake-ups and passes them to `hub` until `stopping`.
-/// Whenever the connection was lost, every watched batch is re-read, since
-/// notifications sent meanwhile are gone.
+///
+/// Notifications sent while the connection is down are gone, so each time LISTEN takes
+/// effect (first, and after every reconnect) every watched batch is re-read: only once
+/// LISTEN succeeded, never before, or a commit made between the re-read and the LISTEN
+/// would wait for the safety poll. A lost connection is replaced explicitly, with
+/// backoff, rather than by the listener's own reconnect inside its next receive, which
+/// would leave no place to re-read after it.
 pub async fn run_listener(
     pool: PgPool,
     hub: Arc<WatchHub>,
     replica: String,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let mut listener = loop {
-        match listen(&pool).await {
-            Ok(listener) => break listener,
-            Err(error) => {
-                tracing::warn!(%error, "cannot LISTEN for other replicas' changes; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = crate::shutdown::requested(&mut stopping) => return,
-                }
-            }
-        }
-    };
-    // Changes committed before LISTEN took effect may have been missed.
-    hub.wake_all();
     loop {
-        let received = tokio::select! {
-            received = listener.try_recv() => received,
-            _ = crate::shutdown::requested(&mut stopping) => return,
+        let Some(mut listener) = listen_until_it_works(&pool, &mut stopping).await else {
+            return;
         };
-        match received {
-            Ok(Some(notification)) => {
-                let Some((sender, ids)) = notification.payload().split_once('|') else {
-                    continue;
-                };
-                if sender == replica {
-                    continue; // our own commits woke the hub already
+        // LISTEN is in effect: anything committed without a notification reaching us
+        // is in the log by now.
+        hub.wake_all();
+        loop {
+            let received = tokio::select! {
+                received = listener.try_recv() => received,
+                _ = crate::shutdown::requested(&mut stopping) => return,
+            };
+            match received {
+                Ok(Some(notification)) => wake_for(&hub, &replica, notification.payload()),
+                Ok(None) => {
+                    tracing::warn!("LISTEN connection was lost; reconnecting");
+                    break;
                 }
-                for entry in ids.split(',') {
-                    let Some((id, at)) = entry.split_once('@') else {
-                        continue;
-                    };
-                    if let (Ok(id), Ok(at)) = (BatchId::parse("id", id), at.parse()) {
-                        hub.wake_for_commit(&id, at);
-                    }
+                Err(error) => {
+                    tracing::warn!(%error, "LISTEN connection failed; reconnecting");
+                    break;
                 }
-            }
-            Ok(None) => {
-                tracing::warn!(
-                    "LISTEN connection was lost and re-established; re-reading every watched batch"
-                );
-                hub.wake_all();
-            }
-            Err(error) => {
-                tracing::warn!(%error, "LISTEN connection failed; reconnecting");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                hub.wake_all();
             }
         }
     }
 }
 
+/// Wakes the feeds of the batches another replica committed, named in `payload`
+/// (`replica|id@ms,id@ms,...`).
+fn wake_for(hub: &WatchHub, replica: &str, payload: &str) {
+    let Some((sender, ids)) = payload.split_once('|') else {
+        return;
+    };
+    if sender == replica {
+        return; // our own commits woke the hub already
+    }
+    for entry in ids.split(',') {
+        let Some((id, at)) = entry.split_once('@') else {
+            continue;
+        };
+        if let (Ok(id), Ok(at)) = (BatchId::parse("id", id), at.parse()) {
+            hub.wake_for_commit(&id, at);
+        }
+    }
+}
+
+/// A listener on [`CHANNEL`], retried with exponential backoff until LISTEN succeeds;
+/// `None` when stopping comes first.
+async fn listen_until_it_works(
+    pool: &PgPool,
+    stopping: &mut watch::Receiver<bool>,
+) -> Option<PgListener> {
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            listened = listen(pool) => match listened {
+                Ok(listener) => return Some(listener),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "cannot LISTEN for other replicas' changes");
+                }
+            },
+            _ = crate::shutdown::requested(stopping) => return None,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = crate::shutdown::requested(stopping) => return None,
+        }
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+}
+
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
+    // A lost connection makes `try_recv` return `Ok(None)` at once, for
+    // `run_listener` to reconnect and then re-read, in that order.
+    listener.eager_reconnect(false);
     listener.listen(CHANNEL).await?;
     Ok(listener)
 }

@@ -1,6 +1,7 @@
 //! One watch stream: its start (snapshot, or the versions after `after_version`), then
 //! every next version from the feed, checked for contiguity, with catch-up from the log
 //! whenever the feed's broadcast skipped ahead, and heartbeats while nothing changes.
+//! It ends early when the replica stops or the stream's API key is found revoked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::hub::{LOG_PAGE, Subscription};
+use super::hub::{KEY_REVOKED, LOG_PAGE, Subscription};
 use super::{WatchEvent, WatchEventKind};
 use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
@@ -25,6 +26,8 @@ pub(super) struct Start {
     pub(super) after_version: Option<i64>,
     pub(super) heartbeat: Duration,
     pub(super) stopping: watch::Receiver<bool>,
+    /// Turns `true` when the stream's API key is found revoked.
+    pub(super) revoked: watch::Receiver<bool>,
 }
 
 /// Why a stream stops early.
@@ -88,6 +91,7 @@ impl Watcher {
             }
         }
         let mut stopping = self.start.stopping.clone();
+        let mut revoked = self.start.revoked.clone();
         loop {
             if self.last.as_ref().is_some_and(|b| b.status.is_terminal()) {
                 return Ok(());
@@ -95,6 +99,7 @@ impl Watcher {
             let next_heartbeat = self.last_sent + self.start.heartbeat;
             tokio::select! {
                 _ = crate::shutdown::requested(&mut stopping) => return Err(Error::ShuttingDown.into()),
+                _ = key_revoked(&mut revoked) => return Err(Error::Unauthenticated(KEY_REVOKED).into()),
                 _ = self.out.closed() => return Err(Stop::ClientGone),
                 received = subscription.events.recv() => match received {
                     Ok(batch) if batch.version <= self.cursor => {}
@@ -161,15 +166,21 @@ impl Watcher {
     /// client reads slowly), but not past a shutdown: a client that never reads must
     /// not hold the process up.
     async fn send(&mut self, kind: WatchEventKind, batch: Arc<Batch>) -> Result<(), Stop> {
+        // Nothing more goes out on a revoked key, even when the buffer has room.
+        if *self.start.revoked.borrow() {
+            return Err(Error::Unauthenticated(KEY_REVOKED).into());
+        }
         if kind != WatchEventKind::Heartbeat {
             self.cursor = batch.version;
             self.last = Some(batch.clone());
         }
         self.last_sent = Instant::now();
         let mut stopping = self.start.stopping.clone();
+        let mut revoked = self.start.revoked.clone();
         tokio::select! {
             sent = self.out.send(Ok(WatchEvent { kind, batch })) => sent.map_err(|_| Stop::ClientGone)?,
             _ = crate::shutdown::requested(&mut stopping) => return Err(Error::ShuttingDown.into()),
+            _ = key_revoked(&mut revoked) => return Err(Error::Unauthenticated(KEY_REVOKED).into()),
         }
         let kind = match kind {
             WatchEventKind::Snapshot => "snapshot",
@@ -178,5 +189,14 @@ impl Watcher {
         };
         metrics::counter!("batchd_watch_events_delivered_total", "kind" => kind).increment(1);
         Ok(())
+    }
+}
+
+/// Completes once the stream's API key is found revoked.
+async fn key_revoked(revoked: &mut watch::Receiver<bool>) {
+    // The sender lives while the key has open streams, this one included; were it gone
+    // anyway, nothing could revoke the key any more, so this waits for good.
+    if revoked.wait_for(|revoked| *revoked).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

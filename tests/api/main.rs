@@ -5,14 +5,17 @@
 mod helpers;
 mod operations;
 mod process;
+mod proxy;
 
 mod auth;
 mod batches;
 mod cache;
 mod cli;
 mod concurrency;
+mod hardening;
 mod health;
 mod replicas;
 mod rest;
 mod store;
 mod watch;
+mod watch_hardening;

@@ -16,9 +16,9 @@ use crate::helpers::*;
 use crate::process::Server;
 
 /// How long any single watch message may take to arrive before a test fails.
-const PATIENCE: Duration = Duration::from_secs(20);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
 
-async fn watch(
+pub(crate) async fn watch(
     client: &mut Client,
     batch_id: &str,
     after_version: Option<i64>,
@@ -34,7 +34,7 @@ async fn watch(
 
 /// The next message, `None` when the stream ended with OK; panics on an error or
 /// when nothing arrives in time.
-async fn next(stream: &mut Streaming<pb::WatchBatchResponse>) -> Option<(E, pb::Batch)> {
+pub(crate) async fn next(stream: &mut Streaming<pb::WatchBatchResponse>) -> Option<(E, pb::Batch)> {
     let message = tokio::time::timeout(PATIENCE, stream.message())
         .await
         .expect("a watch message in time")
@@ -46,7 +46,7 @@ async fn next(stream: &mut Streaming<pb::WatchBatchResponse>) -> Option<(E, pb::
 }
 
 /// Advances a batch by one version: counts up, or the next status at the end.
-fn progress(batch_id: &str, step: i64) -> pb::UpdateBatchRequest {
+pub(crate) fn progress(batch_id: &str, step: i64) -> pb::UpdateBatchRequest {
     pb::UpdateBatchRequest {
         batch_id: batch_id.to_owned(),
         request_counts: Some(pb::RequestCounts {
@@ -434,20 +434,20 @@ async fn resuming_from_a_compacted_version_yields_a_snapshot(backend: Backend) {
 
 /// A Server-Sent Events message.
 #[derive(Debug)]
-struct Sse {
-    id: Option<i64>,
-    event: String,
-    data: serde_json::Value,
+pub(crate) struct Sse {
+    pub(crate) id: Option<i64>,
+    pub(crate) event: String,
+    pub(crate) data: serde_json::Value,
 }
 
 /// Reads SSE messages from a streaming HTTP response.
-struct SseReader {
+pub(crate) struct SseReader {
     response: reqwest::Response,
     buffer: String,
 }
 
 impl SseReader {
-    async fn next(&mut self) -> Option<Sse> {
+    pub(crate) async fn next(&mut self) -> Option<Sse> {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
@@ -476,7 +476,7 @@ impl SseReader {
     }
 }
 
-async fn sse(rest: &Rest, batch_id: &str, last_event_id: Option<i64>) -> SseReader {
+pub(crate) async fn sse(rest: &Rest, batch_id: &str, last_event_id: Option<i64>) -> SseReader {
     let mut request = rest.request(
         reqwest::Method::GET,
         &format!("/v1/batches/{batch_id}/watch"),

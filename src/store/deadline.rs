@@ -1,0 +1,143 @@
+//! A deadline on every database call. A database that stops answering with its
+//! connections still open (a network partition, a frozen host) never returns an
+//! error by itself: without a deadline each call would hang until the client gives up,
+//! holding its connection and its caller. Every call of the wrapped store ends within
+//! the deadline, with `UNAVAILABLE` when it did not finish in time.
+//!
+//! Migrations and closing the pool are exempt: they run at start and stop, where
+//! waiting is the right thing to do.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{BatchPageQuery, Store};
+use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
+use crate::error::{Error, Result};
+
+/// A [`Store`] whose calls each end within `deadline`.
+pub struct DeadlineStore {
+    inner: Arc<dyn Store>,
+    deadline: Duration,
+}
+
+impl DeadlineStore {
+    /// Wraps `inner`; every call ends within `deadline`.
+    pub fn new(inner: Arc<dyn Store>, deadline: Duration) -> DeadlineStore {
+        DeadlineStore { inner, deadline }
+    }
+
+    async fn within<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                metrics::counter!("batchd_db_errors_total", "kind" => "unavailable").increment(1);
+                Err(Error::Unavailable(format!(
+                    "the database did not answer within {:?}",
+                    self.deadline
+                )))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for DeadlineStore {
+    async fn migrate(&self) -> Result<()> {
+        self.inner.migrate().await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.within(self.inner.ping()).await
+    }
+
+    async fn insert_batch(&self, batch: &Batch) -> Result<()> {
+        self.within(self.inner.insert_batch(batch)).await
+    }
+
+    async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {
+        self.within(self.inner.get_batch(id)).await
+    }
+
+    async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>> {
+        self.within(self.inner.get_batches(ids)).await
+    }
+
+    async fn list_batches(&self, query: BatchPageQuery<'_>) -> Result<Vec<Batch>> {
+        self.within(self.inner.list_batches(query)).await
+    }
+
+    async fn commit_change(&self, next: &Batch) -> Result<bool> {
+        self.within(self.inner.commit_change(next)).await
+    }
+
+    async fn events_after(
+        &self,
+        id: &BatchId,
+        after_version: i64,
+        limit: i64,
+    ) -> Result<Vec<BatchEvent>> {
+        self.within(self.inner.events_after(id, after_version, limit))
+            .await
+    }
+
+    async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
+        self.within(self.inner.latest_versions(ids)).await
+    }
+
+    async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
+        self.within(self.inner.compact_events(before_at, limit))
+            .await
+    }
+
+    fn postgres_pool(&self) -> Option<sqlx::PgPool> {
+        self.inner.postgres_pool()
+    }
+
+    async fn due_batches(
+        &self,
+        now: i64,
+        cancelling_before: i64,
+        limit: i64,
+    ) -> Result<Vec<Batch>> {
+        self.within(self.inner.due_batches(now, cancelling_before, limit))
+            .await
+    }
+
+    fn pool_usage(&self) -> (u32, u32) {
+        self.inner.pool_usage()
+    }
+
+    async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()> {
+        self.within(self.inner.insert_api_key(key, secret_digest))
+            .await
+    }
+
+    async fn insert_first_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<bool> {
+        self.within(self.inner.insert_first_api_key(key, secret_digest))
+            .await
+    }
+
+    async fn api_key_by_digest(&self, secret_digest: &[u8; 32]) -> Result<Option<ApiKey>> {
+        self.within(self.inner.api_key_by_digest(secret_digest))
+            .await
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        self.within(self.inner.list_api_keys()).await
+    }
+
+    async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool> {
+        self.within(self.inner.revoke_api_key(id, at)).await
+    }
+
+    async fn revoked_api_keys(&self, ids: &[String]) -> Result<Vec<String>> {
+        self.within(self.inner.revoked_api_keys(ids)).await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
