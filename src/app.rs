@@ -338,6 +338,9 @@ fn spawn_background_work(
                 if let Err(error) = compactor.compact_event_log(retention).await {
                     tracing::warn!(%error, "event log compaction failed");
                 }
+                if let Err(error) = compactor.forget_expired_idempotency_keys().await {
+                    tracing::warn!(%error, "deleting expired idempotency keys failed");
+                }
             }
         },
     ));

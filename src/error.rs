@@ -43,6 +43,12 @@ pub enum Error {
     /// (a terminal batch, request counts that would go down).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The idempotency key was used by the same owner, within its window, for a
+    /// different request.
+    #[error(
+        "idempotency key `{0}` was already used with a different request in the last 24 hours; send a new key for a new request"
+    )]
+    IdempotencyKeyReused(String),
     /// The caller's `expected_version` is not the batch's version.
     #[error("batch is at version {actual}, not the expected version {expected}")]
     VersionMismatch {
@@ -90,6 +96,8 @@ pub enum ErrorCode {
     FailedPrecondition,
     /// A concurrency conflict; the caller may re-read and retry.
     Aborted,
+    /// What the request would create exists already (an idempotency key reused).
+    AlreadyExists,
     /// A limit was reached; retry later.
     ResourceExhausted,
     /// A dependency (the database) is down.
@@ -110,6 +118,7 @@ impl ErrorCode {
             ErrorCode::NotFound => (5, 404),
             ErrorCode::FailedPrecondition => (9, 409),
             ErrorCode::Aborted => (10, 409),
+            ErrorCode::AlreadyExists => (6, 409),
             ErrorCode::ResourceExhausted => (8, 429),
             ErrorCode::Unavailable => (14, 503),
             ErrorCode::Internal => (13, 500),
@@ -147,6 +156,7 @@ impl Error {
                 ErrorCode::FailedPrecondition
             }
             Error::VersionMismatch { .. } | Error::Contended(_) => ErrorCode::Aborted,
+            Error::IdempotencyKeyReused(_) => ErrorCode::AlreadyExists,
             Error::TooManyWatches { .. } => ErrorCode::ResourceExhausted,
             Error::Unavailable(_) | Error::ShuttingDown => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
@@ -157,6 +167,7 @@ impl Error {
     pub fn field(&self) -> Option<&str> {
         match self {
             Error::InvalidArgument { field, .. } => Some(field),
+            Error::IdempotencyKeyReused(_) => Some(crate::domain::IdempotencyKey::FIELD),
             _ => None,
         }
     }

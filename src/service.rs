@@ -12,11 +12,14 @@ use crate::cache::{CacheOptions, Caches};
 use crate::clock::Clock;
 use crate::domain::{
     Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
-    BatchUpdateInput, Caller, CreateBatchInput, ListBatches, ListBatchesInput, NewBatch, Scope,
-    digest_of,
+    BatchUpdateInput, Caller, CreateBatchInput, IDEMPOTENCY_WINDOW_SECONDS, IdempotencyKey,
+    ListBatches, ListBatchesInput, NewBatch, Scope, digest_of,
 };
 use crate::error::{Error, Result};
-use crate::store::{BatchPageQuery, PointReadOptions, PointReads, Store, StoreOptions};
+use crate::store::{
+    BatchPageQuery, EarlierClaim, IdempotencyClaim, PointReadOptions, PointReads, Store,
+    StoreOptions,
+};
 use crate::watch::{WatchEvent, WatchHub, WatchOptions};
 
 /// Most events one compaction statement deletes.
@@ -188,15 +191,70 @@ impl BatchService {
     #[tracing::instrument(level = "debug", skip_all, fields(batch_id = tracing::field::Empty, user_id = %caller.user_id))]
     pub async fn create_batch(&self, caller: &Caller, input: CreateBatchInput) -> Result<Batch> {
         caller.authorize(Action::CreateBatch)?;
-        let new = NewBatch::parse(input, &self.policy)?;
-        let batch = Batch::create(new, caller, self.clock.now());
+        let mut new = NewBatch::parse(input, &self.policy)?;
+        let idempotency_key = new.idempotency_key.take();
+        let fingerprint = new.fingerprint();
+        let now = self.clock.now();
+        let batch = Batch::create(new, caller, now);
         tracing::Span::current().record("batch_id", tracing::field::display(&batch.id));
-        self.store.insert_batch(&batch).await?;
+        match &idempotency_key {
+            None => self.store.insert_batch(&batch).await?,
+            Some(key) => {
+                let claim = IdempotencyClaim {
+                    user_id: &caller.user_id,
+                    key: key.as_str(),
+                    request_sha256: &fingerprint,
+                    at: now,
+                    expired_before: now.saturating_sub(IDEMPOTENCY_WINDOW_SECONDS),
+                };
+                if let Some(earlier) = self.store.insert_batch_once(&batch, claim).await? {
+                    return self
+                        .repeated_create(caller, key, &fingerprint, earlier)
+                        .await;
+                }
+            }
+        }
         let created = Arc::new(batch.clone());
         self.hub.committed(&created);
         self.caches.remember(created);
         tracing::info!(batch_id = %batch.id, user_id = %batch.user_id, "batch created");
         Ok(batch)
+    }
+
+    /// A create whose idempotency key an earlier request holds: the same request gets
+    /// the batch the earlier one created (as it is now); a different one is refused.
+    async fn repeated_create(
+        &self,
+        caller: &Caller,
+        key: &IdempotencyKey,
+        fingerprint: &[u8; 32],
+        earlier: EarlierClaim,
+    ) -> Result<Batch> {
+        if earlier.request_sha256 != fingerprint {
+            return Err(Error::IdempotencyKeyReused(key.as_str().to_owned()));
+        }
+        let id = BatchId::parse("batch_id", &earlier.batch_id)
+            .map_err(|e| Error::Internal(format!("stored idempotency claim: {e}")))?;
+        tracing::info!(batch_id = %id, user_id = %caller.user_id, "repeated create answered with the first one's batch");
+        self.visible_batch(caller, &id).await
+    }
+
+    /// Deletes the idempotency keys older than their window, in chunks. Returns how
+    /// many were deleted.
+    pub async fn forget_expired_idempotency_keys(&self) -> Result<u64> {
+        let before_at = self.clock.now().saturating_sub(IDEMPOTENCY_WINDOW_SECONDS);
+        let mut deleted = 0;
+        loop {
+            let chunk = self
+                .store
+                .forget_idempotency_keys(before_at, COMPACTION_CHUNK)
+                .await?;
+            deleted += chunk;
+            if chunk < COMPACTION_CHUNK as u64 {
+                return Ok(deleted);
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
     /// One batch the caller can see.

@@ -274,6 +274,51 @@ pub struct CreateBatchInput {
     pub job_id: Option<String>,
     /// Optional note.
     pub remark: Option<String>,
+    /// Makes a retried create return the first one's batch (REST `Idempotency-Key`,
+    /// gRPC `request_id`).
+    pub idempotency_key: Option<String>,
+}
+
+/// How long an idempotency key stands for the batch its first request created.
+pub const IDEMPOTENCY_WINDOW_SECONDS: i64 = 24 * 3600;
+/// Longest idempotency key, in bytes (all ASCII).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+/// A client's idempotency key: 1 to 255 visible ASCII characters, as HTTP headers
+/// carry them and as UUIDs and ULIDs are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The field name errors report.
+    pub const FIELD: &'static str = "Idempotency-Key";
+
+    /// Parses a key sent by a client.
+    pub fn parse(text: &str) -> Result<IdempotencyKey> {
+        if text.is_empty() || text.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(Error::invalid(
+                Self::FIELD,
+                format!(
+                    "is {} bytes long; use 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters",
+                    text.len()
+                ),
+            ));
+        }
+        if let Some(bad) = text.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(Error::invalid(
+                Self::FIELD,
+                format!(
+                    "contains the character {bad:?}; only visible ASCII characters are allowed"
+                ),
+            ));
+        }
+        Ok(IdempotencyKey(text.to_owned()))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// A validated create request.
@@ -291,9 +336,43 @@ pub struct NewBatch {
     pub job_id: Option<String>,
     /// Validated remark.
     pub remark: Option<String>,
+    /// Validated idempotency key.
+    pub idempotency_key: Option<IdempotencyKey>,
 }
 
 impl NewBatch {
+    /// A digest of what the request asks for (everything but the key itself): a retry
+    /// with the same key must ask for exactly the same batch.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        // Length-prefixed fields, so that no two different requests share an encoding.
+        let mut hash = Sha256::new();
+        let mut field = |text: Option<&str>| match text {
+            None => hash.update([0u8]),
+            Some(text) => {
+                hash.update([1u8]);
+                hash.update((text.len() as u64).to_le_bytes());
+                hash.update(text.as_bytes());
+            }
+        };
+        field(Some(&self.input_file_id));
+        field(Some(&self.endpoint));
+        field(Some(&self.completion_window.text));
+        field(self.job_id.as_deref());
+        field(self.remark.as_deref());
+        match &self.metadata {
+            None => field(None),
+            Some(metadata) => {
+                field(Some(&metadata.len().to_string()));
+                for (key, value) in metadata {
+                    field(Some(key));
+                    field(Some(value));
+                }
+            }
+        }
+        hash.finalize().into()
+    }
+
     /// Validates a create request against the deployment's policy.
     pub fn parse(input: CreateBatchInput, policy: &BatchPolicy) -> Result<NewBatch> {
         let input_file_id = parse_identifier("input_file_id", &input.input_file_id)?;
@@ -339,6 +418,10 @@ impl NewBatch {
             remark: input
                 .remark
                 .map(|r| parse_text("remark", &r, MAX_REMARK_CHARS, false))
+                .transpose()?,
+            idempotency_key: input
+                .idempotency_key
+                .map(|k| IdempotencyKey::parse(&k))
                 .transpose()?,
         })
     }

@@ -183,6 +183,7 @@ impl From<pb::CreateBatchRequest> for CreateBatchInput {
                 .then(|| r.metadata.into_iter().collect::<BTreeMap<_, _>>()),
             job_id: r.job_id,
             remark: r.remark,
+            idempotency_key: r.request_id,
         }
     }
 }
@@ -265,6 +266,7 @@ mod tests {
             NotFound,
             FailedPrecondition,
             Aborted,
+            AlreadyExists,
             ResourceExhausted,
             Unavailable,
             Internal,

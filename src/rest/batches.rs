@@ -2,11 +2,14 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 
 use super::RestState;
 use super::dto::{BatchJson, BatchListJson, CreateBatchBody, ListParams};
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, JsonBody, QueryParams};
+use crate::domain::{CreateBatchInput, IdempotencyKey};
+use crate::error::Error;
 
 /// The tag of the batch routes in the OpenAPI document.
 pub const TAG: &str = "batches";
@@ -18,20 +21,36 @@ pub const TAG: &str = "batches";
     tag = TAG,
     operation_id = "createBatch",
     request_body = CreateBatchBody,
-    responses((status = 200, description = "The new batch, in status `validating`", body = BatchJson), ErrorResponses),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: the same key from the same owner within 24 hours returns the batch of the first request; with a different request it is 409. 1 to 255 visible ASCII characters."),
+    ),
+    responses((status = 200, description = "The new batch, in status `validating` (or, for a repeated Idempotency-Key, the batch its first request created)", body = BatchJson), ErrorResponses),
     security(("bearer" = []), ("portkey" = []))
 )]
 pub async fn create_batch(
     State(state): State<RestState>,
     Authenticated(caller): Authenticated,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<CreateBatchBody>,
 ) -> Result<Json<BatchJson>, ApiError> {
-    let batch = state
-        .service
-        .create_batch(&caller, body.try_into()?)
-        .await?;
+    let mut input: CreateBatchInput = body.try_into()?;
+    input.idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| {
+                    Error::invalid(IdempotencyKey::FIELD, "must be visible ASCII characters")
+                })?
+                .to_owned(),
+        ),
+    };
+    let batch = state.service.create_batch(&caller, input).await?;
     Ok(Json(batch.into()))
 }
+
+/// The header of a safe retry (OpenAI's SDKs and Stripe spell it so).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Lists the caller's batches, newest first.
 #[utoipa::path(

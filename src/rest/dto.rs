@@ -323,6 +323,8 @@ impl TryFrom<CreateBatchBody> for CreateBatchInput {
             metadata: body.metadata,
             job_id: body.job_id,
             remark: body.remark,
+            // A header, not a body field: the handler sets it.
+            idempotency_key: None,
         })
     }
 }

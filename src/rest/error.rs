@@ -87,6 +87,7 @@ impl From<Error> for ApiError {
             ErrorCode::NotFound => (CLIENT_ERROR, "not_found"),
             ErrorCode::FailedPrecondition => (CLIENT_ERROR, "invalid_state"),
             ErrorCode::Aborted => (CLIENT_ERROR, "conflict"),
+            ErrorCode::AlreadyExists => (CLIENT_ERROR, "idempotency_key_reused"),
             ErrorCode::ResourceExhausted => (CLIENT_ERROR, "rate_limit_exceeded"),
             ErrorCode::Unavailable => (SERVER_ERROR, "service_unavailable"),
             ErrorCode::Internal => (SERVER_ERROR, "internal_error"),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{BatchPageQuery, Store};
+use super::{BatchPageQuery, EarlierClaim, IdempotencyClaim, Store};
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
 use crate::error::{Error, Result};
 
@@ -55,6 +55,20 @@ impl Store for DeadlineStore {
 
     async fn insert_batch(&self, batch: &Batch) -> Result<()> {
         self.within(self.inner.insert_batch(batch)).await
+    }
+
+    async fn insert_batch_once(
+        &self,
+        batch: &Batch,
+        claim: IdempotencyClaim<'_>,
+    ) -> Result<Option<EarlierClaim>> {
+        self.within(self.inner.insert_batch_once(batch, claim))
+            .await
+    }
+
+    async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64> {
+        self.within(self.inner.forget_idempotency_keys(before_at, limit))
+            .await
     }
 
     async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {

@@ -39,6 +39,30 @@ pub struct BatchPageQuery<'a> {
     pub limit: i64,
 }
 
+/// A create that carries an idempotency key: the key claimed for the new batch.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyClaim<'a> {
+    /// The owner the key is scoped to.
+    pub user_id: &'a str,
+    /// The client's key.
+    pub key: &'a str,
+    /// The fingerprint of the request.
+    pub request_sha256: &'a [u8; 32],
+    /// When the claim is made, Unix seconds.
+    pub at: i64,
+    /// A claim made before this (Unix seconds) has expired and is replaced.
+    pub expired_before: i64,
+}
+
+/// The claim an earlier request holds on an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlierClaim {
+    /// The batch it created.
+    pub batch_id: String,
+    /// The fingerprint of that request.
+    pub request_sha256: Vec<u8>,
+}
+
 /// Where batches, their history and API keys are kept.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -50,6 +74,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a new batch (version 1) and its first event, atomically.
     async fn insert_batch(&self, batch: &Batch) -> Result<()>;
+
+    /// Like [`Store::insert_batch`], but only if the idempotency key of `claim` is free
+    /// (or its claim expired), claiming it for `batch` in the same transaction.
+    /// Returns the earlier, live claim instead, writing nothing, when there is one.
+    async fn insert_batch_once(
+        &self,
+        batch: &Batch,
+        claim: IdempotencyClaim<'_>,
+    ) -> Result<Option<EarlierClaim>>;
+
+    /// Deletes at most `limit` idempotency keys claimed before `before_at`; returns
+    /// how many.
+    async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64>;
 
     /// The batch with this id, whoever owns it.
     async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;

@@ -115,6 +115,21 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Inserts a batch and its first event inside `tx`.
+    async fn insert_batch_in(tx: &mut Transaction<'static, Postgres>, batch: &Batch) -> Result<()> {
+        sql::bind_new_batch!(sqlx::query(INSERT_BATCH_WITH_EVENT), batch)
+            .bind(sqlx::types::Json(batch))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// A transaction for an idempotency claim: the primary key on (owner, key) makes a
+    /// concurrent claim of the same key wait for this one to commit or roll back.
+    async fn begin_claim(&self) -> Result<Transaction<'static, Postgres>> {
+        Ok(self.pool.begin().await?)
+    }
+
     async fn commit_change_if_current(&self, next: &Batch) -> Result<bool> {
         let inserted = sql::bind_changed_batch!(sqlx::query(COMMIT_CHANGE), next)
             .bind(sqlx::types::Json(next))

@@ -117,6 +117,24 @@ pub(super) use bind_changed_batch;
 pub(super) const INSERT_EVENT: &str =
     "INSERT INTO batch_events (batch_id, version, snapshot, at) VALUES ($1, $2, $3, $4)";
 
+/// Frees key $2 of owner $1 if its claim was made before $3 (expired).
+pub(super) const RELEASE_EXPIRED_IDEMPOTENCY_KEY: &str = "DELETE FROM idempotency_keys \
+     WHERE user_id = $1 AND idempotency_key = $2 AND created_at < $3";
+
+/// Claims key $2 of owner $1 for request $3 and batch $4 at $5, unless it is taken.
+pub(super) const CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys \
+     (user_id, idempotency_key, request_sha256, batch_id, created_at) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idempotency_key) DO NOTHING";
+
+/// The claim on key $2 of owner $1.
+pub(super) const SELECT_IDEMPOTENCY_KEY: &str = "SELECT batch_id, request_sha256 \
+     FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2";
+
+/// Deletes at most $2 idempotency keys claimed before $1.
+pub(super) const FORGET_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys \
+     WHERE (user_id, idempotency_key) IN (SELECT user_id, idempotency_key \
+     FROM idempotency_keys WHERE created_at < $1 LIMIT $2)";
+
 /// The batch with id $1.
 pub(super) const SELECT_BATCH: &str =
     concat!("SELECT ", batch_columns!(), " FROM batches WHERE id = $1");
@@ -208,6 +226,57 @@ macro_rules! impl_store {
             #[tracing::instrument(level = "debug", name = "store.insert_batch", skip_all, fields(db.system = $system, batch_id = %batch.id))]
             async fn insert_batch(&self, batch: &Batch) -> Result<()> {
                 self.insert_batch_with_event(batch).await
+            }
+
+            #[tracing::instrument(level = "debug", name = "store.insert_batch_once", skip_all, fields(db.system = $system, batch_id = %batch.id))]
+            async fn insert_batch_once(
+                &self,
+                batch: &Batch,
+                claim: $crate::store::IdempotencyClaim<'_>,
+            ) -> Result<Option<$crate::store::EarlierClaim>> {
+                let mut tx = self.begin_claim().await?;
+                sqlx::query(sql::RELEASE_EXPIRED_IDEMPOTENCY_KEY)
+                    .bind(claim.user_id)
+                    .bind(claim.key)
+                    .bind(claim.expired_before)
+                    .execute(&mut *tx)
+                    .await?;
+                let claimed = sqlx::query(sql::CLAIM_IDEMPOTENCY_KEY)
+                    .bind(claim.user_id)
+                    .bind(claim.key)
+                    .bind(&claim.request_sha256[..])
+                    .bind(batch.id.as_str())
+                    .bind(claim.at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if claimed == 0 {
+                    // Taken by a live claim (on PostgreSQL the INSERT waited for the
+                    // transaction that made it to commit, so it is visible now).
+                    let (batch_id, request_sha256): (String, Vec<u8>) =
+                        sqlx::query_as(sql::SELECT_IDEMPOTENCY_KEY)
+                            .bind(claim.user_id)
+                            .bind(claim.key)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    return Ok(Some($crate::store::EarlierClaim {
+                        batch_id,
+                        request_sha256,
+                    }));
+                }
+                Self::insert_batch_in(&mut tx, batch).await?;
+                tx.commit().await?;
+                Ok(None)
+            }
+
+            #[tracing::instrument(level = "debug", name = "store.forget_idempotency_keys", skip_all, fields(db.system = $system))]
+            async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64> {
+                let result = sqlx::query(sql::FORGET_IDEMPOTENCY_KEYS)
+                    .bind(before_at)
+                    .bind(limit)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(result.rows_affected())
             }
 
             #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(db.system = $system, batch_id = %id))]

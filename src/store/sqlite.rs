@@ -72,12 +72,22 @@ impl SqliteStore {
 
     async fn insert_batch_with_event(&self, batch: &Batch) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        sql::bind_new_batch!(sqlx::query(sql::INSERT_BATCH), batch)
-            .execute(&mut *tx)
-            .await?;
-        append_event(&mut tx, batch).await?;
+        Self::insert_batch_in(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Inserts a batch and its first event inside `tx`.
+    async fn insert_batch_in(tx: &mut Transaction<'static, Sqlite>, batch: &Batch) -> Result<()> {
+        sql::bind_new_batch!(sqlx::query(sql::INSERT_BATCH), batch)
+            .execute(&mut **tx)
+            .await?;
+        append_event(tx, batch).await
+    }
+
+    /// The write lock from the idempotency key's check to the batch's insert.
+    async fn begin_claim(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.begin_write().await
     }
 
     async fn commit_change_if_current(&self, next: &Batch) -> Result<bool> {

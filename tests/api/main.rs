@@ -14,6 +14,7 @@ mod cli;
 mod concurrency;
 mod hardening;
 mod health;
+mod idempotency;
 mod replicas;
 mod rest;
 mod store;
