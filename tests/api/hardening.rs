@@ -343,6 +343,7 @@ on_both_stores!(
     counts_that_overflow_are_refused,
     a_batch_cannot_grow_past_what_a_default_client_reads,
     concurrent_writers_get_no_internal_and_no_spurious_unavailable,
+    a_hostile_pass_gets_clear_errors_and_changes_nothing,
 );
 
 /// batchd on PostgreSQL through a proxy the test controls, with short deadlines.
@@ -522,5 +523,391 @@ async fn postgres_a_flood_of_unknown_keys_neither_fails_readiness_nor_starves_kn
             matches!(code, Code::Unauthenticated | Code::Unavailable),
             "{code:?}"
         );
+    }
+}
+
+/// What one hostile pass did: REST statuses and gRPC codes, by what was sent.
+#[derive(Default)]
+struct Outcomes {
+    rest: Vec<(String, u16)>,
+    grpc: Vec<(String, Code)>,
+}
+
+/// Sends every REST route and every RPC malformed, oversize, NUL-laden and
+/// overflowing input, with and without a key.
+async fn hostile_pass(app: &TestApp, batch_id: &str) -> Outcomes {
+    let mut outcomes = Outcomes::default();
+    // A connection of its own per request: the one the server closes after refusing
+    // the 2 MiB body must not be reused for the next request.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let base = format!("http://{}", app.http_addr);
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let long_id = format!("batch_{}", "a".repeat(10_000));
+    let nul_body = r#"{"input_file_id":"f\u0000","endpoint":"/v1/chat/completions\u0000","completion_window":"24h\u0000","metadata":{"\u0000":"\u0000"},"job_id":"\u0000","remark":"\u0000"}"#;
+    let many_pairs: serde_json::Map<String, serde_json::Value> = (0..10_000)
+        .map(|i| (format!("k{i}"), serde_json::Value::from("v")))
+        .collect();
+    let bodies: Vec<(&str, String)> = vec![
+        ("not json", "{".into()),
+        ("nul everywhere", nul_body.into()),
+        ("wrong types", r#"{"input_file_id":1,"endpoint":[],"completion_window":{},"metadata":"x"}"#.into()),
+        ("deep nesting", format!("{}{}", "[".repeat(10_000), "]".repeat(10_000))),
+        ("huge", format!(r#"{{"input_file_id":"{huge}"}}"#)),
+        ("huge window", r#"{"input_file_id":"f","endpoint":"/v1/chat/completions","completion_window":"99999999999999999999h"}"#.into()),
+        ("many metadata pairs", serde_json::json!({"input_file_id":"f","endpoint":"/v1/chat/completions","completion_window":"24h","metadata": many_pairs}).to_string()),
+        ("lone surrogate", r#"{"input_file_id":"\ud800","endpoint":"/v1/chat/completions","completion_window":"24h"}"#.into()),
+    ];
+    let paths = [
+        "/v1/batches?limit=99999999999999999999".to_owned(),
+        "/v1/batches?limit=-1".to_owned(),
+        format!("/v1/batches?after={}", "a".repeat(10_000)),
+        "/v1/batches?after=batch_%00".to_owned(),
+        "/v1/batches?status=%00".to_owned(),
+        format!("/v1/batches?job_id={}", "j".repeat(10_000)),
+        "/v1/batches?job_id=%00".to_owned(),
+        "/v1/batches/%00".to_owned(),
+        format!("/v1/batches/{long_id}"),
+        format!("/v1/batches/{batch_id}/watch?after_version=9223372036854775807"),
+        format!("/v1/batches/{batch_id}/watch?after_version=-9223372036854775808"),
+        format!("/v1/batches/{batch_id}/watch?after_version=99999999999999999999"),
+        format!("/v1/batches/{long_id}/cancel"),
+    ];
+    // A valid key, none, and one that is not even ASCII (a header cannot carry NUL).
+    for key in [Some(app.admin_key.as_str()), None, Some("bäd-ключ")] {
+        let auth = |request: reqwest::RequestBuilder| match key {
+            Some(key) => request.header(
+                "authorization",
+                reqwest::header::HeaderValue::from_bytes(format!("Bearer {key}").as_bytes())
+                    .expect("a header value"),
+            ),
+            None => request,
+        };
+        for (what, body) in &bodies {
+            let response = auth(http.post(format!("{base}/v1/batches")))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            let status = response.map_or(0, |r| r.status().as_u16());
+            outcomes
+                .rest
+                .push((format!("POST /v1/batches {what}"), status));
+        }
+        for path in &paths {
+            for method in [reqwest::Method::GET, reqwest::Method::POST] {
+                let response = auth(http.request(method.clone(), format!("{base}{path}")))
+                    .send()
+                    .await;
+                let status = response.map_or(0, |r| r.status().as_u16());
+                outcomes.rest.push((format!("{method} {path:.60}"), status));
+            }
+        }
+        for last_event_id in ["-1", "9223372036854775807", "x", &"9".repeat(100)] {
+            let response = auth(http.get(format!("{base}/v1/batches/{batch_id}/watch")))
+                .header("last-event-id", last_event_id)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if let Ok(response) = response {
+                outcomes.rest.push((
+                    format!("watch Last-Event-ID {last_event_id:.20}"),
+                    response.status().as_u16(),
+                ));
+            }
+        }
+    }
+
+    let mut client = app.client(&app.admin_key);
+    let mut worker = app.worker(&app.admin_key);
+    let mut anonymous = app.anonymous_client();
+    let nul_create = pb::CreateBatchRequest {
+        input_file_id: "f\0".into(),
+        endpoint: "/v1/chat/completions\0".into(),
+        completion_window: "24h\0".into(),
+        metadata: [("\0".to_owned(), "\0".to_owned())].into(),
+        job_id: Some("\0".into()),
+        remark: Some("\0".into()),
+        request_id: Some("\0".into()),
+    };
+    let huge_create = pb::CreateBatchRequest {
+        remark: Some("r".repeat(3 * 1024 * 1024)),
+        ..new_batch()
+    };
+    let many_pairs = pb::CreateBatchRequest {
+        metadata: (0..10_000)
+            .map(|i| (format!("k{i}"), "v".to_owned()))
+            .collect(),
+        ..new_batch()
+    };
+    for (what, request) in [
+        ("create nul", nul_create.clone()),
+        ("create huge", huge_create),
+        ("create many pairs", many_pairs),
+    ] {
+        let code = client
+            .create_batch(request)
+            .await
+            .map_or_else(|s| s.code(), |_| Code::Ok);
+        outcomes.grpc.push((what.into(), code));
+    }
+    let code = anonymous
+        .create_batch(nul_create)
+        .await
+        .map_or_else(|s| s.code(), |_| Code::Ok);
+    outcomes.grpc.push(("create anonymous".into(), code));
+    for id in ["", "\0", &long_id] {
+        let code = client
+            .get_batch(pb::GetBatchRequest {
+                batch_id: id.into(),
+            })
+            .await
+            .map_or_else(|s| s.code(), |_| Code::Ok);
+        outcomes.grpc.push((format!("get {id:.20}"), code));
+        let code = client
+            .cancel_batch(pb::CancelBatchRequest {
+                batch_id: id.into(),
+            })
+            .await
+            .map_or_else(|s| s.code(), |_| Code::Ok);
+        outcomes.grpc.push((format!("cancel {id:.20}"), code));
+    }
+    for request in [
+        pb::ListBatchesRequest {
+            limit: Some(i32::MAX),
+            ..Default::default()
+        },
+        pb::ListBatchesRequest {
+            limit: Some(i32::MIN),
+            ..Default::default()
+        },
+        pb::ListBatchesRequest {
+            after: Some(long_id.clone()),
+            ..Default::default()
+        },
+        pb::ListBatchesRequest {
+            job_id: Some("\0".into()),
+            ..Default::default()
+        },
+        pb::ListBatchesRequest {
+            status: Some(9_999),
+            ..Default::default()
+        },
+    ] {
+        let code = client
+            .list_batches(request)
+            .await
+            .map_or_else(|s| s.code(), |_| Code::Ok);
+        outcomes.grpc.push(("list".into(), code));
+    }
+    for after_version in [i64::MAX, i64::MIN, -1] {
+        let code = client
+            .watch_batch(pb::WatchBatchRequest {
+                batch_id: batch_id.into(),
+                after_version: Some(after_version),
+            })
+            .await
+            .map_or_else(|s| s.code(), |_| Code::Ok);
+        outcomes
+            .grpc
+            .push((format!("watch after {after_version}"), code));
+    }
+    let error = |text: &str| pb::BatchError {
+        code: text.into(),
+        line: Some(i64::MIN),
+        message: text.into(),
+        param: Some(text.into()),
+    };
+    for (what, update) in [
+        (
+            "versions",
+            pb::UpdateBatchRequest {
+                expected_version: Some(i64::MIN),
+                ..Default::default()
+            },
+        ),
+        (
+            "status",
+            pb::UpdateBatchRequest {
+                status: Some(9_999),
+                ..Default::default()
+            },
+        ),
+        (
+            "counts",
+            pb::UpdateBatchRequest {
+                request_counts: Some(pb::RequestCounts {
+                    total: i64::MAX,
+                    completed: i64::MAX,
+                    failed: i64::MAX,
+                }),
+                ..Default::default()
+            },
+        ),
+        (
+            "negative counts",
+            pb::UpdateBatchRequest {
+                request_counts: Some(pb::RequestCounts {
+                    total: i64::MIN,
+                    completed: 0,
+                    failed: 0,
+                }),
+                ..Default::default()
+            },
+        ),
+        (
+            "usage",
+            pb::UpdateBatchRequest {
+                usage: Some(pb::Usage {
+                    input_tokens: i64::MAX,
+                    output_tokens: i64::MAX,
+                    total_tokens: -2,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ),
+        (
+            "nul errors",
+            pb::UpdateBatchRequest {
+                errors: vec![error("\0")],
+                ..Default::default()
+            },
+        ),
+        (
+            "many errors",
+            pb::UpdateBatchRequest {
+                errors: vec![error("e"); 5_000],
+                ..Default::default()
+            },
+        ),
+        (
+            "huge file id",
+            pb::UpdateBatchRequest {
+                output_file_id: Some("f".repeat(100_000)),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let code = worker
+            .update_batch(pb::UpdateBatchRequest {
+                batch_id: batch_id.into(),
+                ..update
+            })
+            .await
+            .map_or_else(|s| s.code(), |_| Code::Ok);
+        outcomes.grpc.push((format!("update {what}"), code));
+    }
+    outcomes
+}
+
+async fn a_hostile_pass_gets_clear_errors_and_changes_nothing(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = app.client(&app.admin_key);
+    let batch = create(&mut client).await;
+
+    let first = hostile_pass(&app, &batch.id).await;
+    let lines = metrics_text(&app).await.lines().count();
+    let second = hostile_pass(&app, &batch.id).await;
+    let text = metrics_text(&app).await;
+
+    for (what, status) in first.rest.iter().chain(&second.rest) {
+        // A 2 MiB body is answered 413 as soon as the limit is passed, and the server
+        // closes the connection while the client still writes: the client may see the
+        // closed connection (0) instead of the 413.
+        let closed_mid_upload = *status == 0 && what.ends_with("huge");
+        assert!(
+            (400..500).contains(status) || *status == 503 || closed_mid_upload,
+            "{what}: {status}"
+        );
+    }
+    for (what, code) in first.grpc.iter().chain(&second.grpc) {
+        assert!(
+            !matches!(code, Code::Ok | Code::Internal | Code::Unknown),
+            "{what}: {code:?}"
+        );
+    }
+    // Undecodable protobuf: gRPC's status table assigns INTERNAL to it, and nothing else.
+    let mut grpc = tonic::client::Grpc::new(app.channel());
+    grpc.ready().await.unwrap();
+    let garbage = grpc
+        .unary(
+            tonic::Request::new(bytes::Bytes::from_static(&[0xff; 64])),
+            http::uri::PathAndQuery::from_static("/batchd.v1.BatchService/GetBatch"),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(garbage.code(), Code::Internal | Code::Unauthenticated),
+        "{garbage:?}"
+    );
+
+    // The process is alive, the metrics did not grow on the second pass, and nothing
+    // was written: one batch, at its first version.
+    let alive = reqwest::get(format!("http://{}/healthz", app.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(alive.status(), 200);
+    assert_eq!(
+        text.lines().count(),
+        lines,
+        "a repeated hostile pass grew /metrics"
+    );
+    let listed = client
+        .list_batches(pb::ListBatchesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.data.len(), 1, "nothing half-written");
+    assert_eq!(get(&mut client, &batch.id).await, batch);
+}
+
+/// Sends and receives raw bytes, to put undecodable protobuf on the wire.
+#[derive(Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }
