@@ -456,6 +456,7 @@ impl BatchService {
 
     /// Revokes a key: it authenticates nothing from now on.
     pub async fn revoke_api_key(&self, key_id: &str) -> Result<()> {
+        let key_id = ApiKey::check_id(key_id)?;
         if self.store.revoke_api_key(key_id, self.clock.now()).await? {
             Ok(())
         } else {

@@ -104,6 +104,23 @@ pub fn digest_of(token: &str) -> [u8; 32] {
 }
 
 impl ApiKey {
+    /// Checks that `text` can be an API key id (`key_` and 1 to 64 letters or digits)
+    /// before it is looked up, so that no unbounded or unstorable text reaches SQL.
+    pub fn check_id(text: &str) -> Result<&str> {
+        let suffix = text.strip_prefix("key_").unwrap_or_default();
+        if (1..=64).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            Ok(text)
+        } else {
+            Err(Error::invalid(
+                "key_id",
+                format!(
+                    "`{}` is not an API key id (expected `key_` followed by letters or digits)",
+                    text.chars().take(80).collect::<String>()
+                ),
+            ))
+        }
+    }
+
     /// A new active key for `user_id`; `user_id` is validated like any identifier.
     pub fn new(user_id: &str, scope: Scope, now: i64) -> Result<ApiKey> {
         if user_id.is_empty()
@@ -259,5 +276,15 @@ mod tests {
         assert!(ApiKey::new("alice@example.com", Scope::Batches, 0).is_ok());
         assert!(ApiKey::new("", Scope::Batches, 0).is_err());
         assert!(ApiKey::new("a b", Scope::Batches, 0).is_err());
+    }
+
+    #[test]
+    fn key_ids_are_checked_before_a_lookup() {
+        let key = ApiKey::new("alice", Scope::Batches, 0).unwrap();
+        assert_eq!(ApiKey::check_id(&key.id).unwrap(), key.id);
+        let too_long = format!("key_{}", "a".repeat(65));
+        for bad in ["", "key_", "key_\0", "other_1", too_long.as_str()] {
+            assert!(ApiKey::check_id(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -395,4 +395,73 @@ mod tests {
         }
         assert_eq!(source.queries(), vec![vec![id(1)]; 3]);
     }
+
+    #[tokio::test]
+    async fn a_read_past_its_deadline_fails_and_is_never_queried() {
+        let source = GatedBatches::with_ids(&[&id(1), &id(2), &id(3)], false);
+        let reads = PointReads::over(
+            source.clone(),
+            PointReadOptions {
+                concurrent_queries: 1,
+                max_wait: Duration::from_millis(100),
+                ..PointReadOptions::default()
+            },
+        );
+        let first = spawn_read(&reads, 1);
+        until("the first query", || source.queries().len() == 1).await;
+        let late = spawn_read(&reads, 2);
+        let result = late.await.unwrap();
+        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+        // The query that was stuck answers (too late for its reader); the next one
+        // carries only the read that still waits.
+        let waiting = spawn_read(&reads, 3);
+        source.gate.add_permits(2);
+        let _ = first.await.unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap().unwrap().id, id(3));
+        assert_eq!(source.queries(), vec![vec![id(1)], vec![id(3)]]);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let source = GatedBatches::with_ids(&[&id(1)], false);
+        let reads = PointReads::over(source.clone(), one_query());
+        let first = spawn_read(&reads, 1);
+        until("the first query", || source.queries().len() == 1).await;
+        let queued: Vec<_> = (0..MAX_WAITING_READS as u32)
+            .map(|n| spawn_read(&reads, 10 + n))
+            .collect();
+        until("the queue to fill", || {
+            reads.lock().len() == MAX_WAITING_READS
+        })
+        .await;
+        let refused = reads.get(&id(1)).await;
+        assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
+        source.gate.add_permits(100);
+        let _ = first.await.unwrap();
+        for read in queued {
+            assert!(read.await.unwrap().is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_fail_fast_while_the_database_is_known_down() {
+        let source = GatedBatches::with_ids(&[&id(1)], false);
+        source.gate.add_permits(10);
+        let database = DatabaseStatus::default();
+        let reads = PointReads::over(
+            source.clone(),
+            PointReadOptions {
+                database: database.clone(),
+                ..PointReadOptions::default()
+            },
+        );
+        database.set_down(true);
+        assert!(matches!(
+            reads.get(&id(1)).await,
+            Err(Error::Unavailable(_))
+        ));
+        assert!(source.queries().is_empty(), "no query while down");
+        database.set_down(false);
+        assert_eq!(reads.get(&id(1)).await.unwrap().unwrap().id, id(1));
+    }
 }
