@@ -162,7 +162,8 @@ pub struct ServeArgs {
     pub create_first_key: bool,
 
     /// How long an API key lookup is remembered: a revoked key stops working within
-    /// this time. 0 checks the database on every call.
+    /// this time, and its open watch streams end within it too (each replica checks
+    /// the keys of its open streams this often). 0 checks the database on every call.
     #[arg(long, env = "BATCHD_API_KEY_CACHE_TTL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub api_key_cache_ttl: Duration,
 

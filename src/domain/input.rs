@@ -189,6 +189,10 @@ fn parse_identifier(field: &str, text: &str) -> Result<String> {
     Ok(text.to_owned())
 }
 
+/// What free text (remarks, metadata, error messages) must look like, as an ECMA-262
+/// regular expression: anything but the NUL character.
+pub const TEXT_PATTERN: &str = "^[^\\u0000]*$";
+
 /// Refuses text a store cannot keep: PostgreSQL's TEXT and JSONB refuse the NUL
 /// character (SQLite would keep it, and both stores must accept the same values).
 /// Rust strings are valid UTF-8, so NUL is the only character either store refuses.
@@ -292,6 +296,8 @@ pub struct IdempotencyKey(String);
 impl IdempotencyKey {
     /// The field name errors report.
     pub const FIELD: &'static str = "Idempotency-Key";
+    /// What [`IdempotencyKey::parse`] accepts, as an ECMA-262 regular expression.
+    pub const PATTERN: &'static str = "^[!-~]{1,255}$";
 
     /// Parses a key sent by a client.
     pub fn parse(text: &str) -> Result<IdempotencyKey> {

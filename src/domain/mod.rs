@@ -14,7 +14,7 @@ pub use input::{
     BatchId, BatchPolicy, BatchUpdate, BatchUpdateInput, CompletionWindow, CreateBatchInput,
     DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, IDEMPOTENCY_WINDOW_SECONDS, IDENTIFIER_PATTERN,
     IdempotencyKey, ListBatches, ListBatchesInput, MAX_IDEMPOTENCY_KEY_BYTES,
-    MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS, NewBatch,
+    MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS, NewBatch, TEXT_PATTERN,
 };
 pub use status::BatchStatus;
 

@@ -26,8 +26,8 @@ pub use error::ApiError;
 use serde_json::{Value, json};
 
 use crate::domain::{
-    BatchId, BatchPolicy, IDENTIFIER_PATTERN, MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS,
-    MAX_METADATA_VALUE_CHARS,
+    BatchId, BatchPolicy, IDENTIFIER_PATTERN, IdempotencyKey, MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS, TEXT_PATTERN,
 };
 use crate::health::Readiness;
 use crate::service::BatchService;
@@ -112,6 +112,7 @@ fn openapi_document(openapi: &utoipa::openapi::OpenApi, policy: &BatchPolicy) ->
             let pattern = match parameter["name"].as_str() {
                 Some("batch_id" | "after") => BatchId::PATTERN,
                 Some("job_id") => IDENTIFIER_PATTERN,
+                Some(IdempotencyKey::FIELD) => IdempotencyKey::PATTERN,
                 _ => continue,
             };
             parameter["schema"]["pattern"] = json!(pattern);
@@ -127,12 +128,13 @@ fn openapi_document(openapi: &utoipa::openapi::OpenApi, policy: &BatchPolicy) ->
         .map(|w| w.text.as_str())
         .collect();
     create["completion_window"]["enum"] = json!(windows);
+    create["remark"]["pattern"] = json!(TEXT_PATTERN);
     let metadata = &mut create["metadata"];
     metadata["maxProperties"] = json!(MAX_METADATA_PAIRS);
-    metadata["propertyNames"] =
-        json!({"type": "string", "minLength": 1, "maxLength": MAX_METADATA_KEY_CHARS});
-    metadata["additionalProperties"] =
-        json!({"type": "string", "maxLength": MAX_METADATA_VALUE_CHARS});
+    metadata["propertyNames"] = json!({"type": "string", "minLength": 1,
+        "maxLength": MAX_METADATA_KEY_CHARS, "pattern": TEXT_PATTERN});
+    metadata["additionalProperties"] = json!({"type": "string",
+        "maxLength": MAX_METADATA_VALUE_CHARS, "pattern": TEXT_PATTERN});
     document
 }
 
