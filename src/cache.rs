@@ -218,18 +218,10 @@ impl Caches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{ApiKey, BatchErrorEntry, BatchPolicy, CreateBatchInput, NewBatch, Scope};
+    use crate::domain::{ApiKey, BatchErrorEntry, Scope, fixtures};
 
     fn batch_of_text(bytes: usize) -> Arc<Batch> {
-        let key = ApiKey::new("tenant", Scope::Admin, 1_700_000_000).unwrap();
-        let input = CreateBatchInput {
-            input_file_id: "file-1".into(),
-            endpoint: "/v1/chat/completions".into(),
-            completion_window: "24h".into(),
-            ..Default::default()
-        };
-        let new = NewBatch::parse(input, &BatchPolicy::default()).unwrap();
-        let mut batch = Batch::create(new, &Caller::of(&key), 1_700_000_000);
+        let mut batch = fixtures::batch();
         batch.errors = vec![BatchErrorEntry {
             code: "c".into(),
             line: None,

@@ -25,6 +25,25 @@ use crate::watch::{WatchEvent, WatchHub, WatchOptions};
 /// Most events one compaction statement deletes.
 pub const COMPACTION_CHUNK: i64 = 1_000;
 
+/// Runs `delete` (which deletes at most its argument of rows) until it deletes fewer
+/// than a whole chunk; returns how many rows were deleted in all.
+async fn in_chunks<F, Fut>(mut delete: F) -> Result<u64>
+where
+    F: FnMut(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    let mut deleted = 0;
+    loop {
+        let chunk = delete(COMPACTION_CHUNK).await?;
+        deleted += chunk;
+        if chunk < COMPACTION_CHUNK as u64 {
+            return Ok(deleted);
+        }
+        // Let the writers queued behind this chunk commit first.
+        tokio::task::yield_now().await;
+    }
+}
+
 /// How often a change is retried when other writers keep committing first. Each failed
 /// attempt means another writer's change went through, so the system always progresses.
 const MAX_COMMIT_ATTEMPTS: usize = 64;
@@ -243,18 +262,7 @@ impl BatchService {
     /// many were deleted.
     pub async fn forget_expired_idempotency_keys(&self) -> Result<u64> {
         let before_at = self.clock.now().saturating_sub(IDEMPOTENCY_WINDOW_SECONDS);
-        let mut deleted = 0;
-        loop {
-            let chunk = self
-                .store
-                .forget_idempotency_keys(before_at, COMPACTION_CHUNK)
-                .await?;
-            deleted += chunk;
-            if chunk < COMPACTION_CHUNK as u64 {
-                return Ok(deleted);
-            }
-            tokio::task::yield_now().await;
-        }
+        in_chunks(|limit| self.store.forget_idempotency_keys(before_at, limit)).await
     }
 
     /// One batch the caller can see.
@@ -406,19 +414,7 @@ impl BatchService {
     pub async fn compact_event_log(&self, retention: Duration) -> Result<u64> {
         let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
         let before_at = self.clock.now().saturating_sub(retention);
-        let mut deleted = 0;
-        loop {
-            let chunk = self
-                .store
-                .compact_events(before_at, COMPACTION_CHUNK)
-                .await?;
-            deleted += chunk;
-            if chunk < COMPACTION_CHUNK as u64 {
-                break;
-            }
-            // Let the writers queued behind this chunk commit first.
-            tokio::task::yield_now().await;
-        }
+        let deleted = in_chunks(|limit| self.store.compact_events(before_at, limit)).await?;
         if deleted > 0 {
             tracing::info!(deleted, "compacted the event log");
         }

@@ -19,3 +19,22 @@ pub use input::{
 pub use status::BatchStatus;
 
 pub(crate) use input::random_hex;
+
+/// Batches for unit tests, made the way the service makes them.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A new batch of owner `tenant`, created at 1,700,000,000.
+    pub(crate) fn batch() -> Batch {
+        let key = ApiKey::new("tenant", Scope::Admin, 1_700_000_000).expect("a valid user");
+        let input = CreateBatchInput {
+            input_file_id: "file-1".into(),
+            endpoint: "/v1/chat/completions".into(),
+            completion_window: "24h".into(),
+            ..Default::default()
+        };
+        let new = NewBatch::parse(input, &BatchPolicy::default()).expect("a valid request");
+        Batch::create(new, &Caller::of(&key), 1_700_000_000)
+    }
+}

@@ -234,7 +234,7 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
-    use crate::domain::{Batch, BatchId, BatchPolicy, Caller, CreateBatchInput, NewBatch, Scope};
+    use crate::domain::{Batch, BatchId};
 
     /// Batches in memory whose queries wait for the test to let them through, and
     /// which remember the ids of every query.
@@ -247,20 +247,10 @@ mod tests {
 
     impl GatedBatches {
         fn with_ids(ids: &[&BatchId], fail: bool) -> Arc<GatedBatches> {
-            let caller = Caller::of(
-                &crate::domain::ApiKey::new("tenant", Scope::Admin, 1_700_000_000).unwrap(),
-            );
             let batches = ids
                 .iter()
                 .map(|id| {
-                    let input = CreateBatchInput {
-                        input_file_id: "file-1".into(),
-                        endpoint: "/v1/chat/completions".into(),
-                        completion_window: "24h".into(),
-                        ..Default::default()
-                    };
-                    let new = NewBatch::parse(input, &BatchPolicy::default()).unwrap();
-                    let mut batch = Batch::create(new, &caller, 1_700_000_000);
+                    let mut batch = crate::domain::fixtures::batch();
                     batch.id = (*id).clone();
                     ((*id).clone(), batch)
                 })
