@@ -365,8 +365,9 @@ fn spawn_background_work(
         let outbox = Outbox::new(replica.clone());
         service.hub().publish_to(outbox.clone());
         let (notifier_pool, notifier_stop) = (pool.clone(), shutdown.subscribe());
+        let deadline = options.store.call_deadline();
         tasks.spawn(async move {
-            postgres::run_notifier(notifier_pool, outbox, notifier_stop).await;
+            postgres::run_notifier(notifier_pool, outbox, deadline, notifier_stop).await;
             ("watch notifier", Ok(()))
         });
         let (hub, listener_stop) = (service.hub().clone(), shutdown.subscribe());

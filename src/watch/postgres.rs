@@ -92,7 +92,14 @@ impl Outbox {
 }
 
 /// Sends the outbox's wake-ups until `stopping`, one NOTIFY per batch of pending ids.
-pub async fn run_notifier(pool: PgPool, outbox: Arc<Outbox>, mut stopping: watch::Receiver<bool>) {
+/// Each NOTIFY ends within `deadline`: a database that stopped answering must not hold
+/// the notifier (and a pool connection) until it answers again.
+pub async fn run_notifier(
+    pool: PgPool,
+    outbox: Arc<Outbox>,
+    deadline: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = outbox.wake.notified() => {}
@@ -103,11 +110,14 @@ pub async fn run_notifier(pool: PgPool, outbox: Arc<Outbox>, mut stopping: watch
         tokio::time::sleep(COALESCE).await;
         let ids = outbox.take();
         for payload in outbox.payloads(&ids) {
-            let sent = sqlx::query("SELECT pg_notify($1, $2)")
+            let notify = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
                 .bind(&payload)
-                .execute(&pool)
-                .await;
+                .execute(&pool);
+            let sent = match tokio::time::timeout(deadline, notify).await {
+                Ok(sent) => sent.map(drop).map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {deadline:?}")),
+            };
             if let Err(error) = sent {
                 // The other replicas' safety polls pick these changes up.
                 tracing::warn!(%error, "cannot notify other replicas");
