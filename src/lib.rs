@@ -6,7 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod app; // builds the listeners, wires every part, runs until shutdown
-pub mod cache; // API keys, terminal batches and latest versions kept in memory
+pub mod cache; // API keys (valid and unknown), terminal and latest batches, bounded in bytes
 pub mod clock; // the injectable source of "now"
 pub mod commands; // the CLI subcommands other than `serve` (migrate, keys)
 pub mod config; // clap flags, each with a BATCHD_* environment variable

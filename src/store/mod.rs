@@ -1,5 +1,7 @@
 //! Persistence: one [`Store`] trait, with SQLite (embedded default) and PostgreSQL
-//! (replicated deployments) behind it. [`connect`] picks the backend by URL scheme.
+//! (replicated deployments) behind it. [`connect`] picks the backend by URL scheme and
+//! wraps it in a [`DeadlineStore`], so that every call ends within the acquire timeout,
+//! whatever the database does.
 //!
 //! The store knows rows and transactions, not rules: the state machine lives in the
 //! domain, and the service is the only caller. Both backends speak the same SQL text
