@@ -366,6 +366,6 @@ mod tests {
         assert_eq!(args.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(args.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(args.batch_policy().completion_windows.len(), 2);
-        assert_eq!(args.batch_policy().endpoints.len(), 5);
+        assert_eq!(args.batch_policy().endpoints.len(), 8);
     }
 }

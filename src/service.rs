@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::domain::{
     Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
     BatchUpdateInput, Caller, CreateBatchInput, IDEMPOTENCY_WINDOW_SECONDS, IdempotencyKey,
-    ListBatches, ListBatchesInput, NewBatch, Scope, digest_of,
+    ListBatches, ListBatchesInput, ListOrder, NewBatch, Scope, digest_of,
 };
 use crate::error::{Error, Result};
 use crate::store::{
@@ -273,7 +273,8 @@ impl BatchService {
         self.visible_batch(caller, &id).await
     }
 
-    /// A page of the batches the caller can see, newest first.
+    /// A page of the batches the caller can see that match the filters, newest first
+    /// unless asked otherwise.
     #[tracing::instrument(level = "debug", skip_all, fields(user_id = %caller.user_id))]
     pub async fn list_batches(
         &self,
@@ -292,8 +293,12 @@ impl BatchService {
             .list_batches(BatchPageQuery {
                 owner: caller.owner_filter(),
                 after: list.after.as_ref(),
-                status: list.status,
+                statuses: &list.statuses,
                 job_id: list.job_id.as_deref(),
+                created_after: list.created_after,
+                created_before: list.created_before,
+                metadata: &list.metadata,
+                oldest_first: list.order == ListOrder::OldestFirst,
                 // One more than asked tells whether another page follows.
                 limit: list.limit + 1,
             })

@@ -49,6 +49,39 @@ pub struct BatchErrorEntry {
     pub param: Option<String>,
 }
 
+/// When the output and error files of a batch expire (OpenAI's
+/// `BatchFileExpirationAfter`): `seconds` after the anchor, the files' creation. The
+/// worker that writes the files reads it from the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputExpiresAfter {
+    /// What the expiry counts from; OpenAI supports only `created_at`.
+    pub anchor: ExpiryAnchor,
+    /// Seconds after the anchor, 3600 (one hour) to 2,592,000 (30 days).
+    pub seconds: i64,
+}
+
+/// What a file expiry counts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiryAnchor {
+    /// The file's creation.
+    CreatedAt,
+}
+
+impl ExpiryAnchor {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpiryAnchor::CreatedAt => "created_at",
+        }
+    }
+
+    /// Parses the wire spelling.
+    pub fn from_wire(text: &str) -> Option<ExpiryAnchor> {
+        (text == "created_at").then_some(ExpiryAnchor::CreatedAt)
+    }
+}
+
 /// The batch object. Field names follow the documented JSON object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
@@ -98,6 +131,8 @@ pub struct Batch {
     pub job_id: Option<String>,
     /// Optional note.
     pub remark: Option<String>,
+    /// When the output and error files expire, as the client asked on create.
+    pub output_expires_after: Option<OutputExpiresAfter>,
     /// The owner.
     pub user_id: String,
     /// The API key that created the batch.
@@ -156,6 +191,7 @@ impl Batch {
             usage: None,
             job_id: new.job_id,
             remark: new.remark,
+            output_expires_after: new.output_expires_after,
             user_id: caller.user_id.clone(),
             api_key_id: caller.key_id.clone(),
             version: 1,
@@ -376,6 +412,7 @@ mod tests {
             usage: None,
             job_id: None,
             remark: None,
+            output_expires_after: None,
             user_id: "alice".into(),
             api_key_id: "key_1".into(),
             version: 1,

@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::batch::{BatchErrorEntry, RequestCounts, Usage};
+use super::batch::{BatchErrorEntry, ExpiryAnchor, OutputExpiresAfter, RequestCounts, Usage};
 use super::status::BatchStatus;
 use crate::error::{Error, Result};
 
@@ -120,13 +120,17 @@ pub struct BatchPolicy {
     pub completion_windows: Vec<CompletionWindow>,
 }
 
-/// The endpoints OpenAI's Batch API accepts.
-pub const DEFAULT_ENDPOINTS: [&str; 5] = [
+/// The endpoints OpenAI's Batch API accepts (`CreateBatchRequest.endpoint` of its
+/// OpenAPI document).
+pub const DEFAULT_ENDPOINTS: [&str; 8] = [
     "/v1/responses",
     "/v1/chat/completions",
     "/v1/embeddings",
     "/v1/completions",
     "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
 ];
 
 /// The completion windows accepted by default.
@@ -281,6 +285,35 @@ pub struct CreateBatchInput {
     /// Makes a retried create return the first one's batch (REST `Idempotency-Key`,
     /// gRPC `request_id`).
     pub idempotency_key: Option<String>,
+    /// When the output files expire: `(anchor, seconds)` as sent.
+    pub output_expires_after: Option<(String, i64)>,
+}
+
+/// Shortest output file expiry OpenAI accepts: one hour.
+pub const MIN_OUTPUT_EXPIRY_SECONDS: i64 = 3_600;
+/// Longest output file expiry OpenAI accepts: 30 days.
+pub const MAX_OUTPUT_EXPIRY_SECONDS: i64 = 2_592_000;
+
+/// Validates `output_expires_after` exactly as OpenAI does.
+fn parse_output_expires_after(anchor: &str, seconds: i64) -> Result<OutputExpiresAfter> {
+    let anchor = ExpiryAnchor::from_wire(anchor).ok_or_else(|| {
+        Error::invalid(
+            "output_expires_after.anchor",
+            format!(
+                "`{}` is not supported; the only anchor is `created_at`",
+                truncate_for_message(anchor)
+            ),
+        )
+    })?;
+    if !(MIN_OUTPUT_EXPIRY_SECONDS..=MAX_OUTPUT_EXPIRY_SECONDS).contains(&seconds) {
+        return Err(Error::invalid(
+            "output_expires_after.seconds",
+            format!(
+                "{seconds} is out of range; use {MIN_OUTPUT_EXPIRY_SECONDS} (1 hour) to {MAX_OUTPUT_EXPIRY_SECONDS} (30 days)"
+            ),
+        ));
+    }
+    Ok(OutputExpiresAfter { anchor, seconds })
 }
 
 /// How long an idempotency key stands for the batch its first request created.
@@ -344,6 +377,8 @@ pub struct NewBatch {
     pub remark: Option<String>,
     /// Validated idempotency key.
     pub idempotency_key: Option<IdempotencyKey>,
+    /// Validated output file expiry.
+    pub output_expires_after: Option<OutputExpiresAfter>,
 }
 
 impl NewBatch {
@@ -366,6 +401,10 @@ impl NewBatch {
         field(Some(&self.completion_window.text));
         field(self.job_id.as_deref());
         field(self.remark.as_deref());
+        let expiry = self
+            .output_expires_after
+            .map(|e| format!("{}:{}", e.anchor.as_str(), e.seconds));
+        field(expiry.as_deref());
         match &self.metadata {
             None => field(None),
             Some(metadata) => {
@@ -428,6 +467,10 @@ impl NewBatch {
             idempotency_key: input
                 .idempotency_key
                 .map(|k| IdempotencyKey::parse(&k))
+                .transpose()?,
+            output_expires_after: input
+                .output_expires_after
+                .map(|(anchor, seconds)| parse_output_expires_after(&anchor, seconds))
                 .transpose()?,
         })
     }
@@ -634,6 +677,36 @@ pub const DEFAULT_LIST_LIMIT: i64 = 20;
 /// Largest page size of a list.
 pub const MAX_LIST_LIMIT: i64 = 100;
 
+/// Most metadata pairs one list may filter on.
+pub const MAX_METADATA_FILTERS: usize = 4;
+
+/// The order of a list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ListOrder {
+    /// Newest first (the default, as OpenAI lists).
+    #[default]
+    NewestFirst,
+    /// Oldest first.
+    OldestFirst,
+}
+
+impl ListOrder {
+    /// Parses `desc` or `asc`.
+    pub fn parse(text: &str) -> Result<ListOrder> {
+        match text {
+            "desc" => Ok(ListOrder::NewestFirst),
+            "asc" => Ok(ListOrder::OldestFirst),
+            other => Err(Error::invalid(
+                "order",
+                format!(
+                    "`{}` is not an order; use `asc` or `desc`",
+                    truncate_for_message(other)
+                ),
+            )),
+        }
+    }
+}
+
 /// A list request as the transports receive it.
 #[derive(Debug, Clone, Default)]
 pub struct ListBatchesInput {
@@ -641,10 +714,18 @@ pub struct ListBatchesInput {
     pub after: Option<String>,
     /// Page size, 1..=100.
     pub limit: Option<i64>,
-    /// Only batches in this status.
-    pub status: Option<BatchStatus>,
+    /// Only batches in one of these statuses (none: any status).
+    pub statuses: Vec<BatchStatus>,
     /// Only batches of this job.
     pub job_id: Option<String>,
+    /// Only batches created at or after this Unix second.
+    pub created_after: Option<i64>,
+    /// Only batches created before this Unix second.
+    pub created_before: Option<i64>,
+    /// Only batches whose metadata has each of these pairs.
+    pub metadata: Vec<(String, String)>,
+    /// `asc` or `desc` (default).
+    pub order: Option<String>,
 }
 
 /// A validated list request.
@@ -654,10 +735,18 @@ pub struct ListBatches {
     pub after: Option<BatchId>,
     /// Page size, 1..=100.
     pub limit: i64,
-    /// Status filter.
-    pub status: Option<BatchStatus>,
+    /// Status filter: distinct statuses, empty for any.
+    pub statuses: Vec<BatchStatus>,
     /// Job filter.
     pub job_id: Option<String>,
+    /// Created at or after this Unix second.
+    pub created_after: Option<i64>,
+    /// Created before this Unix second.
+    pub created_before: Option<i64>,
+    /// Metadata pairs that must all match, distinct keys.
+    pub metadata: Vec<(String, String)>,
+    /// The order of the page.
+    pub order: ListOrder,
 }
 
 impl ListBatches {
@@ -670,17 +759,61 @@ impl ListBatches {
                 format!("{limit} is out of range; use 1 to {MAX_LIST_LIMIT}"),
             ));
         }
+        let mut statuses = input.statuses;
+        statuses.sort_by_key(|s| s.as_str());
+        statuses.dedup();
+        for (name, value) in [
+            ("created_after", input.created_after),
+            ("created_before", input.created_before),
+        ] {
+            if let Some(value) = value.filter(|&v| v < 0) {
+                return Err(Error::invalid(
+                    name,
+                    format!("{value} is not a Unix time (seconds since 1970)"),
+                ));
+            }
+        }
+        if input.metadata.len() > MAX_METADATA_FILTERS {
+            return Err(Error::invalid(
+                "metadata",
+                format!(
+                    "filters on {} pairs; at most {MAX_METADATA_FILTERS} per list",
+                    input.metadata.len()
+                ),
+            ));
+        }
+        let mut metadata = input.metadata;
+        metadata.sort();
+        metadata.dedup();
+        if metadata.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+            return Err(Error::invalid(
+                "metadata",
+                "names the same key twice with different values; no batch can match",
+            ));
+        }
+        // The same limits as stored metadata: a filter that no stored pair could match
+        // is a mistake, and the text reaches SQL.
+        parse_metadata(Some(metadata.iter().cloned().collect()))?;
         Ok(ListBatches {
             after: input
                 .after
                 .map(|a| BatchId::parse("after", &a))
                 .transpose()?,
             limit,
-            status: input.status,
+            statuses,
             job_id: input
                 .job_id
                 .map(|j| parse_identifier("job_id", &j))
                 .transpose()?,
+            created_after: input.created_after,
+            created_before: input.created_before,
+            metadata,
+            order: input
+                .order
+                .as_deref()
+                .map(ListOrder::parse)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -744,7 +877,7 @@ mod tests {
             "input_file_id"
         );
         assert_eq!(
-            field_of(create(|i| i.endpoint = "/v1/images".into())),
+            field_of(create(|i| i.endpoint = "/v1/audio/speech".into())),
             "endpoint"
         );
         assert_eq!(
@@ -884,6 +1017,27 @@ mod tests {
         ] {
             assert_eq!(field_of(BatchUpdate::parse(input)), field);
         }
+    }
+
+    #[test]
+    fn output_expires_after_is_checked_as_openai_checks_it() {
+        let expiry = |anchor: &str, seconds| {
+            create(|i| i.output_expires_after = Some((anchor.to_owned(), seconds)))
+        };
+        for seconds in [3_600, 86_400, 2_592_000] {
+            let new = expiry("created_at", seconds).unwrap();
+            assert_eq!(new.output_expires_after.unwrap().seconds, seconds);
+        }
+        for seconds in [3_599, 2_592_001, 0, -1, i64::MAX] {
+            assert_eq!(
+                field_of(expiry("created_at", seconds)),
+                "output_expires_after.seconds"
+            );
+        }
+        assert_eq!(
+            field_of(expiry("completed_at", 3_600)),
+            "output_expires_after.anchor"
+        );
     }
 
     #[test]

@@ -8,13 +8,15 @@ mod status;
 
 pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_hex, digest_of};
 pub use batch::{
-    Batch, BatchErrorEntry, BatchEvent, MAX_BATCH_BYTES, MAX_BATCH_ERRORS, RequestCounts, Usage,
+    Batch, BatchErrorEntry, BatchEvent, ExpiryAnchor, MAX_BATCH_BYTES, MAX_BATCH_ERRORS,
+    OutputExpiresAfter, RequestCounts, Usage,
 };
 pub use input::{
     BatchId, BatchPolicy, BatchUpdate, BatchUpdateInput, CompletionWindow, CreateBatchInput,
     DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, IDEMPOTENCY_WINDOW_SECONDS, IDENTIFIER_PATTERN,
-    IdempotencyKey, ListBatches, ListBatchesInput, MAX_IDEMPOTENCY_KEY_BYTES,
-    MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS, NewBatch, TEXT_PATTERN,
+    IdempotencyKey, ListBatches, ListBatchesInput, ListOrder, MAX_IDEMPOTENCY_KEY_BYTES,
+    MAX_METADATA_FILTERS, MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS,
+    MAX_OUTPUT_EXPIRY_SECONDS, MIN_OUTPUT_EXPIRY_SECONDS, NewBatch, TEXT_PATTERN,
 };
 pub use status::BatchStatus;
 

@@ -98,6 +98,10 @@ impl From<Batch> for pb::Batch {
             api_key_id: b.api_key_id,
             version: b.version,
             updated_at: b.updated_at,
+            output_expires_after: b.output_expires_after.map(|e| pb::OutputExpiresAfter {
+                anchor: e.anchor.as_str().to_owned(),
+                seconds: e.seconds,
+            }),
         }
     }
 }
@@ -184,6 +188,7 @@ impl From<pb::CreateBatchRequest> for CreateBatchInput {
             job_id: r.job_id,
             remark: r.remark,
             idempotency_key: r.request_id,
+            output_expires_after: r.output_expires_after.map(|e| (e.anchor, e.seconds)),
         }
     }
 }
@@ -192,14 +197,23 @@ impl TryFrom<pb::ListBatchesRequest> for ListBatchesInput {
     type Error = Error;
 
     fn try_from(r: pb::ListBatchesRequest) -> Result<ListBatchesInput> {
+        let mut statuses = r
+            .statuses
+            .iter()
+            .map(|&s| status_from_proto("statuses", s))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(status) = r.status {
+            statuses.push(status_from_proto("status", status)?);
+        }
         Ok(ListBatchesInput {
             after: r.after,
             limit: r.limit.map(i64::from),
-            status: r
-                .status
-                .map(|s| status_from_proto("status", s))
-                .transpose()?,
+            statuses,
             job_id: r.job_id,
+            created_after: r.created_after,
+            created_before: r.created_before,
+            metadata: r.metadata.into_iter().collect(),
+            order: r.order,
         })
     }
 }

@@ -35,25 +35,32 @@ pub const LIVENESS: &str = "liveness";
 
 /// The descriptors of every service batchd serves (its own, health, reflection): the
 /// metrics name exactly their RPCs.
-pub const FILE_DESCRIPTOR_SETS: [&[u8]; 3] = [
+pub const FILE_DESCRIPTOR_SETS: [&[u8]; 4] = [
     crate::proto::FILE_DESCRIPTOR_SET,
     tonic_health::pb::FILE_DESCRIPTOR_SET,
     tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
 ];
 
 /// Every gRPC service of batchd: the two APIs, health and reflection.
 pub fn routes(service: Arc<BatchService>) -> Result<(Routes, HealthReporter)> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    // Reflection describes itself without being told.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
+    // Reflection describes itself without being told. Both versions are served:
+    // grpcurl and current tools speak v1; grpcio's Python client, Postman, grpcui and
+    // older grpcurl builds speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e| Error::Internal(format!("reflection service: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let routes = Routes::new(BatchServiceServer::new(BatchApi::new(service.clone())))
         .add_service(BatchWorkerServiceServer::new(WorkerApi::new(service)))
         .add_service(health_service)
-        .add_service(reflection);
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     Ok((routes, health_reporter))
 }
 

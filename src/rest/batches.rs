@@ -1,13 +1,13 @@
 //! The batch routes: the paths of OpenAI's Batch API, over the same service as gRPC.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 
 use super::RestState;
-use super::dto::{BatchJson, BatchListJson, CreateBatchBody, ListParams};
+use super::dto::{BatchJson, BatchListJson, CreateBatchBody, ListParams, UpdateBatchBody};
 use super::error::{ApiError, ErrorResponses};
-use super::extract::{Authenticated, JsonBody, QueryParams};
+use super::extract::{Authenticated, JsonBody};
 use crate::domain::{CreateBatchInput, IdempotencyKey};
 use crate::error::Error;
 
@@ -52,7 +52,32 @@ pub async fn create_batch(
 /// The header of a safe retry (OpenAI's SDKs and Stripe spell it so).
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// Lists the caller's batches, newest first.
+/// Applies a worker's update to a batch, all of it or nothing (gRPC `UpdateBatch`):
+/// for executors that report progress without gRPC. Needs a `worker` or `admin` key.
+#[utoipa::path(
+    patch,
+    path = "/v1/batches/{batch_id}",
+    tag = TAG,
+    operation_id = "updateBatch",
+    params(("batch_id" = String, Path, description = "The id of the batch")),
+    request_body = UpdateBatchBody,
+    responses((status = 200, description = "The batch after the update", body = BatchJson), ErrorResponses),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn update_batch(
+    State(state): State<RestState>,
+    Authenticated(caller): Authenticated,
+    Path(batch_id): Path<String>,
+    JsonBody(body): JsonBody<UpdateBatchBody>,
+) -> Result<Json<BatchJson>, ApiError> {
+    let batch = state
+        .service
+        .update_batch(&caller, &batch_id, body.into())
+        .await?;
+    Ok(Json(batch.into()))
+}
+
+/// Lists the caller's batches that match the filters, newest first (or `order=asc`).
 #[utoipa::path(
     get,
     path = "/v1/batches",
@@ -65,9 +90,10 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub async fn list_batches(
     State(state): State<RestState>,
     Authenticated(caller): Authenticated,
-    QueryParams(params): QueryParams<ListParams>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<BatchListJson>, ApiError> {
-    let page = state.service.list_batches(&caller, params.into()).await?;
+    let input = ListParams::parse(query.as_deref().unwrap_or_default())?;
+    let page = state.service.list_batches(&caller, input).await?;
     Ok(Json(page.into()))
 }
 

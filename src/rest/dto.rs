@@ -8,10 +8,41 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::domain::{
-    Batch, BatchErrorEntry, BatchStatus, CreateBatchInput, ListBatchesInput, RequestCounts, Usage,
+    Batch, BatchErrorEntry, BatchStatus, BatchUpdateInput, CreateBatchInput, ListBatchesInput,
+    RequestCounts, Usage,
 };
 use crate::error::{Error, Result};
 use crate::service::BatchPage;
+
+/// An integer as JSON writes it: `3600` or `3600.0` (JSON Schema's `integer` admits
+/// both, and some clients serialize every number as a float). A fraction, or a value
+/// outside i64, is refused.
+fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(integer) = number.as_i64() {
+        return Ok(integer);
+    }
+    match number.as_f64() {
+        // `i64::MAX as f64` rounds up to 2^63, which does not fit: hence `<`.
+        Some(float)
+            if float.fract() == 0.0 && float >= i64::MIN as f64 && float < i64::MAX as f64 =>
+        {
+            Ok(float as i64)
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "{number} is not an integer in range"
+        ))),
+    }
+}
+
+/// [`integer`], for optional fields.
+fn optional_integer<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Integer(#[serde(deserialize_with = "integer")] i64);
+    Ok(Option::<Integer>::deserialize(deserializer)?.map(|Integer(value)| value))
+}
 
 /// The batch object.
 #[derive(Debug, Serialize, ToSchema)]
@@ -91,6 +122,22 @@ pub struct BatchJson {
     /// Unix seconds of the last change; `null` until the first one.
     #[schema(required = true)]
     pub updated_at: Option<i64>,
+    /// When the output and error files expire, as asked on create; `null` otherwise.
+    #[schema(required = true)]
+    pub output_expires_after: Option<OutputExpiresAfterJson>,
+}
+
+/// `output_expires_after`: OpenAI's `BatchFileExpirationAfter`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = BatchFileExpirationAfter)]
+pub struct OutputExpiresAfterJson {
+    /// What the expiry counts from: only `created_at`.
+    #[schema(pattern = "^created_at$")]
+    pub anchor: String,
+    /// Seconds after the anchor: one hour to 30 days.
+    #[schema(minimum = 3600, maximum = 2592000)]
+    #[serde(deserialize_with = "integer")]
+    pub seconds: i64,
 }
 
 /// The OpenAPI schema of the status: the domain enum itself is the DTO (its serde
@@ -121,13 +168,14 @@ pub struct ErrorListJson {
 }
 
 /// One error met while processing the batch.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(as = BatchError)]
 pub struct ErrorEntryJson {
     /// Machine-readable code.
     pub code: String,
     /// Line of the input file, if any.
     #[schema(required = true)]
+    #[serde(default, deserialize_with = "optional_integer")]
     pub line: Option<i64>,
     /// Human-readable message.
     pub message: String,
@@ -137,46 +185,56 @@ pub struct ErrorEntryJson {
 }
 
 /// `request_counts`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(as = BatchRequestCounts)]
 pub struct RequestCountsJson {
     /// Requests in the batch.
+    #[serde(deserialize_with = "integer")]
     pub total: i64,
     /// Requests that completed successfully.
+    #[serde(deserialize_with = "integer")]
     pub completed: i64,
     /// Requests that failed.
+    #[serde(deserialize_with = "integer")]
     pub failed: i64,
 }
 
 /// `usage`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(as = BatchUsage)]
 pub struct UsageJson {
     /// Input tokens.
+    #[serde(deserialize_with = "integer")]
     pub input_tokens: i64,
     /// Details of the input tokens.
+    #[serde(default)]
     pub input_tokens_details: InputTokensDetailsJson,
     /// Output tokens.
+    #[serde(deserialize_with = "integer")]
     pub output_tokens: i64,
     /// Details of the output tokens.
+    #[serde(default)]
     pub output_tokens_details: OutputTokensDetailsJson,
     /// `input_tokens + output_tokens`.
+    #[serde(deserialize_with = "integer")]
     pub total_tokens: i64,
 }
 
 /// `usage.input_tokens_details`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[schema(as = InputTokensDetails)]
 pub struct InputTokensDetailsJson {
     /// Input tokens served from the cache.
+    #[serde(deserialize_with = "integer")]
     pub cached_tokens: i64,
 }
 
 /// `usage.output_tokens_details`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[schema(as = OutputTokensDetails)]
 pub struct OutputTokensDetailsJson {
     /// Output tokens spent on reasoning.
+    #[serde(deserialize_with = "integer")]
     pub reasoning_tokens: i64,
 }
 
@@ -214,6 +272,10 @@ impl From<Batch> for BatchJson {
             api_key_id: b.api_key_id,
             version: b.version,
             updated_at: b.updated_at,
+            output_expires_after: b.output_expires_after.map(|e| OutputExpiresAfterJson {
+                anchor: e.anchor.as_str().to_owned(),
+                seconds: e.seconds,
+            }),
         }
     }
 }
@@ -251,6 +313,82 @@ impl From<Usage> for UsageJson {
                 reasoning_tokens: u.reasoning_tokens,
             },
             total_tokens: u.total_tokens,
+        }
+    }
+}
+
+impl From<ErrorEntryJson> for BatchErrorEntry {
+    fn from(e: ErrorEntryJson) -> BatchErrorEntry {
+        BatchErrorEntry {
+            code: e.code,
+            line: e.line,
+            message: e.message,
+            param: e.param,
+        }
+    }
+}
+
+impl From<RequestCountsJson> for RequestCounts {
+    fn from(c: RequestCountsJson) -> RequestCounts {
+        RequestCounts {
+            total: c.total,
+            completed: c.completed,
+            failed: c.failed,
+        }
+    }
+}
+
+impl From<UsageJson> for Usage {
+    fn from(u: UsageJson) -> Usage {
+        Usage {
+            input_tokens: u.input_tokens,
+            cached_tokens: u.input_tokens_details.cached_tokens,
+            output_tokens: u.output_tokens,
+            reasoning_tokens: u.output_tokens_details.reasoning_tokens,
+            total_tokens: u.total_tokens,
+        }
+    }
+}
+
+/// The body of `PATCH /v1/batches/{batch_id}`: a worker's update, field for field the
+/// gRPC `UpdateBatchRequest`, in the JSON shapes of the batch object. Unknown fields
+/// are refused: a misspelt field must not be an update that silently does nothing.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = UpdateBatchRequest)]
+pub struct UpdateBatchBody {
+    /// Apply only if the batch is at this version (409 otherwise).
+    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "optional_integer")]
+    pub expected_version: Option<i64>,
+    /// The new status; must be a legal move from the current one.
+    pub status: Option<BatchStatus>,
+    /// The new counts: none goes down, and `completed + failed <= total`.
+    pub request_counts: Option<RequestCountsJson>,
+    /// The file with the successful outputs.
+    pub output_file_id: Option<String>,
+    /// The file with the failed requests' outputs.
+    pub error_file_id: Option<String>,
+    /// Appended to the batch's errors.
+    #[serde(default)]
+    pub errors: Vec<ErrorEntryJson>,
+    /// Replaces the batch's usage; `total_tokens = input_tokens + output_tokens`.
+    pub usage: Option<UsageJson>,
+    /// The model that runs the batch.
+    pub model: Option<String>,
+}
+
+impl From<UpdateBatchBody> for BatchUpdateInput {
+    fn from(body: UpdateBatchBody) -> BatchUpdateInput {
+        BatchUpdateInput {
+            expected_version: body.expected_version,
+            status: body.status,
+            request_counts: body.request_counts.map(RequestCounts::from),
+            output_file_id: body.output_file_id,
+            error_file_id: body.error_file_id,
+            errors: body.errors.into_iter().map(BatchErrorEntry::from).collect(),
+            usage: body.usage.map(Usage::from),
+            model: body.model,
         }
     }
 }
@@ -306,6 +444,9 @@ pub struct CreateBatchBody {
     /// A free-form note.
     #[schema(min_length = 1, max_length = 1024)]
     pub remark: Option<String>,
+    /// When the output and error files expire (anchor `created_at`, 3600 to 2592000
+    /// seconds).
+    pub output_expires_after: Option<OutputExpiresAfterJson>,
 }
 
 fn required(field: &str, value: Option<String>) -> Result<String> {
@@ -325,32 +466,105 @@ impl TryFrom<CreateBatchBody> for CreateBatchInput {
             remark: body.remark,
             // A header, not a body field: the handler sets it.
             idempotency_key: None,
+            output_expires_after: body.output_expires_after.map(|e| (e.anchor, e.seconds)),
         })
     }
 }
 
-/// The query of `GET /v1/batches`.
-#[derive(Debug, Deserialize, IntoParams)]
+/// The query of `GET /v1/batches`, as the OpenAPI document describes it. It is parsed
+/// by [`ListParams::parse`], since `status` may repeat and `metadata[key]` names a key.
+#[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: the fields are read by `parse`
 pub struct ListParams {
     /// A batch id: the page starts after it (the previous page's `last_id`).
     pub after: Option<String>,
     /// Page size, 1 to 100; 20 when absent.
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
-    /// Only batches in this status.
-    pub status: Option<BatchStatus>,
+    /// Only batches in one of these statuses: repeat the parameter
+    /// (`status=in_progress&status=finalizing`) or separate them with commas.
+    #[param(style = Form, explode)]
+    pub status: Option<Vec<BatchStatus>>,
     /// Only batches of this job.
     pub job_id: Option<String>,
+    /// Only batches created at or after this Unix second.
+    #[param(minimum = 0)]
+    pub created_after: Option<i64>,
+    /// Only batches created before this Unix second.
+    #[param(minimum = 0)]
+    pub created_before: Option<i64>,
+    /// Only batches whose metadata has each pair: `metadata[team]=search` (at most 4).
+    #[param(style = DeepObject, explode, value_type = Option<Object>)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// `desc` (newest first, the default) or `asc`.
+    #[param(pattern = "^(asc|desc)$")]
+    pub order: Option<String>,
 }
 
-impl From<ListParams> for ListBatchesInput {
-    fn from(params: ListParams) -> ListBatchesInput {
-        ListBatchesInput {
-            after: params.after,
-            limit: params.limit,
-            status: params.status,
-            job_id: params.job_id,
+impl ListParams {
+    /// Parses the query string of a list. Unknown parameters are ignored, as OpenAI
+    /// does; a known one given twice (but `status`) or malformed is refused, naming it.
+    pub fn parse(query: &str) -> Result<ListBatchesInput> {
+        let mut input = ListBatchesInput::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            if let Some(key) = name
+                .strip_prefix("metadata[")
+                .and_then(|rest| rest.strip_suffix(']'))
+            {
+                if input.metadata.iter().any(|(k, _)| k == key) {
+                    return Err(Error::invalid(
+                        format!("metadata[{key}]"),
+                        "is given twice; each key may be filtered on once",
+                    ));
+                }
+                input.metadata.push((key.to_owned(), value.into_owned()));
+                continue;
+            }
+            let known = [
+                "after",
+                "limit",
+                "status",
+                "job_id",
+                "created_after",
+                "created_before",
+                "order",
+            ];
+            let Some(&name) = known.iter().find(|&&known| known == name) else {
+                continue;
+            };
+            if name != "status" && !seen.insert(name) {
+                return Err(Error::invalid(name, "is given twice"));
+            }
+            let integer = |value: &str| {
+                value
+                    .parse::<i64>()
+                    .map_err(|_| Error::invalid(name, format!("`{value:.40}` is not an integer")))
+            };
+            match name {
+                "after" => input.after = Some(value.into_owned()),
+                "limit" => input.limit = Some(integer(&value)?),
+                "job_id" => input.job_id = Some(value.into_owned()),
+                "created_after" => input.created_after = Some(integer(&value)?),
+                "created_before" => input.created_before = Some(integer(&value)?),
+                "order" => input.order = Some(value.into_owned()),
+                _ => {
+                    for status in value.split(',') {
+                        let parsed = BatchStatus::from_wire(status).ok_or_else(|| {
+                            Error::invalid(
+                                "status",
+                                format!(
+                                    "`{status:.40}` is not a status; use {}",
+                                    BatchStatus::ALL.map(BatchStatus::as_str).join(", ")
+                                ),
+                            )
+                        })?;
+                        input.statuses.push(parsed);
+                    }
+                }
+            }
         }
+        Ok(input)
     }
 }

@@ -26,8 +26,8 @@ pub use error::ApiError;
 use serde_json::{Value, json};
 
 use crate::domain::{
-    BatchId, BatchPolicy, IDENTIFIER_PATTERN, IdempotencyKey, MAX_METADATA_KEY_CHARS,
-    MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS, TEXT_PATTERN,
+    BatchId, BatchPolicy, IDENTIFIER_PATTERN, IdempotencyKey, MAX_METADATA_FILTERS,
+    MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS, TEXT_PATTERN,
 };
 use crate::health::Readiness;
 use crate::service::BatchService;
@@ -75,7 +75,7 @@ impl Modify for SecuritySchemes {
 pub fn router(service: Arc<BatchService>, readiness: Arc<Readiness>) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(batches::create_batch, batches::list_batches))
-        .routes(routes!(batches::get_batch))
+        .routes(routes!(batches::get_batch, batches::update_batch))
         .routes(routes!(batches::cancel_batch))
         .routes(routes!(watch::watch_batch))
         .routes(routes!(healthz))
@@ -109,6 +109,10 @@ fn openapi_document(openapi: &utoipa::openapi::OpenApi, policy: &BatchPolicy) ->
             .filter_map(|operation| operation.get_mut("parameters")?.as_array_mut())
             .flatten();
         for parameter in parameters {
+            if parameter["name"] == "metadata" {
+                constrain_metadata(&mut parameter["schema"], MAX_METADATA_FILTERS);
+                continue;
+            }
             let pattern = match parameter["name"].as_str() {
                 Some("batch_id" | "after") => BatchId::PATTERN,
                 Some("job_id") => IDENTIFIER_PATTERN,
@@ -129,13 +133,18 @@ fn openapi_document(openapi: &utoipa::openapi::OpenApi, policy: &BatchPolicy) ->
         .collect();
     create["completion_window"]["enum"] = json!(windows);
     create["remark"]["pattern"] = json!(TEXT_PATTERN);
-    let metadata = &mut create["metadata"];
-    metadata["maxProperties"] = json!(MAX_METADATA_PAIRS);
-    metadata["propertyNames"] = json!({"type": "string", "minLength": 1,
-        "maxLength": MAX_METADATA_KEY_CHARS, "pattern": TEXT_PATTERN});
-    metadata["additionalProperties"] = json!({"type": "string",
-        "maxLength": MAX_METADATA_VALUE_CHARS, "pattern": TEXT_PATTERN});
+    constrain_metadata(&mut create["metadata"], MAX_METADATA_PAIRS);
     document
+}
+
+/// Adds the domain's limits to a metadata schema (stored metadata, or a list's filter):
+/// at most `pairs` pairs, keys and values as long as the domain allows, no NUL.
+fn constrain_metadata(schema: &mut Value, pairs: usize) {
+    schema["maxProperties"] = json!(pairs);
+    schema["propertyNames"] = json!({"type": "string", "minLength": 1,
+        "maxLength": MAX_METADATA_KEY_CHARS, "pattern": TEXT_PATTERN});
+    schema["additionalProperties"] = json!({"type": "string",
+        "maxLength": MAX_METADATA_VALUE_CHARS, "pattern": TEXT_PATTERN});
 }
 
 /// Registers the request metrics of every observed route (`METHOD /path`, as the

@@ -31,12 +31,20 @@ pub use sqlite::SqliteStore;
 pub struct BatchPageQuery<'a> {
     /// Only this owner's batches; `None` for every owner.
     pub owner: Option<&'a str>,
-    /// Only batches created before this one (which must exist).
+    /// Only batches after this one (which must exist) in the page's order.
     pub after: Option<&'a BatchId>,
-    /// Only batches in this status.
-    pub status: Option<BatchStatus>,
+    /// Only batches in one of these statuses; empty for any.
+    pub statuses: &'a [BatchStatus],
     /// Only batches of this job.
     pub job_id: Option<&'a str>,
+    /// Only batches created at or after this Unix second.
+    pub created_after: Option<i64>,
+    /// Only batches created before this Unix second.
+    pub created_before: Option<i64>,
+    /// Only batches whose metadata has every one of these pairs.
+    pub metadata: &'a [(String, String)],
+    /// Oldest first instead of newest first.
+    pub oldest_first: bool,
     /// At most this many rows.
     pub limit: i64,
 }

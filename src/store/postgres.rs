@@ -12,16 +12,20 @@ use crate::error::{Error, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// Inserts a batch and its first event in one statement (one round trip, atomic).
-/// $1..$29 as in [`sql::INSERT_BATCH`], $30 the snapshot.
+/// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata
+/// filter) and its first event in one statement (one round trip, atomic).
+/// $1..$30 as in [`sql::INSERT_BATCH`] ($11 created_at, $28 version), $31 the snapshot.
 const INSERT_BATCH_WITH_EVENT: &str = concat!(
     "WITH inserted AS (",
     "INSERT INTO batches (",
     sql::batch_columns!(),
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-     $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29) RETURNING id) \
+     $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30) \
+     RETURNING id, seq, user_id, metadata), \
+     indexed AS (INSERT INTO batch_metadata (batch_seq, user_id, meta_key, meta_value) \
+     SELECT i.seq, i.user_id, m.key, m.value FROM inserted i, jsonb_each_text(i.metadata) m) \
      INSERT INTO batch_events (batch_id, version, snapshot, at) \
-     SELECT id, $28, $30, $11 FROM inserted"
+     SELECT id, $28, $31, $11 FROM inserted"
 );
 
 /// Replaces a batch if it is still at the previous version and appends the event, in

@@ -8,7 +8,8 @@ use sqlx::FromRow;
 use sqlx::types::Json;
 
 use crate::domain::{
-    ApiKey, Batch, BatchErrorEntry, BatchEvent, BatchId, BatchStatus, RequestCounts, Scope, Usage,
+    ApiKey, Batch, BatchErrorEntry, BatchEvent, BatchId, BatchStatus, OutputExpiresAfter,
+    RequestCounts, Scope, Usage,
 };
 use crate::error::{Error, Result};
 
@@ -19,7 +20,7 @@ macro_rules! batch_columns {
          output_file_id, error_file_id, errors, created_at, in_progress_at, expires_at, \
          finalizing_at, completed_at, failed_at, expired_at, cancelling_at, cancelled_at, \
          request_total, request_completed, request_failed, metadata, model, usage, job_id, \
-         remark, version, updated_at"
+         remark, version, updated_at, output_expires_after"
     };
 }
 pub(super) use batch_columns;
@@ -29,7 +30,7 @@ pub(super) const INSERT_BATCH: &str = concat!(
     "INSERT INTO batches (",
     batch_columns!(),
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-     $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
+     $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)"
 );
 
 /// Binds every column of [`INSERT_BATCH`], in order, from a `&Batch`.
@@ -66,6 +67,7 @@ macro_rules! bind_new_batch {
             .bind(&b.remark)
             .bind(b.version)
             .bind(b.updated_at)
+            .bind(b.output_expires_after.map(sqlx::types::Json))
     }};
 }
 pub(super) use bind_new_batch;
@@ -491,7 +493,10 @@ impl<DB: sqlx::Database> HealthConnection<DB> {
     }
 }
 
-/// Builds the newest-first page query for either backend.
+/// Builds the page query for either backend. Insertion order (`seq`) is the order of
+/// a list: unique, so a cursor is exact even when batches share a `created_at`. Each
+/// filter has an index (migrations): owner and status, owner and creation time, job,
+/// and the metadata pairs in `batch_metadata`.
 pub(super) fn page_query<'a, DB>(query: super::BatchPageQuery<'a>) -> sqlx::QueryBuilder<DB>
 where
     DB: sqlx::Database,
@@ -506,18 +511,48 @@ where
     if let Some(owner) = query.owner {
         sql.push(" AND user_id = ").push_bind(owner);
     }
+    let (before_or_after, direction) = if query.oldest_first {
+        (">", "ASC")
+    } else {
+        ("<", "DESC")
+    };
     if let Some(after) = query.after {
-        sql.push(" AND seq < (SELECT seq FROM batches WHERE id = ")
-            .push_bind(after.as_str())
-            .push(")");
+        sql.push(format_args!(
+            " AND seq {before_or_after} (SELECT seq FROM batches WHERE id = "
+        ))
+        .push_bind(after.as_str())
+        .push(")");
     }
-    if let Some(status) = query.status {
-        sql.push(" AND status = ").push_bind(status.as_str());
+    if !query.statuses.is_empty() {
+        sql.push(" AND status IN (");
+        let mut statuses = sql.separated(", ");
+        for status in query.statuses {
+            statuses.push_bind(status.as_str());
+        }
+        sql.push(")");
     }
     if let Some(job_id) = query.job_id {
         sql.push(" AND job_id = ").push_bind(job_id);
     }
-    sql.push(" ORDER BY seq DESC LIMIT ").push_bind(query.limit);
+    if let Some(after) = query.created_after {
+        sql.push(" AND created_at >= ").push_bind(after);
+    }
+    if let Some(before) = query.created_before {
+        sql.push(" AND created_at < ").push_bind(before);
+    }
+    for (key, value) in query.metadata {
+        sql.push(" AND seq IN (SELECT batch_seq FROM batch_metadata WHERE ");
+        if let Some(owner) = query.owner {
+            sql.push("user_id = ").push_bind(owner).push(" AND ");
+        }
+        sql.push("meta_key = ")
+            .push_bind(key.as_str())
+            .push(" AND meta_value = ")
+            .push_bind(value.as_str())
+            .push(")");
+    }
+    sql.push(format_args!(" ORDER BY seq {direction} LIMIT "))
+        .push_bind(query.limit);
     sql
 }
 
@@ -558,6 +593,7 @@ pub(super) struct BatchRow {
     remark: Option<String>,
     version: i64,
     updated_at: Option<i64>,
+    output_expires_after: Option<Json<OutputExpiresAfter>>,
 }
 
 impl TryFrom<BatchRow> for Batch {
@@ -596,6 +632,7 @@ impl TryFrom<BatchRow> for Batch {
             usage: row.usage.map(|u| u.0),
             job_id: row.job_id,
             remark: row.remark,
+            output_expires_after: row.output_expires_after.map(|e| e.0),
             user_id: row.user_id,
             api_key_id: row.api_key_id,
             version: row.version,

@@ -19,6 +19,12 @@ const SELECT_BATCHES: &str = concat!(
     " FROM batches WHERE id IN (SELECT value FROM json_each($1))"
 );
 
+/// Copies the metadata pairs of batch $1 into `batch_metadata`, the index of the list's
+/// metadata filter.
+const INDEX_METADATA: &str = "INSERT INTO batch_metadata (batch_seq, user_id, meta_key, \
+     meta_value) SELECT b.seq, b.user_id, m.key, m.value FROM batches b, \
+     json_each(b.metadata) m WHERE b.id = $1";
+
 /// Batches in a SQLite database file.
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -77,11 +83,17 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Inserts a batch and its first event inside `tx`.
+    /// Inserts a batch, its metadata index rows and its first event inside `tx`.
     async fn insert_batch_in(tx: &mut Transaction<'static, Sqlite>, batch: &Batch) -> Result<()> {
         sql::bind_new_batch!(sqlx::query(sql::INSERT_BATCH), batch)
             .execute(&mut **tx)
             .await?;
+        if batch.metadata.is_some() {
+            sqlx::query(INDEX_METADATA)
+                .bind(batch.id.as_str())
+                .execute(&mut **tx)
+                .await?;
+        }
         append_event(tx, batch).await
     }
 

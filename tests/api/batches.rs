@@ -75,7 +75,7 @@ async fn create_refuses_bad_input_and_names_the_field(backend: Backend) {
         ("input_file_id", Box::new(|r| r.input_file_id.clear())),
         (
             "endpoint",
-            Box::new(|r| r.endpoint = "/v1/images/generations".into()),
+            Box::new(|r| r.endpoint = "/v1/audio/speech".into()),
         ),
         (
             "completion_window",

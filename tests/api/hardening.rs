@@ -632,6 +632,10 @@ async fn hostile_pass(app: &TestApp, batch_id: &str) -> Outcomes {
         job_id: Some("\0".into()),
         remark: Some("\0".into()),
         request_id: Some("\0".into()),
+        output_expires_after: Some(pb::OutputExpiresAfter {
+            anchor: "\0".into(),
+            seconds: i64::MIN,
+        }),
     };
     let huge_create = pb::CreateBatchRequest {
         remark: Some("r".repeat(3 * 1024 * 1024)),

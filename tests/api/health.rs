@@ -121,6 +121,39 @@ async fn the_health_command_reports_serving_and_fails_otherwise(backend: Backend
     assert!(stderr.contains("cannot reach"), "{stderr}");
 }
 
+/// Older tools (grpcio's Python client, Postman, grpcui, older grpcurl builds) speak
+/// only `grpc.reflection.v1alpha`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1alpha_is_served_too() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let mut reflection = ServerReflectionClient::new(app.channel());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let response = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("v1alpha is served")
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "batchd.v1.BatchService"),
+        "{names:?}"
+    );
+}
+
 on_both_stores!(
     the_health_command_reports_serving_and_fails_otherwise,
     health_is_serving_for_every_service_while_the_database_answers,

@@ -15,6 +15,7 @@ mod concurrency;
 mod hardening;
 mod health;
 mod idempotency;
+mod list_filters;
 mod replicas;
 mod rest;
 mod store;

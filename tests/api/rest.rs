@@ -38,6 +38,10 @@ async fn drive_to(app: &TestApp, clock: &ManualClock, target: S) -> pb::Batch {
     request.metadata = HashMap::from([("team".into(), "search".into())]);
     request.job_id = Some("job-42".into());
     request.remark = Some("nightly eval".into());
+    request.output_expires_after = Some(pb::OutputExpiresAfter {
+        anchor: "created_at".into(),
+        seconds: 7 * 24 * 3600,
+    });
     let mut batch = client.create_batch(request).await.unwrap().into_inner();
     let id = batch.id.clone();
     let update = |f: fn(&mut pb::UpdateBatchRequest)| {
@@ -236,6 +240,9 @@ fn grpc_as_json(b: &pb::Batch) -> Value {
         })),
         "job_id": b.job_id, "remark": b.remark, "user_id": b.user_id,
         "api_key_id": b.api_key_id, "version": b.version, "updated_at": b.updated_at,
+        "output_expires_after": b.output_expires_after.as_ref().map(|e| json!({
+            "anchor": e.anchor, "seconds": e.seconds,
+        })),
     })
 }
 
@@ -465,7 +472,147 @@ async fn corrupt_status(url: &str, id: &str) {
     }
 }
 
+/// `PATCH /v1/batches/{id}` is UpdateBatch for executors without gRPC: the same rules,
+/// the same errors, statuses as OpenAI's lowercase strings.
+async fn a_worker_drives_a_batch_over_rest_patch(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let owner = app.rest(Some(&app.key("alice", Scope::Batches).await));
+    let worker = app.rest(Some(&app.key("executor", Scope::Worker).await));
+    let (_, batch) = owner
+        .post(
+            "/v1/batches",
+            json!({"input_file_id": "file-1", "endpoint": "/v1/embeddings", "completion_window": "24h"}),
+        )
+        .await;
+    let path = format!("/v1/batches/{}", batch["id"].as_str().unwrap());
+    let patch =
+        |rest: &Rest, body: Value| Rest::send(rest.request(Method::PATCH, &path).json(&body));
+
+    let (status, running) = patch(
+        &worker,
+        json!({"status": "in_progress", "model": "text-embedding-3-small",
+               "request_counts": {"total": 10, "completed": 0, "failed": 0}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{running}");
+    assert_eq!(running["status"], "in_progress");
+    assert!(running["in_progress_at"].is_i64());
+    assert_eq!(running["version"], 2);
+    let (status, progressed) = patch(
+        &worker,
+        json!({"expected_version": 2,
+               "request_counts": {"total": 10, "completed": 9, "failed": 1},
+               "errors": [{"code": "invalid_request", "line": 4, "message": "bad line"}],
+               "usage": {"input_tokens": 30, "output_tokens": 0, "total_tokens": 30}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{progressed}");
+    assert_eq!(progressed["errors"]["data"][0]["line"], 4);
+    assert_eq!(
+        progressed["usage"]["input_tokens_details"]["cached_tokens"],
+        0
+    );
+    let (_, fetched) = owner.get(&path).await;
+    assert_eq!(fetched, progressed, "GET sees what PATCH returned");
+
+    // The same errors as gRPC, in OpenAI's envelope.
+    for (body, code, param) in [
+        (json!({"expected_version": 2, "model": "m"}), 409, None),
+        (json!({"status": "completed"}), 409, None),
+        (json!({"status": "done"}), 400, Some("status")),
+        (json!({"stauts": "completed"}), 400, None),
+        (
+            json!({"usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 5}}),
+            400,
+            Some("usage.total_tokens"),
+        ),
+        (
+            json!({"request_counts": {"total": 10, "completed": 1, "failed": 0}}),
+            409,
+            None,
+        ),
+        (json!({"model": "a\u{0}b"}), 400, Some("model")),
+    ] {
+        let (status, error) = patch(&worker, body.clone()).await;
+        assert_eq!(status, code, "{body}: {error}");
+        if let Some(param) = param {
+            assert_eq!(error["error"]["param"], param, "{body}: {error}");
+        }
+    }
+    let (status, error) = patch(&worker, json!({"stauts": "completed"})).await;
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stauts"),
+        "{status}: {error}"
+    );
+    // A client key may not update.
+    let (status, _) = patch(&owner, json!({"model": "m"})).await;
+    assert_eq!(status, 403);
+    let (_, after) = owner.get(&path).await;
+    assert_eq!(after, progressed, "nothing written by the refused updates");
+}
+
+/// Every `google.api.http` annotation of the proto, as `(METHOD, path)`: what the
+/// contract promises the REST shim serves.
+fn http_annotations() -> Vec<(String, String)> {
+    let proto = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/batchd/v1/batch.proto"),
+    )
+    .expect("read the proto");
+    let mut annotations = Vec::new();
+    for (at, _) in proto.match_indices("option (google.api.http)") {
+        let body = &proto[at..];
+        let body = &body[body.find('{').expect("an option body")..];
+        // The option ends with `};` (paths hold braces of their own).
+        let body = &body[..body.find("};").expect("an option body's end")];
+        for method in ["get", "put", "post", "delete", "patch"] {
+            for (at, _) in body.match_indices(&format!("{method}:")) {
+                let quoted = &body[at + method.len() + 1..];
+                let start = quoted.find('"').expect("a quoted path") + 1;
+                let end = start + quoted[start..].find('"').expect("a closing quote");
+                annotations.push((method.to_uppercase(), quoted[start..end].to_owned()));
+            }
+        }
+    }
+    annotations
+}
+
+/// The proto and the REST shim cannot drift apart: every path the proto annotates is
+/// served (neither 404 "no route" nor 405) and listed in `/openapi.json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_annotation_of_the_proto_is_served_and_documented() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let annotations = http_annotations();
+    assert!(annotations.len() >= 6, "{annotations:?}");
+    let document: Value = reqwest::get(format!("http://{}/openapi.json", app.http_addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rest = app.rest(Some(&app.admin_key));
+    for (method, path) in annotations {
+        assert!(
+            document["paths"][&path][method.to_lowercase()].is_object(),
+            "{method} {path} is not in /openapi.json"
+        );
+        let url = path.replace("{batch_id}", &format!("batch_{}", "0".repeat(32)));
+        let request = rest
+            .request(method.parse().unwrap(), &url)
+            .header("content-type", "application/json")
+            .body("{}");
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap();
+        assert_ne!(status, 405, "{method} {path}: {body}");
+        assert!(!body.contains("unknown_url"), "{method} {path}: {body}");
+    }
+}
+
 on_both_stores!(
+    a_worker_drives_a_batch_over_rest_patch,
     the_json_object_is_pinned_by_a_golden_file_for_every_status,
     rest_and_grpc_carry_the_same_values_for_every_field,
     errors_use_openais_envelope_and_status_codes,

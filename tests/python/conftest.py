@@ -27,6 +27,7 @@ class Batchd:
     process: subprocess.Popen
     database_url: str
     http_url: str
+    grpc_target: str
     admin_key: str
     keys: dict = field(default_factory=dict)
 
@@ -58,10 +59,12 @@ def _serve(database_url: str) -> Batchd:
     lines = []
     for line in process.stdout:
         lines.append(line.rstrip("\n"))
-        serving = re.match(r"batchd is serving gRPC on \S+ and HTTP on (\S+)", line)
+        serving = re.match(r"batchd is serving gRPC on (\S+) and HTTP on (\S+)", line)
         if serving:
             key = next(l for l in lines if l.startswith("bd_sk_"))
-            return Batchd(process, database_url, f"http://{serving.group(1)}", key)
+            return Batchd(
+                process, database_url, f"http://{serving.group(2)}", serving.group(1), key
+            )
     raise RuntimeError(f"batchd exited before serving: {lines}")
 
 

@@ -10,7 +10,12 @@ import pytest
 from openai.types import Batch
 
 # The fields batchd adds to OpenAI's object (documented by other vendors).
-EXTENSIONS = {"job_id", "remark", "user_id", "api_key_id", "version", "updated_at"}
+EXTENSIONS = {
+    "job_id", "remark", "user_id", "api_key_id", "version", "updated_at",
+    # OpenAI takes it on create but does not echo it on the object; batchd returns it
+    # for the worker that writes the output files.
+    "output_expires_after",
+}
 STATUSES = {
     "validating", "failed", "in_progress", "finalizing",
     "completed", "expired", "cancelling", "cancelled",
@@ -40,6 +45,41 @@ def create(client: openai.OpenAI, **extra) -> Batch:
     )
     strictly_parsed(response.http_response.json())
     return response.parse()
+
+
+# CreateBatchRequest.endpoint in OpenAI's OpenAPI document (openai/openai-openapi).
+OPENAI_ENDPOINTS = [
+    "/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
+    "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/videos",
+]
+
+
+def test_every_endpoint_openai_accepts_is_accepted_by_default(batchd):
+    client = batchd.client(batchd.key("alice"))
+    for endpoint in OPENAI_ENDPOINTS:
+        response = client.batches.with_raw_response.create(
+            input_file_id="file-abc123", endpoint=endpoint, completion_window="24h"
+        )
+        assert strictly_parsed(response.http_response.json()).endpoint == endpoint
+
+
+def test_output_expires_after_is_checked_stored_and_returned(batchd):
+    client = batchd.client(batchd.key("alice"))
+    expiry = {"anchor": "created_at", "seconds": 7 * 24 * 3600}
+    batch = create(client, output_expires_after=expiry)
+    assert batch.model_extra["output_expires_after"] == expiry
+    fetched = client.batches.retrieve(batch.id)
+    assert fetched.model_extra["output_expires_after"] == expiry
+    assert create(client).model_extra["output_expires_after"] is None
+    for bad, param in [
+        ({"anchor": "created_at", "seconds": 3599}, "output_expires_after.seconds"),
+        ({"anchor": "created_at", "seconds": 2592001}, "output_expires_after.seconds"),
+        ({"anchor": "completed_at", "seconds": 3600}, "output_expires_after.anchor"),
+        ({"anchor": "created_at"}, "output_expires_after"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as error:
+            create(client, output_expires_after=bad)
+        assert error.value.param == param, bad
 
 
 def test_create_retrieve_and_cancel(batchd):
@@ -128,7 +168,7 @@ def test_other_client_errors_map_to_the_sdks_exceptions(batchd):
     assert error.value.param == "limit"
     with pytest.raises(openai.BadRequestError) as error:
         client.batches.create(
-            input_file_id="file-1", endpoint="/v1/images/generations", completion_window="24h"
+            input_file_id="file-1", endpoint="/v1/audio/speech", completion_window="24h"
         )
     assert error.value.param == "endpoint"
     with pytest.raises(openai.BadRequestError) as error:
