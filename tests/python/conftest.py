@@ -9,6 +9,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import json
+
+import jsonschema
 import openai
 import pytest
 
@@ -18,6 +21,43 @@ POSTGRES_URL = os.environ.get(
     "BATCHD_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres"
 )
 SKIP_POSTGRES = os.environ.get("BATCHD_TEST_SKIP_POSTGRES") == "1"
+
+
+def _nullable_unless_required(node):
+    """OpenAI's live API sends `null` for optional fields it has no value for, which
+    its published schemas do not say: every property that is not required may be null."""
+    if isinstance(node, list):
+        return [_nullable_unless_required(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable_unless_required(value) for key, value in node.items()}
+    required = set(node.get("required", []))
+    for name, schema in node.get("properties", {}).items():
+        if name not in required:
+            node["properties"][name] = {"anyOf": [schema, {"type": "null"}]}
+    return node
+
+
+# OpenAI's published schemas of the batch object and the list page (openai_schemas.json
+# says where from and when).
+_OPENAI = json.loads((Path(__file__).with_name("openai_schemas.json")).read_text())
+_OPENAI_COMPONENTS = {"schemas": _nullable_unless_required(_OPENAI["schemas"])}
+
+
+def conforms_to_openai(body: dict) -> None:
+    """Validates a batch or a page of batches against OpenAI's own schema."""
+    name = {"batch": "Batch", "list": "ListBatchesResponse"}[body["object"]]
+    schema = {"$ref": f"#/components/schemas/{name}", "components": _OPENAI_COMPONENTS}
+    jsonschema.Draft202012Validator(schema).validate(body)
+
+
+def _check_response(response) -> None:
+    """Every successful batch response the SDK receives must conform to OpenAI's schema."""
+    if response.status_code == 200 and "/batches" in response.url.path:
+        response.read()
+        body = response.json()
+        if isinstance(body, dict) and body.get("object") in ("batch", "list"):
+            conforms_to_openai(body)
 
 
 @dataclass
@@ -45,8 +85,14 @@ class Batchd:
         return self.keys[(user, scope)]
 
     def client(self, key: str) -> openai.OpenAI:
-        """The official SDK, pointed at batchd."""
-        return openai.OpenAI(api_key=key, base_url=f"{self.http_url}/v1", max_retries=0)
+        """The official SDK, pointed at batchd; every batch or page it receives is
+        checked against OpenAI's published schemas."""
+        return openai.OpenAI(
+            api_key=key,
+            base_url=f"{self.http_url}/v1",
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(event_hooks={"response": [_check_response]}),
+        )
 
 
 def _serve(database_url: str) -> Batchd:

@@ -82,6 +82,26 @@ def test_output_expires_after_is_checked_stored_and_returned(batchd):
         assert error.value.param == param, bad
 
 
+def test_the_schema_check_catches_what_openai_would_refuse():
+    from conftest import conforms_to_openai
+    import jsonschema
+
+    valid = {
+        "id": "batch_1", "object": "batch", "endpoint": "/v1/embeddings",
+        "input_file_id": "file-1", "completion_window": "24h", "status": "validating",
+        "created_at": 1, "errors": None, "metadata": None,
+    }
+    conforms_to_openai(valid)
+    for broken in [
+        {**valid, "status": "running"},
+        {**valid, "created_at": "yesterday"},
+        {k: v for k, v in valid.items() if k != "endpoint"},
+        {**valid, "request_counts": {"total": 1}},
+    ]:
+        with pytest.raises(jsonschema.ValidationError):
+            conforms_to_openai(broken)
+
+
 def test_create_retrieve_and_cancel(batchd):
     client = batchd.client(batchd.key("alice"))
     batch = create(client, metadata={"team": "search", "run": "7"})
