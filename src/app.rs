@@ -372,7 +372,7 @@ fn spawn_background_work(
         });
         let (hub, listener_stop) = (service.hub().clone(), shutdown.subscribe());
         tasks.spawn(async move {
-            postgres::run_listener(pool, hub, replica, listener_stop).await;
+            postgres::run_listener(pool, hub, replica, deadline, listener_stop).await;
             ("watch listener", Ok(()))
         });
     }

@@ -160,6 +160,14 @@ impl Caches {
         fresh(fetched).then_some(None)
     }
 
+    /// Whether the key with this digest was valid when last looked up, however long
+    /// ago (while its entry is still held): its renewal takes the lane of known keys.
+    pub fn was_valid(&self, digest: &[u8; 32]) -> bool {
+        self.api_keys
+            .as_ref()
+            .is_some_and(|keys| keys.get(digest).is_some())
+    }
+
     /// Remembers a key lookup: a valid key, or that no valid key has this digest. A key
     /// created after its digest was remembered as unknown works within the TTL.
     pub fn remember_api_key(&self, digest: [u8; 32], caller: Option<Caller>) {

@@ -172,6 +172,19 @@ impl Error {
         }
     }
 
+    /// The same error naming the field `to` where it named `from`: for a transport
+    /// that carries a value under another name (gRPC's `request_id` is REST's
+    /// `Idempotency-Key` header).
+    pub fn renaming_field(self, from: &str, to: &str) -> Error {
+        match self {
+            Error::InvalidArgument { field, reason } if field == from => Error::InvalidArgument {
+                field: to.to_owned(),
+                reason,
+            },
+            other => other,
+        }
+    }
+
     /// Logs the internal detail of server-side errors; the client sees only `Display`.
     pub fn log_detail(&self) {
         match self {

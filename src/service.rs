@@ -22,8 +22,15 @@ use crate::store::{
 };
 use crate::watch::{WatchEvent, WatchHub, WatchOptions};
 
+/// Most bytes of batch text one page of a list carries (a page of 100 batches of up to
+/// 1 MiB each would pass the 4 MiB that default gRPC clients accept).
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+
 /// Most events one compaction statement deletes.
 pub const COMPACTION_CHUNK: i64 = 1_000;
+
+/// How long compaction pauses between chunks.
+const CHUNK_PAUSE: Duration = Duration::from_millis(10);
 
 /// Runs `delete` (which deletes at most its argument of rows) until it deletes fewer
 /// than a whole chunk; returns how many rows were deleted in all.
@@ -39,8 +46,10 @@ where
         if chunk < COMPACTION_CHUNK as u64 {
             return Ok(deleted);
         }
-        // Let the writers queued behind this chunk commit first.
-        tokio::task::yield_now().await;
+        // A pause for the writers queued behind this chunk: SQLite's waiting writers
+        // retry the lock from their busy handler on their own schedule, so yielding
+        // alone would let the next chunk take it again at once.
+        tokio::time::sleep(CHUNK_PAUSE).await;
     }
 }
 
@@ -106,8 +115,9 @@ pub struct ServiceOptions {
     pub caches: CacheOptions,
     /// How reads of batches by id are coalesced and bounded (see [`PointReads`]).
     pub point_reads: PointReadOptions,
-    /// Most API key lookups in the database at once: keys not in memory (made-up ones
-    /// above all, which anyone can send) never take more than these connections.
+    /// Most API key lookups in the database at once, in each of two lanes (keys seen
+    /// valid before, and all others): made-up keys, which anyone can send, never take
+    /// more than these connections.
     pub key_lookups: usize,
 }
 
@@ -123,7 +133,8 @@ impl Default for ServiceOptions {
     }
 }
 
-/// The share of a pool of `max_connections` that API key lookups may use at once.
+/// The share of a pool of `max_connections` that each lane of API key lookups may use
+/// at once: a quarter, so the two lanes together leave half the pool to requests.
 pub fn key_lookups_for(max_connections: u32) -> usize {
     (max_connections as usize / 4).max(1)
 }
@@ -136,8 +147,10 @@ pub struct BatchService {
     hub: Arc<WatchHub>,
     caches: Caches,
     reads: Arc<PointReads>,
-    key_lookups: Semaphore,
-    /// How long an API key lookup may wait for its turn.
+    /// Lookups of keys seen valid before, and of all other keys (see `look_up_api_key`).
+    known_key_lookups: Semaphore,
+    unknown_key_lookups: Semaphore,
+    /// How long an API key lookup may take in all, its turn included.
     key_lookup_wait: Duration,
 }
 
@@ -147,7 +160,8 @@ impl BatchService {
         BatchService {
             hub: WatchHub::new(store.clone(), options.watch),
             caches: Caches::new(&options.caches),
-            key_lookups: Semaphore::new(options.key_lookups.max(1)),
+            known_key_lookups: Semaphore::new(options.key_lookups.max(1)),
+            unknown_key_lookups: Semaphore::new(options.key_lookups.max(1)),
             key_lookup_wait: options.point_reads.max_wait,
             reads: PointReads::new(store.clone(), options.point_reads),
             store,
@@ -185,25 +199,43 @@ impl BatchService {
         caller.ok_or(Error::Unauthenticated("invalid API key"))
     }
 
-    /// Looks a key up in the database, at most `key_lookups` at a time, so that a flood
-    /// of made-up keys leaves the rest of the pool to everyone else.
+    /// Looks a key up in the database, within one deadline for the wait and the query
+    /// together. Keys this replica has seen valid (their entry only went stale) and
+    /// keys it has not seen take turns in separate lanes of `key_lookups` each, so a
+    /// flood of made-up keys, which anyone can send, neither takes the rest of the pool
+    /// nor holds up the renewal of valid keys.
     async fn look_up_api_key(&self, digest: [u8; 32]) -> Result<Option<Caller>> {
-        let _turn = tokio::time::timeout(self.key_lookup_wait, self.key_lookups.acquire())
-            .await
-            .map_err(|_| Error::Unavailable("too many API key lookups at once".into()))?
-            .map_err(|_| Error::Internal("the key lookup semaphore was closed".into()))?;
-        // Another caller with the same key may have looked it up while this one waited.
-        if let Some(known) = self.caches.api_key(&digest) {
-            return Ok(known);
+        if self.reads.database_known_down() {
+            return Err(Error::Unavailable(
+                "the database is down; cannot check the API key".into(),
+            ));
         }
-        let caller = self
-            .store
-            .api_key_by_digest(&digest)
-            .await?
-            .filter(|key| key.revoked_at.is_none())
-            .map(|key| Caller::of(&key));
-        self.caches.remember_api_key(digest, caller.clone());
-        Ok(caller)
+        let lane = if self.caches.was_valid(&digest) {
+            &self.known_key_lookups
+        } else {
+            &self.unknown_key_lookups
+        };
+        let lookup = async {
+            let _turn = lane
+                .acquire()
+                .await
+                .map_err(|_| Error::Internal("the key lookup semaphore was closed".into()))?;
+            // Another caller with the same key may have looked it up meanwhile.
+            if let Some(known) = self.caches.api_key(&digest) {
+                return Ok(known);
+            }
+            let caller = self
+                .store
+                .api_key_by_digest(&digest)
+                .await?
+                .filter(|key| key.revoked_at.is_none())
+                .map(|key| Caller::of(&key));
+            self.caches.remember_api_key(digest, caller.clone());
+            Ok(caller)
+        };
+        tokio::time::timeout(self.key_lookup_wait, lookup)
+            .await
+            .map_err(|_| Error::Unavailable("no answer to the API key lookup in time".into()))?
     }
 
     /// Creates a batch in `validating`, owned by the caller.
@@ -303,8 +335,19 @@ impl BatchService {
                 limit: list.limit + 1,
             })
             .await?;
-        let has_more = batches.len() as i64 > list.limit;
+        let mut has_more = batches.len() as i64 > list.limit;
         batches.truncate(list.limit as usize);
+        // A page stays readable by a default gRPC client (4 MiB): it ends early, with
+        // `has_more`, rather than carry more text than MAX_PAGE_BYTES. The first batch
+        // always fits, since one batch holds at most MAX_BATCH_BYTES.
+        let mut bytes = 0;
+        if let Some(full) = batches.iter().position(|batch| {
+            bytes += batch.text_bytes();
+            bytes > MAX_PAGE_BYTES
+        }) {
+            batches.truncate(full.max(1));
+            has_more = true;
+        }
         Ok(BatchPage { batches, has_more })
     }
 

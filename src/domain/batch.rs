@@ -82,6 +82,18 @@ impl ExpiryAnchor {
     }
 }
 
+/// The length of `text` inside a JSON string: `"` and `\` and the short escapes take
+/// 2 bytes, other control characters 6 (`\u0001`), everything else its UTF-8 bytes.
+fn json_bytes(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
 /// The batch object. Field names follow the documented JSON object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
@@ -332,33 +344,39 @@ impl Batch {
     }
 
     /// The bytes of text the batch holds: every string field, metadata key and value,
-    /// and error field, counted in UTF-8 bytes (what memory, the wire and the event
-    /// log spend), not characters. Fixed-size fields are left out: they are the same
-    /// few hundred bytes for every batch.
+    /// and error field, counted as JSON writes them (the REST body, the SSE event and
+    /// the event log are JSON; protobuf is never larger): UTF-8 bytes, not characters,
+    /// and 6 bytes for a control character that JSON escapes as `\u00XX`. Fixed-size
+    /// fields are left out: they are the same few hundred bytes for every batch.
     pub fn text_bytes(&self) -> usize {
-        let optional = |text: &Option<String>| text.as_ref().map_or(0, String::len);
+        let optional = |text: &Option<String>| text.as_deref().map_or(0, json_bytes);
         let metadata: usize = self
             .metadata
             .iter()
             .flatten()
-            .map(|(key, value)| key.len() + value.len())
+            .map(|(key, value)| json_bytes(key) + json_bytes(value))
             .sum();
         let errors: usize = self
             .errors
             .iter()
-            .map(|e| e.code.len() + e.message.len() + optional(&e.param))
+            .map(|e| json_bytes(&e.code) + json_bytes(&e.message) + optional(&e.param))
             .sum();
-        self.id.as_str().len()
-            + self.endpoint.len()
-            + self.input_file_id.len()
-            + self.completion_window.len()
+        [
+            self.id.as_str(),
+            &self.endpoint,
+            &self.input_file_id,
+            &self.completion_window,
+            &self.user_id,
+            &self.api_key_id,
+        ]
+        .into_iter()
+        .map(json_bytes)
+        .sum::<usize>()
             + optional(&self.output_file_id)
             + optional(&self.error_file_id)
             + optional(&self.model)
             + optional(&self.job_id)
             + optional(&self.remark)
-            + self.user_id.len()
-            + self.api_key_id.len()
             + metadata
             + errors
     }
@@ -631,10 +649,14 @@ mod tests {
     }
 
     #[test]
-    fn text_bytes_counts_bytes_not_characters() {
+    fn text_bytes_counts_bytes_as_json_writes_them() {
         let mut one = batch(BatchStatus::InProgress);
         let base = one.text_bytes();
-        one.remark = Some("日本".into());
-        assert_eq!(one.text_bytes(), base + 6);
+        for (remark, bytes) in [("日本", 6), ("a\u{1}", 7), ("\"\n", 4)] {
+            one.remark = Some(remark.into());
+            assert_eq!(one.text_bytes(), base + bytes, "{remark:?}");
+            let json = serde_json::to_string(remark).unwrap();
+            assert_eq!(json.len() - 2, bytes, "as serde_json writes {remark:?}");
+        }
     }
 }

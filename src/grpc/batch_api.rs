@@ -8,6 +8,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::caller;
+use crate::domain::IdempotencyKey;
 use crate::proto::batchd::v1 as pb;
 use crate::service::BatchService;
 
@@ -57,7 +58,8 @@ impl pb::batch_service_server::BatchService for BatchApi {
         let batch = self
             .service
             .create_batch(&caller, request.into_inner().into())
-            .await?;
+            .await
+            .map_err(|e| e.renaming_field(IdempotencyKey::FIELD, "request_id"))?;
         Ok(Response::new(batch.into()))
     }
 

@@ -168,14 +168,13 @@ pub struct ErrorListJson {
 }
 
 /// One error met while processing the batch.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 #[schema(as = BatchError)]
 pub struct ErrorEntryJson {
     /// Machine-readable code.
     pub code: String,
     /// Line of the input file, if any.
     #[schema(required = true)]
-    #[serde(default, deserialize_with = "optional_integer")]
     pub line: Option<i64>,
     /// Human-readable message.
     pub message: String,
@@ -200,23 +199,18 @@ pub struct RequestCountsJson {
 }
 
 /// `usage`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 #[schema(as = BatchUsage)]
 pub struct UsageJson {
     /// Input tokens.
-    #[serde(deserialize_with = "integer")]
     pub input_tokens: i64,
     /// Details of the input tokens.
-    #[serde(default)]
     pub input_tokens_details: InputTokensDetailsJson,
     /// Output tokens.
-    #[serde(deserialize_with = "integer")]
     pub output_tokens: i64,
     /// Details of the output tokens.
-    #[serde(default)]
     pub output_tokens_details: OutputTokensDetailsJson,
     /// `input_tokens + output_tokens`.
-    #[serde(deserialize_with = "integer")]
     pub total_tokens: i64,
 }
 
@@ -317,17 +311,6 @@ impl From<Usage> for UsageJson {
     }
 }
 
-impl From<ErrorEntryJson> for BatchErrorEntry {
-    fn from(e: ErrorEntryJson) -> BatchErrorEntry {
-        BatchErrorEntry {
-            code: e.code,
-            line: e.line,
-            message: e.message,
-            param: e.param,
-        }
-    }
-}
-
 impl From<RequestCountsJson> for RequestCounts {
     fn from(c: RequestCountsJson) -> RequestCounts {
         RequestCounts {
@@ -338,13 +321,68 @@ impl From<RequestCountsJson> for RequestCounts {
     }
 }
 
-impl From<UsageJson> for Usage {
-    fn from(u: UsageJson) -> Usage {
+/// An error a worker reports (`errors[]` of an update). The response's `BatchError`
+/// always carries every field; here `line` and `param` may be left out.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchErrorInput {
+    /// Machine-readable code.
+    #[schema(min_length = 1, max_length = 128)]
+    pub code: String,
+    /// Line of the input file, if the error is about one.
+    #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "optional_integer")]
+    pub line: Option<i64>,
+    /// Human-readable message.
+    #[schema(min_length = 1, max_length = 4096)]
+    pub message: String,
+    /// The parameter at fault, if any.
+    #[schema(max_length = 256)]
+    pub param: Option<String>,
+}
+
+/// Token usage a worker reports; the details may be left out (zero).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageInput {
+    /// Input tokens.
+    #[schema(minimum = 0)]
+    #[serde(deserialize_with = "integer")]
+    pub input_tokens: i64,
+    /// Details of the input tokens.
+    #[serde(default)]
+    pub input_tokens_details: Option<InputTokensDetailsJson>,
+    /// Output tokens.
+    #[schema(minimum = 0)]
+    #[serde(deserialize_with = "integer")]
+    pub output_tokens: i64,
+    /// Details of the output tokens.
+    #[serde(default)]
+    pub output_tokens_details: Option<OutputTokensDetailsJson>,
+    /// `input_tokens + output_tokens`.
+    #[schema(minimum = 0)]
+    #[serde(deserialize_with = "integer")]
+    pub total_tokens: i64,
+}
+
+impl From<BatchErrorInput> for BatchErrorEntry {
+    fn from(e: BatchErrorInput) -> BatchErrorEntry {
+        BatchErrorEntry {
+            code: e.code,
+            line: e.line,
+            message: e.message,
+            param: e.param,
+        }
+    }
+}
+
+impl From<UsageInput> for Usage {
+    fn from(u: UsageInput) -> Usage {
         Usage {
             input_tokens: u.input_tokens,
-            cached_tokens: u.input_tokens_details.cached_tokens,
+            cached_tokens: u.input_tokens_details.map_or(0, |d| d.cached_tokens),
             output_tokens: u.output_tokens,
-            reasoning_tokens: u.output_tokens_details.reasoning_tokens,
+            reasoning_tokens: u.output_tokens_details.map_or(0, |d| d.reasoning_tokens),
             total_tokens: u.total_tokens,
         }
     }
@@ -371,9 +409,10 @@ pub struct UpdateBatchBody {
     pub error_file_id: Option<String>,
     /// Appended to the batch's errors.
     #[serde(default)]
-    pub errors: Vec<ErrorEntryJson>,
+    #[schema(max_items = 1000)]
+    pub errors: Vec<BatchErrorInput>,
     /// Replaces the batch's usage; `total_tokens = input_tokens + output_tokens`.
-    pub usage: Option<UsageJson>,
+    pub usage: Option<UsageInput>,
     /// The model that runs the batch.
     pub model: Option<String>,
 }

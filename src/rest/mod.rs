@@ -134,6 +134,13 @@ fn openapi_document(openapi: &utoipa::openapi::OpenApi, policy: &BatchPolicy) ->
     create["completion_window"]["enum"] = json!(windows);
     create["remark"]["pattern"] = json!(TEXT_PATTERN);
     constrain_metadata(&mut create["metadata"], MAX_METADATA_PAIRS);
+    let schemas = &mut document["components"]["schemas"];
+    for field in ["output_file_id", "error_file_id", "model"] {
+        schemas["UpdateBatchRequest"]["properties"][field]["pattern"] = json!(IDENTIFIER_PATTERN);
+    }
+    for field in ["code", "message", "param"] {
+        schemas["BatchErrorInput"]["properties"][field]["pattern"] = json!(TEXT_PATTERN);
+    }
     document
 }
 

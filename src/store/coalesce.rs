@@ -105,6 +105,8 @@ pub struct PointReads {
     slots: Arc<Semaphore>,
     max_wait: Duration,
     database: DatabaseStatus,
+    /// The last query failed for want of the database (`UNAVAILABLE`).
+    last_query_unavailable: AtomicBool,
 }
 
 impl PointReads {
@@ -121,15 +123,23 @@ impl PointReads {
             slots: Arc::new(Semaphore::new(options.concurrent_queries.max(1))),
             max_wait: options.max_wait,
             database: options.database,
+            last_query_unavailable: AtomicBool::new(false),
         })
+    }
+
+    /// The database is known down: the readiness check fails and so did the last
+    /// query. Both, so that a readiness connection that alone cannot connect (say,
+    /// `too many connections`) does not refuse reads the pool would answer.
+    pub fn database_known_down(&self) -> bool {
+        self.database.is_down() && self.last_query_unavailable.load(Ordering::Acquire)
     }
 
     /// The batch with this id, whoever owns it, as the database has it now.
     #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(batch_id = %id))]
     pub async fn get(self: &Arc<Self>, id: &BatchId) -> Result<Option<Arc<Batch>>> {
-        if self.database.is_down() {
+        if self.database_known_down() {
             return Err(Error::Unavailable(
-                "the database is down (readiness check); not queueing the read".into(),
+                "the database is down; not queueing the read".into(),
             ));
         }
         let deadline = Instant::now() + self.max_wait;
@@ -205,6 +215,10 @@ impl PointReads {
         ids.sort_unstable();
         ids.dedup();
         let found = self.store.get_batches(&ids).await;
+        self.last_query_unavailable.store(
+            matches!(found, Err(Error::Unavailable(_))),
+            Ordering::Release,
+        );
         drop(slot);
         self.start_query();
         match found {
@@ -435,23 +449,46 @@ mod tests {
 
     #[tokio::test]
     async fn reads_fail_fast_while_the_database_is_known_down() {
-        let source = GatedBatches::with_ids(&[&id(1)], false);
-        source.gate.add_permits(10);
+        let failing = GatedBatches::with_ids(&[&id(1)], true);
+        failing.gate.add_permits(10);
         let database = DatabaseStatus::default();
-        let reads = PointReads::over(
-            source.clone(),
-            PointReadOptions {
-                database: database.clone(),
-                ..PointReadOptions::default()
-            },
-        );
+        let options = PointReadOptions {
+            database: database.clone(),
+            ..PointReadOptions::default()
+        };
+        let reads = PointReads::over(failing.clone(), options.clone());
         database.set_down(true);
+        // The readiness check alone is not enough: the pool may still answer.
         assert!(matches!(
             reads.get(&id(1)).await,
             Err(Error::Unavailable(_))
         ));
-        assert!(source.queries().is_empty(), "no query while down");
+        assert_eq!(
+            failing.queries().len(),
+            1,
+            "queried while only readiness was down"
+        );
+        // Both down: no more queries.
+        assert!(matches!(
+            reads.get(&id(1)).await,
+            Err(Error::Unavailable(_))
+        ));
+        assert_eq!(failing.queries().len(), 1, "no query while known down");
         database.set_down(false);
-        assert_eq!(reads.get(&id(1)).await.unwrap().unwrap().id, id(1));
+        let _ = reads.get(&id(1)).await;
+        assert_eq!(
+            failing.queries().len(),
+            2,
+            "queries again once readiness is back"
+        );
+
+        // A readiness connection that fails while the pool answers refuses nothing.
+        let healthy = GatedBatches::with_ids(&[&id(1)], false);
+        healthy.gate.add_permits(10);
+        let reads = PointReads::over(healthy.clone(), options);
+        database.set_down(true);
+        for _ in 0..3 {
+            assert_eq!(reads.get(&id(1)).await.unwrap().unwrap().id, id(1));
+        }
     }
 }

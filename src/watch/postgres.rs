@@ -22,6 +22,9 @@ use crate::domain::BatchId;
 
 /// The notification channel.
 pub const CHANNEL: &str = "batchd_batch_events";
+/// How long the listener waits without a notification before it checks that its
+/// connection still answers.
+const LIVENESS_PROBE: Duration = Duration::from_secs(10);
 /// How long the notifier waits for more commits before it sends.
 const COALESCE: Duration = Duration::from_millis(3);
 /// NOTIFY payloads must stay under 8000 bytes.
@@ -135,14 +138,19 @@ pub async fn run_notifier(
 /// would wait for the safety poll. A lost connection is replaced explicitly, with
 /// backoff, rather than by the listener's own reconnect inside its next receive, which
 /// would leave no place to re-read after it.
+///
+/// A connection that goes silent (a partition: the socket stays open and never errs)
+/// would wait for notifications forever; so after [`LIVENESS_PROBE`] without one, the
+/// listener's own connection must answer a query within `deadline`, or it is replaced.
 pub async fn run_listener(
     pool: PgPool,
     hub: Arc<WatchHub>,
     replica: String,
+    deadline: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
     loop {
-        let Some(mut listener) = listen_until_it_works(&pool, &mut stopping).await else {
+        let Some(mut listener) = listen_until_it_works(&pool, deadline, &mut stopping).await else {
             return;
         };
         // LISTEN is in effect: anything committed without a notification reaching us
@@ -150,18 +158,25 @@ pub async fn run_listener(
         hub.wake_all();
         loop {
             let received = tokio::select! {
-                received = listener.try_recv() => received,
+                received = tokio::time::timeout(LIVENESS_PROBE, listener.try_recv()) => received,
                 _ = crate::shutdown::requested(&mut stopping) => return,
             };
             match received {
-                Ok(Some(notification)) => wake_for(&hub, &replica, notification.payload()),
-                Ok(None) => {
+                Ok(Ok(Some(notification))) => wake_for(&hub, &replica, notification.payload()),
+                Ok(Ok(None)) => {
                     tracing::warn!("LISTEN connection was lost; reconnecting");
                     break;
                 }
-                Err(error) => {
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "LISTEN connection failed; reconnecting");
                     break;
+                }
+                Err(_quiet) => {
+                    let probe = sqlx::query("SELECT 1").execute(&mut listener);
+                    if !matches!(tokio::time::timeout(deadline, probe).await, Ok(Ok(_))) {
+                        tracing::warn!("LISTEN connection does not answer; reconnecting");
+                        break;
+                    }
                 }
             }
         }
@@ -191,15 +206,19 @@ fn wake_for(hub: &WatchHub, replica: &str, payload: &str) {
 /// `None` when stopping comes first.
 async fn listen_until_it_works(
     pool: &PgPool,
+    deadline: Duration,
     stopping: &mut watch::Receiver<bool>,
 ) -> Option<PgListener> {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
         tokio::select! {
-            listened = listen(pool) => match listened {
-                Ok(listener) => return Some(listener),
-                Err(error) => {
+            listened = tokio::time::timeout(deadline, listen(pool)) => match listened {
+                Ok(Ok(listener)) => return Some(listener),
+                Ok(Err(error)) => {
                     tracing::warn!(%error, retry_in = ?backoff, "cannot LISTEN for other replicas' changes");
+                }
+                Err(_) => {
+                    tracing::warn!(retry_in = ?backoff, "LISTEN got no answer in time");
                 }
             },
             _ = crate::shutdown::requested(stopping) => return None,

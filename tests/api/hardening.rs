@@ -280,6 +280,62 @@ async fn a_batch_cannot_grow_past_what_a_default_client_reads(backend: Backend) 
     assert_eq!(get(&mut client, &batch.id).await, before);
 }
 
+/// Batches full of errors: a list page stops short of what a default gRPC client can
+/// read (4 MiB) and says there is more, and paging still returns every batch once.
+async fn a_page_of_large_batches_stays_readable(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = app.client(&app.admin_key);
+    let mut worker = app.worker(&app.admin_key);
+    let message = "é".repeat(4_000);
+    let errors: Vec<pb::BatchError> = (0..25)
+        .map(|line| pb::BatchError {
+            code: "invalid_request".into(),
+            line: Some(line),
+            message: message.clone(),
+            param: None,
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let batch = create(&mut client).await;
+        for _ in 0..4 {
+            worker
+                .update_batch(pb::UpdateBatchRequest {
+                    batch_id: batch.id.clone(),
+                    errors: errors.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("800 kB of errors fit the cap");
+        }
+        ids.push(batch.id);
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = client
+            .list_batches(pb::ListBatchesRequest {
+                after: after.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a default client reads every page")
+            .into_inner();
+        assert!(
+            page.data.len() <= 3,
+            "{} batches of 800 kB in one page",
+            page.data.len()
+        );
+        seen.extend(page.data.iter().map(|b| b.id.clone()));
+        if !page.has_more {
+            break;
+        }
+        after = page.last_id;
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every batch once, newest first");
+}
+
 /// 64 writers at once for a minute (`BATCHD_TEST_WRITERS_SECONDS` shortens it for a
 /// local run), with compaction running beside them: SQLite's busy codes (extended ones
 /// included) must never surface as INTERNAL, and writers queue for the write lock
@@ -345,6 +401,7 @@ on_both_stores!(
     a_batch_cannot_grow_past_what_a_default_client_reads,
     concurrent_writers_get_no_internal_and_no_spurious_unavailable,
     a_hostile_pass_gets_clear_errors_and_changes_nothing,
+    a_page_of_large_batches_stays_readable,
 );
 
 /// batchd on PostgreSQL through a proxy the test controls, with short deadlines.

@@ -109,7 +109,7 @@ async fn grpc_request_id_is_the_same_key(backend: Backend) {
                 })
                 .await,
             Code::InvalidArgument,
-            "Idempotency-Key",
+            "request_id",
         );
     }
     let listed = client
