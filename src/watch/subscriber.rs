@@ -82,13 +82,22 @@ impl Watcher {
                 let current = self.current().await?;
                 self.send(WatchEventKind::Snapshot, current).await?;
             }
-            Some(_) => {
+            Some(_) => loop {
                 self.catch_up().await?;
-                if self.last.is_none() {
-                    // Nothing after `after_version`: the batch is at that version.
-                    self.last = Some(self.current().await?);
+                if self.last.is_some() {
+                    break;
                 }
-            }
+                // Nothing after `after_version` was in the log: the batch is at that
+                // version, unless a commit landed between the two reads. Then it is
+                // in the log now, and the next catch-up sends it: taking the newer
+                // version as the starting point would skip it (and, were it terminal,
+                // end the stream without a word).
+                let current = self.current().await?;
+                if current.version <= self.cursor {
+                    self.last = Some(current);
+                    break;
+                }
+            },
         }
         let mut stopping = self.start.stopping.clone();
         let mut revoked = self.start.revoked.clone();
@@ -198,5 +207,139 @@ async fn key_revoked(revoked: &mut watch::Receiver<bool>) {
     // anyway, nothing could revoke the key any more, so this waits for good.
     if revoked.wait_for(|revoked| *revoked).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus, Caller, Scope};
+    use crate::error::Result;
+    use crate::store::{BatchPageQuery, EarlierClaim, IdempotencyClaim, Store, StoreOptions};
+    use crate::watch::{WatchEventKind, WatchHub, WatchOptions};
+
+    /// A real store that commits `next` the first time the watcher reads the current
+    /// batch: the commit lands between the watcher's read of the log and its read of
+    /// the batch, the one interleaving a resume must survive.
+    struct CommitsDuringTheRead {
+        inner: Arc<dyn Store>,
+        next: Batch,
+        done: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for CommitsDuringTheRead {
+        async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {
+            if !self.done.swap(true, Ordering::SeqCst) {
+                assert!(self.inner.commit_change(&self.next).await?);
+            }
+            self.inner.get_batch(id).await
+        }
+        async fn events_after(
+            &self,
+            id: &BatchId,
+            after: i64,
+            limit: i64,
+        ) -> Result<Vec<BatchEvent>> {
+            self.inner.events_after(id, after, limit).await
+        }
+        async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
+            self.inner.latest_versions(ids).await
+        }
+        async fn migrate(&self) -> Result<()> {
+            unreachable!("not used by a watcher")
+        }
+        async fn ping(&self) -> Result<()> {
+            unreachable!("not used by a watcher")
+        }
+        async fn insert_batch(&self, _: &Batch) -> Result<()> {
+            unreachable!("not used by a watcher")
+        }
+        async fn insert_batch_once(
+            &self,
+            _: &Batch,
+            _: IdempotencyClaim<'_>,
+        ) -> Result<Option<EarlierClaim>> {
+            unreachable!("not used by a watcher")
+        }
+        async fn forget_idempotency_keys(&self, _: i64, _: i64) -> Result<u64> {
+            unreachable!("not used by a watcher")
+        }
+        async fn get_batches(&self, _: &[BatchId]) -> Result<Vec<Batch>> {
+            unreachable!("not used by a watcher")
+        }
+        async fn list_batches(&self, _: BatchPageQuery<'_>) -> Result<Vec<Batch>> {
+            unreachable!("not used by a watcher")
+        }
+        async fn commit_change(&self, _: &Batch) -> Result<bool> {
+            unreachable!("not used by a watcher")
+        }
+        async fn compact_events(&self, _: i64, _: i64) -> Result<u64> {
+            unreachable!("not used by a watcher")
+        }
+        async fn due_batches(&self, _: i64, _: i64, _: i64) -> Result<Vec<Batch>> {
+            unreachable!("not used by a watcher")
+        }
+        fn pool_usage(&self) -> (u32, u32) {
+            (0, 0)
+        }
+        async fn insert_api_key(&self, _: &ApiKey, _: &[u8; 32]) -> Result<()> {
+            unreachable!("not used by a watcher")
+        }
+        async fn insert_first_api_key(&self, _: &ApiKey, _: &[u8; 32]) -> Result<bool> {
+            unreachable!("not used by a watcher")
+        }
+        async fn api_key_by_digest(&self, _: &[u8; 32]) -> Result<Option<ApiKey>> {
+            unreachable!("not used by a watcher")
+        }
+        async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+            unreachable!("not used by a watcher")
+        }
+        async fn revoke_api_key(&self, _: &str, _: i64) -> Result<bool> {
+            unreachable!("not used by a watcher")
+        }
+        async fn revoked_api_keys(&self, _: &[String]) -> Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        async fn close(&self) {}
+    }
+
+    /// Resuming after the latest version while a commit lands between the watcher's two
+    /// reads: that commit (here the terminal one) is sent, not skipped.
+    #[tokio::test]
+    async fn a_commit_between_the_resume_reads_is_sent() {
+        let inner = crate::store::connect("sqlite::memory:", &StoreOptions::default())
+            .await
+            .expect("an in-memory database");
+        inner.migrate().await.expect("migrations");
+        let batch = crate::domain::fixtures::batch();
+        inner.insert_batch(&batch).await.unwrap();
+        let mut next = batch.clone();
+        next.status = BatchStatus::Failed;
+        next.failed_at = Some(batch.created_at + 1);
+        next.version = 2;
+        next.updated_at = next.failed_at;
+        let store = Arc::new(CommitsDuringTheRead {
+            inner,
+            next,
+            done: AtomicBool::new(false),
+        });
+        let hub = WatchHub::new(store, WatchOptions::default());
+        let caller = Caller::of(&ApiKey::new("tenant", Scope::Admin, 0).unwrap());
+        let mut stream = hub.watch(&caller, &batch.id, Some(1)).await.unwrap();
+        use tokio_stream::StreamExt;
+        let event = stream
+            .next()
+            .await
+            .expect("the commit made during the resume is sent")
+            .expect("not an error");
+        assert_eq!(event.kind, WatchEventKind::Change);
+        assert_eq!(event.batch.version, 2);
+        assert_eq!(event.batch.status, BatchStatus::Failed);
+        assert!(stream.next().await.is_none(), "the stream ends after it");
     }
 }
