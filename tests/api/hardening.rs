@@ -213,6 +213,19 @@ async fn counts_that_overflow_are_refused(backend: Backend) {
     assert_eq!(get(&mut client, &batch.id).await, batch, "nothing written");
 }
 
+/// 25 errors of 4,000 two-byte characters: 200 kB of text for one update.
+fn large_errors() -> Vec<pb::BatchError> {
+    let message = "é".repeat(4_000);
+    (0..25)
+        .map(|line| pb::BatchError {
+            code: "invalid_request".into(),
+            line: Some(line),
+            message: message.clone(),
+            param: None,
+        })
+        .collect()
+}
+
 async fn a_batch_cannot_grow_past_what_a_default_client_reads(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let mut client = app.client(&app.admin_key);
@@ -222,17 +235,8 @@ async fn a_batch_cannot_grow_past_what_a_default_client_reads(backend: Backend) 
         .update_batch(move_to(&batch.id, S::InProgress))
         .await
         .unwrap();
-    // 25 errors of 4,000 two-byte characters per update: 200 kB a time, 6 MB in all
-    // if nothing stopped it.
-    let message = "é".repeat(4_000);
-    let errors: Vec<pb::BatchError> = (0..25)
-        .map(|line| pb::BatchError {
-            code: "invalid_request".into(),
-            line: Some(line),
-            message: message.clone(),
-            param: None,
-        })
-        .collect();
+    // 200 kB a time, 6 MB in all if nothing stopped it.
+    let errors = large_errors();
     let mut refused = None;
     for _ in 0..30 {
         let result = worker
@@ -286,15 +290,7 @@ async fn a_page_of_large_batches_stays_readable(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let mut client = app.client(&app.admin_key);
     let mut worker = app.worker(&app.admin_key);
-    let message = "é".repeat(4_000);
-    let errors: Vec<pb::BatchError> = (0..25)
-        .map(|line| pb::BatchError {
-            code: "invalid_request".into(),
-            line: Some(line),
-            message: message.clone(),
-            param: None,
-        })
-        .collect();
+    let errors = large_errors();
     let mut ids = Vec::new();
     for _ in 0..5 {
         let batch = create(&mut client).await;
