@@ -266,14 +266,9 @@ async fn a_batch_cannot_grow_past_what_a_default_client_reads(backend: Backend) 
         .map(|e| e.message.len() + e.code.len())
         .sum();
     assert!(text <= 1024 * 1024, "{text} bytes of errors");
-    let mut stream = client
-        .watch_batch(pb::WatchBatchRequest {
-            batch_id: batch.id.clone(),
-            after_version: None,
-        })
+    let mut stream = crate::watch::watch(&mut client, &batch.id, None)
         .await
-        .expect("watch")
-        .into_inner();
+        .expect("watch");
     let first = stream
         .message()
         .await
@@ -444,14 +439,9 @@ async fn postgres_a_silent_database_fails_calls_fast_and_recovers_by_itself() {
         .await
         .unwrap();
     // The watch opened before the outage must still end or carry on correctly after.
-    let mut stream = client
-        .watch_batch(pb::WatchBatchRequest {
-            batch_id: batch.id.clone(),
-            after_version: None,
-        })
+    let mut stream = crate::watch::watch(&mut client, &batch.id, None)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(stream.message().await.unwrap().is_some());
 
     proxy.set(Mode::Frozen);
