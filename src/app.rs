@@ -1,5 +1,6 @@
-//! Builds batchd from its parts, binds the listeners (port 0 allowed, so tests run on
-//! random ports), runs the background work, and stops in order when told to.
+//! Builds batchd's parts ([`Parts::build`]), serves them on listeners (port 0 allowed,
+//! so tests run on random ports) with the background work ([`App::serve`]), and stops
+//! in order when told to.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,13 +16,12 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::cache::CacheOptions;
 use crate::clock::{Clock, SystemClock};
-use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy, random_hex};
+use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy};
 use crate::health::{HealthChecker, Readiness};
 use crate::service::{BatchService, ServiceOptions, key_lookups_for};
-use crate::store::{self, DatabaseStatus, PointReadOptions, StoreOptions};
+use crate::store::{self, DatabaseStatus, PointReadOptions, Store, StoreOptions};
 use crate::telemetry::grpc::ObserveLayer;
-use crate::watch::WatchOptions;
-use crate::watch::postgres::{self, Outbox};
+use crate::watch::{WatchHub, WatchOptions};
 use crate::{grpc, rest, shutdown};
 
 /// Everything `serve` needs.
@@ -85,25 +85,25 @@ impl ServeOptions {
     }
 }
 
-/// A running batchd.
-pub struct App {
-    grpc_addr: SocketAddr,
-    http_addr: SocketAddr,
-    service: Arc<BatchService>,
-    readiness: Arc<Readiness>,
-    first_api_key: Option<(ApiKey, ApiKeySecret)>,
-    shutdown: watch::Sender<bool>,
-    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
-    shutdown_delay: Duration,
-    shutdown_timeout: Duration,
+/// batchd's parts, built and wired but not serving: the store (connected and
+/// migrated), the watch hub over its event log, and the use cases over both.
+pub struct Parts {
+    /// The database.
+    pub store: Arc<dyn Store>,
+    /// This replica's watch streams.
+    pub hub: Arc<WatchHub>,
+    /// The use cases, which both transports call.
+    pub service: Arc<BatchService>,
+    /// What the readiness checks find, for the request paths to fail fast on.
+    pub database: DatabaseStatus,
+    /// The admin key created because the database had none.
+    pub first_api_key: Option<(ApiKey, ApiKeySecret)>,
 }
 
-impl App {
-    /// Connects and migrates the store, creates the first API key on an empty
-    /// database, binds both listeners and starts serving.
-    pub async fn start(options: ServeOptions) -> anyhow::Result<App> {
-        // Installed before anything is recorded: the facade drops what comes earlier.
-        crate::telemetry::metrics::handle();
+impl Parts {
+    /// Connects and migrates the store, wires the hub and the service, and creates
+    /// the first API key on an empty database (if `create_first_key`).
+    pub async fn build(options: &ServeOptions) -> anyhow::Result<Parts> {
         let store = store::connect(&options.database_url, &options.store)
             .await
             .with_context(|| {
@@ -116,14 +116,14 @@ impl App {
             .migrate()
             .await
             .context("cannot migrate the database")?;
-        // What the readiness check finds, for the request paths to fail fast on.
         let database = DatabaseStatus::default();
+        let hub = WatchHub::new(store.clone(), options.watch.clone());
         let service = Arc::new(BatchService::new(
-            store,
+            store.clone(),
+            hub.clone(),
             options.clock.clone(),
             ServiceOptions {
                 policy: options.policy.clone(),
-                watch: options.watch.clone(),
                 caches: options.caches.clone(),
                 point_reads: PointReadOptions {
                     concurrent_queries: options.store.point_read_queries,
@@ -141,13 +141,61 @@ impl App {
         } else {
             None
         };
+        Ok(Parts {
+            store,
+            hub,
+            service,
+            database,
+            first_api_key,
+        })
+    }
+}
 
+/// A running batchd.
+pub struct App {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    store: Arc<dyn Store>,
+    hub: Arc<WatchHub>,
+    service: Arc<BatchService>,
+    readiness: Arc<Readiness>,
+    first_api_key: Option<(ApiKey, ApiKeySecret)>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    shutdown_delay: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl App {
+    /// Builds batchd's [`Parts`], binds both listeners and starts serving.
+    pub async fn start(options: ServeOptions) -> anyhow::Result<App> {
+        // Installed before anything is recorded: the facade drops what comes earlier.
+        crate::telemetry::metrics::handle();
+        let parts = Parts::build(&options).await?;
         let grpc_listener = TcpListener::bind(options.grpc_addr)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", options.grpc_addr))?;
         let http_listener = TcpListener::bind(options.http_addr)
             .await
             .with_context(|| format!("cannot listen for HTTP on {}", options.http_addr))?;
+        App::serve(parts, grpc_listener, http_listener, &options).await
+    }
+
+    /// Serves `parts` on the two listeners, and runs health checks and the background
+    /// work, until stopped.
+    pub async fn serve(
+        parts: Parts,
+        grpc_listener: TcpListener,
+        http_listener: TcpListener,
+        options: &ServeOptions,
+    ) -> anyhow::Result<App> {
+        let Parts {
+            store,
+            hub,
+            service,
+            database,
+            first_api_key,
+        } = parts;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 
@@ -164,7 +212,7 @@ impl App {
         // The first check runs before the listeners serve, so health is known (and every
         // service registered) from the first probe on.
         let mut checker = HealthChecker::new(
-            service.store().clone(),
+            store.clone(),
             readiness.clone(),
             database,
             options.health_check_interval,
@@ -176,7 +224,7 @@ impl App {
             ("health checks", Ok(()))
         });
 
-        spawn_background_work(&mut tasks, &service, &options, &shutdown);
+        spawn_background_work(&mut tasks, &store, &hub, &service, options, &shutdown);
 
         let grpc_stopped = stopped(&shutdown);
         tasks.spawn(async move {
@@ -193,7 +241,12 @@ impl App {
         });
 
         let http_stopped = stopped(&shutdown);
-        let router = rest::router(service.clone(), readiness.clone());
+        let pool = store.clone();
+        let router = rest::router(
+            service.clone(),
+            readiness.clone(),
+            Arc::new(move || pool.pool_usage()),
+        );
         tasks.spawn(async move {
             let outcome = axum::serve(http_listener, router)
                 .with_graceful_shutdown(http_stopped)
@@ -206,6 +259,8 @@ impl App {
         Ok(App {
             grpc_addr,
             http_addr,
+            store,
+            hub,
             service,
             readiness,
             first_api_key,
@@ -224,6 +279,11 @@ impl App {
     /// Where HTTP listens.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// This replica's watch hub, e.g. to see how many batches are watched.
+    pub fn hub(&self) -> &Arc<WatchHub> {
+        &self.hub
     }
 
     /// The use cases, e.g. to create API keys in-process.
@@ -269,7 +329,7 @@ impl App {
         self.readiness.start_shutdown().await;
         tokio::time::sleep(self.shutdown_delay.min(self.shutdown_timeout)).await;
 
-        self.service.hub().stop();
+        self.hub.stop();
         let _ = self.shutdown.send(true);
         let mut first_error = None;
         loop {
@@ -295,17 +355,23 @@ impl App {
             }
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let _ = tokio::time::timeout(remaining, self.service.store().close()).await;
+        let _ = tokio::time::timeout(remaining, self.store.close()).await;
         tracing::info!("stopped");
         first_error.map_or(Ok(()), Err)
     }
 }
 
-/// The background work of a replica: the lifecycle timers, the watch hub's safety
-/// poll and revocation checks, the event log's compaction and, on PostgreSQL, the
-/// cross-replica notifier and listener. Each runs until the stop signal.
+/// Revocations are checked at most this often, even with the API key cache off.
+const MIN_REVOCATION_CHECK: Duration = Duration::from_millis(100);
+
+/// The background work of a replica: the lifecycle timers, the event log's
+/// compaction, the watch hub's safety poll, the revocation checks of open watch
+/// streams and, when the store has one, the cross-replica notifier. Each runs until
+/// the stop signal.
 fn spawn_background_work(
     tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    store: &Arc<dyn Store>,
+    hub: &Arc<WatchHub>,
     service: &Arc<BatchService>,
     options: &ServeOptions,
     shutdown: &watch::Sender<bool>,
@@ -345,35 +411,35 @@ fn spawn_background_work(
         },
     ));
 
-    let hub = service.hub().clone();
+    let poller = hub.clone();
     tasks.spawn(async move {
-        hub.run_safety_poll().await;
+        poller.run_safety_poll().await;
         ("watch safety poll", Ok(()))
     });
 
     // Open streams of a revoked key end within the time its cached lookup is trusted,
     // the time in which new requests with it are refused.
-    let hub = service.hub().clone();
-    let api_key_ttl = options.caches.api_key_ttl;
-    tasks.spawn(async move {
-        hub.run_revocation_checks(api_key_ttl).await;
-        ("watch revocation checks", Ok(()))
-    });
+    let checker = service.clone();
+    tasks.spawn(every(
+        options.caches.api_key_ttl.max(MIN_REVOCATION_CHECK),
+        shutdown,
+        "watch revocation checks",
+        move || {
+            let checker = checker.clone();
+            async move {
+                if let Err(error) = checker.end_watches_of_revoked_keys().await {
+                    tracing::warn!(%error, "checking watched API keys for revocation failed");
+                }
+            }
+        },
+    ));
 
-    if let Some(pool) = service.store().postgres_pool() {
-        let replica = format!("replica-{}", random_hex::<8>());
-        let outbox = Outbox::new(replica.clone());
-        service.hub().publish_to(outbox.clone());
-        let (notifier_pool, notifier_stop) = (pool.clone(), shutdown.subscribe());
-        let deadline = options.store.call_deadline();
+    if let Some(notifier) = store.notifier() {
+        hub.publish_to(notifier.clone());
+        let (listener, stopping) = (hub.clone(), shutdown.subscribe());
         tasks.spawn(async move {
-            postgres::run_notifier(notifier_pool, outbox, deadline, notifier_stop).await;
-            ("watch notifier", Ok(()))
-        });
-        let (hub, listener_stop) = (service.hub().clone(), shutdown.subscribe());
-        tasks.spawn(async move {
-            postgres::run_listener(pool, hub, replica, deadline, listener_stop).await;
-            ("watch listener", Ok(()))
+            notifier.run(listener, stopping).await;
+            ("cross-replica wake-ups", Ok(()))
         });
     }
 }

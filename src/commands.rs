@@ -10,6 +10,7 @@ use crate::domain::ApiKey;
 use crate::error::Result;
 use crate::service::BatchService;
 use crate::store::{self, Store};
+use crate::watch::WatchHub;
 
 /// Connects to the database and applies pending migrations.
 pub async fn open_store(database: &DatabaseArgs) -> Result<Arc<dyn Store>> {
@@ -37,7 +38,14 @@ pub async fn keys(command: KeysCommand) -> Result<()> {
         | KeysCommand::Revoke { database, .. } => database.clone(),
     };
     let store = open_store(&database).await?;
-    let service = BatchService::new(store.clone(), Arc::new(SystemClock), Default::default());
+    // No watch streams are opened by this command: the hub is only there to wire.
+    let hub = WatchHub::new(store.clone(), Default::default());
+    let service = BatchService::new(
+        store.clone(),
+        hub,
+        Arc::new(SystemClock),
+        Default::default(),
+    );
     let outcome = run_keys(&service, command).await;
     store.close().await;
     outcome

@@ -1,6 +1,8 @@
 //! The use cases of batchd. Both transports call these and nothing else: each one
 //! authorizes the caller, validates the input, applies the state machine and talks to
-//! the store, which no other module touches.
+//! the store. The service is the only reader and writer of batches and keys; besides
+//! it, the app hands the store to the health checks (ping), the metrics (pool usage)
+//! and the watch hub, which sees only the read-only event log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +22,7 @@ use crate::store::{
     BatchPageQuery, EarlierClaim, IdempotencyClaim, PointReadOptions, PointReads, Store,
     StoreOptions,
 };
-use crate::watch::{WatchEvent, WatchHub, WatchOptions};
+use crate::watch::{WatchEvent, WatchHub};
 
 /// Most bytes of batch text one page of a list carries (a page of 100 batches of up to
 /// 1 MiB each would pass the 4 MiB that default gRPC clients accept).
@@ -104,13 +106,11 @@ pub fn bearer_token(authorization: &str) -> Result<&str> {
 /// A stream of watch events; an `Err` item ends it with that error.
 pub type WatchStream = ReceiverStream<Result<WatchEvent>>;
 
-/// How the service behaves, beyond its store and clock.
+/// How the service behaves, beyond its store, hub and clock.
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
     /// What new batches may ask for.
     pub policy: BatchPolicy,
-    /// Watch streams.
-    pub watch: WatchOptions,
     /// In-memory caches.
     pub caches: CacheOptions,
     /// How reads of batches by id are coalesced and bounded (see [`PointReads`]).
@@ -125,7 +125,6 @@ impl Default for ServiceOptions {
     fn default() -> Self {
         ServiceOptions {
             policy: BatchPolicy::default(),
-            watch: WatchOptions::default(),
             caches: CacheOptions::default(),
             point_reads: PointReadOptions::default(),
             key_lookups: key_lookups_for(StoreOptions::default().max_connections),
@@ -154,11 +153,20 @@ pub struct BatchService {
     key_lookup_wait: Duration,
 }
 
+/// API keys asked about per revocation query, to keep its parameter list bounded.
+const REVOCATION_PAGE: usize = 500;
+
 impl BatchService {
-    /// A service over `store`, stamping changes with `clock`.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, options: ServiceOptions) -> Self {
+    /// A service over `store`, telling `hub` of every commit, stamping changes with
+    /// `clock`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Arc<WatchHub>,
+        clock: Arc<dyn Clock>,
+        options: ServiceOptions,
+    ) -> Self {
         BatchService {
-            hub: WatchHub::new(store.clone(), options.watch),
+            hub,
             caches: Caches::new(&options.caches),
             known_key_lookups: Semaphore::new(options.key_lookups.max(1)),
             unknown_key_lookups: Semaphore::new(options.key_lookups.max(1)),
@@ -170,19 +178,9 @@ impl BatchService {
         }
     }
 
-    /// The watch hub of this replica, for the fan-out tasks and shutdown.
-    pub fn hub(&self) -> &Arc<WatchHub> {
-        &self.hub
-    }
-
     /// What new batches may ask for.
     pub fn policy(&self) -> &BatchPolicy {
         &self.policy
-    }
-
-    /// The store, for health checks and shutdown.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
     }
 
     /// Resolves an API key (the bearer token, if one was sent) to its caller.
@@ -508,6 +506,19 @@ impl BatchService {
         }
     }
 
+    /// Asks the database which API keys with open watch streams here were revoked, and
+    /// has the hub end those streams with UNAUTHENTICATED. The database, not this
+    /// process, is asked because a key is revoked by another process (`batchd keys
+    /// revoke`) and every replica must notice.
+    pub async fn end_watches_of_revoked_keys(&self) -> Result<()> {
+        let keys = self.hub.watching_keys();
+        for page in keys.chunks(REVOCATION_PAGE) {
+            let revoked = self.store.revoked_api_keys(page).await?;
+            self.hub.end_streams_of_revoked(&revoked);
+        }
+        Ok(())
+    }
+
     /// The batch, if the caller may see it; otherwise NOT_FOUND, exactly as if it did
     /// not exist, so ids of other tenants' batches cannot be probed. A terminal batch
     /// comes from memory once read: it never changes again.
@@ -533,20 +544,24 @@ impl BatchService {
         }
     }
 
-    /// The latest version of a batch for a write: from memory when this replica wrote it
-    /// last (`true`), else from the database (`false`).
-    async fn batch_to_change(&self, id: &BatchId, from_memory: bool) -> Result<(Arc<Batch>, bool)> {
-        if from_memory
+    /// The latest version of a batch for a write, from `source` if it has it: memory
+    /// has it when this replica wrote it last. Returns where it came from.
+    async fn batch_to_change(
+        &self,
+        id: &BatchId,
+        source: VersionSource,
+    ) -> Result<(Arc<Batch>, VersionSource)> {
+        if source == VersionSource::Memory
             && let Some(batch) = self.caches.terminal(id).or_else(|| self.caches.latest(id))
         {
-            return Ok((batch, true));
+            return Ok((batch, VersionSource::Memory));
         }
         let batch = self
             .reads
             .get(id)
             .await?
             .ok_or_else(|| Error::BatchNotFound(id.to_string()))?;
-        Ok((batch, false))
+        Ok((batch, VersionSource::Database))
     }
 
     /// Reads the batch, computes its next version with `change` and commits it if no
@@ -554,9 +569,8 @@ impl BatchService {
     /// `change` returning `None` means "nothing to do": the current batch is returned
     /// and nothing is written.
     ///
-    /// The first attempt may start from the version in memory. Whenever that could
-    /// give a different answer than the database (a version mismatch, a refused change,
-    /// nothing to do, a lost commit race), the attempt is repeated from the database.
+    /// The first attempt starts from memory, which saves a read; what memory may get
+    /// wrong is settled by [`VersionSource::decides`].
     async fn change_batch(
         &self,
         caller: &Caller,
@@ -564,27 +578,23 @@ impl BatchService {
         expected_version: Option<i64>,
         change: impl Fn(&Batch, i64) -> Result<Option<Batch>>,
     ) -> Result<Batch> {
-        let mut from_memory = true;
+        let mut source = VersionSource::Memory;
         for _ in 0..MAX_COMMIT_ATTEMPTS {
-            let (current, remembered) = self.batch_to_change(id, from_memory).await?;
-            from_memory = false;
+            let (current, read_from) = self.batch_to_change(id, source).await?;
+            source = VersionSource::Database;
             if !caller.sees(&current) {
                 return Err(Error::BatchNotFound(id.to_string()));
             }
-            if let Some(expected) = expected_version
-                && expected != current.version
-            {
-                if remembered {
-                    continue;
-                }
-                return Err(Error::VersionMismatch {
+            let next = match expected_version {
+                Some(expected) if expected != current.version => Err(Error::VersionMismatch {
                     expected,
                     actual: current.version,
-                });
-            }
-            let next = match change(&current, self.clock.now()) {
+                }),
+                _ => change(&current, self.clock.now()),
+            };
+            let next = match next {
                 Ok(Some(next)) => next,
-                Ok(None) | Err(_) if remembered => continue,
+                _ if !read_from.decides() => continue,
                 Ok(None) => return Ok(Arc::unwrap_or_clone(current)),
                 Err(error) => return Err(error),
             };
@@ -601,5 +611,25 @@ impl BatchService {
             tokio::task::yield_now().await;
         }
         Err(Error::Contended(id.to_string()))
+    }
+}
+
+/// Where a write read the batch's current version from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VersionSource {
+    /// This replica's memory of its own last write: possibly stale.
+    Memory,
+    /// The database: current when read.
+    Database,
+}
+
+impl VersionSource {
+    /// Whether an answer computed from a version read here is final. A change computed
+    /// from memory is only proposed: its commit's version check accepts it when memory
+    /// was current. Every other answer from memory (a version mismatch, a refused
+    /// change, nothing to do) may be memory's staleness talking, so it is computed
+    /// again from the database before the caller sees it.
+    fn decides(self) -> bool {
+        self == VersionSource::Database
     }
 }

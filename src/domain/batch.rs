@@ -162,8 +162,6 @@ pub struct BatchEvent {
     pub version: i64,
     /// The whole batch at that version.
     pub batch: Batch,
-    /// When it was committed, Unix seconds.
-    pub at: i64,
 }
 
 /// Most errors a batch keeps; a worker that reports more is refused, not truncated.

@@ -35,11 +35,15 @@ use crate::service::BatchService;
 /// Largest accepted request body. Larger bodies get a 413 before any parsing.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// Samples the database pool's connections as (open, idle), for `/metrics`.
+pub type PoolUsage = Arc<dyn Fn() -> (u32, u32) + Send + Sync>;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct RestState {
     service: Arc<BatchService>,
     readiness: Arc<Readiness>,
+    pool_usage: PoolUsage,
 }
 
 #[derive(OpenApi)]
@@ -72,7 +76,11 @@ impl Modify for SecuritySchemes {
 }
 
 /// The router of the HTTP port and the OpenAPI document of its batch routes.
-pub fn router(service: Arc<BatchService>, readiness: Arc<Readiness>) -> Router {
+pub fn router(
+    service: Arc<BatchService>,
+    readiness: Arc<Readiness>,
+    pool_usage: PoolUsage,
+) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(batches::create_batch, batches::list_batches))
         .routes(routes!(batches::get_batch, batches::update_batch))
@@ -92,7 +100,11 @@ pub fn router(service: Arc<BatchService>, readiness: Arc<Readiness>) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(RestState { service, readiness })
+        .with_state(RestState {
+            service,
+            readiness,
+            pool_usage,
+        })
 }
 
 /// The OpenAPI document as served: utoipa's, plus what it cannot express in attributes:
@@ -206,7 +218,7 @@ async fn readyz(State(state): State<RestState>) -> (StatusCode, &'static str) {
 async fn metrics(State(state): State<RestState>) -> ([(HeaderName, &'static str); 1], String) {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        crate::telemetry::metrics::render(state.service.store().as_ref()),
+        crate::telemetry::metrics::render((state.pool_usage)()),
     )
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{BatchPageQuery, EarlierClaim, IdempotencyClaim, Store};
+use super::{BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, IdempotencyClaim, Store};
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
 use crate::error::{Error, Result};
 
@@ -40,6 +40,27 @@ impl DeadlineStore {
                 )))
             }
         }
+    }
+}
+
+#[async_trait]
+impl EventLog for DeadlineStore {
+    async fn events_after(
+        &self,
+        id: &BatchId,
+        after_version: i64,
+        limit: i64,
+    ) -> Result<Vec<BatchEvent>> {
+        self.within(self.inner.events_after(id, after_version, limit))
+            .await
+    }
+
+    async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
+        self.within(self.inner.latest_versions(ids)).await
+    }
+
+    async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {
+        self.within(self.inner.get_batch(id)).await
     }
 }
 
@@ -71,10 +92,6 @@ impl Store for DeadlineStore {
             .await
     }
 
-    async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {
-        self.within(self.inner.get_batch(id)).await
-    }
-
     async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>> {
         self.within(self.inner.get_batches(ids)).await
     }
@@ -87,27 +104,13 @@ impl Store for DeadlineStore {
         self.within(self.inner.commit_change(next)).await
     }
 
-    async fn events_after(
-        &self,
-        id: &BatchId,
-        after_version: i64,
-        limit: i64,
-    ) -> Result<Vec<BatchEvent>> {
-        self.within(self.inner.events_after(id, after_version, limit))
-            .await
-    }
-
-    async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
-        self.within(self.inner.latest_versions(ids)).await
-    }
-
     async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
         self.within(self.inner.compact_events(before_at, limit))
             .await
     }
 
-    fn postgres_pool(&self) -> Option<sqlx::PgPool> {
-        self.inner.postgres_pool()
+    fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
+        self.inner.notifier()
     }
 
     async fn due_batches(

@@ -4,14 +4,19 @@
 //! whatever the database does.
 //!
 //! The store knows rows and transactions, not rules: the state machine lives in the
-//! domain, and the service is the only caller. Both backends speak the same SQL text
-//! (`$n` placeholders work in both), which lives in [`sql`].
+//! domain, and the service is the only caller of [`Store`]. The watch side reads
+//! through the narrower [`EventLog`] and hears other replicas' commits through the
+//! store's [`ChangeNotifier`]. Every query both backends share is written once, in
+//! [`sql`]; each backend says only what differs; [`stored_batch`] is the one mapping
+//! of a batch to its columns and to its event-log snapshots.
 
 mod coalesce;
 mod deadline;
 mod postgres;
+mod postgres_wakeups;
 mod sql;
 mod sqlite;
+mod stored_batch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +28,53 @@ use crate::error::{Error, Result};
 
 pub use coalesce::{DatabaseStatus, MAX_WAITING_READS, PointReadOptions, PointReads};
 pub use deadline::DeadlineStore;
-pub use postgres::PostgresStore;
-pub use sqlite::SqliteStore;
+use postgres::PostgresStore;
+use sqlite::SqliteStore;
+
+/// The history of every batch, read-only: what watchers read committed versions from.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Up to `limit` committed versions of a batch after `after_version`, oldest first.
+    async fn events_after(
+        &self,
+        id: &BatchId,
+        after_version: i64,
+        limit: i64,
+    ) -> Result<Vec<BatchEvent>>;
+
+    /// The current version of each of these batches; unknown ids are left out.
+    async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>>;
+
+    /// The batch with this id, whoever owns it.
+    async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
+}
+
+/// Cross-replica wake-ups: a commit on one replica wakes the watchers of that batch on
+/// the others. A store whose database several processes share provides one.
+#[async_trait]
+pub trait ChangeNotifier: Send + Sync + 'static {
+    /// Tells the other replicas that this one committed batch `id` at `committed_at_ms`
+    /// (wall clock). Never waits: announcements are sent in the background.
+    fn announce(&self, id: &BatchId, committed_at_ms: i64);
+
+    /// Sends this replica's announcements and passes the other replicas' to `listener`,
+    /// until `stopping`.
+    async fn run(
+        self: Arc<Self>,
+        listener: Arc<dyn CommitListener>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    );
+}
+
+/// What a [`ChangeNotifier`] wakes when other replicas commit.
+pub trait CommitListener: Send + Sync {
+    /// Batch `id` was committed elsewhere at `committed_at_ms` (wall clock).
+    fn committed_elsewhere(&self, id: &BatchId, committed_at_ms: i64);
+
+    /// Announcements may have been lost (the connection that hears them was replaced):
+    /// everything watched should be re-read.
+    fn announcements_lost(&self);
+}
 
 /// A page request against the store, already validated and scoped to the caller.
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +125,7 @@ pub struct EarlierClaim {
 
 /// Where batches, their history and API keys are kept.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: EventLog {
     /// Applies pending migrations. Safe when several replicas start at once.
     async fn migrate(&self) -> Result<()>;
 
@@ -98,9 +148,6 @@ pub trait Store: Send + Sync + 'static {
     /// how many.
     async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64>;
 
-    /// The batch with this id, whoever owns it.
-    async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
-
     /// The batches with these ids, in no particular order; unknown ids are left out.
     async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>>;
 
@@ -113,28 +160,15 @@ pub trait Store: Send + Sync + 'static {
     /// got there first).
     async fn commit_change(&self, next: &Batch) -> Result<bool>;
 
-    /// Up to `limit` committed versions of a batch after `after_version`, oldest first.
-    async fn events_after(
-        &self,
-        id: &BatchId,
-        after_version: i64,
-        limit: i64,
-    ) -> Result<Vec<BatchEvent>>;
-
-    /// The current version of each of these batches; unknown ids are left out.
-    async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>>;
-
     /// Deletes at most `limit` of the events committed before `before_at`, never the
     /// latest version of a batch. Returns how many were deleted. Callers delete in
     /// chunks, each its own short transaction, so that writers (SQLite has one write
     /// lock) never wait behind a whole compaction.
     async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64>;
 
-    /// The connection pool when the store is PostgreSQL, whose replicas need
-    /// cross-process wake-ups (LISTEN/NOTIFY); `None` for the single-process SQLite.
-    fn postgres_pool(&self) -> Option<sqlx::PgPool> {
-        None
-    }
+    /// How this replica's commits reach the watchers of other replicas: PostgreSQL's
+    /// LISTEN/NOTIFY; `None` for SQLite, whose database one process owns.
+    fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>>;
 
     /// Up to `limit` batches whose lifecycle timer is due: running (validating,
     /// in_progress, finalizing) with `expires_at <= now`, or cancelling since

@@ -1,66 +1,43 @@
 //! The PostgreSQL store, for deployments with several batchd replicas on one database.
 
 use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
 
+use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::StoreOptions;
-use super::sql;
-use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
+use super::postgres_wakeups::PostgresWakeups;
+use super::sql::{self, Backend, HealthConnection, SqlStore};
+use super::stored_batch::StoredBatchV1;
+use super::{ChangeNotifier, StoreOptions};
+use crate::domain::BatchId;
 use crate::error::{Error, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata
-/// filter) and its first event in one statement (one round trip, atomic).
-/// $1..$30 as in [`sql::INSERT_BATCH`] ($11 created_at, $28 version), $31 the snapshot.
-const INSERT_BATCH_WITH_EVENT: &str = concat!(
-    "WITH inserted AS (",
-    "INSERT INTO batches (",
-    sql::batch_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-     $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30) \
-     RETURNING id, seq, user_id, metadata), \
-     indexed AS (INSERT INTO batch_metadata (batch_seq, user_id, meta_key, meta_value) \
-     SELECT i.seq, i.user_id, m.key, m.value FROM inserted i, jsonb_each_text(i.metadata) m) \
-     INSERT INTO batch_events (batch_id, version, snapshot, at) \
-     SELECT id, $28, $31, $11 FROM inserted"
-);
-
-/// Replaces a batch if it is still at the previous version and appends the event, in
-/// one statement: when the version moved, the UPDATE matches no row and so the INSERT
-/// selects nothing. $1..$20 as in [`sql::update_batch_sql!`], $21 the snapshot.
-const COMMIT_CHANGE: &str = concat!(
-    "WITH changed AS (",
-    sql::update_batch_sql!(),
-    " RETURNING id) \
-     INSERT INTO batch_events (batch_id, version, snapshot, at) \
-     SELECT id, $18, $21, $19 FROM changed"
-);
-
-/// The batches whose ids are in the array $1.
-const SELECT_BATCHES: &str = concat!(
-    "SELECT ",
-    sql::batch_columns!(),
-    " FROM batches WHERE id = ANY($1)"
-);
-
 /// Serialises the "first key on an empty table" check across replicas.
 const FIRST_KEY_LOCK: i64 = 0x6261_7463_6864_6b31; // "batchdk1"
 
-/// Batches in a PostgreSQL database.
-pub struct PostgresStore {
-    pool: PgPool,
-    health: sql::HealthConnection<Postgres>,
-    migration_options: PgConnectOptions,
-}
-
-sql::impl_store!(PostgresStore, Postgres, "postgresql" {
-    fn postgres_pool(&self) -> Option<PgPool> {
-        Some(self.pool.clone())
-    }
+/// The batches whose ids are in the array $1.
+static SELECT_BATCHES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM batches WHERE id = ANY($1)",
+        *sql::BATCH_COLUMNS
+    )
 });
+
+/// Batches in a PostgreSQL database.
+pub(super) type PostgresStore = SqlStore<PostgresBackend>;
+
+/// What PostgreSQL does its own way: each write in one statement (one round trip),
+/// arrays of ids, migrations without a statement timeout, and LISTEN/NOTIFY between
+/// replicas.
+pub(super) struct PostgresBackend {
+    migration_options: PgConnectOptions,
+    wakeups: Arc<PostgresWakeups>,
+}
 
 impl PostgresStore {
     /// Connects a pool to `url`, e.g. `postgres://batchd@db:5432/batchd`.
@@ -78,7 +55,7 @@ impl PostgresStore {
                 ("tcp_keepalives_interval", "5"),
                 ("tcp_keepalives_count", "3"),
             ]);
-        let health = sql::HealthConnection::new(connect.clone().application_name("batchd-health"));
+        let health = HealthConnection::new(connect.clone().application_name("batchd-health"));
         // A later `-c` wins over an earlier one.
         let migration_options = connect.clone().options([("statement_timeout", "0")]);
         let pool = PgPoolOptions::new()
@@ -90,14 +67,35 @@ impl PostgresStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(PostgresStore {
+        let wakeups = Arc::new(PostgresWakeups::new(pool.clone(), options.call_deadline()));
+        Ok(SqlStore {
             pool,
             health,
-            migration_options,
+            backend: PostgresBackend {
+                migration_options,
+                wakeups,
+            },
         })
     }
+}
 
-    async fn migrate_schema(&self) -> Result<()> {
+/// Appends the event of the batch a `WITH written AS (... RETURNING id, version,
+/// created_at, updated_at)` wrote, with `snapshot` as its content.
+fn push_event_of_written(sql: &mut sqlx::QueryBuilder<Postgres>, snapshot: &StoredBatchV1) {
+    sql.push(
+        " INSERT INTO batch_events (batch_id, version, snapshot, at) \
+         SELECT id, version, ",
+    )
+    .push_bind(Json(snapshot.clone()))
+    .push(", COALESCE(updated_at, created_at) FROM written");
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    type Db = Postgres;
+    const SYSTEM: &'static str = "postgresql";
+
+    async fn migrate(&self, _pool: &PgPool) -> Result<()> {
         // A migration may rightly take longer than a request's statement_timeout, so
         // it runs on a connection of its own without one.
         let pool = PgPoolOptions::new()
@@ -111,64 +109,80 @@ impl PostgresStore {
         Ok(migrated?)
     }
 
-    async fn insert_batch_with_event(&self, batch: &Batch) -> Result<()> {
-        sql::bind_new_batch!(sqlx::query(INSERT_BATCH_WITH_EVENT), batch)
-            .bind(sqlx::types::Json(batch))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Row locks and unique keys order PostgreSQL's writers; a plain transaction.
+    async fn begin_write(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
+        Ok(pool.begin().await?)
     }
 
-    /// Inserts a batch and its first event inside `tx`.
-    async fn insert_batch_in(tx: &mut Transaction<'static, Postgres>, batch: &Batch) -> Result<()> {
-        sql::bind_new_batch!(sqlx::query(INSERT_BATCH_WITH_EVENT), batch)
-            .bind(sqlx::types::Json(batch))
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    /// A transaction for an idempotency claim: the primary key on (owner, key) makes a
-    /// concurrent claim of the same key wait for this one to commit or roll back.
-    async fn begin_claim(&self) -> Result<Transaction<'static, Postgres>> {
-        Ok(self.pool.begin().await?)
-    }
-
-    async fn commit_change_if_current(&self, next: &Batch) -> Result<bool> {
-        let inserted = sql::bind_changed_batch!(sqlx::query(COMMIT_CHANGE), next)
-            .bind(sqlx::types::Json(next))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(inserted == 1)
-    }
-
-    async fn batches_by_id(&self, ids: &[BatchId]) -> Result<Vec<sql::BatchRow>> {
-        let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
-        Ok(sqlx::query_as(SELECT_BATCHES)
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    async fn latest_versions_of(&self, ids: &[BatchId]) -> Result<Vec<(String, i64)>> {
-        let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
-        Ok(
-            sqlx::query_as("SELECT id, version FROM batches WHERE id = ANY($1)")
-                .bind(ids)
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
-
-    /// A transaction holding an advisory lock, so replicas starting together on an
-    /// empty database cannot both see "no key yet".
-    async fn begin_first_key_check(&self) -> Result<Transaction<'static, Postgres>> {
-        let mut tx = self.pool.begin().await?;
+    /// An advisory lock, so replicas starting together on an empty database cannot
+    /// both see "no key yet".
+    async fn begin_first_key_check(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
+        let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(FIRST_KEY_LOCK)
             .execute(&mut *tx)
             .await?;
         Ok(tx)
     }
+
+    async fn insert_batch(pool: &PgPool, batch: &StoredBatchV1) -> Result<()> {
+        insert_with_event(batch).build().execute(pool).await?;
+        Ok(())
+    }
+
+    async fn insert_batch_in(
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &StoredBatchV1,
+    ) -> Result<()> {
+        insert_with_event(batch).build().execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// One statement: when the version moved, the UPDATE matches no row and so the
+    /// INSERT of the event selects nothing.
+    async fn commit_change(pool: &PgPool, next: &StoredBatchV1) -> Result<bool> {
+        let mut sql = sqlx::QueryBuilder::new("WITH written AS (");
+        sql::push_update_if_current(&mut sql, next);
+        sql.push(" RETURNING id, version, created_at, updated_at)");
+        push_event_of_written(&mut sql, next);
+        let inserted = sql.build().execute(pool).await?.rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn batches_by_id(pool: &PgPool, ids: &[BatchId]) -> Result<Vec<StoredBatchV1>> {
+        let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
+        Ok(sqlx::query_as(SELECT_BATCHES.as_str())
+            .bind(ids)
+            .fetch_all(pool)
+            .await?)
+    }
+
+    async fn versions_by_id(pool: &PgPool, ids: &[BatchId]) -> Result<Vec<(String, i64)>> {
+        let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
+        Ok(
+            sqlx::query_as("SELECT id, version FROM batches WHERE id = ANY($1)")
+                .bind(ids)
+                .fetch_all(pool)
+                .await?,
+        )
+    }
+
+    fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
+        Some(self.wakeups.clone())
+    }
+}
+
+/// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata
+/// filter) and its first event in one statement (one round trip, atomic).
+fn insert_with_event(batch: &StoredBatchV1) -> sqlx::QueryBuilder<Postgres> {
+    let mut sql = sqlx::QueryBuilder::new("WITH written AS (");
+    sql::push_insert_batch(&mut sql, batch);
+    sql.push(
+        " RETURNING id, seq, user_id, metadata, version, created_at, updated_at), \
+         indexed AS (INSERT INTO batch_metadata (batch_seq, user_id, meta_key, meta_value) \
+         SELECT w.seq, w.user_id, m.key, m.value FROM written w, \
+         jsonb_each_text(w.metadata) m)",
+    );
+    push_event_of_written(&mut sql, batch);
+    sql
 }

@@ -1,23 +1,20 @@
 //! The embedded SQLite store: one file, WAL mode, for a single batchd process.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::types::Json;
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
-use super::StoreOptions;
-use super::sql;
-use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
+use super::sql::{self, Backend, HealthConnection, SqlStore};
+use super::stored_batch::StoredBatchV1;
+use super::{ChangeNotifier, StoreOptions};
+use crate::domain::BatchId;
 use crate::error::{Error, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// The batches whose ids are in the JSON array $1.
-const SELECT_BATCHES: &str = concat!(
-    "SELECT ",
-    sql::batch_columns!(),
-    " FROM batches WHERE id IN (SELECT value FROM json_each($1))"
-);
 
 /// Copies the metadata pairs of batch $1 into `batch_metadata`, the index of the list's
 /// metadata filter.
@@ -25,13 +22,16 @@ const INDEX_METADATA: &str = "INSERT INTO batch_metadata (batch_seq, user_id, me
      meta_value) SELECT b.seq, b.user_id, m.key, m.value FROM batches b, \
      json_each(b.metadata) m WHERE b.id = $1";
 
-/// Batches in a SQLite database file.
-pub struct SqliteStore {
-    pool: SqlitePool,
-    health: sql::HealthConnection<Sqlite>,
-}
+/// `(id, version)` of the batches whose ids are in the JSON array $1.
+const SELECT_VERSIONS: &str =
+    "SELECT id, version FROM batches WHERE id IN (SELECT value FROM json_each($1))";
 
-sql::impl_store!(SqliteStore, Sqlite, "sqlite" {});
+/// Batches in a SQLite database file.
+pub(super) type SqliteStore = SqlStore<SqliteBackend>;
+
+/// What SQLite does its own way: one writer at a time, so every write transaction
+/// takes the write lock up front; lists of ids as one JSON array.
+pub(super) struct SqliteBackend;
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://batchd.db`.
@@ -46,7 +46,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(options.acquire_timeout);
-        let health = sql::HealthConnection::new(connect.clone());
+        let health = HealthConnection::new(connect.clone());
         // Each connection to `:memory:` would be a database of its own.
         let max_connections = if connect.get_filename().as_os_str() == ":memory:" {
             1
@@ -62,52 +62,63 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(SqliteStore { pool, health })
+        Ok(SqlStore {
+            pool,
+            health,
+            backend: SqliteBackend,
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    type Db = Sqlite;
+    const SYSTEM: &'static str = "sqlite";
+
+    async fn migrate(&self, pool: &SqlitePool) -> Result<()> {
+        Ok(MIGRATOR.run(pool).await?)
     }
 
-    async fn migrate_schema(&self) -> Result<()> {
-        Ok(MIGRATOR.run(&self.pool).await?)
-    }
-
-    /// A write transaction that takes the database's write lock up front. A deferred
+    /// BEGIN IMMEDIATE takes the database's write lock up front. A deferred
     /// transaction takes it at its first write and, when another writer committed in
     /// between, fails with SQLITE_BUSY instead of waiting.
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn begin_write(pool: &SqlitePool) -> Result<Transaction<'static, Sqlite>> {
+        Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
-    async fn insert_batch_with_event(&self, batch: &Batch) -> Result<()> {
-        let mut tx = self.begin_write().await?;
+    /// The write lock alone keeps the "no key yet" check true until the insert.
+    async fn begin_first_key_check(pool: &SqlitePool) -> Result<Transaction<'static, Sqlite>> {
+        Self::begin_write(pool).await
+    }
+
+    async fn insert_batch(pool: &SqlitePool, batch: &StoredBatchV1) -> Result<()> {
+        let mut tx = Self::begin_write(pool).await?;
         Self::insert_batch_in(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Inserts a batch, its metadata index rows and its first event inside `tx`.
-    async fn insert_batch_in(tx: &mut Transaction<'static, Sqlite>, batch: &Batch) -> Result<()> {
-        sql::bind_new_batch!(sqlx::query(sql::INSERT_BATCH), batch)
-            .execute(&mut **tx)
-            .await?;
-        if batch.metadata.is_some() {
+    async fn insert_batch_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        batch: &StoredBatchV1,
+    ) -> Result<()> {
+        let mut insert = sqlx::QueryBuilder::new("");
+        sql::push_insert_batch::<Sqlite>(&mut insert, batch);
+        insert.build().execute(&mut **tx).await?;
+        if batch.has_metadata() {
             sqlx::query(INDEX_METADATA)
-                .bind(batch.id.as_str())
+                .bind(batch.id())
                 .execute(&mut **tx)
                 .await?;
         }
         append_event(tx, batch).await
     }
 
-    /// The write lock from the idempotency key's check to the batch's insert.
-    async fn begin_claim(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.begin_write().await
-    }
-
-    async fn commit_change_if_current(&self, next: &Batch) -> Result<bool> {
-        let mut tx = self.begin_write().await?;
-        let updated = sql::bind_changed_batch!(sqlx::query(sql::update_batch_sql!()), next)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+    async fn commit_change(pool: &SqlitePool, next: &StoredBatchV1) -> Result<bool> {
+        let mut tx = Self::begin_write(pool).await?;
+        let mut update = sqlx::QueryBuilder::new("");
+        sql::push_update_if_current::<Sqlite>(&mut update, next);
+        let updated = update.build().execute(&mut *tx).await?.rows_affected();
         if updated == 0 {
             // Dropping the transaction rolls it back; nothing was written anyway.
             return Ok(false);
@@ -117,37 +128,42 @@ impl SqliteStore {
         Ok(true)
     }
 
-    async fn batches_by_id(&self, ids: &[BatchId]) -> Result<Vec<sql::BatchRow>> {
+    async fn batches_by_id(pool: &SqlitePool, ids: &[BatchId]) -> Result<Vec<StoredBatchV1>> {
         let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
-        Ok(sqlx::query_as(SELECT_BATCHES)
-            .bind(sqlx::types::Json(ids))
-            .fetch_all(&self.pool)
+        Ok(sqlx::query_as(SELECT_BATCHES.as_str())
+            .bind(Json(ids))
+            .fetch_all(pool)
             .await?)
     }
 
-    async fn latest_versions_of(&self, ids: &[BatchId]) -> Result<Vec<(String, i64)>> {
+    async fn versions_by_id(pool: &SqlitePool, ids: &[BatchId]) -> Result<Vec<(String, i64)>> {
         let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
-        Ok(sqlx::query_as(
-            "SELECT id, version FROM batches WHERE id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(sqlx::types::Json(ids))
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(sqlx::query_as(SELECT_VERSIONS)
+            .bind(Json(ids))
+            .fetch_all(pool)
+            .await?)
     }
 
-    /// BEGIN IMMEDIATE holds the write lock from the "no key yet" check to the insert.
-    async fn begin_first_key_check(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.begin_write().await
+    fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
+        None
     }
 }
 
+/// The batches whose ids are in the JSON array $1.
+static SELECT_BATCHES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM batches WHERE id IN (SELECT value FROM json_each($1))",
+        *sql::BATCH_COLUMNS
+    )
+});
+
 /// Appends `batch` at its version to the event log, inside `tx`.
-async fn append_event(tx: &mut Transaction<'static, Sqlite>, batch: &Batch) -> Result<()> {
+async fn append_event(tx: &mut Transaction<'static, Sqlite>, batch: &StoredBatchV1) -> Result<()> {
     sqlx::query(sql::INSERT_EVENT)
-        .bind(batch.id.as_str())
-        .bind(batch.version)
-        .bind(sqlx::types::Json(batch))
-        .bind(batch.updated_at.unwrap_or(batch.created_at))
+        .bind(batch.id())
+        .bind(batch.version())
+        .bind(Json(batch))
+        .bind(batch.committed_at())
         .execute(&mut **tx)
         .await?;
     Ok(())

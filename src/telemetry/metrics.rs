@@ -12,8 +12,6 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::store::Store;
-
 /// Latency buckets in seconds, from sub-millisecond reads to slow streams.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -110,9 +108,9 @@ fn register_request_series(
     let _ = metrics::histogram!("batchd_request_duration_seconds", labels);
 }
 
-/// The metrics in Prometheus's text format, with the gauges sampled now.
-pub fn render(store: &dyn Store) -> String {
-    let (open, idle) = store.pool_usage();
+/// The metrics in Prometheus's text format, with the pool's connections (open, idle)
+/// as sampled now.
+pub fn render((open, idle): (u32, u32)) -> String {
     metrics::gauge!("batchd_db_pool_connections", "state" => "in_use")
         .set(f64::from(open.saturating_sub(idle)));
     metrics::gauge!("batchd_db_pool_connections", "state" => "idle").set(f64::from(idle));

@@ -18,24 +18,15 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::postgres::Outbox;
-use super::subscriber::{self, Start};
-use super::{WatchEvent, WatchOptions};
+use super::subscriber::{self, WatcherContext};
+use super::{KEY_REVOKED, LOG_PAGE, WatchEvent, WatchOptions};
 use crate::domain::{Batch, BatchId, Caller};
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{ChangeNotifier, CommitListener, EventLog};
 
 /// Versions a feed keeps for watchers that have not read them yet; one that falls
 /// further behind catches up from the log.
 const FEED_CAPACITY: usize = 256;
-/// Versions read from the log per query.
-pub(super) const LOG_PAGE: i64 = 256;
-/// API keys asked about per revocation query, to keep its parameter list bounded.
-const REVOCATION_PAGE: usize = 500;
-/// Revocations are checked at most this often, even with the API key cache off.
-const MIN_REVOCATION_CHECK: Duration = Duration::from_millis(100);
-/// What a stream of a revoked API key ends with.
-pub(super) const KEY_REVOKED: &str = "the API key was revoked";
 
 /// One watched batch.
 pub(super) struct Feed {
@@ -118,24 +109,24 @@ struct KeyStreams {
 
 /// The watch hub of one replica.
 pub struct WatchHub {
-    store: Arc<dyn Store>,
+    log: Arc<dyn EventLog>,
     options: WatchOptions,
     feeds: Mutex<HashMap<BatchId, FeedEntry>>,
     open_per_key: Mutex<HashMap<String, KeyStreams>>,
-    outbox: OnceLock<Arc<Outbox>>,
+    notifier: OnceLock<Arc<dyn ChangeNotifier>>,
     stopping: watch::Sender<bool>,
 }
 
 /// A watcher's hold on a feed, counted in the feed map; dropping it lets the feed go
 /// when it was the last.
-pub(super) struct Subscription {
+struct Subscription {
     hub: Arc<WatchHub>,
     feed: Arc<Feed>,
-    pub(super) events: broadcast::Receiver<Arc<Batch>>,
+    events: broadcast::Receiver<Arc<Batch>>,
 }
 
 /// One open stream counted against its API key; dropping it frees the place.
-pub(super) struct StreamPermit {
+struct StreamPermit {
     hub: Arc<WatchHub>,
     key_id: String,
     /// The key's revocation signal.
@@ -143,22 +134,22 @@ pub(super) struct StreamPermit {
 }
 
 impl WatchHub {
-    /// A hub over `store`.
-    pub fn new(store: Arc<dyn Store>, options: WatchOptions) -> Arc<WatchHub> {
+    /// A hub reading committed versions from `log`.
+    pub fn new(log: Arc<dyn EventLog>, options: WatchOptions) -> Arc<WatchHub> {
         Arc::new(WatchHub {
-            store,
+            log,
             options,
             feeds: Mutex::default(),
             open_per_key: Mutex::default(),
-            outbox: OnceLock::new(),
+            notifier: OnceLock::new(),
             stopping: watch::channel(false).0,
         })
     }
 
-    /// Sends wake-ups for this replica's commits to the other replicas through
-    /// `outbox` from now on.
-    pub fn publish_to(&self, outbox: Arc<Outbox>) {
-        let _ = self.outbox.set(outbox);
+    /// Announces this replica's commits to the other replicas through `notifier` from
+    /// now on.
+    pub fn publish_to(&self, notifier: Arc<dyn ChangeNotifier>) {
+        let _ = self.notifier.set(notifier);
     }
 
     /// `batch` was committed by this replica: its watchers here get it at once when
@@ -175,8 +166,8 @@ impl WatchHub {
                 self.wake_for_commit(&batch.id, at);
             }
         }
-        if let Some(outbox) = self.outbox.get() {
-            outbox.push(&batch.id, at);
+        if let Some(notifier) = self.notifier.get() {
+            notifier.announce(&batch.id, at);
         }
     }
 
@@ -223,12 +214,8 @@ impl WatchHub {
             return Ok(());
         }
         let ids: Vec<BatchId> = cursors.iter().map(|(id, _)| id.clone()).collect();
-        let latest: HashMap<BatchId, i64> = self
-            .store
-            .latest_versions(&ids)
-            .await?
-            .into_iter()
-            .collect();
+        let latest: HashMap<BatchId, i64> =
+            self.log.latest_versions(&ids).await?.into_iter().collect();
         for (id, cursor) in cursors {
             if latest.get(&id).is_some_and(|&version| version > cursor) {
                 tracing::debug!(batch_id = %id, "safety poll found a missed change");
@@ -253,44 +240,24 @@ impl WatchHub {
         }
     }
 
-    /// Asks the database which API keys with open streams here were revoked, and ends
-    /// those keys' streams with UNAUTHENTICATED. The database, not this process, is
-    /// asked because a key is revoked by another process (`batchd keys revoke`) and
-    /// every replica must notice.
-    pub async fn check_revoked_keys(&self) -> Result<()> {
-        let keys: Vec<String> = self.lock_keys().keys().cloned().collect();
-        for page in keys.chunks(REVOCATION_PAGE) {
-            let revoked = self.store.revoked_api_keys(page).await?;
-            let open = self.lock_keys();
-            for key_id in revoked {
-                if let Some(streams) = open.get(&key_id)
-                    && !streams.revoked.send_replace(true)
-                {
-                    tracing::info!(
-                        key_id,
-                        streams = streams.open,
-                        "API key revoked: ending its watch streams"
-                    );
-                }
-            }
-        }
-        Ok(())
+    /// The API keys with open streams on this replica.
+    pub fn watching_keys(&self) -> Vec<String> {
+        self.lock_keys().keys().cloned().collect()
     }
 
-    /// Runs [`WatchHub::check_revoked_keys`] every `every` (the API key cache's TTL,
-    /// so that open streams end as soon as new requests are refused) until the hub
-    /// stops.
-    pub async fn run_revocation_checks(self: Arc<Self>, every: Duration) {
-        let every = every.max(MIN_REVOCATION_CHECK);
-        let mut stopping = self.stopping.subscribe();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {
-                    if let Err(error) = self.check_revoked_keys().await {
-                        tracing::warn!(%error, "checking watched API keys for revocation failed");
-                    }
-                }
-                _ = crate::shutdown::requested(&mut stopping) => return,
+    /// Ends the streams of these revoked keys with UNAUTHENTICATED and refuses new ones
+    /// while any of theirs is still open.
+    pub fn end_streams_of_revoked(&self, key_ids: &[String]) {
+        let open = self.lock_keys();
+        for key_id in key_ids {
+            if let Some(streams) = open.get(key_id)
+                && !streams.revoked.send_replace(true)
+            {
+                tracing::info!(
+                    key_id,
+                    streams = streams.open,
+                    "API key revoked: ending its watch streams"
+                );
             }
         }
     }
@@ -326,8 +293,8 @@ impl WatchHub {
         let permit = self.open_stream(&caller.key_id)?;
         let subscription = self.subscribe(id).await?;
         let (sender, receiver) = mpsc::channel(self.options.stream_buffer);
-        let start = Start {
-            store: self.store.clone(),
+        let context = WatcherContext {
+            log: self.log.clone(),
             batch_id: id.clone(),
             after_version,
             heartbeat: self.options.heartbeat,
@@ -338,7 +305,9 @@ impl WatchHub {
         let span = tracing::info_span!("watch_stream", batch_id = %id, after_version);
         tokio::spawn(
             async move {
-                subscriber::run(start, subscription, sender).await;
+                let mut subscription = subscription;
+                subscriber::run(context, &mut subscription.events, sender).await;
+                drop(subscription);
                 drop(permit);
             }
             .instrument(span),
@@ -386,7 +355,7 @@ impl WatchHub {
         // The new feed starts at the version current now: every commit after this
         // read wakes it, since it is registered before the watcher reads its own start.
         let version = self
-            .store
+            .log
             .latest_versions(std::slice::from_ref(id))
             .await?
             .first()
@@ -418,7 +387,7 @@ impl WatchHub {
             feed: feed.clone(),
         };
         drop(feeds);
-        tokio::spawn(run_feed(self.store.clone(), feed));
+        tokio::spawn(run_feed(self.log.clone(), feed));
         Ok(subscription)
     }
 
@@ -459,6 +428,17 @@ impl WatchHub {
     }
 }
 
+/// Other replicas' commits, heard through the store's [`ChangeNotifier`].
+impl CommitListener for WatchHub {
+    fn committed_elsewhere(&self, id: &BatchId, committed_at_ms: i64) {
+        self.wake_for_commit(id, committed_at_ms);
+    }
+
+    fn announcements_lost(&self) {
+        self.wake_all();
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut feeds = self.hub.lock_feeds();
@@ -494,7 +474,7 @@ impl Drop for StreamPermit {
 
 /// A feed's reader: on every wake-up, reads the versions after its cursor from the log
 /// and broadcasts them. Wake-ups that arrive while it reads coalesce into one more read.
-async fn run_feed(store: Arc<dyn Store>, feed: Arc<Feed>) {
+async fn run_feed(log: Arc<dyn EventLog>, feed: Arc<Feed>) {
     loop {
         feed.wake.notified().await;
         if feed.closed.load(Ordering::Acquire) {
@@ -502,18 +482,18 @@ async fn run_feed(store: Arc<dyn Store>, feed: Arc<Feed>) {
         }
         // Not a child of whichever request woke the feed: it serves every watcher.
         let span = tracing::info_span!(parent: None, "watch_feed_read", batch_id = %feed.id, versions = tracing::field::Empty);
-        read_new_versions(store.as_ref(), &feed)
+        read_new_versions(log.as_ref(), &feed)
             .instrument(span)
             .await;
     }
 }
 
 /// Broadcasts every version after the feed's cursor.
-async fn read_new_versions(store: &dyn Store, feed: &Feed) {
+async fn read_new_versions(log: &dyn EventLog, feed: &Feed) {
     let mut versions = 0;
     loop {
         let cursor = feed.cursor.load(Ordering::Acquire);
-        match store.events_after(&feed.id, cursor, LOG_PAGE).await {
+        match log.events_after(&feed.id, cursor, LOG_PAGE).await {
             Ok(events) => {
                 let complete = (events.len() as i64) < LOG_PAGE;
                 if !events.is_empty() {

@@ -14,20 +14,21 @@
 //! versions right after its cursor, it moves its cursor to what the log has; its
 //! watchers see a version ahead of theirs and resume from a snapshot.
 //!
-//! Wake-ups come from commits in this process, from other replicas through
-//! PostgreSQL LISTEN/NOTIFY ([`postgres`]), and from a safety poll that compares every
+//! The hub reads only through the store's read-only [`EventLog`](crate::store::EventLog).
+//! Wake-ups come from commits in this process, from other replicas through the
+//! store's [`ChangeNotifier`](crate::store::ChangeNotifier) (PostgreSQL LISTEN/NOTIFY),
+//! and from a safety poll that compares every
 //! feed's cursor with the batches' current versions, for notifications that were lost.
 //! The listener replaces a lost connection itself, with backoff, and re-reads every
 //! watched batch only once LISTEN works again, so nothing committed meanwhile waits
 //! for the safety poll.
 //!
-//! Streams are counted per API key. Every API key cache TTL, the hub asks the database
-//! which keys with open streams were revoked (by any process: `batchd keys revoke`
-//! writes only the database) and ends their streams with UNAUTHENTICATED, freeing
-//! their places, on every replica.
+//! Streams are counted per API key. Every API key cache TTL, the service asks the
+//! database which keys with open streams here were revoked (by any process: `batchd
+//! keys revoke` writes only the database) and the hub ends their streams with
+//! UNAUTHENTICATED, freeing their places, on every replica.
 
 mod hub;
-pub mod postgres;
 mod subscriber;
 
 use std::sync::Arc;
@@ -36,6 +37,11 @@ use std::time::Duration;
 use crate::domain::Batch;
 
 pub use hub::WatchHub;
+
+/// Versions read from the log per query.
+const LOG_PAGE: i64 = 256;
+/// What a stream of a revoked API key ends with.
+const KEY_REVOKED: &str = "the API key was revoked";
 
 /// What a watcher receives.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,18 +10,19 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::hub::{KEY_REVOKED, LOG_PAGE, Subscription};
-use super::{WatchEvent, WatchEventKind};
+use tokio::sync::broadcast;
+
+use super::{KEY_REVOKED, LOG_PAGE, WatchEvent, WatchEventKind};
 use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::EventLog;
 
 /// How long an ending stream waits for room to queue its closing error.
 const FINAL_ERROR_WAIT: Duration = Duration::from_secs(2);
 
-/// What a watcher starts from.
-pub(super) struct Start {
-    pub(super) store: Arc<dyn Store>,
+/// What a watcher works with: the request, where to read, when to stop.
+pub(super) struct WatcherContext {
+    pub(super) log: Arc<dyn EventLog>,
     pub(super) batch_id: BatchId,
     pub(super) after_version: Option<i64>,
     pub(super) heartbeat: Duration,
@@ -45,7 +46,7 @@ impl From<Error> for Stop {
 }
 
 struct Watcher {
-    start: Start,
+    context: WatcherContext,
     out: mpsc::Sender<Result<WatchEvent>>,
     /// The latest version sent (0 before the first).
     cursor: i64,
@@ -57,18 +58,18 @@ struct Watcher {
 /// Streams batch events into `out` until the batch is terminal (the stream then ends
 /// normally), the client goes away, or an error ends it.
 pub(super) async fn run(
-    start: Start,
-    mut subscription: Subscription,
+    context: WatcherContext,
+    feed: &mut broadcast::Receiver<Arc<Batch>>,
     out: mpsc::Sender<Result<WatchEvent>>,
 ) {
     let mut watcher = Watcher {
-        cursor: start.after_version.unwrap_or(0),
-        start,
+        cursor: context.after_version.unwrap_or(0),
+        context,
         out,
         last: None,
         last_sent: Instant::now(),
     };
-    if let Err(Stop::Failed(error)) = watcher.stream(&mut subscription).await {
+    if let Err(Stop::Failed(error)) = watcher.stream(feed).await {
         // Behind what the client has not read yet; a client that reads nothing at all
         // cannot get it, and must not keep this task (and a shutdown) waiting.
         let _ = tokio::time::timeout(FINAL_ERROR_WAIT, watcher.out.send(Err(error))).await;
@@ -76,8 +77,8 @@ pub(super) async fn run(
 }
 
 impl Watcher {
-    async fn stream(&mut self, subscription: &mut Subscription) -> Result<(), Stop> {
-        match self.start.after_version {
+    async fn stream(&mut self, feed: &mut broadcast::Receiver<Arc<Batch>>) -> Result<(), Stop> {
+        match self.context.after_version {
             None => {
                 let current = self.current().await?;
                 self.send(WatchEventKind::Snapshot, current).await?;
@@ -99,18 +100,18 @@ impl Watcher {
                 }
             },
         }
-        let mut stopping = self.start.stopping.clone();
-        let mut revoked = self.start.revoked.clone();
+        let mut stopping = self.context.stopping.clone();
+        let mut revoked = self.context.revoked.clone();
         loop {
             if self.last.as_ref().is_some_and(|b| b.status.is_terminal()) {
                 return Ok(());
             }
-            let next_heartbeat = self.last_sent + self.start.heartbeat;
+            let next_heartbeat = self.last_sent + self.context.heartbeat;
             tokio::select! {
                 _ = crate::shutdown::requested(&mut stopping) => return Err(Error::ShuttingDown.into()),
                 _ = key_revoked(&mut revoked) => return Err(Error::Unauthenticated(KEY_REVOKED).into()),
                 _ = self.out.closed() => return Err(Stop::ClientGone),
-                received = subscription.events.recv() => match received {
+                received = feed.recv() => match received {
                     Ok(batch) if batch.version <= self.cursor => {}
                     Ok(batch) if batch.version == self.cursor + 1 => {
                         self.send(WatchEventKind::Change, batch).await?;
@@ -134,9 +135,9 @@ impl Watcher {
     async fn catch_up(&mut self) -> Result<(), Stop> {
         loop {
             let events = self
-                .start
-                .store
-                .events_after(&self.start.batch_id, self.cursor, LOG_PAGE)
+                .context
+                .log
+                .events_after(&self.context.batch_id, self.cursor, LOG_PAGE)
                 .await?;
             let complete = (events.len() as i64) < LOG_PAGE;
             match events.first() {
@@ -163,11 +164,11 @@ impl Watcher {
 
     async fn current(&self) -> Result<Arc<Batch>> {
         let batch = self
-            .start
-            .store
-            .get_batch(&self.start.batch_id)
+            .context
+            .log
+            .get_batch(&self.context.batch_id)
             .await?
-            .ok_or_else(|| Error::BatchNotFound(self.start.batch_id.to_string()))?;
+            .ok_or_else(|| Error::BatchNotFound(self.context.batch_id.to_string()))?;
         Ok(Arc::new(batch))
     }
 
@@ -176,7 +177,7 @@ impl Watcher {
     /// not hold the process up.
     async fn send(&mut self, kind: WatchEventKind, batch: Arc<Batch>) -> Result<(), Stop> {
         // Nothing more goes out on a revoked key, even when the buffer has room.
-        if *self.start.revoked.borrow() {
+        if *self.context.revoked.borrow() {
             return Err(Error::Unauthenticated(KEY_REVOKED).into());
         }
         if kind != WatchEventKind::Heartbeat {
@@ -184,8 +185,8 @@ impl Watcher {
             self.last = Some(batch.clone());
         }
         self.last_sent = Instant::now();
-        let mut stopping = self.start.stopping.clone();
-        let mut revoked = self.start.revoked.clone();
+        let mut stopping = self.context.stopping.clone();
+        let mut revoked = self.context.revoked.clone();
         tokio::select! {
             sent = self.out.send(Ok(WatchEvent { kind, batch })) => sent.map_err(|_| Stop::ClientGone)?,
             _ = crate::shutdown::requested(&mut stopping) => return Err(Error::ShuttingDown.into()),
@@ -219,12 +220,12 @@ mod tests {
 
     use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus, Caller, Scope};
     use crate::error::Result;
-    use crate::store::{BatchPageQuery, EarlierClaim, IdempotencyClaim, Store, StoreOptions};
+    use crate::store::{EventLog, Store, StoreOptions};
     use crate::watch::{WatchEventKind, WatchHub, WatchOptions};
 
-    /// A real store that commits `next` the first time the watcher reads the current
-    /// batch: the commit lands between the watcher's read of the log and its read of
-    /// the batch, the one interleaving a resume must survive.
+    /// A real event log that commits `next` the first time the watcher reads the
+    /// current batch: the commit lands between the watcher's read of the log and its
+    /// read of the batch, the one interleaving a resume must survive.
     struct CommitsDuringTheRead {
         inner: Arc<dyn Store>,
         next: Batch,
@@ -232,7 +233,7 @@ mod tests {
     }
 
     #[async_trait]
-    impl Store for CommitsDuringTheRead {
+    impl EventLog for CommitsDuringTheRead {
         async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {
             if !self.done.swap(true, Ordering::SeqCst) {
                 assert!(self.inner.commit_change(&self.next).await?);
@@ -250,62 +251,6 @@ mod tests {
         async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
             self.inner.latest_versions(ids).await
         }
-        async fn migrate(&self) -> Result<()> {
-            unreachable!("not used by a watcher")
-        }
-        async fn ping(&self) -> Result<()> {
-            unreachable!("not used by a watcher")
-        }
-        async fn insert_batch(&self, _: &Batch) -> Result<()> {
-            unreachable!("not used by a watcher")
-        }
-        async fn insert_batch_once(
-            &self,
-            _: &Batch,
-            _: IdempotencyClaim<'_>,
-        ) -> Result<Option<EarlierClaim>> {
-            unreachable!("not used by a watcher")
-        }
-        async fn forget_idempotency_keys(&self, _: i64, _: i64) -> Result<u64> {
-            unreachable!("not used by a watcher")
-        }
-        async fn get_batches(&self, _: &[BatchId]) -> Result<Vec<Batch>> {
-            unreachable!("not used by a watcher")
-        }
-        async fn list_batches(&self, _: BatchPageQuery<'_>) -> Result<Vec<Batch>> {
-            unreachable!("not used by a watcher")
-        }
-        async fn commit_change(&self, _: &Batch) -> Result<bool> {
-            unreachable!("not used by a watcher")
-        }
-        async fn compact_events(&self, _: i64, _: i64) -> Result<u64> {
-            unreachable!("not used by a watcher")
-        }
-        async fn due_batches(&self, _: i64, _: i64, _: i64) -> Result<Vec<Batch>> {
-            unreachable!("not used by a watcher")
-        }
-        fn pool_usage(&self) -> (u32, u32) {
-            (0, 0)
-        }
-        async fn insert_api_key(&self, _: &ApiKey, _: &[u8; 32]) -> Result<()> {
-            unreachable!("not used by a watcher")
-        }
-        async fn insert_first_api_key(&self, _: &ApiKey, _: &[u8; 32]) -> Result<bool> {
-            unreachable!("not used by a watcher")
-        }
-        async fn api_key_by_digest(&self, _: &[u8; 32]) -> Result<Option<ApiKey>> {
-            unreachable!("not used by a watcher")
-        }
-        async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
-            unreachable!("not used by a watcher")
-        }
-        async fn revoke_api_key(&self, _: &str, _: i64) -> Result<bool> {
-            unreachable!("not used by a watcher")
-        }
-        async fn revoked_api_keys(&self, _: &[String]) -> Result<Vec<String>> {
-            Ok(Vec::new())
-        }
-        async fn close(&self) {}
     }
 
     /// Resuming after the latest version while a commit lands between the watcher's two

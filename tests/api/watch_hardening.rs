@@ -38,7 +38,7 @@ async fn watchers_coming_and_going_by_the_thousand_miss_nothing_and_leave_no_fee
         o.watch.max_watches_per_key = 10_000;
     })
     .await;
-    let hub = app.app.as_ref().unwrap().service().hub().clone();
+    let hub = app.app.as_ref().unwrap().hub().clone();
     let mut client = app.client(&app.admin_key);
     let mut worker = app.worker(&app.admin_key);
     let id = create(&mut client).await.id;
@@ -187,7 +187,7 @@ async fn revoking_a_key_ends_its_open_streams(backend: Backend) {
     })
     .await;
     let service = app.app.as_ref().unwrap().service().clone();
-    let hub = service.hub().clone();
+    let hub = app.app.as_ref().unwrap().hub().clone();
     let (key, secret) = service
         .create_api_key("dana", Scope::Batches)
         .await

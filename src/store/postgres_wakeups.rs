@@ -1,4 +1,5 @@
-//! Cross-replica wake-ups over PostgreSQL LISTEN/NOTIFY.
+//! Cross-replica wake-ups over PostgreSQL LISTEN/NOTIFY: the [`ChangeNotifier`] of
+//! the PostgreSQL store.
 //!
 //! PostgreSQL serializes every committing transaction that has sent a NOTIFY, so a
 //! NOTIFY inside each write would cap write throughput. Writes send none: each replica
@@ -17,11 +18,13 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, watch};
 
-use super::WatchHub;
-use crate::domain::BatchId;
+use async_trait::async_trait;
+
+use super::{ChangeNotifier, CommitListener};
+use crate::domain::{BatchId, random_hex};
 
 /// The notification channel.
-pub const CHANNEL: &str = "batchd_batch_events";
+const CHANNEL: &str = "batchd_batch_events";
 /// How long the listener waits without a notification before it checks that its
 /// connection still answers.
 const LIVENESS_PROBE: Duration = Duration::from_secs(10);
@@ -34,10 +37,54 @@ const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest wait between two LISTEN attempts.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// This replica's end of LISTEN/NOTIFY: the commits it has not yet announced, and
+/// what it needs to announce them and to listen for the others'.
+pub(super) struct PostgresWakeups {
+    pool: PgPool,
+    deadline: Duration,
+    outbox: Outbox,
+}
+
+impl PostgresWakeups {
+    /// Wake-ups over `pool`'s database, each statement within `deadline`, for a
+    /// replica with a fresh random name.
+    pub(super) fn new(pool: PgPool, deadline: Duration) -> PostgresWakeups {
+        PostgresWakeups {
+            pool,
+            deadline,
+            outbox: Outbox::new(format!("replica-{}", random_hex::<8>())),
+        }
+    }
+}
+
+#[async_trait]
+impl ChangeNotifier for PostgresWakeups {
+    fn announce(&self, id: &BatchId, committed_at_ms: i64) {
+        self.outbox.push(id, committed_at_ms);
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        listener: Arc<dyn CommitListener>,
+        stopping: watch::Receiver<bool>,
+    ) {
+        tokio::join!(
+            run_notifier(&self.pool, &self.outbox, self.deadline, stopping.clone()),
+            run_listener(
+                &self.pool,
+                listener.as_ref(),
+                &self.outbox.replica,
+                self.deadline,
+                stopping
+            ),
+        );
+    }
+}
+
 /// Batch ids committed by this replica and not yet announced to the others, each with
 /// the wall-clock time (ms) of its earliest unannounced commit.
 #[derive(Debug)]
-pub struct Outbox {
+struct Outbox {
     replica: String,
     pending: Mutex<HashMap<BatchId, i64>>,
     wake: Notify,
@@ -45,16 +92,16 @@ pub struct Outbox {
 
 impl Outbox {
     /// An outbox of the replica named `replica` (unique per process).
-    pub fn new(replica: impl Into<String>) -> Arc<Outbox> {
-        Arc::new(Outbox {
+    fn new(replica: impl Into<String>) -> Outbox {
+        Outbox {
             replica: replica.into(),
             pending: Mutex::default(),
             wake: Notify::new(),
-        })
+        }
     }
 
     /// Queues a wake-up for batch `id`, committed at `committed_at_ms`.
-    pub fn push(&self, id: &BatchId, committed_at_ms: i64) {
+    fn push(&self, id: &BatchId, committed_at_ms: i64) {
         self.lock().entry(id.clone()).or_insert(committed_at_ms);
         self.wake.notify_one();
     }
@@ -97,9 +144,9 @@ impl Outbox {
 /// Sends the outbox's wake-ups until `stopping`, one NOTIFY per batch of pending ids.
 /// Each NOTIFY ends within `deadline`: a database that stopped answering must not hold
 /// the notifier (and a pool connection) until it answers again.
-pub async fn run_notifier(
-    pool: PgPool,
-    outbox: Arc<Outbox>,
+async fn run_notifier(
+    pool: &PgPool,
+    outbox: &Outbox,
     deadline: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -116,7 +163,7 @@ pub async fn run_notifier(
             let notify = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
                 .bind(&payload)
-                .execute(&pool);
+                .execute(pool);
             let sent = match tokio::time::timeout(deadline, notify).await {
                 Ok(sent) => sent.map(drop).map_err(|e| e.to_string()),
                 Err(_) => Err(format!("no answer within {deadline:?}")),
@@ -142,27 +189,27 @@ pub async fn run_notifier(
 /// A connection that goes silent (a partition: the socket stays open and never errs)
 /// would wait for notifications forever; so after [`LIVENESS_PROBE`] without one, the
 /// listener's own connection must answer a query within `deadline`, or it is replaced.
-pub async fn run_listener(
-    pool: PgPool,
-    hub: Arc<WatchHub>,
-    replica: String,
+async fn run_listener(
+    pool: &PgPool,
+    hub: &dyn CommitListener,
+    replica: &str,
     deadline: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
     loop {
-        let Some(mut listener) = listen_until_it_works(&pool, deadline, &mut stopping).await else {
+        let Some(mut listener) = listen_until_it_works(pool, deadline, &mut stopping).await else {
             return;
         };
         // LISTEN is in effect: anything committed without a notification reaching us
         // is in the log by now.
-        hub.wake_all();
+        hub.announcements_lost();
         loop {
             let received = tokio::select! {
                 received = tokio::time::timeout(LIVENESS_PROBE, listener.try_recv()) => received,
                 _ = crate::shutdown::requested(&mut stopping) => return,
             };
             match received {
-                Ok(Ok(Some(notification))) => wake_for(&hub, &replica, notification.payload()),
+                Ok(Ok(Some(notification))) => wake_for(hub, replica, notification.payload()),
                 Ok(Ok(None)) => {
                     tracing::warn!("LISTEN connection was lost; reconnecting");
                     break;
@@ -185,7 +232,7 @@ pub async fn run_listener(
 
 /// Wakes the feeds of the batches another replica committed, named in `payload`
 /// (`replica|id@ms,id@ms,...`).
-fn wake_for(hub: &WatchHub, replica: &str, payload: &str) {
+fn wake_for(hub: &dyn CommitListener, replica: &str, payload: &str) {
     let Some((sender, ids)) = payload.split_once('|') else {
         return;
     };
@@ -197,7 +244,7 @@ fn wake_for(hub: &WatchHub, replica: &str, payload: &str) {
             continue;
         };
         if let (Ok(id), Ok(at)) = (BatchId::parse("id", id), at.parse()) {
-            hub.wake_for_commit(&id, at);
+            hub.committed_elsewhere(&id, at);
         }
     }
 }
