@@ -19,5 +19,6 @@ mod list_filters;
 mod replicas;
 mod rest;
 mod store;
+mod store_contract;
 mod watch;
 mod watch_hardening;

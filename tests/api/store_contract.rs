@@ -1,0 +1,845 @@
+//! The contract of `batchd::store::Store`, as its documentation states it, checked on
+//! every backend (`store_contract::sqlite::<test>` and `store_contract::postgres::<test>`)
+//! by calling the trait directly: what the service relies on, whichever database is
+//! behind it. Batches are made and changed by the domain, as the service makes them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use batchd::domain::{
+    ApiKey, ApiKeySecret, Batch, BatchEvent, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
+    BatchUpdateInput, Caller, CreateBatchInput, NewBatch, RequestCounts, Scope,
+};
+use batchd::store::{BatchPageQuery, EarlierClaim, IdempotencyClaim, Store};
+
+use crate::helpers::*;
+
+/// 2026-01-01T00:00:00Z.
+const T0: i64 = 1_767_225_600;
+const DAY: i64 = 24 * 3600;
+
+/// A migrated store on a fresh database of `backend`; the database lives as long as
+/// the returned `TestDb`.
+async fn fresh_store(backend: Backend) -> (TestDb, Arc<dyn Store>) {
+    let db = TestDb::fresh(backend).await;
+    let store = batchd::store::connect(&db.url, &Default::default())
+        .await
+        .expect("open store");
+    store.migrate().await.expect("migrate");
+    (db, store)
+}
+
+/// A new batch of `owner` created at `now`, from a create request edited by `edit`.
+fn created(owner: &str, now: i64, edit: impl FnOnce(&mut CreateBatchInput)) -> Batch {
+    let mut input = CreateBatchInput {
+        input_file_id: "file-abc123".into(),
+        endpoint: "/v1/chat/completions".into(),
+        completion_window: "24h".into(),
+        ..Default::default()
+    };
+    edit(&mut input);
+    let new = NewBatch::parse(input, &BatchPolicy::default()).expect("a valid request");
+    let key = ApiKey::new(owner, Scope::Batches, now).expect("a valid user");
+    Batch::create(new, &Caller::of(&key), now)
+}
+
+/// A new batch of `owner` from the plainest create request.
+fn plain(owner: &str, now: i64) -> Batch {
+    created(owner, now, |_| {})
+}
+
+/// The next version of `batch`: a worker's update applied at `now`.
+fn updated(batch: &Batch, update: BatchUpdateInput, now: i64) -> Batch {
+    let update = BatchUpdate::parse(update).expect("a valid update");
+    batch
+        .apply(&update, now)
+        .expect("a legal update")
+        .expect("an update that changes the batch")
+}
+
+/// The next version of `batch`, moved to `status` at `now`.
+fn moved(batch: &Batch, status: BatchStatus, now: i64) -> Batch {
+    let update = BatchUpdateInput {
+        status: Some(status),
+        ..Default::default()
+    };
+    updated(batch, update, now)
+}
+
+/// The next version of `batch`, `completed` requests done at `now`.
+fn progressed(batch: &Batch, completed: i64, now: i64) -> Batch {
+    let update = BatchUpdateInput {
+        request_counts: Some(RequestCounts {
+            total: 1_000,
+            completed,
+            failed: 0,
+        }),
+        ..Default::default()
+    };
+    updated(batch, update, now)
+}
+
+/// Commits `next`, which must win.
+async fn commit(store: &dyn Store, next: &Batch) {
+    assert!(
+        store.commit_change(next).await.unwrap(),
+        "v{} of {} was refused",
+        next.version,
+        next.id
+    );
+}
+
+/// A running batch of `owner`, created at `now` and taken to version `versions` by
+/// progress reports a minute apart.
+async fn with_versions(store: &dyn Store, owner: &str, now: i64, versions: i64) -> Batch {
+    let mut batch = plain(owner, now);
+    store.insert_batch(&batch).await.unwrap();
+    for version in 2..=versions {
+        let at = now + 60 * (version - 1);
+        batch = if version == 2 {
+            moved(&batch, BatchStatus::InProgress, at)
+        } else {
+            progressed(&batch, version, at)
+        };
+        commit(store, &batch).await;
+    }
+    batch
+}
+
+// The event log's two reads are called here only, so that the suite follows them
+// wherever the trait that declares them moves.
+
+/// `Store::events_after`.
+async fn events(store: &dyn Store, id: &BatchId, after: i64, limit: i64) -> Vec<BatchEvent> {
+    store.events_after(id, after, limit).await.unwrap()
+}
+
+/// The versions of `id` the event log keeps, oldest first.
+async fn logged_versions(store: &dyn Store, id: &BatchId) -> Vec<i64> {
+    let events = events(store, id, 0, 1_000).await;
+    events.iter().map(|event| event.version).collect()
+}
+
+/// `Store::latest_versions`, sorted by id.
+async fn latest(store: &dyn Store, ids: &[BatchId]) -> Vec<(BatchId, i64)> {
+    let mut versions = store.latest_versions(ids).await.unwrap();
+    versions.sort();
+    versions
+}
+
+/// A query of every batch of every owner, oldest first, that a test narrows.
+fn everything() -> BatchPageQuery<'static> {
+    BatchPageQuery {
+        owner: None,
+        after: None,
+        statuses: &[],
+        job_id: None,
+        created_after: None,
+        created_before: None,
+        metadata: &[],
+        oldest_first: true,
+        limit: 100,
+    }
+}
+
+/// The ids `query` lists.
+async fn listed(store: &dyn Store, query: BatchPageQuery<'_>) -> Vec<BatchId> {
+    let page = store.list_batches(query).await.unwrap();
+    page.into_iter().map(|batch| batch.id).collect()
+}
+
+/// Every id `query` lists, read page by page (`limit` a page) with the `after` cursor.
+async fn listed_in_pages(store: &dyn Store, query: BatchPageQuery<'_>) -> Vec<BatchId> {
+    let mut all: Vec<BatchId> = Vec::new();
+    loop {
+        let page = listed(
+            store,
+            BatchPageQuery {
+                after: all.last(),
+                ..query
+            },
+        )
+        .await;
+        assert!(page.len() as i64 <= query.limit, "a page over the limit");
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+fn ids(batches: &[&Batch]) -> Vec<BatchId> {
+    batches.iter().map(|batch| batch.id.clone()).collect()
+}
+
+async fn an_inserted_batch_is_read_back_whole_alone_and_among_others(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let full = created("alice", T0, |input| {
+        input.metadata = Some(BTreeMap::from([("team".into(), "search".into())]));
+        input.job_id = Some("job-42".into());
+        input.remark = Some("nightly eval".into());
+        input.output_expires_after = Some(("created_at".into(), 7 * DAY));
+    });
+    let other = plain("bob", T0 + 1);
+    let unknown = BatchId::generate();
+    store.insert_batch(&full).await.unwrap();
+    store.insert_batch(&other).await.unwrap();
+
+    assert_eq!(store.get_batch(&full.id).await.unwrap(), Some(full.clone()));
+    assert_eq!(store.get_batch(&unknown).await.unwrap(), None);
+    let mut found = store
+        .get_batches(&[other.id.clone(), unknown.clone(), full.id.clone()])
+        .await
+        .unwrap();
+    found.sort_by_key(|batch| batch.created_at);
+    assert_eq!(found, vec![full.clone(), other.clone()]);
+    assert_eq!(
+        store
+            .get_batches(std::slice::from_ref(&other.id))
+            .await
+            .unwrap(),
+        vec![other]
+    );
+    assert!(store.get_batches(&[unknown]).await.unwrap().is_empty());
+    assert!(store.get_batches(&[]).await.unwrap().is_empty());
+    // Its first event is version 1, the whole batch, committed when it was created.
+    assert_eq!(
+        events(&*store, &full.id, 0, 10).await,
+        vec![BatchEvent {
+            version: 1,
+            batch: full,
+            at: T0
+        }]
+    );
+    store.close().await;
+}
+
+async fn a_commit_from_the_stored_version_replaces_the_batch_and_logs_it(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let first = plain("alice", T0);
+    store.insert_batch(&first).await.unwrap();
+    let running = moved(&first, BatchStatus::InProgress, T0 + 60);
+
+    assert!(store.commit_change(&running).await.unwrap());
+    assert_eq!(
+        store.get_batch(&first.id).await.unwrap(),
+        Some(running.clone())
+    );
+    assert_eq!(
+        events(&*store, &first.id, 1, 10).await,
+        vec![BatchEvent {
+            version: 2,
+            batch: running,
+            at: T0 + 60
+        }]
+    );
+    store.close().await;
+}
+
+async fn a_commit_from_a_stale_version_writes_nothing(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let first = plain("alice", T0);
+    store.insert_batch(&first).await.unwrap();
+    // Two writers read version 1 and each commit their own version 2 at once.
+    let started = moved(&first, BatchStatus::InProgress, T0 + 60);
+    let cancelled = first.cancel(T0 + 61).unwrap().expect("a change");
+    let (a, b) = tokio::join!(
+        store.commit_change(&started),
+        store.commit_change(&cancelled)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a != b, "exactly one writer wins: {a} {b}");
+    let (winner, loser) = if a {
+        (started, cancelled)
+    } else {
+        (cancelled, started)
+    };
+    assert_eq!(
+        store.get_batch(&first.id).await.unwrap(),
+        Some(winner.clone())
+    );
+    let log = events(&*store, &first.id, 0, 10).await;
+    let logged: Vec<&Batch> = log.iter().map(|event| &event.batch).collect();
+    assert_eq!(logged, vec![&first, &winner], "only the winner is logged");
+
+    // The loser retrying its stale version, or a version that skips one, is refused.
+    assert!(!store.commit_change(&loser).await.unwrap());
+    let skipping = progressed(&progressed(&winner, 1, T0 + 120), 2, T0 + 180);
+    assert!(!store.commit_change(&skipping).await.unwrap());
+    assert_eq!(store.get_batch(&first.id).await.unwrap(), Some(winner));
+    assert_eq!(logged_versions(&*store, &first.id).await, vec![1, 2]);
+    store.close().await;
+}
+
+async fn events_after_a_version_are_the_committed_ones_oldest_first_within_the_limit(
+    backend: Backend,
+) {
+    let (_db, store) = fresh_store(backend).await;
+    let batch = with_versions(&*store, "alice", T0, 5).await;
+    let neighbour = with_versions(&*store, "alice", T0, 3).await;
+
+    let all = events(&*store, &batch.id, 0, 100).await;
+    let versions: Vec<i64> = all.iter().map(|event| event.version).collect();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+    for event in &all {
+        assert_eq!(event.batch.id, batch.id);
+        assert_eq!(event.batch.version, event.version);
+        assert_eq!(event.at, T0 + 60 * (event.version - 1), "committed at");
+    }
+    assert_eq!(
+        all.last().unwrap().batch,
+        batch,
+        "the last event is the batch"
+    );
+    let window: Vec<i64> = events(&*store, &batch.id, 2, 2)
+        .await
+        .iter()
+        .map(|event| event.version)
+        .collect();
+    assert_eq!(window, vec![3, 4]);
+    assert!(events(&*store, &batch.id, 5, 100).await.is_empty());
+    assert!(
+        events(&*store, &BatchId::generate(), 0, 100)
+            .await
+            .is_empty()
+    );
+    assert_eq!(logged_versions(&*store, &neighbour.id).await, vec![1, 2, 3]);
+    store.close().await;
+}
+
+async fn compaction_deletes_old_versions_in_chunks_and_never_a_latest_version(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    // Versions 1 to 5 committed at T0, T0+60, ..., T0+240.
+    let busy = with_versions(&*store, "alice", T0, 5).await;
+    // One version only, as old as the oldest: the latest, so it stays.
+    let quiet = with_versions(&*store, "alice", T0, 1).await;
+
+    // Before T0+61: versions 1 and 2 of the busy batch, one per chunk of 1.
+    assert_eq!(store.compact_events(T0 + 61, 1).await.unwrap(), 1);
+    assert_eq!(store.compact_events(T0 + 61, 1).await.unwrap(), 1);
+    assert_eq!(store.compact_events(T0 + 61, 10).await.unwrap(), 0);
+    assert_eq!(logged_versions(&*store, &busy.id).await, vec![3, 4, 5]);
+
+    // However late the bound, each batch keeps its latest version.
+    assert_eq!(store.compact_events(i64::MAX, 10).await.unwrap(), 2);
+    assert_eq!(store.compact_events(i64::MAX, 10).await.unwrap(), 0);
+    assert_eq!(logged_versions(&*store, &busy.id).await, vec![5]);
+    assert_eq!(logged_versions(&*store, &quiet.id).await, vec![1]);
+    assert_eq!(store.get_batch(&busy.id).await.unwrap(), Some(busy));
+    store.close().await;
+}
+
+async fn latest_versions_are_the_stored_ones_leaving_out_unknown_ids(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let new = with_versions(&*store, "alice", T0, 1).await;
+    let changed = with_versions(&*store, "bob", T0, 3).await;
+    let asked = [new.id.clone(), BatchId::generate(), changed.id.clone()];
+
+    let mut expected = vec![(new.id.clone(), 1), (changed.id.clone(), 3)];
+    expected.sort();
+    assert_eq!(latest(&*store, &asked).await, expected);
+    assert!(latest(&*store, &[]).await.is_empty());
+    store.close().await;
+}
+
+async fn pages_neither_repeat_nor_skip_a_batch_in_either_order_even_when_created_at_ties(
+    backend: Backend,
+) {
+    let (_db, store) = fresh_store(backend).await;
+    let mut alices = Vec::new();
+    // Three batches share a second, then two pairs more: ties a cursor must order.
+    for created_at in [T0, T0, T0, T0 + 1, T0 + 1, T0 + 2, T0 + 2] {
+        let batch = plain("alice", created_at);
+        store.insert_batch(&batch).await.unwrap();
+        alices.push(batch.id);
+    }
+    let bobs = plain("bob", T0 + 1);
+    store.insert_batch(&bobs).await.unwrap();
+
+    for oldest_first in [true, false] {
+        let whole = BatchPageQuery {
+            owner: Some("alice"),
+            oldest_first,
+            ..everything()
+        };
+        let all = listed(&*store, whole).await;
+        assert_eq!(all, listed(&*store, whole).await, "the order is stable");
+        let expected: HashSet<&BatchId> = alices.iter().collect();
+        assert_eq!(all.iter().collect::<HashSet<_>>(), expected, "alice's only");
+        assert_eq!(all.len(), alices.len(), "each once");
+        let created: Vec<i64> = store
+            .list_batches(whole)
+            .await
+            .unwrap()
+            .iter()
+            .map(|batch| batch.created_at)
+            .collect();
+        let mut sorted = created.clone();
+        sorted.sort();
+        if !oldest_first {
+            sorted.reverse();
+        }
+        assert_eq!(
+            created, sorted,
+            "ordered by creation (oldest_first: {oldest_first})"
+        );
+        for limit in 1..=3 {
+            assert_eq!(
+                listed_in_pages(&*store, BatchPageQuery { limit, ..whole }).await,
+                all,
+                "pages of {limit} (oldest_first: {oldest_first})"
+            );
+        }
+    }
+    let mut newest_first = listed(
+        &*store,
+        BatchPageQuery {
+            owner: Some("alice"),
+            oldest_first: false,
+            ..everything()
+        },
+    )
+    .await;
+    newest_first.reverse();
+    let oldest_first = BatchPageQuery {
+        owner: Some("alice"),
+        ..everything()
+    };
+    assert_eq!(newest_first, listed(&*store, oldest_first).await);
+    assert_eq!(listed(&*store, everything()).await.len(), 8, "every owner");
+    store.close().await;
+}
+
+async fn each_list_filter_keeps_exactly_the_batches_that_match(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let pairs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let validating = created("alice", T0, |input| {
+        input.job_id = Some("j1".into());
+        input.metadata = Some(pairs(&[("team", "search"), ("tier", "gold")]));
+    });
+    let running = created("alice", T0 + 10, |input| {
+        input.job_id = Some("j1".into());
+        input.metadata = Some(pairs(&[("team", "search")]));
+    });
+    let finalizing = created("alice", T0 + 20, |input| {
+        input.job_id = Some("j2".into());
+        input.metadata = Some(pairs(&[("team", "ads")]));
+    });
+    let cancelling = plain("alice", T0 + 30);
+    for batch in [&validating, &running, &finalizing, &cancelling] {
+        store.insert_batch(batch).await.unwrap();
+    }
+    let running = moved(&running, BatchStatus::InProgress, T0 + 40);
+    commit(&*store, &running).await;
+    let finalizing = moved(&finalizing, BatchStatus::InProgress, T0 + 40);
+    commit(&*store, &finalizing).await;
+    let finalizing = moved(&finalizing, BatchStatus::Finalizing, T0 + 50);
+    commit(&*store, &finalizing).await;
+    let cancelling = cancelling.cancel(T0 + 40).unwrap().expect("a change");
+    commit(&*store, &cancelling).await;
+    let team_search = [("team".to_owned(), "search".to_owned())];
+    let search_gold = [
+        ("team".to_owned(), "search".to_owned()),
+        ("tier".to_owned(), "gold".to_owned()),
+    ];
+    let team_nobody = [("team".to_owned(), "nobody".to_owned())];
+    let busy = [
+        BatchStatus::InProgress,
+        BatchStatus::Finalizing,
+        BatchStatus::Cancelling,
+    ];
+
+    let cases: Vec<(&str, BatchPageQuery<'_>, Vec<BatchId>)> = vec![
+        (
+            "one status",
+            BatchPageQuery {
+                statuses: &[BatchStatus::Validating],
+                ..everything()
+            },
+            ids(&[&validating]),
+        ),
+        (
+            "several statuses",
+            BatchPageQuery {
+                statuses: &[BatchStatus::InProgress, BatchStatus::Finalizing],
+                ..everything()
+            },
+            ids(&[&running, &finalizing]),
+        ),
+        (
+            "a status nobody is in",
+            BatchPageQuery {
+                statuses: &[BatchStatus::Completed],
+                ..everything()
+            },
+            vec![],
+        ),
+        (
+            "job",
+            BatchPageQuery {
+                job_id: Some("j1"),
+                ..everything()
+            },
+            ids(&[&validating, &running]),
+        ),
+        (
+            "created at or after",
+            BatchPageQuery {
+                created_after: Some(T0 + 10),
+                ..everything()
+            },
+            ids(&[&running, &finalizing, &cancelling]),
+        ),
+        (
+            "created before",
+            BatchPageQuery {
+                created_before: Some(T0 + 20),
+                ..everything()
+            },
+            ids(&[&validating, &running]),
+        ),
+        (
+            "one metadata pair",
+            BatchPageQuery {
+                metadata: &team_search,
+                ..everything()
+            },
+            ids(&[&validating, &running]),
+        ),
+        (
+            "every metadata pair",
+            BatchPageQuery {
+                metadata: &search_gold,
+                ..everything()
+            },
+            ids(&[&validating]),
+        ),
+        (
+            "a metadata value nobody has",
+            BatchPageQuery {
+                metadata: &team_nobody,
+                ..everything()
+            },
+            vec![],
+        ),
+        (
+            "job and status together",
+            BatchPageQuery {
+                job_id: Some("j1"),
+                statuses: &[BatchStatus::InProgress],
+                ..everything()
+            },
+            ids(&[&running]),
+        ),
+        (
+            "another owner",
+            BatchPageQuery {
+                owner: Some("bob"),
+                ..everything()
+            },
+            vec![],
+        ),
+        (
+            "several statuses, first page oldest first",
+            BatchPageQuery {
+                statuses: &busy,
+                limit: 2,
+                ..everything()
+            },
+            ids(&[&running, &finalizing]),
+        ),
+        (
+            "several statuses, after a cursor oldest first",
+            BatchPageQuery {
+                statuses: &busy,
+                after: Some(&finalizing.id),
+                ..everything()
+            },
+            ids(&[&cancelling]),
+        ),
+        (
+            "several statuses, first page newest first",
+            BatchPageQuery {
+                statuses: &busy,
+                limit: 2,
+                oldest_first: false,
+                ..everything()
+            },
+            ids(&[&cancelling, &finalizing]),
+        ),
+        (
+            "several statuses, after a cursor newest first",
+            BatchPageQuery {
+                statuses: &busy,
+                after: Some(&finalizing.id),
+                oldest_first: false,
+                ..everything()
+            },
+            ids(&[&running]),
+        ),
+    ];
+    for (name, query, expected) in cases {
+        assert_eq!(listed(&*store, query).await, expected, "{name}");
+    }
+    store.close().await;
+}
+
+async fn due_batches_are_running_past_their_window_or_cancelling_past_the_grace(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    // Created at T0 with a 24h window: due at T0 + DAY.
+    let validating = plain("alice", T0);
+    let running = plain("alice", T0);
+    // Created a second later: due a second later.
+    let finalizing = plain("alice", T0 + 1);
+    let cancelling = plain("alice", T0);
+    let completed = plain("alice", T0);
+    for batch in [&validating, &running, &finalizing, &cancelling, &completed] {
+        store.insert_batch(batch).await.unwrap();
+    }
+    let running = moved(&running, BatchStatus::InProgress, T0 + 10);
+    commit(&*store, &running).await;
+    let mut finalizing_now = finalizing.clone();
+    for status in [BatchStatus::InProgress, BatchStatus::Finalizing] {
+        finalizing_now = moved(&finalizing_now, status, T0 + 20);
+        commit(&*store, &finalizing_now).await;
+    }
+    // Cancelling since T0 + 100.
+    let cancelling = cancelling.cancel(T0 + 100).unwrap().expect("a change");
+    commit(&*store, &cancelling).await;
+    let mut done = completed.clone();
+    for status in [
+        BatchStatus::InProgress,
+        BatchStatus::Finalizing,
+        BatchStatus::Completed,
+    ] {
+        done = moved(&done, status, T0 + 30);
+        commit(&*store, &done).await;
+    }
+    let due = async |now: i64, cancelling_before: i64, limit: i64| -> Vec<BatchId> {
+        let due = store.due_batches(now, cancelling_before, limit).await;
+        due.unwrap().into_iter().map(|batch| batch.id).collect()
+    };
+
+    assert_eq!(due(T0 + DAY - 1, T0 + 99, 10).await, vec![]);
+    assert_eq!(due(T0 + DAY - 1, T0 + 100, 10).await, ids(&[&cancelling]));
+    assert_eq!(
+        due(T0 + DAY, T0 + 99, 10).await,
+        ids(&[&validating, &running])
+    );
+    assert_eq!(
+        due(T0 + DAY + 1, T0 + 100, 10).await,
+        ids(&[&validating, &running, &finalizing, &cancelling]),
+        "oldest first, a terminal batch never"
+    );
+    assert_eq!(
+        due(T0 + DAY + 1, T0 + 100, 2).await,
+        ids(&[&validating, &running])
+    );
+    store.close().await;
+}
+
+/// A claim of `key` for `user_id` at `at`, for request `request`; claims made more
+/// than a day before `at` have expired.
+fn claim<'a>(
+    user_id: &'a str,
+    key: &'a str,
+    request: &'a [u8; 32],
+    at: i64,
+) -> IdempotencyClaim<'a> {
+    IdempotencyClaim {
+        user_id,
+        key,
+        request_sha256: request,
+        at,
+        expired_before: at - DAY,
+    }
+}
+
+async fn an_idempotency_key_is_claimed_once_while_live_and_again_once_expired(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let (first_request, second_request) = ([1u8; 32], [2u8; 32]);
+
+    let first = plain("alice", T0);
+    let fresh = claim("alice", "retry-1", &first_request, T0);
+    assert_eq!(store.insert_batch_once(&first, fresh).await.unwrap(), None);
+    assert_eq!(
+        store.get_batch(&first.id).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(logged_versions(&*store, &first.id).await, vec![1]);
+
+    // A live claim is answered with the earlier batch, and nothing is written.
+    let retry = plain("alice", T0 + DAY - 1);
+    let live = claim("alice", "retry-1", &second_request, T0 + DAY - 1);
+    assert_eq!(
+        store.insert_batch_once(&retry, live).await.unwrap(),
+        Some(EarlierClaim {
+            batch_id: first.id.to_string(),
+            request_sha256: first_request.to_vec(),
+        })
+    );
+    assert_eq!(store.get_batch(&retry.id).await.unwrap(), None);
+    assert!(logged_versions(&*store, &retry.id).await.is_empty());
+
+    // Keys are scoped to their owner.
+    let bobs = plain("bob", T0 + 1);
+    let other_owner = claim("bob", "retry-1", &second_request, T0 + 1);
+    assert_eq!(
+        store.insert_batch_once(&bobs, other_owner).await.unwrap(),
+        None
+    );
+
+    // An expired claim is replaced by the new one.
+    let later = plain("alice", T0 + DAY + 1);
+    let expired = claim("alice", "retry-1", &second_request, T0 + DAY + 1);
+    assert_eq!(
+        store.insert_batch_once(&later, expired).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.get_batch(&later.id).await.unwrap(),
+        Some(later.clone())
+    );
+    let again = plain("alice", T0 + DAY + 2);
+    assert_eq!(
+        store
+            .insert_batch_once(
+                &again,
+                claim("alice", "retry-1", &first_request, T0 + DAY + 2)
+            )
+            .await
+            .unwrap(),
+        Some(EarlierClaim {
+            batch_id: later.id.to_string(),
+            request_sha256: second_request.to_vec(),
+        })
+    );
+    store.close().await;
+}
+
+async fn forgetting_idempotency_keys_deletes_at_most_the_limit_of_the_old_ones(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let request = [7u8; 32];
+    for (key, at) in [
+        ("a", T0),
+        ("b", T0 + 1),
+        ("c", T0 + 2),
+        ("recent", T0 + 100),
+    ] {
+        let batch = plain("alice", at);
+        let fresh = claim("alice", key, &request, at);
+        assert_eq!(store.insert_batch_once(&batch, fresh).await.unwrap(), None);
+    }
+
+    assert_eq!(store.forget_idempotency_keys(T0 + 100, 2).await.unwrap(), 2);
+    assert_eq!(store.forget_idempotency_keys(T0 + 100, 2).await.unwrap(), 1);
+    assert_eq!(store.forget_idempotency_keys(T0 + 100, 2).await.unwrap(), 0);
+    // A forgotten key is free again, though its claim had not expired; a recent one is
+    // still held.
+    for (key, free) in [("a", true), ("b", true), ("c", true), ("recent", false)] {
+        let batch = plain("alice", T0 + 200);
+        let outcome = store
+            .insert_batch_once(&batch, claim("alice", key, &request, T0 + 200))
+            .await
+            .unwrap();
+        assert_eq!(outcome.is_none(), free, "key {key}: {outcome:?}");
+    }
+    store.close().await;
+}
+
+/// A new key of `user` and the digest of a fresh secret.
+fn new_key(user: &str, now: i64) -> (ApiKey, [u8; 32]) {
+    let key = ApiKey::new(user, Scope::Admin, now).expect("a valid user");
+    (key, ApiKeySecret::generate().digest())
+}
+
+async fn only_the_first_api_key_of_an_empty_store_is_stored_as_first(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    // Two replicas starting together on an empty database.
+    let (a, a_digest) = new_key("admin", T0);
+    let (b, b_digest) = new_key("admin", T0);
+    let (a_stored, b_stored) = tokio::join!(
+        store.insert_first_api_key(&a, &a_digest),
+        store.insert_first_api_key(&b, &b_digest)
+    );
+    let (a_stored, b_stored) = (a_stored.unwrap(), b_stored.unwrap());
+    assert!(
+        a_stored != b_stored,
+        "exactly one first key: {a_stored} {b_stored}"
+    );
+    let first = if a_stored { a } else { b };
+    assert_eq!(store.list_api_keys().await.unwrap(), vec![first.clone()]);
+
+    let (late, late_digest) = new_key("admin", T0 + 1);
+    assert!(
+        !store
+            .insert_first_api_key(&late, &late_digest)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.api_key_by_digest(&late_digest).await.unwrap(), None);
+    assert_eq!(store.list_api_keys().await.unwrap(), vec![first]);
+    store.close().await;
+}
+
+async fn api_keys_are_found_by_digest_listed_oldest_first_and_revoked_once(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let (older, older_digest) = new_key("alice", T0);
+    let (newer, newer_digest) = new_key("bob", T0 + 1);
+    store.insert_api_key(&newer, &newer_digest).await.unwrap();
+    store.insert_api_key(&older, &older_digest).await.unwrap();
+
+    assert_eq!(
+        store.api_key_by_digest(&older_digest).await.unwrap(),
+        Some(older.clone())
+    );
+    assert_eq!(
+        store
+            .api_key_by_digest(&ApiKeySecret::generate().digest())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.list_api_keys().await.unwrap(),
+        vec![older.clone(), newer.clone()]
+    );
+
+    assert!(store.revoke_api_key(&older.id, T0 + 5).await.unwrap());
+    assert!(store.revoke_api_key(&older.id, T0 + 9).await.unwrap());
+    assert!(!store.revoke_api_key("key_unknown", T0 + 9).await.unwrap());
+    let revoked = store.api_key_by_digest(&older_digest).await.unwrap();
+    assert_eq!(
+        revoked.and_then(|key| key.revoked_at),
+        Some(T0 + 5),
+        "the first revocation time is kept"
+    );
+    let asked = [older.id.clone(), newer.id.clone(), "key_unknown".to_owned()];
+    assert_eq!(
+        store.revoked_api_keys(&asked).await.unwrap(),
+        vec![older.id.clone()]
+    );
+    assert!(store.revoked_api_keys(&[]).await.unwrap().is_empty());
+    store.close().await;
+}
+
+on_both_stores!(
+    an_inserted_batch_is_read_back_whole_alone_and_among_others,
+    a_commit_from_the_stored_version_replaces_the_batch_and_logs_it,
+    a_commit_from_a_stale_version_writes_nothing,
+    events_after_a_version_are_the_committed_ones_oldest_first_within_the_limit,
+    compaction_deletes_old_versions_in_chunks_and_never_a_latest_version,
+    latest_versions_are_the_stored_ones_leaving_out_unknown_ids,
+    pages_neither_repeat_nor_skip_a_batch_in_either_order_even_when_created_at_ties,
+    each_list_filter_keeps_exactly_the_batches_that_match,
+    due_batches_are_running_past_their_window_or_cancelling_past_the_grace,
+    an_idempotency_key_is_claimed_once_while_live_and_again_once_expired,
+    forgetting_idempotency_keys_deletes_at_most_the_limit_of_the_old_ones,
+    only_the_first_api_key_of_an_empty_store_is_stored_as_first,
+    api_keys_are_found_by_digest_listed_oldest_first_and_revoked_once,
+);
