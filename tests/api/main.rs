@@ -3,7 +3,6 @@
 //! (`<module>::sqlite::<test>` and `<module>::postgres::<test>`).
 
 mod helpers;
-mod operations;
 mod process;
 mod proxy;
 
@@ -15,10 +14,16 @@ mod concurrency;
 mod hardening;
 mod health;
 mod idempotency;
+mod lifecycle_timers;
 mod list_filters;
+mod logs;
+mod metrics;
+mod outage;
 mod replicas;
 mod rest;
+mod shutdown;
 mod store;
 mod store_contract;
+mod traces;
 mod watch;
 mod watch_hardening;
