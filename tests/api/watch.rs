@@ -225,9 +225,9 @@ async fn watching_follows_the_same_rules_as_reading(backend: Backend) {
     .await;
 }
 
-/// Test 1 of the issue: 8 writers drive 50 batches through 2,000 updates while 20
-/// watchers per batch disconnect and resume at random; every watcher's sequence is
-/// strictly increasing, gap-free and equal to the committed history.
+/// Watchers that disconnect and resume at random see exactly the committed history:
+/// with 8 writers driving 50 batches through 2,000 updates and 20 watchers per batch,
+/// every watcher's sequence is strictly increasing, gap-free and equal to the log.
 async fn resuming_watchers_see_exactly_the_committed_history(backend: Backend) {
     const BATCHES: usize = 50;
     const WRITERS: usize = 8;
@@ -364,7 +364,7 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
-/// Test 5 of the issue: a watcher that reads nothing for a while does not hold up the
+/// A watcher that reads nothing for a while does not hold up the
 /// others, and still gets everything, in order.
 async fn a_stalled_watcher_neither_slows_the_others_nor_misses_anything(backend: Backend) {
     const UPDATES: i64 = 400; // more than a feed and a stream buffer hold together
@@ -397,7 +397,7 @@ async fn a_stalled_watcher_neither_slows_the_others_nor_misses_anything(backend:
     assert_eq!(versions, expected);
 }
 
-/// Test 7 of the issue: resuming from a version the log no longer keeps yields a
+/// Resuming from a version the log no longer keeps yields a
 /// SNAPSHOT of the current state, never a silent gap.
 async fn resuming_from_a_compacted_version_yields_a_snapshot(backend: Backend) {
     let clock = ManualClock::at(1_767_225_600);
@@ -493,7 +493,7 @@ pub(crate) async fn sse(rest: &Rest, batch_id: &str, last_event_id: Option<i64>)
     }
 }
 
-/// Test 6 of the issue: over SSE, `Last-Event-ID` resumes with exactly the rest, and
+/// Over SSE, `Last-Event-ID` resumes with exactly the rest, and
 /// an idle stream gets heartbeats.
 async fn server_sent_events_resume_with_last_event_id_and_heartbeat(backend: Backend) {
     let app =
@@ -661,8 +661,8 @@ async fn versions_arrive(
     }
 }
 
-/// Test 2 of the issue: two server processes on one PostgreSQL database; a watch on
-/// A receives every version written through B. The safety poll is off on A, so only
+/// A watch on one replica receives every version written through another (two server
+/// processes, A and B, on one PostgreSQL database). The safety poll is off on A, so only
 /// the cross-replica notifications can deliver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_watch_on_one_replica_sees_every_write_on_another() {
@@ -679,7 +679,7 @@ async fn postgres_a_watch_on_one_replica_sees_every_write_on_another() {
     versions_arrive(&mut on_a, &mut on_b, &batch.id, 3, 60, async || {}).await;
 }
 
-/// Test 3 of the issue: the listener's connection is killed mid-run; no version is lost.
+/// When the listener's connection is killed mid-run, no version is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_killed_listener_connection_loses_no_version() {
     let db = TestDb::fresh(Backend::Postgres).await;
@@ -711,8 +711,8 @@ async fn postgres_a_killed_listener_connection_loses_no_version() {
     .await;
 }
 
-/// Test 4 of the issue: the server process a client watches through dies; the client
-/// resumes on the other one with `after_version` and gets exactly the rest.
+/// When the server process a client watches through dies, the client resumes on the
+/// other one with `after_version` and gets exactly the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_client_resumes_on_another_replica_when_its_server_dies() {
     let db = TestDb::fresh(Backend::Postgres).await;

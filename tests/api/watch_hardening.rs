@@ -1,5 +1,5 @@
-//! WatchBatch under the conditions of the hardening issue: watchers coming and going
-//! by the thousand, versions compacted away before a feed read them, a listener whose
+//! WatchBatch stays exact and bounded under stress: watchers coming and going by the
+//! thousand, versions compacted away before a feed read them, a listener whose
 //! reconnect is slow, and an API key revoked while its streams are open.
 
 use std::net::SocketAddr;
