@@ -638,12 +638,7 @@ async fn cancel_is_idempotent_and_refused_once_finished(backend: Backend) {
     );
 
     let finished = create(&mut client).await;
-    for status in [S::InProgress, S::Finalizing, S::Completed] {
-        worker
-            .update_batch(move_to(&finished.id, status))
-            .await
-            .unwrap();
-    }
+    complete(&mut worker, &finished.id).await;
     assert_status(
         client.cancel_batch(cancel(&finished.id)).await,
         Code::FailedPrecondition,

@@ -20,12 +20,7 @@ async fn postgres_terminal_batches_are_served_from_memory() {
     let mut client = app.client(&app.admin_key);
     let mut worker = app.worker(&app.admin_key);
     let done = create(&mut client).await;
-    for status in [S::InProgress, S::Finalizing, S::Completed] {
-        worker
-            .update_batch(move_to(&done.id, status))
-            .await
-            .unwrap();
-    }
+    complete(&mut worker, &done.id).await;
     let running = create(&mut client).await;
     let before = get(&mut client, &done.id).await;
 

@@ -350,6 +350,35 @@ pub fn move_to(batch_id: &str, status: pb::BatchStatus) -> pb::UpdateBatchReques
     }
 }
 
+/// Moves a batch through `statuses` in turn with `worker`; returns it in the last one.
+pub async fn move_through(
+    worker: &mut Worker,
+    batch_id: &str,
+    statuses: &[pb::BatchStatus],
+) -> pb::Batch {
+    let mut moved = None;
+    for &status in statuses {
+        let batch = worker
+            .update_batch(move_to(batch_id, status))
+            .await
+            .unwrap_or_else(|e| panic!("move {batch_id} to {status:?}: {e:?}"));
+        moved = Some(batch.into_inner());
+    }
+    moved.expect("at least one status")
+}
+
+/// Drives a new (validating) batch the way a worker finishes one: in_progress,
+/// finalizing, completed. Returns it completed.
+pub async fn complete(worker: &mut Worker, batch_id: &str) -> pb::Batch {
+    use pb::BatchStatus as S;
+    move_through(
+        worker,
+        batch_id,
+        &[S::InProgress, S::Finalizing, S::Completed],
+    )
+    .await
+}
+
 /// Asserts that `result` failed with `code` and a message containing `needle`.
 #[track_caller]
 pub fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needle: &str) {

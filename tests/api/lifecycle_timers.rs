@@ -11,6 +11,7 @@ use pb::EventType as E;
 use tokio::task::JoinSet;
 
 use crate::helpers::*;
+use crate::watch::watch;
 
 /// 2026-01-01T00:00:00Z.
 const T0: i64 = 1_767_225_600;
@@ -40,20 +41,8 @@ async fn lifecycle_timers_expire_running_batches_and_finish_stuck_cancellations(
         .await
         .unwrap();
     let done = create(&mut client).await;
-    for status in [S::InProgress, S::Finalizing, S::Completed] {
-        worker
-            .update_batch(move_to(&done.id, status))
-            .await
-            .unwrap();
-    }
-    let mut watching = client
-        .watch_batch(pb::WatchBatchRequest {
-            batch_id: running.id.clone(),
-            after_version: Some(2),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    complete(&mut worker, &done.id).await;
+    let mut watching = watch(&mut client, &running.id, Some(2)).await.unwrap();
     let sweeper = service(&app);
     let grace = Duration::from_secs(600);
 

@@ -6,18 +6,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn json_logs_are_one_object_per_line() {
     let db = TestDb::fresh(Backend::Sqlite).await;
-    let mut command = crate::process::batchd(
-        &[
-            "--log-format",
-            "json",
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ],
-        &db.url,
-    );
+    let mut command = crate::process::serve_on_random_ports(&db.url, &["--log-format", "json"]);
     command
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped());

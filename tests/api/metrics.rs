@@ -8,6 +8,7 @@ use batchd::proto::batchd::v1 as pb;
 use pb::BatchStatus as S;
 
 use crate::helpers::*;
+use crate::watch::watch;
 
 async fn metrics_are_served_in_prometheus_text_format(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -19,14 +20,7 @@ async fn metrics_are_served_in_prometheus_text_format(backend: Backend) {
             batch_id: BatchId::generate().to_string(),
         })
         .await;
-    let mut stream = client
-        .watch_batch(pb::WatchBatchRequest {
-            batch_id: batch.id.clone(),
-            after_version: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&mut client, &batch.id, None).await.unwrap();
     stream.message().await.unwrap().unwrap();
     worker
         .update_batch(move_to(&batch.id, S::InProgress))

@@ -21,6 +21,20 @@ pub fn batchd(args: &[&str], database_url: &str) -> Command {
     command
 }
 
+/// `batchd <global> serve` on random ports of 127.0.0.1, over `database_url`; serve's
+/// own flags can be appended.
+pub fn serve_on_random_ports(database_url: &str, global: &[&str]) -> Command {
+    let mut args = global.to_vec();
+    args.extend([
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    batchd(&args, database_url)
+}
+
 /// Runs a one-shot subcommand; returns (exit code, stdout, stderr).
 pub async fn run(args: &[&str], database_url: &str) -> (i32, String, String) {
     let output = batchd(args, database_url)
@@ -49,15 +63,9 @@ pub struct Server {
 impl Server {
     /// Starts `batchd serve` with `extra` flags and waits until it serves.
     pub async fn start(database_url: &str, extra: &[&str]) -> Server {
-        let mut args = vec![
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ];
-        args.extend_from_slice(extra);
-        Self::spawn(batchd(&args, database_url)).await
+        let mut command = serve_on_random_ports(database_url, &[]);
+        command.args(extra);
+        Self::spawn(command).await
     }
 
     /// Spawns a prepared `batchd serve` command and waits until it serves.

@@ -397,9 +397,7 @@ async fn errors_use_openais_envelope_and_status_codes(backend: Backend) {
 
     // 409 for a transition the state machine refuses.
     let mut worker = app.worker(&app.admin_key);
-    for status in [S::InProgress, S::Finalizing, S::Completed] {
-        worker.update_batch(move_to(&mine, status)).await.unwrap();
-    }
+    complete(&mut worker, &mine).await;
     let conflict = assert_error(
         rest.post(&format!("/v1/batches/{mine}/cancel"), json!({}))
             .await,

@@ -8,6 +8,7 @@ use tokio::task::JoinSet;
 use tonic::Code;
 
 use crate::helpers::*;
+use crate::watch::watch;
 
 /// SIGTERM with 200 open watch streams and calls in flight: readiness fails at once,
 /// calls keep being served during the delay, every call that started before the
@@ -38,16 +39,9 @@ async fn sigterm_drains_and_exits_cleanly_within_the_timeout() {
     let mut readers = JoinSet::new();
     let mut unread = Vec::new();
     for i in 0..200 {
-        let mut stream = server
-            .client(&key)
+        let mut stream = watch(&mut server.client(&key).await, &batch.id, None)
             .await
-            .watch_batch(pb::WatchBatchRequest {
-                batch_id: batch.id.clone(),
-                after_version: None,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         if i < 150 {
             readers.spawn(async move {
                 loop {

@@ -89,6 +89,21 @@ async fn commit(store: &dyn Store, next: &Batch) {
     );
 }
 
+/// Moves `batch` through `statuses` at `now`, committing each version; returns the last.
+async fn commit_moves(
+    store: &dyn Store,
+    batch: &Batch,
+    statuses: &[BatchStatus],
+    now: i64,
+) -> Batch {
+    let mut batch = batch.clone();
+    for &status in statuses {
+        batch = moved(&batch, status, now);
+        commit(store, &batch).await;
+    }
+    batch
+}
+
 /// A running batch of `owner`, created at `now` and taken to version `versions` by
 /// progress reports a minute apart.
 async fn with_versions(store: &dyn Store, owner: &str, now: i64, versions: i64) -> Batch {
@@ -434,12 +449,14 @@ async fn each_list_filter_keeps_exactly_the_batches_that_match(backend: Backend)
     for batch in [&validating, &running, &finalizing, &cancelling] {
         store.insert_batch(batch).await.unwrap();
     }
-    let running = moved(&running, BatchStatus::InProgress, T0 + 40);
-    commit(&*store, &running).await;
-    let finalizing = moved(&finalizing, BatchStatus::InProgress, T0 + 40);
-    commit(&*store, &finalizing).await;
-    let finalizing = moved(&finalizing, BatchStatus::Finalizing, T0 + 50);
-    commit(&*store, &finalizing).await;
+    let running = commit_moves(&*store, &running, &[BatchStatus::InProgress], T0 + 40).await;
+    let finalizing = commit_moves(
+        &*store,
+        &finalizing,
+        &[BatchStatus::InProgress, BatchStatus::Finalizing],
+        T0 + 50,
+    )
+    .await;
     let cancelling = cancelling.cancel(T0 + 40).unwrap().expect("a change");
     commit(&*store, &cancelling).await;
     let team_search = [("team".to_owned(), "search".to_owned())];
@@ -601,25 +618,23 @@ async fn due_batches_are_running_past_their_window_or_cancelling_past_the_grace(
     for batch in [&validating, &running, &finalizing, &cancelling, &completed] {
         store.insert_batch(batch).await.unwrap();
     }
-    let running = moved(&running, BatchStatus::InProgress, T0 + 10);
-    commit(&*store, &running).await;
-    let mut finalizing_now = finalizing.clone();
-    for status in [BatchStatus::InProgress, BatchStatus::Finalizing] {
-        finalizing_now = moved(&finalizing_now, status, T0 + 20);
-        commit(&*store, &finalizing_now).await;
-    }
+    let running = commit_moves(&*store, &running, &[BatchStatus::InProgress], T0 + 10).await;
+    commit_moves(
+        &*store,
+        &finalizing,
+        &[BatchStatus::InProgress, BatchStatus::Finalizing],
+        T0 + 20,
+    )
+    .await;
     // Cancelling since T0 + 100.
     let cancelling = cancelling.cancel(T0 + 100).unwrap().expect("a change");
     commit(&*store, &cancelling).await;
-    let mut done = completed.clone();
-    for status in [
+    let finished = [
         BatchStatus::InProgress,
         BatchStatus::Finalizing,
         BatchStatus::Completed,
-    ] {
-        done = moved(&done, status, T0 + 30);
-        commit(&*store, &done).await;
-    }
+    ];
+    commit_moves(&*store, &completed, &finished, T0 + 30).await;
     let due = async |now: i64, cancelling_before: i64, limit: i64| -> Vec<BatchId> {
         let due = store.due_batches(now, cancelling_before, limit).await;
         due.unwrap().into_iter().map(|batch| batch.id).collect()

@@ -60,16 +60,7 @@ mod otlp {
 async fn traces_continue_the_callers_trace_and_are_exported_over_otlp() {
     let (endpoint, spans) = otlp::start().await;
     let db = TestDb::fresh(Backend::Sqlite).await;
-    let mut command = crate::process::batchd(
-        &[
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ],
-        &db.url,
-    );
+    let mut command = crate::process::serve_on_random_ports(&db.url, &[]);
     command
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")

@@ -67,14 +67,7 @@ async fn drive(worker: &mut Worker, batch_id: &str, updates: i64) {
     for step in 1..=updates - 3 {
         worker.update_batch(progress(batch_id, step)).await.unwrap();
     }
-    worker
-        .update_batch(move_to(batch_id, S::Finalizing))
-        .await
-        .unwrap();
-    worker
-        .update_batch(move_to(batch_id, S::Completed))
-        .await
-        .unwrap();
+    move_through(worker, batch_id, &[S::Finalizing, S::Completed]).await;
 }
 
 /// Commits progress `steps` on a running batch, then cancels it (cancelling, cancelled).
@@ -86,14 +79,7 @@ async fn progress_then_cancel(
     for step in steps {
         worker.update_batch(progress(batch_id, step)).await.unwrap();
     }
-    worker
-        .update_batch(move_to(batch_id, S::Cancelling))
-        .await
-        .unwrap();
-    worker
-        .update_batch(move_to(batch_id, S::Cancelled))
-        .await
-        .unwrap();
+    move_through(worker, batch_id, &[S::Cancelling, S::Cancelled]).await;
 }
 
 async fn a_watch_starts_with_a_snapshot_and_ends_after_the_terminal_status(backend: Backend) {
@@ -584,12 +570,7 @@ async fn the_watch_command_follows_a_batch_to_its_end(backend: Backend) {
             S::Cancelled => &[S::Cancelling, S::Cancelled],
             _ => &[S::Failed],
         };
-        for status in path {
-            worker
-                .update_batch(move_to(&batch.id, *status))
-                .await
-                .unwrap();
-        }
+        move_through(&mut worker, &batch.id, path).await;
         let output = tokio::time::timeout(PATIENCE, follower.wait_with_output())
             .await
             .expect("batchd watch exits when the batch ends")
@@ -661,21 +642,27 @@ async fn versions_arrive(
     }
 }
 
+/// Two server processes on `db`, A with its safety poll off (so that only
+/// cross-replica notifications deliver to its watchers) and B, and a batch created and
+/// started through B. Returns A, a client of A, B, a worker of B and the batch.
+async fn replicas_and_a_running_batch(db: &TestDb) -> (Server, Client, Server, Worker, pb::Batch) {
+    let a = Server::start(&db.url, &["--watch-safety-poll", "1h"]).await;
+    let key = a.first_key();
+    let b = Server::start(&db.url, &[]).await;
+    let on_a = a.client(&key).await;
+    let mut on_b = b.worker(&key).await;
+    let batch = create(&mut b.client(&key).await).await;
+    let batch = move_through(&mut on_b, &batch.id, &[S::InProgress]).await;
+    (a, on_a, b, on_b, batch)
+}
+
 /// A watch on one replica receives every version written through another (two server
 /// processes, A and B, on one PostgreSQL database). The safety poll is off on A, so only
 /// the cross-replica notifications can deliver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_watch_on_one_replica_sees_every_write_on_another() {
     let db = TestDb::fresh(Backend::Postgres).await;
-    let a = Server::start(&db.url, &["--watch-safety-poll", "1h"]).await;
-    let key = a.first_key();
-    let b = Server::start(&db.url, &[]).await;
-    let mut on_a = a.client(&key).await;
-    let mut on_b = b.worker(&key).await;
-    let batch = create(&mut b.client(&key).await).await;
-    on_b.update_batch(move_to(&batch.id, S::InProgress))
-        .await
-        .unwrap();
+    let (_a, mut on_a, _b, mut on_b, batch) = replicas_and_a_running_batch(&db).await;
     versions_arrive(&mut on_a, &mut on_b, &batch.id, 3, 60, async || {}).await;
 }
 
@@ -683,15 +670,7 @@ async fn postgres_a_watch_on_one_replica_sees_every_write_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_killed_listener_connection_loses_no_version() {
     let db = TestDb::fresh(Backend::Postgres).await;
-    let a = Server::start(&db.url, &["--watch-safety-poll", "1h"]).await;
-    let key = a.first_key();
-    let b = Server::start(&db.url, &[]).await;
-    let mut on_a = a.client(&key).await;
-    let mut on_b = b.worker(&key).await;
-    let batch = create(&mut b.client(&key).await).await;
-    on_b.update_batch(move_to(&batch.id, S::InProgress))
-        .await
-        .unwrap();
+    let (_a, mut on_a, _b, mut on_b, batch) = replicas_and_a_running_batch(&db).await;
     let url = db.url.clone();
     versions_arrive(&mut on_a, &mut on_b, &batch.id, 3, 60, async move || {
         let pool = sqlx::PgPool::connect(&url).await.unwrap();

@@ -90,9 +90,7 @@ async fn watchers_coming_and_going_by_the_thousand_miss_nothing_and_leave_no_fee
     }
     stop_writing.send_replace(true);
     writer.await.unwrap();
-    for status in [S::Finalizing, S::Completed] {
-        worker.update_batch(move_to(&id, status)).await.unwrap();
-    }
+    move_through(&mut worker, &id, &[S::Finalizing, S::Completed]).await;
     let last = get(&mut client, &id).await.version;
 
     while let Some(seen) = churners.join_next().await {
