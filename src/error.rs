@@ -1,8 +1,6 @@
 //! The one error type of batchd. It knows nothing of tonic or axum: each transport maps
 //! [`ErrorCode`] to its own status codes in a single exhaustive `match`.
 
-use crate::domain::{BatchStatus, Scope};
-
 /// Everything that can go wrong in a use case, with what the caller needs to fix it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -20,8 +18,8 @@ pub enum Error {
     /// The API key is valid but its scope does not cover the operation.
     #[error("an API key with scope `{scope}` may not {action}")]
     PermissionDenied {
-        /// The caller's scope.
-        scope: Scope,
+        /// The caller's scope, as `Scope::as_str` spells it.
+        scope: &'static str,
         /// What the caller tried to do, e.g. `update batches`.
         action: &'static str,
     },
@@ -34,10 +32,10 @@ pub enum Error {
     /// The state machine does not allow this move.
     #[error("a batch cannot move from `{from}` to `{to}`")]
     IllegalTransition {
-        /// The batch's current status.
-        from: BatchStatus,
-        /// The status the caller asked for.
-        to: BatchStatus,
+        /// The batch's current status, as `BatchStatus::as_str` spells it.
+        from: &'static str,
+        /// The status the caller asked for, likewise.
+        to: &'static str,
     },
     /// The request is well formed but conflicts with the batch's current state
     /// (a terminal batch, request counts that would go down).
@@ -76,6 +74,10 @@ pub enum Error {
     #[error("internal error")]
     Internal(String),
 }
+
+/// The name errors give the idempotency key: the REST header's (gRPC calls it
+/// `request_id`).
+pub const IDEMPOTENCY_KEY_FIELD: &str = "Idempotency-Key";
 
 /// A shorthand for results of batchd's use cases.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -167,7 +169,7 @@ impl Error {
     pub fn field(&self) -> Option<&str> {
         match self {
             Error::InvalidArgument { field, .. } => Some(field),
-            Error::IdempotencyKeyReused(_) => Some(crate::domain::IdempotencyKey::FIELD),
+            Error::IdempotencyKeyReused(_) => Some(IDEMPOTENCY_KEY_FIELD),
             _ => None,
         }
     }

@@ -1,11 +1,12 @@
-//! API keys, scopes and the rules of who may do what to which batch.
+//! API keys, scopes and the rules of who may do what. Which batches a caller sees is
+//! decided beside the batch (`Caller::sees` in `batch.rs`).
 
 use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use super::batch::Batch;
-use super::input::{random_hex, to_hex};
+use super::ids::random_hex;
+use super::values::UnixSeconds;
 use crate::error::{Error, Result};
 
 /// What an API key may do.
@@ -61,10 +62,10 @@ pub struct ApiKey {
     pub user_id: String,
     /// What the key may do.
     pub scope: Scope,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds; a revoked key authenticates nothing.
-    pub revoked_at: Option<i64>,
+    /// When it was created.
+    pub created_at: UnixSeconds,
+    /// When it was revoked; a revoked key authenticates nothing.
+    pub revoked_at: Option<UnixSeconds>,
 }
 
 /// The secret a client sends as `Bearer <secret>`. Shown once at creation, never
@@ -122,7 +123,7 @@ impl ApiKey {
     }
 
     /// A new active key for `user_id`; `user_id` is validated like any identifier.
-    pub fn new(user_id: &str, scope: Scope, now: i64) -> Result<ApiKey> {
+    pub fn new(user_id: &str, scope: Scope, now: UnixSeconds) -> Result<ApiKey> {
         if user_id.is_empty()
             || user_id.len() > 128
             || !user_id
@@ -200,16 +201,10 @@ impl Caller {
             Ok(())
         } else {
             Err(Error::PermissionDenied {
-                scope: self.scope,
+                scope: self.scope.as_str(),
                 action: action.describe(),
             })
         }
-    }
-
-    /// Whether the caller can see `batch` at all. Tenants see only their own batches;
-    /// workers and admins see every batch.
-    pub fn sees(&self, batch: &Batch) -> bool {
-        self.sees_all_owners() || batch.user_id == self.user_id
     }
 
     /// The owner to restrict listings to, `None` for every owner.
@@ -220,11 +215,6 @@ impl Caller {
     fn sees_all_owners(&self) -> bool {
         matches!(self.scope, Scope::Worker | Scope::Admin)
     }
-}
-
-/// Hex of a digest, for logs and `keys list` (never of a secret).
-pub fn digest_hex(digest: &[u8; 32]) -> String {
-    to_hex(digest)
 }
 
 #[cfg(test)]

@@ -6,81 +6,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::api_key::Caller;
-use super::input::{BatchId, BatchUpdate, NewBatch};
+use super::ids::BatchId;
+use super::input::{BatchUpdate, NewBatch};
 use super::status::BatchStatus;
+use super::values::{BatchErrorEntry, OutputExpiresAfter, RequestCounts, UnixSeconds, Usage};
 use crate::error::{Error, Result};
-
-/// How many requests of a batch have run so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequestCounts {
-    /// Requests in the batch.
-    pub total: i64,
-    /// Requests that completed successfully.
-    pub completed: i64,
-    /// Requests that failed.
-    pub failed: i64,
-}
-
-/// Token usage of a batch, as OpenAI reports it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Input tokens.
-    pub input_tokens: i64,
-    /// Input tokens served from the cache.
-    pub cached_tokens: i64,
-    /// Output tokens.
-    pub output_tokens: i64,
-    /// Output tokens spent on reasoning.
-    pub reasoning_tokens: i64,
-    /// `input_tokens + output_tokens`.
-    pub total_tokens: i64,
-}
-
-/// One error met while processing a batch, an entry of the batch's `errors` list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchErrorEntry {
-    /// Machine-readable code.
-    pub code: String,
-    /// Line of the input file, if the error is about one.
-    pub line: Option<i64>,
-    /// Human-readable message.
-    pub message: String,
-    /// The parameter at fault, if any.
-    pub param: Option<String>,
-}
-
-/// When the output and error files of a batch expire (OpenAI's
-/// `BatchFileExpirationAfter`): `seconds` after the anchor, the files' creation. The
-/// worker that writes the files reads it from the batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutputExpiresAfter {
-    /// What the expiry counts from; OpenAI supports only `created_at`.
-    pub anchor: ExpiryAnchor,
-    /// Seconds after the anchor, 3600 (one hour) to 2,592,000 (30 days).
-    pub seconds: i64,
-}
-
-/// What a file expiry counts from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExpiryAnchor {
-    /// The file's creation.
-    CreatedAt,
-}
-
-impl ExpiryAnchor {
-    /// The wire spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExpiryAnchor::CreatedAt => "created_at",
-        }
-    }
-
-    /// Parses the wire spelling.
-    pub fn from_wire(text: &str) -> Option<ExpiryAnchor> {
-        (text == "created_at").then_some(ExpiryAnchor::CreatedAt)
-    }
-}
 
 /// The length of `text` inside a JSON string: `"` and `\` and the short escapes take
 /// 2 bytes, other control characters 6 (`\u0001`), everything else its UTF-8 bytes.
@@ -113,24 +43,24 @@ pub struct Batch {
     pub output_file_id: Option<String>,
     /// The file with the failed requests' outputs.
     pub error_file_id: Option<String>,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds.
-    pub in_progress_at: Option<i64>,
-    /// `created_at` + the completion window, Unix seconds.
-    pub expires_at: Option<i64>,
-    /// Unix seconds.
-    pub finalizing_at: Option<i64>,
-    /// Unix seconds.
-    pub completed_at: Option<i64>,
-    /// Unix seconds.
-    pub failed_at: Option<i64>,
-    /// Unix seconds.
-    pub expired_at: Option<i64>,
-    /// Unix seconds.
-    pub cancelling_at: Option<i64>,
-    /// Unix seconds.
-    pub cancelled_at: Option<i64>,
+    /// When it was created.
+    pub created_at: UnixSeconds,
+    /// When it entered `in_progress`.
+    pub in_progress_at: Option<UnixSeconds>,
+    /// When its completion window ends: `created_at` + the window.
+    pub expires_at: Option<UnixSeconds>,
+    /// When it entered `finalizing`.
+    pub finalizing_at: Option<UnixSeconds>,
+    /// When it entered `completed`.
+    pub completed_at: Option<UnixSeconds>,
+    /// When it entered `failed`.
+    pub failed_at: Option<UnixSeconds>,
+    /// When it entered `expired`.
+    pub expired_at: Option<UnixSeconds>,
+    /// When it entered `cancelling`.
+    pub cancelling_at: Option<UnixSeconds>,
+    /// When it entered `cancelled`.
+    pub cancelled_at: Option<UnixSeconds>,
     /// Progress counters.
     pub request_counts: RequestCounts,
     /// Client key/value pairs; `None` when the client gave none.
@@ -152,7 +82,7 @@ pub struct Batch {
     /// 1 at creation, +1 on every committed change.
     pub version: i64,
     /// When the batch last changed; `None` until its first change.
-    pub updated_at: Option<i64>,
+    pub updated_at: Option<UnixSeconds>,
 }
 
 /// One committed version of a batch, as its history (the event log) records it.
@@ -165,7 +95,7 @@ pub struct BatchEvent {
 }
 
 /// Most errors a batch keeps; a worker that reports more is refused, not truncated.
-pub const MAX_BATCH_ERRORS: usize = 1_000;
+const MAX_BATCH_ERRORS: usize = 1_000;
 
 /// Most bytes of text one batch may hold (see [`Batch::text_bytes`]). Every version is
 /// sent whole to each reader and watcher, and default gRPC clients (grpcio, grpc-go,
@@ -176,7 +106,7 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 impl Batch {
     /// The batch a create request makes for `caller` at `now`: `validating`, version 1,
     /// expiring at the end of its completion window.
-    pub fn create(new: NewBatch, caller: &Caller, now: i64) -> Batch {
+    pub fn create(new: NewBatch, caller: &Caller, now: UnixSeconds) -> Batch {
         Batch {
             id: BatchId::generate(),
             endpoint: new.endpoint,
@@ -210,11 +140,11 @@ impl Batch {
     }
 
     /// Moves the batch to `to`, stamping that status's `*_at` with `now`.
-    fn move_to(&mut self, to: BatchStatus, now: i64) -> Result<()> {
+    fn move_to(&mut self, to: BatchStatus, now: UnixSeconds) -> Result<()> {
         if !self.status.can_move_to(to) {
             return Err(Error::IllegalTransition {
-                from: self.status,
-                to,
+                from: self.status.as_str(),
+                to: to.as_str(),
             });
         }
         let stamp = match to {
@@ -236,7 +166,7 @@ impl Batch {
 
     /// Closes a change: one more version, stamped `now`. `None` when nothing changed,
     /// so an idempotent request writes nothing and bumps no version.
-    fn commit(mut self, before: &Batch, now: i64) -> Option<Batch> {
+    fn commit(mut self, before: &Batch, now: UnixSeconds) -> Option<Batch> {
         if self == *before {
             return None;
         }
@@ -247,7 +177,7 @@ impl Batch {
 
     /// A client's cancel request: a running batch moves to `cancelling`; a batch that is
     /// already cancelling or cancelled stays as it is; other terminal batches refuse.
-    pub fn cancel(&self, now: i64) -> Result<Option<Batch>> {
+    pub fn cancel(&self, now: UnixSeconds) -> Result<Option<Batch>> {
         if matches!(
             self.status,
             BatchStatus::Cancelling | BatchStatus::Cancelled
@@ -262,7 +192,7 @@ impl Batch {
     /// The lifecycle's timers at `now`: a running batch whose window has passed moves
     /// to `expired`; a batch `cancelling` for longer than `cancel_grace` seconds moves
     /// to `cancelled` (no worker confirmed in time). `None` when neither is due.
-    pub fn on_timer(&self, now: i64, cancel_grace: i64) -> Option<Batch> {
+    pub fn on_timer(&self, now: UnixSeconds, cancel_grace: i64) -> Option<Batch> {
         let to = match self.status {
             BatchStatus::Validating | BatchStatus::InProgress | BatchStatus::Finalizing
                 if self.expires_at.is_some_and(|at| at <= now) =>
@@ -285,7 +215,7 @@ impl Batch {
     }
 
     /// A worker's update, applied all or nothing. `None` when it changes nothing.
-    pub fn apply(&self, update: &BatchUpdate, now: i64) -> Result<Option<Batch>> {
+    pub fn apply(&self, update: &BatchUpdate, now: UnixSeconds) -> Result<Option<Batch>> {
         if self.status.is_terminal() {
             return Err(Error::FailedPrecondition(format!(
                 "batch `{}` is `{}`, a final status; it accepts no more updates",
@@ -398,6 +328,17 @@ impl Batch {
     }
 }
 
+// Who sees which batch is decided beside the batch, so that API keys need not know
+// what a batch is.
+impl Caller {
+    /// Whether the caller can see `batch` at all. Tenants see only their own batches;
+    /// workers and admins see every batch.
+    pub fn sees(&self, batch: &Batch) -> bool {
+        self.owner_filter()
+            .is_none_or(|owner| owner == batch.user_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,8 +425,8 @@ mod tests {
         assert!(matches!(
             err,
             Error::IllegalTransition {
-                from: BatchStatus::Completed,
-                to: BatchStatus::Cancelling
+                from: "completed",
+                to: "cancelling"
             }
         ));
     }

@@ -2,87 +2,14 @@
 //! invalid value. Every error names the field and the value at fault.
 
 use std::collections::BTreeMap;
-use std::fmt;
+use std::ops::Deref;
 
-use serde::{Deserialize, Serialize};
-
-use super::batch::{BatchErrorEntry, ExpiryAnchor, OutputExpiresAfter, RequestCounts, Usage};
+use super::ids::{BatchId, truncate_for_message};
 use super::status::BatchStatus;
+use super::values::{
+    BatchErrorEntry, ExpiryAnchor, OutputExpiresAfter, RequestCounts, UnixSeconds, Usage,
+};
 use crate::error::{Error, Result};
-
-/// The id of a batch: `batch_` followed by 1 to 64 ASCII letters and digits. Ids that
-/// batchd generates carry 128 random bits as 32 hex digits.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BatchId(String);
-
-const BATCH_ID_PREFIX: &str = "batch_";
-
-impl BatchId {
-    /// What [`BatchId::parse`] accepts, as an ECMA-262 regular expression.
-    pub const PATTERN: &'static str = "^batch_[A-Za-z0-9]{1,64}$";
-
-    /// A new unguessable id from the operating system's CSPRNG.
-    pub fn generate() -> BatchId {
-        BatchId(format!("{BATCH_ID_PREFIX}{}", random_hex::<16>()))
-    }
-
-    /// Parses an id sent by a client; `field` names the request field for the error.
-    pub fn parse(field: &str, text: &str) -> Result<BatchId> {
-        let suffix = text.strip_prefix(BATCH_ID_PREFIX).unwrap_or_default();
-        let well_formed =
-            (1..=64).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_alphanumeric());
-        if well_formed {
-            Ok(BatchId(text.to_owned()))
-        } else {
-            Err(Error::invalid(
-                field,
-                format!(
-                    "`{}` is not a batch id (expected `batch_` followed by 1 to 64 letters or digits)",
-                    truncate_for_message(text)
-                ),
-            ))
-        }
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for BatchId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// `N` random bytes from the OS CSPRNG, as lowercase hex.
-pub(crate) fn random_hex<const N: usize>() -> String {
-    let mut bytes = [0u8; N];
-    // getrandom fails only when the OS has no entropy source at all, in which case no
-    // id or key can be made safely and stopping is the right answer.
-    getrandom::fill(&mut bytes).expect("the operating system's random number generator failed");
-    to_hex(&bytes)
-}
-
-/// Lowercase hex of `bytes`.
-pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    bytes
-        .iter()
-        .flat_map(|b| [DIGITS[(b >> 4) as usize], DIGITS[(b & 15) as usize]])
-        .map(char::from)
-        .collect()
-}
-
-/// Echoes at most 80 characters of a client value in an error message.
-fn truncate_for_message(text: &str) -> String {
-    match text.char_indices().nth(80) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
-}
 
 /// A completion window batchd accepts, such as `24h`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,22 +82,22 @@ pub const MAX_METADATA_KEY_CHARS: usize = 64;
 /// Longest metadata value, in characters.
 pub const MAX_METADATA_VALUE_CHARS: usize = 512;
 /// Longest file id, job id or model name, in characters.
-pub const MAX_ID_CHARS: usize = 256;
+const MAX_ID_CHARS: usize = 256;
 /// Longest remark, in characters.
-pub const MAX_REMARK_CHARS: usize = 1_024;
+const MAX_REMARK_CHARS: usize = 1_024;
 /// Longest error code, in characters.
-pub const MAX_ERROR_CODE_CHARS: usize = 128;
+const MAX_ERROR_CODE_CHARS: usize = 128;
 /// Longest error message, in characters.
-pub const MAX_ERROR_MESSAGE_CHARS: usize = 4_096;
+const MAX_ERROR_MESSAGE_CHARS: usize = 4_096;
 /// Most errors one update may append.
-pub const MAX_ERRORS_PER_UPDATE: usize = 1_000;
+const MAX_ERRORS_PER_UPDATE: usize = 1_000;
 
 /// What identifier-like values (file ids, job ids, model names) must look like, as an
-/// ECMA-262 regular expression: what [`parse_identifier`] accepts.
+/// ECMA-262 regular expression: what [`check_identifier`] accepts.
 pub const IDENTIFIER_PATTERN: &str = "^[^\\s\\x00-\\x1f\\x7f-\\x9f]{1,256}$";
 
 /// An identifier-like value: 1..=256 characters, none of them whitespace or control.
-fn parse_identifier(field: &str, text: &str) -> Result<String> {
+fn check_identifier(field: &str, text: &str) -> Result<()> {
     let chars = text.chars().count();
     if chars == 0 {
         return Err(Error::invalid(field, "must not be empty"));
@@ -190,7 +117,7 @@ fn parse_identifier(field: &str, text: &str) -> Result<String> {
             ),
         ));
     }
-    Ok(text.to_owned())
+    Ok(())
 }
 
 /// What free text (remarks, metadata, error messages) must look like, as an ECMA-262
@@ -211,7 +138,7 @@ fn refuse_nul(field: &str, text: &str) -> Result<()> {
 }
 
 /// Free text of at most `max` characters, empty allowed only when `allow_empty`.
-fn parse_text(field: &str, text: &str, max: usize, allow_empty: bool) -> Result<String> {
+fn check_text(field: &str, text: &str, max: usize, allow_empty: bool) -> Result<()> {
     refuse_nul(field, text)?;
     let chars = text.chars().count();
     if chars == 0 && !allow_empty {
@@ -223,15 +150,12 @@ fn parse_text(field: &str, text: &str, max: usize, allow_empty: bool) -> Result<
             format!("is {chars} characters long; at most {max} are allowed"),
         ));
     }
-    Ok(text.to_owned())
+    Ok(())
 }
 
-fn parse_metadata(
-    metadata: Option<BTreeMap<String, String>>,
-) -> Result<Option<BTreeMap<String, String>>> {
-    let Some(metadata) = metadata else {
-        return Ok(None);
-    };
+/// Metadata of at most [`MAX_METADATA_PAIRS`] pairs, each key and value within its
+/// limit.
+fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
     if metadata.len() > MAX_METADATA_PAIRS {
         return Err(Error::invalid(
             "metadata",
@@ -241,7 +165,7 @@ fn parse_metadata(
             ),
         ));
     }
-    for (key, value) in &metadata {
+    for (key, value) in metadata {
         refuse_nul("metadata", key)?;
         refuse_nul(&format!("metadata.{key}"), value)?;
         let key_chars = key.chars().count();
@@ -264,18 +188,22 @@ fn parse_metadata(
             ));
         }
     }
-    Ok(Some(metadata))
+    Ok(())
 }
 
-/// A create request as the transports receive it.
+/// A create request, in the two forms that share this one declaration of its fields:
+/// [`CreateBatchInput`] as the transports receive it, and [`NewBatch`] once
+/// [`NewBatch::parse`] has checked every field. The three fields whose checked form is
+/// richer than what clients send are the type parameters; the others are checked in
+/// place and keep their type.
 #[derive(Debug, Clone, Default)]
-pub struct CreateBatchInput {
-    /// Required.
+pub struct CreateRequest<Window, Key, Expiry> {
+    /// The file holding the requests; required.
     pub input_file_id: String,
-    /// Required; one of the policy's endpoints.
+    /// One of the policy's endpoints; required.
     pub endpoint: String,
-    /// Required; one of the policy's windows.
-    pub completion_window: String,
+    /// One of the policy's windows, e.g. `24h`; required.
+    pub completion_window: Window,
     /// `None` or up to 16 pairs.
     pub metadata: Option<BTreeMap<String, String>>,
     /// Optional grouping id.
@@ -284,19 +212,25 @@ pub struct CreateBatchInput {
     pub remark: Option<String>,
     /// Makes a retried create return the first one's batch (REST `Idempotency-Key`,
     /// gRPC `request_id`).
-    pub idempotency_key: Option<String>,
-    /// When the output files expire: `(anchor, seconds)` as sent.
-    pub output_expires_after: Option<(String, i64)>,
+    pub idempotency_key: Option<Key>,
+    /// When the output files expire; clients send `(anchor, seconds)`.
+    pub output_expires_after: Option<Expiry>,
 }
 
+/// A create request as the transports receive it.
+pub type CreateBatchInput = CreateRequest<String, String, (String, i64)>;
+
+/// A validated create request.
+pub type NewBatch = CreateRequest<CompletionWindow, IdempotencyKey, OutputExpiresAfter>;
+
 /// Shortest output file expiry OpenAI accepts: one hour.
-pub const MIN_OUTPUT_EXPIRY_SECONDS: i64 = 3_600;
+const MIN_OUTPUT_EXPIRY_SECONDS: i64 = 3_600;
 /// Longest output file expiry OpenAI accepts: 30 days.
-pub const MAX_OUTPUT_EXPIRY_SECONDS: i64 = 2_592_000;
+const MAX_OUTPUT_EXPIRY_SECONDS: i64 = 2_592_000;
 
 /// Validates `output_expires_after` exactly as OpenAI does.
 fn parse_output_expires_after(anchor: &str, seconds: i64) -> Result<OutputExpiresAfter> {
-    let anchor = ExpiryAnchor::from_wire(anchor).ok_or_else(|| {
+    let anchor = ExpiryAnchor::from_name(anchor).ok_or_else(|| {
         Error::invalid(
             "output_expires_after.anchor",
             format!(
@@ -319,7 +253,7 @@ fn parse_output_expires_after(anchor: &str, seconds: i64) -> Result<OutputExpire
 /// How long an idempotency key stands for the batch its first request created.
 pub const IDEMPOTENCY_WINDOW_SECONDS: i64 = 24 * 3600;
 /// Longest idempotency key, in bytes (all ASCII).
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 
 /// A client's idempotency key: 1 to 255 visible ASCII characters, as HTTP headers
 /// carry them and as UUIDs and ULIDs are written.
@@ -328,7 +262,7 @@ pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
     /// The field name errors report.
-    pub const FIELD: &'static str = "Idempotency-Key";
+    pub const FIELD: &'static str = crate::error::IDEMPOTENCY_KEY_FIELD;
     /// What [`IdempotencyKey::parse`] accepts, as an ECMA-262 regular expression.
     pub const PATTERN: &'static str = "^[!-~]{1,255}$";
 
@@ -358,27 +292,6 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
-
-/// A validated create request.
-#[derive(Debug, Clone)]
-pub struct NewBatch {
-    /// The file holding the requests.
-    pub input_file_id: String,
-    /// An accepted endpoint.
-    pub endpoint: String,
-    /// An accepted window.
-    pub completion_window: CompletionWindow,
-    /// Validated metadata.
-    pub metadata: Option<BTreeMap<String, String>>,
-    /// Validated job id.
-    pub job_id: Option<String>,
-    /// Validated remark.
-    pub remark: Option<String>,
-    /// Validated idempotency key.
-    pub idempotency_key: Option<IdempotencyKey>,
-    /// Validated output file expiry.
-    pub output_expires_after: Option<OutputExpiresAfter>,
 }
 
 impl NewBatch {
@@ -420,7 +333,7 @@ impl NewBatch {
 
     /// Validates a create request against the deployment's policy.
     pub fn parse(input: CreateBatchInput, policy: &BatchPolicy) -> Result<NewBatch> {
-        let input_file_id = parse_identifier("input_file_id", &input.input_file_id)?;
+        check_identifier("input_file_id", &input.input_file_id)?;
         if !policy.endpoints.contains(&input.endpoint) {
             return Err(Error::invalid(
                 "endpoint",
@@ -451,19 +364,22 @@ impl NewBatch {
                     ),
                 )
             })?;
+        if let Some(metadata) = &input.metadata {
+            check_metadata(metadata)?;
+        }
+        if let Some(job_id) = &input.job_id {
+            check_identifier("job_id", job_id)?;
+        }
+        if let Some(remark) = &input.remark {
+            check_text("remark", remark, MAX_REMARK_CHARS, false)?;
+        }
         Ok(NewBatch {
-            input_file_id,
+            input_file_id: input.input_file_id,
             endpoint: input.endpoint,
             completion_window,
-            metadata: parse_metadata(input.metadata)?,
-            job_id: input
-                .job_id
-                .map(|j| parse_identifier("job_id", &j))
-                .transpose()?,
-            remark: input
-                .remark
-                .map(|r| parse_text("remark", &r, MAX_REMARK_CHARS, false))
-                .transpose()?,
+            metadata: input.metadata,
+            job_id: input.job_id,
+            remark: input.remark,
             idempotency_key: input
                 .idempotency_key
                 .map(|k| IdempotencyKey::parse(&k))
@@ -478,13 +394,13 @@ impl NewBatch {
 
 /// A worker's update as the transports receive it (status already mapped to the
 /// domain enum by the transport, which knows its own spelling).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchUpdateInput {
     /// Apply only if the batch is at this version.
     pub expected_version: Option<i64>,
     /// New status.
     pub status: Option<BatchStatus>,
-    /// New counts.
+    /// New counts, internally consistent once checked.
     pub request_counts: Option<RequestCounts>,
     /// Output file id.
     pub output_file_id: Option<String>,
@@ -492,31 +408,23 @@ pub struct BatchUpdateInput {
     pub error_file_id: Option<String>,
     /// Errors to append.
     pub errors: Vec<BatchErrorEntry>,
-    /// New usage.
+    /// New usage, internally consistent once checked.
     pub usage: Option<Usage>,
     /// Model name.
     pub model: Option<String>,
 }
 
-/// A validated worker update.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchUpdate {
-    /// Apply only if the batch is at this version.
-    pub expected_version: Option<i64>,
-    /// New status.
-    pub status: Option<BatchStatus>,
-    /// New counts, internally consistent.
-    pub request_counts: Option<RequestCounts>,
-    /// Output file id.
-    pub output_file_id: Option<String>,
-    /// Error file id.
-    pub error_file_id: Option<String>,
-    /// Errors to append.
-    pub errors: Vec<BatchErrorEntry>,
-    /// New usage, internally consistent.
-    pub usage: Option<Usage>,
-    /// Model name.
-    pub model: Option<String>,
+/// A worker update whose every field [`BatchUpdate::parse`] has checked. Checking
+/// changes no field's type, so it wraps the input and is read through `Deref`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchUpdate(BatchUpdateInput);
+
+impl Deref for BatchUpdate {
+    type Target = BatchUpdateInput;
+
+    fn deref(&self) -> &BatchUpdateInput {
+        &self.0
+    }
 }
 
 impl BatchUpdate {
@@ -546,25 +454,16 @@ impl BatchUpdate {
         for (i, entry) in input.errors.iter().enumerate() {
             check_error_entry(i, entry)?;
         }
-        Ok(BatchUpdate {
-            expected_version: input.expected_version,
-            status: input.status,
-            request_counts: input.request_counts,
-            output_file_id: input
-                .output_file_id
-                .map(|f| parse_identifier("output_file_id", &f))
-                .transpose()?,
-            error_file_id: input
-                .error_file_id
-                .map(|f| parse_identifier("error_file_id", &f))
-                .transpose()?,
-            errors: input.errors,
-            usage: input.usage,
-            model: input
-                .model
-                .map(|m| parse_identifier("model", &m))
-                .transpose()?,
-        })
+        for (field, value) in [
+            ("output_file_id", &input.output_file_id),
+            ("error_file_id", &input.error_file_id),
+            ("model", &input.model),
+        ] {
+            if let Some(value) = value {
+                check_identifier(field, value)?;
+            }
+        }
+        Ok(BatchUpdate(input))
     }
 }
 
@@ -648,13 +547,13 @@ fn check_usage(usage: Usage) -> Result<()> {
 }
 
 fn check_error_entry(index: usize, entry: &BatchErrorEntry) -> Result<()> {
-    parse_text(
+    check_text(
         &format!("errors[{index}].code"),
         &entry.code,
         MAX_ERROR_CODE_CHARS,
         false,
     )?;
-    parse_text(
+    check_text(
         &format!("errors[{index}].message"),
         &entry.message,
         MAX_ERROR_MESSAGE_CHARS,
@@ -667,15 +566,15 @@ fn check_error_entry(index: usize, entry: &BatchErrorEntry) -> Result<()> {
         ));
     }
     if let Some(param) = &entry.param {
-        parse_text(&format!("errors[{index}].param"), param, MAX_ID_CHARS, true)?;
+        check_text(&format!("errors[{index}].param"), param, MAX_ID_CHARS, true)?;
     }
     Ok(())
 }
 
 /// Default page size of a list.
-pub const DEFAULT_LIST_LIMIT: i64 = 20;
+const DEFAULT_LIST_LIMIT: i64 = 20;
 /// Largest page size of a list.
-pub const MAX_LIST_LIMIT: i64 = 100;
+const MAX_LIST_LIMIT: i64 = 100;
 
 /// Most metadata pairs one list may filter on.
 pub const MAX_METADATA_FILTERS: usize = 4;
@@ -707,47 +606,35 @@ impl ListOrder {
     }
 }
 
-/// A list request as the transports receive it.
-#[derive(Debug, Clone, Default)]
-pub struct ListBatchesInput {
+/// A list request, in the two forms that share this one declaration of its fields:
+/// [`ListBatchesInput`] as the transports receive it, and [`ListBatches`] once
+/// [`ListBatches::parse`] has checked every field. The three fields whose checked form
+/// differs from what clients send are the type parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListRequest<Cursor, Limit, Order> {
     /// Cursor: the id of the last batch of the previous page.
-    pub after: Option<String>,
-    /// Page size, 1..=100.
-    pub limit: Option<i64>,
-    /// Only batches in one of these statuses (none: any status).
+    pub after: Option<Cursor>,
+    /// Page size, 1..=100; 20 when the client sends none.
+    pub limit: Limit,
+    /// Only batches in one of these statuses (none: any status); distinct once checked.
     pub statuses: Vec<BatchStatus>,
     /// Only batches of this job.
     pub job_id: Option<String>,
-    /// Only batches created at or after this Unix second.
-    pub created_after: Option<i64>,
-    /// Only batches created before this Unix second.
-    pub created_before: Option<i64>,
-    /// Only batches whose metadata has each of these pairs.
+    /// Only batches created at or after this time.
+    pub created_after: Option<UnixSeconds>,
+    /// Only batches created before this time.
+    pub created_before: Option<UnixSeconds>,
+    /// Only batches whose metadata has each of these pairs; distinct keys once checked.
     pub metadata: Vec<(String, String)>,
-    /// `asc` or `desc` (default).
-    pub order: Option<String>,
+    /// The order of the page: `asc` or `desc` (the default) as clients send it.
+    pub order: Order,
 }
 
+/// A list request as the transports receive it.
+pub type ListBatchesInput = ListRequest<String, Option<i64>, Option<String>>;
+
 /// A validated list request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListBatches {
-    /// Cursor.
-    pub after: Option<BatchId>,
-    /// Page size, 1..=100.
-    pub limit: i64,
-    /// Status filter: distinct statuses, empty for any.
-    pub statuses: Vec<BatchStatus>,
-    /// Job filter.
-    pub job_id: Option<String>,
-    /// Created at or after this Unix second.
-    pub created_after: Option<i64>,
-    /// Created before this Unix second.
-    pub created_before: Option<i64>,
-    /// Metadata pairs that must all match, distinct keys.
-    pub metadata: Vec<(String, String)>,
-    /// The order of the page.
-    pub order: ListOrder,
-}
+pub type ListBatches = ListRequest<BatchId, i64, ListOrder>;
 
 impl ListBatches {
     /// Validates a list request.
@@ -793,18 +680,19 @@ impl ListBatches {
         }
         // The same limits as stored metadata: a filter that no stored pair could match
         // is a mistake, and the text reaches SQL.
-        parse_metadata(Some(metadata.iter().cloned().collect()))?;
+        check_metadata(&metadata.iter().cloned().collect())?;
+        let after = input
+            .after
+            .map(|a| BatchId::parse("after", &a))
+            .transpose()?;
+        if let Some(job_id) = &input.job_id {
+            check_identifier("job_id", job_id)?;
+        }
         Ok(ListBatches {
-            after: input
-                .after
-                .map(|a| BatchId::parse("after", &a))
-                .transpose()?,
+            after,
             limit,
             statuses,
-            job_id: input
-                .job_id
-                .map(|j| parse_identifier("job_id", &j))
-                .transpose()?,
+            job_id: input.job_id,
             created_after: input.created_after,
             created_before: input.created_before,
             metadata,
@@ -820,6 +708,8 @@ impl ListBatches {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt;
+
     use super::*;
 
     fn create(edit: impl FnOnce(&mut CreateBatchInput)) -> Result<NewBatch> {

@@ -1,26 +1,32 @@
 //! The batch domain: the object, its status machine, validated input and the API key
 //! rules. No I/O: everything here is tested without a database or a network.
+//!
+//! Layered, each module using only those before it (and `crate::error`): `ids`,
+//! `status` and `values` (what a batch is made of), then `api_key` (who may do what)
+//! and `input` (validation), then `batch` on top.
 
 mod api_key;
 mod batch;
+mod ids;
 mod input;
 mod status;
+mod values;
 
-pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_hex, digest_of};
-pub use batch::{
-    Batch, BatchErrorEntry, BatchEvent, ExpiryAnchor, MAX_BATCH_BYTES, MAX_BATCH_ERRORS,
-    OutputExpiresAfter, RequestCounts, Usage,
-};
+pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_of};
+pub use batch::{Batch, BatchEvent, MAX_BATCH_BYTES};
+pub use ids::BatchId;
 pub use input::{
-    BatchId, BatchPolicy, BatchUpdate, BatchUpdateInput, CompletionWindow, CreateBatchInput,
+    BatchPolicy, BatchUpdate, BatchUpdateInput, CompletionWindow, CreateBatchInput, CreateRequest,
     DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, IDEMPOTENCY_WINDOW_SECONDS, IDENTIFIER_PATTERN,
-    IdempotencyKey, ListBatches, ListBatchesInput, ListOrder, MAX_IDEMPOTENCY_KEY_BYTES,
-    MAX_METADATA_FILTERS, MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS,
-    MAX_OUTPUT_EXPIRY_SECONDS, MIN_OUTPUT_EXPIRY_SECONDS, NewBatch, TEXT_PATTERN,
+    IdempotencyKey, ListBatches, ListBatchesInput, ListOrder, ListRequest, MAX_METADATA_FILTERS,
+    MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS, NewBatch, TEXT_PATTERN,
 };
 pub use status::BatchStatus;
+pub use values::{
+    BatchErrorEntry, ExpiryAnchor, OutputExpiresAfter, RequestCounts, UnixSeconds, Usage,
+};
 
-pub(crate) use input::random_hex;
+pub(crate) use ids::random_hex;
 
 /// Batches for unit tests, made the way the service makes them.
 #[cfg(test)]

@@ -54,8 +54,9 @@ impl BatchStatus {
         }
     }
 
-    /// Parses the documented wire spelling; `None` for anything else.
-    pub fn from_wire(text: &str) -> Option<BatchStatus> {
+    /// The status named `text` (its [`as_str`](Self::as_str) spelling); `None` for
+    /// anything else.
+    pub fn from_name(text: &str) -> Option<BatchStatus> {
         BatchStatus::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
@@ -132,9 +133,9 @@ mod tests {
     #[test]
     fn wire_spelling_round_trips() {
         for status in BatchStatus::ALL {
-            assert_eq!(BatchStatus::from_wire(status.as_str()), Some(status));
+            assert_eq!(BatchStatus::from_name(status.as_str()), Some(status));
         }
-        assert_eq!(BatchStatus::from_wire("IN_PROGRESS"), None);
-        assert_eq!(BatchStatus::from_wire("progress"), None);
+        assert_eq!(BatchStatus::from_name("IN_PROGRESS"), None);
+        assert_eq!(BatchStatus::from_name("progress"), None);
     }
 }

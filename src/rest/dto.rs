@@ -590,7 +590,7 @@ impl ListParams {
                 "order" => input.order = Some(value.into_owned()),
                 _ => {
                     for status in value.split(',') {
-                        let parsed = BatchStatus::from_wire(status).ok_or_else(|| {
+                        let parsed = BatchStatus::from_name(status).ok_or_else(|| {
                             Error::invalid(
                                 "status",
                                 format!(

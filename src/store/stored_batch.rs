@@ -279,12 +279,12 @@ impl TryFrom<StoredBatchV1> for Batch {
     /// Fails only on data no batchd wrote: a bug or a hand-edited database.
     fn try_from(s: StoredBatchV1) -> Result<Batch> {
         let corrupt = |what: &str| Error::Internal(format!("stored batch `{}`: bad {what}", s.id));
-        let status = BatchStatus::from_wire(&s.status).ok_or_else(|| corrupt("status"))?;
+        let status = BatchStatus::from_name(&s.status).ok_or_else(|| corrupt("status"))?;
         let id = BatchId::parse("id", &s.id).map_err(|_| corrupt("id"))?;
         let output_expires_after = match &s.output_expires_after {
             None => None,
             Some(e) => Some(OutputExpiresAfter {
-                anchor: ExpiryAnchor::from_wire(&e.anchor).ok_or_else(|| corrupt("anchor"))?,
+                anchor: ExpiryAnchor::from_name(&e.anchor).ok_or_else(|| corrupt("anchor"))?,
                 seconds: e.seconds,
             }),
         };
