@@ -120,6 +120,17 @@ impl BatchCache {
     }
 }
 
+/// What the cache holds for an API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CachedKey {
+    /// A valid key, of this caller.
+    Valid(Caller),
+    /// No valid key has this secret (unknown or revoked).
+    Invalid,
+    /// Not looked up within the TTL: the database must be asked.
+    NotCached,
+}
+
 /// The caches of one replica.
 pub struct Caches {
     api_keys: Option<Cache<[u8; 32], KeyLookup<Caller>>>,
@@ -147,17 +158,18 @@ impl Caches {
         }
     }
 
-    /// The caller of the key with this digest (`Some(None)`: no valid key), if looked up
-    /// less than the TTL ago.
-    pub fn api_key(&self, digest: &[u8; 32]) -> Option<Option<Caller>> {
+    /// What a lookup less than the TTL ago found for the key with this digest.
+    pub fn api_key(&self, digest: &[u8; 32]) -> CachedKey {
         let fresh = |fetched: Instant| fetched.elapsed() < self.api_key_ttl;
-        if let Some((caller, fetched)) = self.api_keys.as_ref()?.get(digest)
+        if let Some((caller, fetched)) = self.api_keys.as_ref().and_then(|keys| keys.get(digest))
             && fresh(fetched)
         {
-            return Some(Some(caller));
+            return CachedKey::Valid(caller);
         }
-        let ((), fetched) = self.unknown_keys.as_ref()?.get(digest)?;
-        fresh(fetched).then_some(None)
+        match self.unknown_keys.as_ref().and_then(|keys| keys.get(digest)) {
+            Some(((), fetched)) if fresh(fetched) => CachedKey::Invalid,
+            _ => CachedKey::NotCached,
+        }
     }
 
     /// Whether the key with this digest was valid when last looked up, however long
@@ -283,7 +295,9 @@ mod tests {
             digest[31] = 1;
             caches.remember_api_key(digest, None);
         }
-        let known = caches.api_key(&[7; 32]).expect("still cached");
-        assert_eq!(known.map(|c| c.user_id), Some("alice".to_owned()));
+        let CachedKey::Valid(known) = caches.api_key(&[7; 32]) else {
+            panic!("alice's key is no longer cached as valid");
+        };
+        assert_eq!(known.user_id, "alice");
     }
 }

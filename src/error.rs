@@ -1,5 +1,7 @@
 //! The one error type of batchd. It knows nothing of tonic or axum: each transport maps
-//! [`ErrorCode`] to its own status codes in a single exhaustive `match`.
+//! every variant to its own status in one exhaustive `match` without a catch-all arm
+//! (`grpc::convert`'s `From<Error> for Status`, `rest::error`'s `From<Error> for
+//! ApiError`), so a new variant does not build until both have decided.
 
 /// Everything that can go wrong in a use case, with what the caller needs to fix it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,86 +84,12 @@ pub const IDEMPOTENCY_KEY_FIELD: &str = "Idempotency-Key";
 /// A shorthand for results of batchd's use cases.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The class of an [`Error`], which each transport turns into its own status code.
-/// Named after the canonical gRPC codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// The request is malformed.
-    InvalidArgument,
-    /// No valid credentials.
-    Unauthenticated,
-    /// Valid credentials without the right scope.
-    PermissionDenied,
-    /// The resource does not exist (or is not the caller's).
-    NotFound,
-    /// The resource's state does not allow the operation.
-    FailedPrecondition,
-    /// A concurrency conflict; the caller may re-read and retry.
-    Aborted,
-    /// What the request would create exists already (an idempotency key reused).
-    AlreadyExists,
-    /// A limit was reached; retry later.
-    ResourceExhausted,
-    /// A dependency (the database) is down.
-    Unavailable,
-    /// A bug.
-    Internal,
-}
-
-impl ErrorCode {
-    /// The one table from error class to both transports' status codes:
-    /// `(canonical gRPC code number, HTTP status)`. The HTTP statuses are the ones the
-    /// OpenAI SDKs map to their exception classes.
-    pub const fn statuses(self) -> (i32, u16) {
-        match self {
-            ErrorCode::InvalidArgument => (3, 400),
-            ErrorCode::Unauthenticated => (16, 401),
-            ErrorCode::PermissionDenied => (7, 403),
-            ErrorCode::NotFound => (5, 404),
-            ErrorCode::FailedPrecondition => (9, 409),
-            ErrorCode::Aborted => (10, 409),
-            ErrorCode::AlreadyExists => (6, 409),
-            ErrorCode::ResourceExhausted => (8, 429),
-            ErrorCode::Unavailable => (14, 503),
-            ErrorCode::Internal => (13, 500),
-        }
-    }
-
-    /// The canonical gRPC status code number.
-    pub const fn grpc_code(self) -> i32 {
-        self.statuses().0
-    }
-
-    /// The HTTP status code.
-    pub const fn http_status(self) -> u16 {
-        self.statuses().1
-    }
-}
-
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
         Error::InvalidArgument {
             field: field.into(),
             reason: reason.into(),
-        }
-    }
-
-    /// The class of this error. Exhaustive on purpose: a new variant must pick its code.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
-            Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
-            Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
-            Error::BatchNotFound(_) | Error::ApiKeyNotFound(_) => ErrorCode::NotFound,
-            Error::IllegalTransition { .. } | Error::FailedPrecondition(_) => {
-                ErrorCode::FailedPrecondition
-            }
-            Error::VersionMismatch { .. } | Error::Contended(_) => ErrorCode::Aborted,
-            Error::IdempotencyKeyReused(_) => ErrorCode::AlreadyExists,
-            Error::TooManyWatches { .. } => ErrorCode::ResourceExhausted,
-            Error::Unavailable(_) | Error::ShuttingDown => ErrorCode::Unavailable,
-            Error::Internal(_) => ErrorCode::Internal,
         }
     }
 

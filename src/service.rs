@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::cache::{CacheOptions, Caches};
+use crate::cache::{CacheOptions, CachedKey, Caches};
 use crate::clock::Clock;
 use crate::domain::{
     Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
@@ -191,8 +191,9 @@ impl BatchService {
         ))?;
         let digest = digest_of(token);
         let caller = match self.caches.api_key(&digest) {
-            Some(known) => known,
-            None => self.look_up_api_key(digest).await?,
+            CachedKey::Valid(caller) => Some(caller),
+            CachedKey::Invalid => None,
+            CachedKey::NotCached => self.look_up_api_key(digest).await?,
         };
         caller.ok_or(Error::Unauthenticated("invalid API key"))
     }
@@ -219,8 +220,10 @@ impl BatchService {
                 .await
                 .map_err(|_| Error::Internal("the key lookup semaphore was closed".into()))?;
             // Another caller with the same key may have looked it up meanwhile.
-            if let Some(known) = self.caches.api_key(&digest) {
-                return Ok(known);
+            match self.caches.api_key(&digest) {
+                CachedKey::Valid(caller) => return Ok(Some(caller)),
+                CachedKey::Invalid => return Ok(None),
+                CachedKey::NotCached => {}
             }
             let caller = self
                 .store

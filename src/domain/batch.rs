@@ -344,36 +344,11 @@ mod tests {
     use super::*;
     use crate::domain::input::{BatchUpdate, BatchUpdateInput};
 
+    /// A batch of `alice` created at 1,000, in `status`.
     fn batch(status: BatchStatus) -> Batch {
         Batch {
-            id: BatchId::generate(),
-            endpoint: "/v1/chat/completions".into(),
-            errors: vec![],
-            input_file_id: "file-1".into(),
-            completion_window: "24h".into(),
             status,
-            output_file_id: None,
-            error_file_id: None,
-            created_at: 1_000,
-            in_progress_at: None,
-            expires_at: Some(1_000 + 86_400),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: RequestCounts::default(),
-            metadata: None,
-            model: None,
-            usage: None,
-            job_id: None,
-            remark: None,
-            output_expires_after: None,
-            user_id: "alice".into(),
-            api_key_id: "key_1".into(),
-            version: 1,
-            updated_at: None,
+            ..crate::domain::fixtures::created_by("alice", 1_000)
         }
     }
 

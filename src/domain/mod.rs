@@ -35,7 +35,12 @@ pub(crate) mod fixtures {
 
     /// A new batch of owner `tenant`, created at 1,700,000,000.
     pub(crate) fn batch() -> Batch {
-        let key = ApiKey::new("tenant", Scope::Admin, 1_700_000_000).expect("a valid user");
+        created_by("tenant", 1_700_000_000)
+    }
+
+    /// A new 24h batch of owner `user`, created at `now` by the service's own path.
+    pub(crate) fn created_by(user: &str, now: UnixSeconds) -> Batch {
+        let key = ApiKey::new(user, Scope::Admin, now).expect("a valid user");
         let input = CreateBatchInput {
             input_file_id: "file-1".into(),
             endpoint: "/v1/chat/completions".into(),
@@ -43,6 +48,6 @@ pub(crate) mod fixtures {
             ..Default::default()
         };
         let new = NewBatch::parse(input, &BatchPolicy::default()).expect("a valid request");
-        Batch::create(new, &Caller::of(&key), 1_700_000_000)
+        Batch::create(new, &Caller::of(&key), now)
     }
 }

@@ -19,7 +19,6 @@ use crate::proto::batchd::v1::batch_worker_service_server::BatchWorkerServiceSer
 use crate::service::{BatchService, bearer_token};
 
 pub use batch_api::BatchApi;
-pub use convert::status_from_proto;
 pub use worker_api::WorkerApi;
 
 /// The names health is reported under besides `""`: every service batchd serves.

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::{IntoResponses, ToSchema};
 
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -78,22 +78,49 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(error: Error) -> ApiError {
         error.log_detail();
-        let class = error.code();
-        // The OpenAI-style code of each class. Exhaustive: a new class must pick one.
-        let (kind, code) = match class {
-            ErrorCode::InvalidArgument => (CLIENT_ERROR, "invalid_value"),
-            ErrorCode::Unauthenticated => (CLIENT_ERROR, "invalid_api_key"),
-            ErrorCode::PermissionDenied => (CLIENT_ERROR, "insufficient_permissions"),
-            ErrorCode::NotFound => (CLIENT_ERROR, "not_found"),
-            ErrorCode::FailedPrecondition => (CLIENT_ERROR, "invalid_state"),
-            ErrorCode::Aborted => (CLIENT_ERROR, "conflict"),
-            ErrorCode::AlreadyExists => (CLIENT_ERROR, "idempotency_key_reused"),
-            ErrorCode::ResourceExhausted => (CLIENT_ERROR, "rate_limit_exceeded"),
-            ErrorCode::Unavailable => (SERVER_ERROR, "service_unavailable"),
-            ErrorCode::Internal => (SERVER_ERROR, "internal_error"),
+        // Every variant picks its HTTP status (the ones the OpenAI SDKs map to their
+        // exception classes) and OpenAI-style code; no catch-all arm, so a new variant
+        // does not build until it has them.
+        let (status, kind, code) = match &error {
+            Error::InvalidArgument { .. } => {
+                (StatusCode::BAD_REQUEST, CLIENT_ERROR, "invalid_value")
+            }
+            Error::Unauthenticated(_) => {
+                (StatusCode::UNAUTHORIZED, CLIENT_ERROR, "invalid_api_key")
+            }
+            Error::PermissionDenied { .. } => (
+                StatusCode::FORBIDDEN,
+                CLIENT_ERROR,
+                "insufficient_permissions",
+            ),
+            Error::BatchNotFound(_) | Error::ApiKeyNotFound(_) => {
+                (StatusCode::NOT_FOUND, CLIENT_ERROR, "not_found")
+            }
+            Error::IllegalTransition { .. } | Error::FailedPrecondition(_) => {
+                (StatusCode::CONFLICT, CLIENT_ERROR, "invalid_state")
+            }
+            Error::VersionMismatch { .. } | Error::Contended(_) => {
+                (StatusCode::CONFLICT, CLIENT_ERROR, "conflict")
+            }
+            Error::IdempotencyKeyReused(_) => {
+                (StatusCode::CONFLICT, CLIENT_ERROR, "idempotency_key_reused")
+            }
+            Error::TooManyWatches { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                CLIENT_ERROR,
+                "rate_limit_exceeded",
+            ),
+            Error::Unavailable(_) | Error::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                SERVER_ERROR,
+                "service_unavailable",
+            ),
+            Error::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                SERVER_ERROR,
+                "internal_error",
+            ),
         };
-        let status =
-            StatusCode::from_u16(class.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError {
             status,
             body: ErrorBody {
@@ -148,4 +175,105 @@ pub enum ErrorResponses {
     /// The database is unavailable; retry later.
     #[response(status = 503)]
     Unavailable(ErrorBody),
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use tonic::Code;
+
+    use super::ApiError;
+    use crate::error::Error;
+
+    /// The two transports' matches are written apart; this is the table they must
+    /// agree on, one error of every variant.
+    #[test]
+    fn both_transports_give_each_error_the_status_of_the_same_meaning() {
+        let cases = [
+            (
+                Error::invalid("limit", "0"),
+                Code::InvalidArgument,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                Error::Unauthenticated("no key"),
+                Code::Unauthenticated,
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                Error::PermissionDenied {
+                    scope: "worker",
+                    action: "create batches",
+                },
+                Code::PermissionDenied,
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                Error::BatchNotFound("b".into()),
+                Code::NotFound,
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                Error::ApiKeyNotFound("k".into()),
+                Code::NotFound,
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                Error::IllegalTransition {
+                    from: "completed",
+                    to: "cancelling",
+                },
+                Code::FailedPrecondition,
+                StatusCode::CONFLICT,
+            ),
+            (
+                Error::FailedPrecondition("final".into()),
+                Code::FailedPrecondition,
+                StatusCode::CONFLICT,
+            ),
+            (
+                Error::IdempotencyKeyReused("k".into()),
+                Code::AlreadyExists,
+                StatusCode::CONFLICT,
+            ),
+            (
+                Error::VersionMismatch {
+                    expected: 1,
+                    actual: 2,
+                },
+                Code::Aborted,
+                StatusCode::CONFLICT,
+            ),
+            (
+                Error::Contended("b".into()),
+                Code::Aborted,
+                StatusCode::CONFLICT,
+            ),
+            (
+                Error::TooManyWatches { limit: 1 },
+                Code::ResourceExhausted,
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (
+                Error::ShuttingDown,
+                Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Error::Unavailable("down".into()),
+                Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Error::Internal("bug".into()),
+                Code::Internal,
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (error, grpc, http) in cases {
+            let name = format!("{error:?}");
+            assert_eq!(tonic::Status::from(error.clone()).code(), grpc, "{name}");
+            assert_eq!(ApiError::from(error).status(), http, "{name}");
+        }
+    }
 }

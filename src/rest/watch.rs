@@ -18,7 +18,7 @@ use super::dto::BatchJson;
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, QueryParams};
 use crate::error::Error;
-use crate::watch::{WatchEvent, WatchEventKind};
+use crate::watch::WatchEvent;
 
 /// The standard header an `EventSource` resumes with.
 const LAST_EVENT_ID: &str = "last-event-id";
@@ -85,11 +85,7 @@ pub async fn watch_batch(
 }
 
 fn sse_event(event: WatchEvent) -> Event {
-    let name = match event.kind {
-        WatchEventKind::Snapshot => "snapshot",
-        WatchEventKind::Change => "change",
-        WatchEventKind::Heartbeat => "heartbeat",
-    };
+    let name = event.kind.as_str();
     let version = event.batch.version;
     let json = BatchJson::from(Arc::unwrap_or_clone(event.batch));
     match Event::default()

@@ -135,7 +135,7 @@ impl PointReads {
     }
 
     /// The batch with this id, whoever owns it, as the database has it now.
-    #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(batch_id = %id))]
+    #[tracing::instrument(level = "debug", name = "point_reads.get", skip_all, fields(batch_id = %id))]
     pub async fn get(self: &Arc<Self>, id: &BatchId) -> Result<Option<Arc<Batch>>> {
         if self.database_known_down() {
             return Err(Error::Unavailable(

@@ -75,8 +75,9 @@ fn register_families() {
         register_request_series("grpc", rpc, "0");
     }
     metrics::gauge!("batchd_watch_streams_open").increment(0.0);
-    for kind in ["snapshot", "change", "heartbeat"] {
-        metrics::counter!("batchd_watch_events_delivered_total", "kind" => kind).increment(0);
+    for kind in crate::watch::WatchEventKind::ALL {
+        metrics::counter!("batchd_watch_events_delivered_total", "kind" => kind.as_str())
+            .increment(0);
     }
     // Registering the handle is the point: it renders from now on.
     let _ = metrics::histogram!("batchd_watch_notify_lag_seconds");

@@ -65,6 +65,24 @@ pub enum WatchEventKind {
     Heartbeat,
 }
 
+impl WatchEventKind {
+    /// Every kind.
+    pub const ALL: [WatchEventKind; 3] = [
+        WatchEventKind::Snapshot,
+        WatchEventKind::Change,
+        WatchEventKind::Heartbeat,
+    ];
+
+    /// The name of the kind: the SSE event name and the metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchEventKind::Snapshot => "snapshot",
+            WatchEventKind::Change => "change",
+            WatchEventKind::Heartbeat => "heartbeat",
+        }
+    }
+}
+
 /// Settings of the watch machinery.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {

@@ -112,11 +112,11 @@ async fn traces_continue_the_callers_trace_and_are_exported_over_otlp() {
                 "batchd.v1.BatchService/GetBatch",
                 "authenticate",
                 "get_batch",
-                "store.get_batch",
+                "point_reads.get",
             ]
             .iter()
             .all(|n| grpc.contains(*n))
-                && ["GET /v1/batches/{batch_id}", "get_batch", "store.get_batch"]
+                && ["GET /v1/batches/{batch_id}", "get_batch", "point_reads.get"]
                     .iter()
                     .all(|n| rest.contains(*n))
         }
