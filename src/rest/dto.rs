@@ -70,30 +70,30 @@ pub struct BatchJson {
     /// The file with the outputs of failed requests.
     #[schema(required = true)]
     pub error_file_id: Option<String>,
-    /// Unix seconds.
+    /// When the batch was created, in Unix seconds.
     pub created_at: i64,
-    /// Unix seconds.
+    /// When it started processing (`in_progress`), in Unix seconds.
     #[schema(required = true)]
     pub in_progress_at: Option<i64>,
-    /// Unix seconds: `created_at` + the completion window.
+    /// When the completion window ends (`created_at` + the window), in Unix seconds.
     #[schema(required = true)]
     pub expires_at: Option<i64>,
-    /// Unix seconds.
+    /// When it started finalizing, in Unix seconds.
     #[schema(required = true)]
     pub finalizing_at: Option<i64>,
-    /// Unix seconds.
+    /// When it completed, in Unix seconds.
     #[schema(required = true)]
     pub completed_at: Option<i64>,
-    /// Unix seconds.
+    /// When it failed, in Unix seconds.
     #[schema(required = true)]
     pub failed_at: Option<i64>,
-    /// Unix seconds.
+    /// When it expired, in Unix seconds.
     #[schema(required = true)]
     pub expired_at: Option<i64>,
-    /// Unix seconds.
+    /// When its cancellation was requested, in Unix seconds.
     #[schema(required = true)]
     pub cancelling_at: Option<i64>,
-    /// Unix seconds.
+    /// When it was cancelled, in Unix seconds.
     #[schema(required = true)]
     pub cancelled_at: Option<i64>,
     /// Progress counters.

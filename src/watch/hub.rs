@@ -173,7 +173,7 @@ impl WatchHub {
 
     /// Batch `id` changed in a commit at `committed_at_ms` (wall clock): its feed (if
     /// watched) re-reads the log.
-    pub fn wake_for_commit(&self, id: &BatchId, committed_at_ms: i64) {
+    fn wake_for_commit(&self, id: &BatchId, committed_at_ms: i64) {
         if let Some(entry) = self.lock_feeds().get(id) {
             // Keep the earliest commit still waiting; 0 means none.
             let _ = entry.feed.pending_commit_ms.fetch_update(
@@ -186,14 +186,14 @@ impl WatchHub {
     }
 
     /// Something may have changed batch `id`: its feed (if watched) re-reads the log.
-    pub fn wake(&self, id: &BatchId) {
+    fn wake(&self, id: &BatchId) {
         if let Some(entry) = self.lock_feeds().get(id) {
             entry.feed.wake.notify_one();
         }
     }
 
     /// Wake-ups may have been lost (the listener reconnected): every feed re-reads.
-    pub fn wake_all(&self) {
+    fn wake_all(&self) {
         for entry in self.lock_feeds().values() {
             entry.feed.wake.notify_one();
         }
@@ -201,7 +201,7 @@ impl WatchHub {
 
     /// Compares every feed's cursor with its batch's current version and wakes the
     /// feeds that are behind: the safety net for lost notifications.
-    pub async fn poll_once(&self) -> Result<()> {
+    async fn poll_once(&self) -> Result<()> {
         let cursors: Vec<(BatchId, i64)> = self
             .lock_feeds()
             .values()
