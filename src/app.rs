@@ -24,63 +24,89 @@ use crate::telemetry::grpc::ObserveLayer;
 use crate::watch::{WatchHub, WatchOptions};
 use crate::{grpc, rest, shutdown};
 
-/// Everything `serve` needs.
-#[derive(Clone)]
+/// Everything `serve` needs: the flags of `batchd serve`, whose defaults are the
+/// ones written on each field.
+#[derive(Clone, clap::Args)]
 pub struct ServeOptions {
-    /// `sqlite://...` or `postgres://...`.
+    /// `sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
+    #[arg(long, env = "BATCHD_DATABASE_URL", default_value = crate::config::DEFAULT_DATABASE_URL)]
     pub database_url: String,
+
     /// Pool settings.
+    #[command(flatten)]
     pub store: StoreOptions,
-    /// gRPC listener.
+
+    /// Address of the gRPC listener (port 0 picks a free port).
+    #[arg(long, env = "BATCHD_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
-    /// HTTP listener.
+
+    /// Address of the HTTP listener: REST API and probes (port 0 picks a free port).
+    #[arg(long, env = "BATCHD_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
-    /// What new batches may ask for.
+
+    /// What new batches may ask for (its flags are in `config`).
+    #[command(flatten)]
     pub policy: BatchPolicy,
-    /// How often the database is checked for health.
+
+    /// How often the database is checked for the health service and `/readyz`.
+    #[arg(long, env = "BATCHD_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,
+
     /// The source of "now" for every timestamp and timer.
+    #[arg(skip = Arc::new(SystemClock) as Arc<dyn Clock>)]
     pub clock: Arc<dyn Clock>,
+
     /// Watch streams: heartbeats, limits, safety poll.
+    #[command(flatten)]
     pub watch: WatchOptions,
-    /// In-memory caches: API keys, terminal batches, latest versions.
-    pub caches: CacheOptions,
-    /// How long the event log keeps versions that are not a batch's latest.
+
+    /// How long the event log keeps versions older than each batch's latest; a watch
+    /// resuming from before that gets a snapshot.
+    #[arg(long, env = "BATCHD_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub event_retention: Duration,
+
     /// How often the event log is compacted.
+    #[arg(long, env = "BATCHD_EVENT_COMPACTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub event_compaction_interval: Duration,
-    /// How long a batch may stay `cancelling` before it is `cancelled` by itself.
+
+    /// A batch `cancelling` for longer than this moves to `cancelled` by itself.
+    #[arg(long, env = "BATCHD_CANCEL_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
     pub cancel_grace: Duration,
-    /// How often the lifecycle timers are applied.
+
+    /// How often the lifecycle timers (expiry, cancel grace) are applied.
+    #[arg(long, env = "BATCHD_SWEEP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
-    /// How long requests are still served after a stop signal, readiness failing.
+
+    /// After SIGTERM/SIGINT, readiness fails at once but requests are still served for
+    /// this long, so load balancers stop sending new ones.
+    #[arg(long, env = "BATCHD_SHUTDOWN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_delay: Duration,
-    /// How long after a stop signal the process is gone at the latest.
+
+    /// The process exits within this long after SIGTERM/SIGINT, even if a client never
+    /// reads its stream.
+    #[arg(long, env = "BATCHD_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
-    /// Create an admin key when the database has none.
+
+    /// Create an admin key, printed once on stdout, when the database has no key at
+    /// all (the quick start). Deployments that create keys on purpose turn it off.
+    #[arg(long, env = "BATCHD_CREATE_FIRST_KEY", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_first_key: bool,
+
+    /// In-memory caches: API keys, terminal batches, latest versions.
+    #[command(flatten)]
+    pub caches: CacheOptions,
 }
 
 impl ServeOptions {
-    /// Defaults for `database_url`, listening on random local ports.
+    /// The defaults of `batchd serve` for `database_url`, listening on random local
+    /// ports and stopping without a shutdown delay: what tests start.
     pub fn local(database_url: impl Into<String>) -> ServeOptions {
         ServeOptions {
             database_url: database_url.into(),
-            store: StoreOptions::default(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            policy: BatchPolicy::default(),
-            health_check_interval: Duration::from_secs(2),
-            clock: Arc::new(SystemClock),
-            watch: WatchOptions::default(),
-            caches: CacheOptions::default(),
-            event_retention: Duration::from_secs(7 * 24 * 3600),
-            event_compaction_interval: Duration::from_secs(3600),
-            cancel_grace: Duration::from_secs(600),
-            sweep_interval: Duration::from_secs(5),
             shutdown_delay: Duration::ZERO,
-            shutdown_timeout: Duration::from_secs(30),
-            create_first_key: true,
+            ..crate::config::defaults()
         }
     }
 }

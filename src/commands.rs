@@ -14,7 +14,7 @@ use crate::watch::WatchHub;
 
 /// Connects to the database and applies pending migrations.
 pub async fn open_store(database: &DatabaseArgs) -> Result<Arc<dyn Store>> {
-    let store = store::connect(&database.database_url, &database.store_options()).await?;
+    let store = store::connect(&database.database_url, &database.store).await?;
     store.migrate().await?;
     Ok(store)
 }

@@ -1,24 +1,19 @@
 //! The command line. Every flag can also be set with the `BATCHD_*` environment
 //! variable shown in `--help`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::app::ServeOptions;
-use crate::cache::CacheOptions;
-use crate::clock::SystemClock;
 use crate::domain::{
     BatchPolicy, CompletionWindow, DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, Scope,
 };
 use crate::store::StoreOptions;
 use crate::telemetry::LogFormat;
-use crate::watch::WatchOptions;
 
 /// batchd: batch jobs in the shape of the OpenAI Batch API, over gRPC and REST.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "batchd", version, about, propagate_version = true)]
 pub struct Cli {
     /// How log lines look (logs go to stderr; filter them with RUST_LOG).
@@ -31,10 +26,10 @@ pub struct Cli {
 }
 
 /// The subcommands.
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 pub enum Command {
     /// Run the gRPC and HTTP servers (migrates the database first).
-    Serve(Box<ServeArgs>),
+    Serve(Box<ServeOptions>),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
     /// Ask a batchd's gRPC health service whether it is SERVING (exit 0) or not (1);
@@ -51,190 +46,92 @@ pub enum Command {
     },
 }
 
-/// Where the database is.
+/// Where the database is, for the one-shot commands (`serve` has the same flags in
+/// [`ServeOptions`]).
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// `sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
-    #[arg(
-        long,
-        env = "BATCHD_DATABASE_URL",
-        default_value = "sqlite://batchd.db"
-    )]
+    #[arg(long, env = "BATCHD_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
-    /// Most open database connections.
-    #[arg(long, env = "BATCHD_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
-    pub database_max_connections: u32,
-
-    /// How long a request waits for a database connection before failing with
-    /// UNAVAILABLE.
-    #[arg(long, env = "BATCHD_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub database_acquire_timeout: Duration,
-
-    /// Most queries reading batches by id that run at once. Reads that arrive while
-    /// they run are fetched together by the next one, which spares the database a
-    /// round trip per read under load.
-    #[arg(long, env = "BATCHD_DATABASE_POINT_READ_QUERIES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-    pub database_point_read_queries: u32,
-}
-
-impl DatabaseArgs {
-    /// The pool settings.
-    pub fn store_options(&self) -> StoreOptions {
-        StoreOptions {
-            max_connections: self.database_max_connections,
-            acquire_timeout: self.database_acquire_timeout,
-            point_read_queries: self.database_point_read_queries as usize,
-        }
-    }
-}
-
-/// `batchd serve`.
-#[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
-    /// The database.
+    /// Pool settings.
     #[command(flatten)]
-    pub database: DatabaseArgs,
+    pub store: StoreOptions,
+}
 
-    /// Address of the gRPC listener (port 0 picks a free port).
-    #[arg(long, env = "BATCHD_GRPC_ADDR", default_value = "127.0.0.1:50051")]
-    pub grpc_addr: SocketAddr,
+/// The database of `serve` and the one-shot commands when no flag names one.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://batchd.db";
 
-    /// Address of the HTTP listener: REST API and probes (port 0 picks a free port).
-    #[arg(long, env = "BATCHD_HTTP_ADDR", default_value = "127.0.0.1:8080")]
-    pub http_addr: SocketAddr,
-
+/// The flags of [`BatchPolicy`], which is a domain type and knows nothing of clap.
+#[derive(Args)]
+struct BatchPolicyArgs {
     /// Accepted `endpoint` values of new batches, comma-separated.
-    #[arg(long, env = "BATCHD_ENDPOINTS", value_delimiter = ',', default_values_t = DEFAULT_ENDPOINTS.map(String::from))]
-    pub endpoints: Vec<String>,
+    #[arg(long, env = "BATCHD_ENDPOINTS", value_delimiter = ',', default_values = DEFAULT_ENDPOINTS)]
+    endpoints: Vec<String>,
 
     /// Accepted `completion_window` values of new batches, comma-separated durations.
-    #[arg(long, env = "BATCHD_COMPLETION_WINDOWS", value_delimiter = ',', default_values_t = DEFAULT_COMPLETION_WINDOWS.map(String::from), value_parser = parse_window)]
-    pub completion_windows: Vec<String>,
-
-    /// How often the database is checked for the health service and `/readyz`.
-    #[arg(long, env = "BATCHD_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub health_check_interval: Duration,
-
-    /// A watch stream gets a heartbeat after this long without a change.
-    #[arg(long, env = "BATCHD_WATCH_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub watch_heartbeat: Duration,
-
-    /// Most open watch streams per API key, per replica.
-    #[arg(long, env = "BATCHD_MAX_WATCHES_PER_KEY", default_value_t = 100)]
-    pub max_watches_per_key: usize,
-
-    /// Every watched batch is re-read at least this often, in case a cross-replica
-    /// notification was lost.
-    #[arg(long, env = "BATCHD_WATCH_SAFETY_POLL", default_value = "3s", value_parser = humantime::parse_duration)]
-    pub watch_safety_poll: Duration,
-
-    /// How long the event log keeps versions older than each batch's latest; a watch
-    /// resuming from before that gets a snapshot.
-    #[arg(long, env = "BATCHD_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
-    pub event_retention: Duration,
-
-    /// How often the event log is compacted.
-    #[arg(long, env = "BATCHD_EVENT_COMPACTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
-    pub event_compaction_interval: Duration,
-
-    /// A batch `cancelling` for longer than this moves to `cancelled` by itself.
-    #[arg(long, env = "BATCHD_CANCEL_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub cancel_grace: Duration,
-
-    /// How often the lifecycle timers (expiry, cancel grace) are applied.
-    #[arg(long, env = "BATCHD_SWEEP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub sweep_interval: Duration,
-
-    /// After SIGTERM/SIGINT, readiness fails at once but requests are still served for
-    /// this long, so load balancers stop sending new ones.
-    #[arg(long, env = "BATCHD_SHUTDOWN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub shutdown_delay: Duration,
-
-    /// The process exits within this long after SIGTERM/SIGINT, even if a client never
-    /// reads its stream.
-    #[arg(long, env = "BATCHD_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub shutdown_timeout: Duration,
-
-    /// Create an admin key, printed once on stdout, when the database has no key at
-    /// all (the quick start). Deployments that create keys on purpose turn it off.
-    #[arg(long, env = "BATCHD_CREATE_FIRST_KEY", default_value_t = true, action = clap::ArgAction::Set)]
-    pub create_first_key: bool,
-
-    /// How long an API key lookup is remembered: a revoked key stops working within
-    /// this time, and its open watch streams end within it too (each replica checks
-    /// the keys of its open streams this often). 0 checks the database on every call.
-    #[arg(long, env = "BATCHD_API_KEY_CACHE_TTL", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub api_key_cache_ttl: Duration,
-
-    /// Terminal batches kept in memory (they never change, so reads need no database).
-    #[arg(long, env = "BATCHD_TERMINAL_CACHE_ENTRIES", default_value_t = 20_000)]
-    pub terminal_cache_entries: usize,
-
-    /// Most bytes of terminal batches kept in memory (batch text counted in bytes).
-    #[arg(long, env = "BATCHD_TERMINAL_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
-    pub terminal_cache_bytes: u64,
-
-    /// Recently written batches kept in memory, so a write usually needs one database
-    /// round trip (a stale entry is caught by the commit's version check).
-    #[arg(long, env = "BATCHD_LATEST_CACHE_ENTRIES", default_value_t = 20_000)]
-    pub latest_cache_entries: usize,
-
-    /// Most bytes of recently written batches kept in memory.
-    #[arg(long, env = "BATCHD_LATEST_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
-    pub latest_cache_bytes: u64,
+    #[arg(long, env = "BATCHD_COMPLETION_WINDOWS", value_delimiter = ',', default_values = DEFAULT_COMPLETION_WINDOWS, value_parser = CompletionWindow::parse)]
+    completion_windows: Vec<CompletionWindow>,
 }
 
-fn parse_window(text: &str) -> Result<String, String> {
-    CompletionWindow::parse(text).map(|w| w.text)
-}
-
-impl ServeArgs {
-    /// Everything `serve` needs, with the system clock.
-    pub fn serve_options(&self) -> ServeOptions {
-        ServeOptions {
-            database_url: self.database.database_url.clone(),
-            store: self.database.store_options(),
-            grpc_addr: self.grpc_addr,
-            http_addr: self.http_addr,
-            policy: self.batch_policy(),
-            health_check_interval: self.health_check_interval,
-            clock: Arc::new(SystemClock),
-            watch: WatchOptions {
-                heartbeat: self.watch_heartbeat,
-                max_watches_per_key: self.max_watches_per_key,
-                safety_poll: self.watch_safety_poll,
-                ..WatchOptions::default()
-            },
-            event_retention: self.event_retention,
-            event_compaction_interval: self.event_compaction_interval,
-            cancel_grace: self.cancel_grace,
-            sweep_interval: self.sweep_interval,
-            shutdown_delay: self.shutdown_delay,
-            shutdown_timeout: self.shutdown_timeout,
-            create_first_key: self.create_first_key,
-            caches: CacheOptions {
-                api_key_ttl: self.api_key_cache_ttl,
-                terminal_batches: self.terminal_cache_entries,
-                terminal_bytes: self.terminal_cache_bytes,
-                latest_batches: self.latest_cache_entries,
-                latest_bytes: self.latest_cache_bytes,
-            },
-        }
-    }
-
-    /// What new batches may ask for.
-    pub fn batch_policy(&self) -> BatchPolicy {
+impl From<BatchPolicyArgs> for BatchPolicy {
+    fn from(args: BatchPolicyArgs) -> BatchPolicy {
         BatchPolicy {
-            endpoints: self.endpoints.clone(),
-            completion_windows: self
-                .completion_windows
-                .iter()
-                // Each value was already checked by `parse_window`.
-                .filter_map(|w| CompletionWindow::parse(w).ok())
-                .collect(),
+            endpoints: args.endpoints,
+            completion_windows: args.completion_windows,
         }
     }
+}
+
+impl From<BatchPolicy> for BatchPolicyArgs {
+    fn from(policy: BatchPolicy) -> BatchPolicyArgs {
+        BatchPolicyArgs {
+            endpoints: policy.endpoints,
+            completion_windows: policy.completion_windows,
+        }
+    }
+}
+
+/// So that [`ServeOptions`] flattens the policy it hands to the service as it is.
+impl Args for BatchPolicy {
+    fn group_id() -> Option<clap::Id> {
+        BatchPolicyArgs::group_id()
+    }
+
+    fn augment_args(command: clap::Command) -> clap::Command {
+        BatchPolicyArgs::augment_args(command)
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        BatchPolicyArgs::augment_args_for_update(command)
+    }
+}
+
+impl FromArgMatches for BatchPolicy {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        BatchPolicyArgs::from_arg_matches(matches).map(BatchPolicy::from)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        let mut args = BatchPolicyArgs::from(self.clone());
+        args.update_from_arg_matches(matches)?;
+        *self = args.into();
+        Ok(())
+    }
+}
+
+/// The values the flags of `T` take when none is given and no `BATCHD_*` variable is
+/// set: what the options structs' `Default` returns, so each default is written once,
+/// in the flag's `default_value`.
+pub fn defaults<T: Args + FromArgMatches>() -> T {
+    // Without their variables, so the environment of the process does not leak in.
+    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
+    let parsed = command
+        .try_get_matches_from(["defaults"])
+        .and_then(|matches| T::from_arg_matches(&matches));
+    // Every flag of the options structs has a default that parses, which the test
+    // `the_options_defaults_are_what_serve_parses_with_no_flags` checks for each.
+    parsed.unwrap_or_else(|error| panic!("the defaults of the flags do not parse: {error}"))
 }
 
 /// `batchd health`.
@@ -328,6 +225,8 @@ impl From<ScopeArg> for Scope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::CacheOptions;
+    use crate::watch::WatchOptions;
     use clap::CommandFactory;
 
     #[test]
@@ -356,16 +255,74 @@ mod tests {
         check(&Cli::command());
     }
 
-    #[test]
-    fn serve_defaults_are_the_documented_ones() {
-        let cli = Cli::try_parse_from(["batchd", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command else {
+    /// `batchd serve` with no flags and no `BATCHD_*` variable.
+    fn serve_with_no_flags() -> ServeOptions {
+        let command = Cli::command()
+            .mut_args(|arg| arg.env(None))
+            .mut_subcommand("serve", |serve| serve.mut_args(|arg| arg.env(None)));
+        let matches = command.try_get_matches_from(["batchd", "serve"]).unwrap();
+        let Command::Serve(options) = Cli::from_arg_matches(&matches).unwrap().command else {
             panic!("not serve")
         };
-        assert_eq!(args.database.database_url, "sqlite://batchd.db");
-        assert_eq!(args.grpc_addr.to_string(), "127.0.0.1:50051");
-        assert_eq!(args.http_addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(args.batch_policy().completion_windows.len(), 2);
-        assert_eq!(args.batch_policy().endpoints.len(), 8);
+        *options
+    }
+
+    #[test]
+    fn serve_defaults_are_the_documented_ones() {
+        let options = serve_with_no_flags();
+        assert_eq!(options.database_url, "sqlite://batchd.db");
+        assert_eq!(options.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(options.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(options.policy.completion_windows.len(), 2);
+        assert_eq!(options.policy.endpoints.len(), 8);
+        assert_eq!(options.store.max_connections, 16);
+        assert_eq!(options.watch.heartbeat, Duration::from_secs(15));
+        assert_eq!(options.caches.terminal_batches, 20_000);
+    }
+
+    #[test]
+    fn the_options_defaults_are_what_serve_parses_with_no_flags() {
+        let serve = serve_with_no_flags();
+        assert_eq!(StoreOptions::default(), serve.store);
+        assert_eq!(WatchOptions::default(), serve.watch);
+        assert_eq!(CacheOptions::default(), serve.caches);
+        let policy = BatchPolicy::default();
+        assert_eq!(policy.endpoints, serve.policy.endpoints);
+        assert_eq!(policy.completion_windows, serve.policy.completion_windows);
+    }
+
+    #[test]
+    fn local_options_are_the_serve_defaults_on_random_ports_without_a_shutdown_delay() {
+        let serve = serve_with_no_flags();
+        let local = ServeOptions::local("sqlite::memory:");
+        assert_eq!(local.database_url, "sqlite::memory:");
+        assert_eq!(local.grpc_addr.port(), 0);
+        assert_eq!(local.http_addr.port(), 0);
+        assert_eq!(local.shutdown_delay, Duration::ZERO);
+        assert_eq!(local.store, serve.store);
+        assert_eq!(local.watch, serve.watch);
+        assert_eq!(local.caches, serve.caches);
+        assert_eq!(local.health_check_interval, serve.health_check_interval);
+        assert_eq!(local.event_retention, serve.event_retention);
+        assert_eq!(local.shutdown_timeout, serve.shutdown_timeout);
+        assert_eq!(local.create_first_key, serve.create_first_key);
+    }
+
+    #[test]
+    fn the_one_shot_commands_and_serve_open_the_same_database() {
+        let command = Cli::command();
+        let url = |name: &str| {
+            let subcommand = command.find_subcommand(name).unwrap();
+            let arg = subcommand
+                .get_arguments()
+                .find(|arg| arg.get_id() == "database_url")
+                .unwrap();
+            (
+                arg.get_env().map(ToOwned::to_owned),
+                arg.get_default_values().to_vec(),
+                arg.get_help().map(ToString::to_string),
+            )
+        };
+        assert_eq!(url("serve"), url("migrate"));
     }
 }

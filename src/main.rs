@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use batchd::app::App;
-use batchd::config::{Cli, Command, ServeArgs};
+use batchd::app::{App, ServeOptions};
+use batchd::config::{Cli, Command};
 use batchd::{commands, follow, telemetry};
 
 fn main() -> ExitCode {
@@ -36,7 +36,7 @@ async fn run() -> ExitCode {
     };
     let success = |()| ExitCode::SUCCESS;
     let outcome = match cli.command {
-        Command::Serve(args) => serve(*args).await.map(success),
+        Command::Serve(options) => serve(*options).await.map(success),
         Command::Migrate(database) => commands::migrate(&database)
             .await
             .map(success)
@@ -54,8 +54,8 @@ async fn run() -> ExitCode {
     })
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut app = App::start(args.serve_options()).await?;
+async fn serve(options: ServeOptions) -> anyhow::Result<()> {
+    let mut app = App::start(options).await?;
     if let Some((key, secret)) = app.take_first_api_key() {
         println!(
             "The database had no API key, so batchd created {} (user {}, scope {}).",

@@ -203,16 +203,45 @@ pub trait Store: EventLog {
     async fn close(&self);
 }
 
-/// Connection settings shared by both backends.
-#[derive(Debug, Clone)]
+/// Connection settings shared by both backends: the `--database-*` flags.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct StoreOptions {
-    /// Most open connections in the pool.
+    /// Most open database connections.
+    #[arg(
+        long = "database-max-connections",
+        value_name = "DATABASE_MAX_CONNECTIONS",
+        env = "BATCHD_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
     pub max_connections: u32,
-    /// How long a request waits for a free connection (or a reconnect) before it fails
-    /// with `UNAVAILABLE` instead of hanging; also the deadline of each whole database
-    /// call and PostgreSQL's `statement_timeout`.
+
+    /// How long a request waits for a database connection before failing with
+    /// UNAVAILABLE.
+    // Also the deadline of each whole database call and PostgreSQL's
+    // `statement_timeout`: see `call_deadline`.
+    #[arg(
+        long = "database-acquire-timeout",
+        value_name = "DATABASE_ACQUIRE_TIMEOUT",
+        env = "BATCHD_DATABASE_ACQUIRE_TIMEOUT",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
     pub acquire_timeout: Duration,
-    /// Most concurrent queries of [`PointReads`].
+
+    /// Most queries reading batches by id that run at once. Reads that arrive while
+    /// they run are fetched together by the next one, which spares the database a
+    /// round trip per read under load.
+    // The concurrency of `PointReads`.
+    #[arg(
+        long = "database-point-read-queries",
+        value_name = "DATABASE_POINT_READ_QUERIES",
+        env = "BATCHD_DATABASE_POINT_READ_QUERIES",
+        default_value_t = 2,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::value_parser!(u32).range(1..),
+            |queries| queries as usize
+        )
+    )]
     pub point_read_queries: usize,
 }
 
@@ -225,12 +254,9 @@ impl StoreOptions {
 }
 
 impl Default for StoreOptions {
+    /// The defaults of the flags.
     fn default() -> Self {
-        StoreOptions {
-            max_connections: 16,
-            acquire_timeout: Duration::from_secs(5),
-            point_read_queries: 2,
-        }
+        crate::config::defaults()
     }
 }
 
