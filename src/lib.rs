@@ -7,12 +7,11 @@
 
 pub mod app; // builds the listeners, wires every part, runs until shutdown
 pub mod cache; // API keys (valid and unknown), terminal and latest batches, bounded in bytes
+pub mod cli; // the client commands, apart from the server: watch, health, migrate, keys
 pub mod clock; // the injectable source of "now"
-pub mod commands; // the CLI subcommands other than `serve` (migrate, keys)
 pub mod config; // clap flags, each with a BATCHD_* environment variable
 pub mod domain; // the batch, its state machine, validated input, API key rules; no I/O
 pub mod error; // the one error type and its transport-neutral code
-pub mod follow; // `batchd watch`: a live progress bar over WatchBatch
 pub mod grpc; // tonic handlers: proto <-> domain, call the service, map errors
 pub mod health; // background database checks feeding gRPC health and /readyz
 pub mod proto; // code generated from proto/batchd/v1/batch.proto

@@ -6,7 +6,7 @@ use clap::Parser;
 
 use batchd::app::{App, ServeOptions};
 use batchd::config::{Cli, Command};
-use batchd::{commands, follow, telemetry};
+use batchd::{cli, telemetry};
 
 fn main() -> ExitCode {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -37,16 +37,16 @@ async fn run() -> ExitCode {
     let success = |()| ExitCode::SUCCESS;
     let outcome = match cli.command {
         Command::Serve(options) => serve(*options).await.map(success),
-        Command::Migrate(database) => commands::migrate(&database)
+        Command::Migrate(database) => cli::migrate::run(&database)
             .await
             .map(success)
             .map_err(Into::into),
-        Command::Keys { command } => commands::keys(command)
+        Command::Keys { command } => cli::keys::run(command)
             .await
             .map(success)
             .map_err(Into::into),
-        Command::Watch(args) => follow::run(args).await,
-        Command::Health(args) => follow::check_health(args).await,
+        Command::Watch(args) => cli::watch::run(args).await,
+        Command::Health(args) => cli::health::run(args).await,
     };
     outcome.unwrap_or_else(|error| {
         eprintln!("batchd: {error:#}");

@@ -1,37 +1,19 @@
-//! The one-shot subcommands: `migrate` and `keys`. Each migrates the database first, so
-//! it works on a fresh database, with or without a server running on it.
+//! `batchd keys`: create, list and revoke API keys in the database directly, so it
+//! works with or without a server running on it.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use super::open_store;
 use crate::clock::SystemClock;
-use crate::config::{DatabaseArgs, KeysCommand};
+use crate::config::KeysCommand;
 use crate::domain::ApiKey;
 use crate::error::Result;
 use crate::service::BatchService;
-use crate::store::{self, Store};
 use crate::watch::WatchHub;
 
-/// Connects to the database and applies pending migrations.
-pub async fn open_store(database: &DatabaseArgs) -> Result<Arc<dyn Store>> {
-    let store = store::connect(&database.database_url, &database.store).await?;
-    store.migrate().await?;
-    Ok(store)
-}
-
-/// `batchd migrate`.
-pub async fn migrate(database: &DatabaseArgs) -> Result<()> {
-    let store = open_store(database).await?;
-    store.close().await;
-    println!(
-        "database {} is up to date",
-        store::redact_url(&database.database_url)
-    );
-    Ok(())
-}
-
 /// `batchd keys ...`; prints to stdout.
-pub async fn keys(command: KeysCommand) -> Result<()> {
+pub async fn run(command: KeysCommand) -> Result<()> {
     let database = match &command {
         KeysCommand::Create { database, .. }
         | KeysCommand::List { database }

@@ -1,6 +1,5 @@
-//! The client subcommands: `batchd watch` follows one batch over `WatchBatch` with a
-//! live progress bar, resuming with `after_version` whenever the stream breaks, until
-//! the batch ends; `batchd health` asks a server's gRPC health service.
+//! `batchd watch`: follows one batch over `WatchBatch` with a live progress bar,
+//! resuming with `after_version` whenever the stream breaks, until the batch ends.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +12,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::config::{HealthArgs, WatchArgs};
+use crate::config::WatchArgs;
 use crate::proto::batchd::v1::{self as pb, batch_service_client::BatchServiceClient};
 
 type Client = BatchServiceClient<InterceptedService<Channel, BearerAuth>>;
@@ -145,40 +144,6 @@ fn retryable(status: &Status) -> bool {
         status.code(),
         Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
     )
-}
-
-/// Runs `batchd health`: exit 0 when the service is SERVING.
-pub async fn check_health(args: HealthArgs) -> anyhow::Result<ExitCode> {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-
-    let channel = Channel::from_shared(args.server.clone())
-        .with_context(|| format!("`{}` is not a server address", args.server))?
-        .connect_timeout(args.timeout)
-        .timeout(args.timeout)
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach {}", args.server))?;
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: args.service.clone(),
-        })
-        .await
-        .with_context(|| format!("health check of {} failed", args.server))?
-        .into_inner()
-        .status();
-    println!(
-        "{} {:?}: {}",
-        args.server,
-        args.service,
-        status.as_str_name()
-    );
-    Ok(if status == ServingStatus::Serving {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 async fn connect(args: &WatchArgs) -> anyhow::Result<Client> {
