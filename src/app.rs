@@ -244,7 +244,7 @@ impl App {
             options.health_check_interval,
         );
         checker.check().await;
-        let checks = checker.run(options.health_check_interval, shutdown.subscribe());
+        let checks = checker.run(shutdown.subscribe());
         tasks.spawn(async move {
             checks.await;
             ("health checks", Ok(()))

@@ -83,47 +83,48 @@ impl Readiness {
     }
 }
 
-/// Pings the database on a schedule (on a connection of its own, never the request
-/// pool's) and records the outcome in a [`Readiness`] and a [`DatabaseStatus`].
+/// Pings the database every check interval (on a connection of its own, never the
+/// request pool's) and records the outcome in a [`Readiness`] and a [`DatabaseStatus`].
 pub struct HealthChecker {
     store: Arc<dyn Store>,
     readiness: Arc<Readiness>,
     database: DatabaseStatus,
-    timeout: Duration,
+    interval: Duration,
 }
 
 impl HealthChecker {
-    /// A checker whose pings give up after `timeout`.
+    /// A checker that pings every `interval`. A ping not answered within one interval
+    /// counts as unreachable, so checks never pile up behind a database that hangs.
     pub fn new(
         store: Arc<dyn Store>,
         readiness: Arc<Readiness>,
         database: DatabaseStatus,
-        timeout: Duration,
+        interval: Duration,
     ) -> Self {
         HealthChecker {
             store,
             readiness,
             database,
-            timeout,
+            interval,
         }
     }
 
-    /// Pings the database once. The first call registers every service, so a probe
-    /// never sees "unknown service".
+    /// Pings the database once, giving up after one interval. The first call
+    /// registers every service, so a probe never sees "unknown service".
     pub async fn check(&mut self) {
         let reachable = matches!(
-            tokio::time::timeout(self.timeout, self.store.ping()).await,
+            tokio::time::timeout(self.interval, self.store.ping()).await,
             Ok(Ok(()))
         );
         self.database.set_down(!reachable);
         self.readiness.set_reachable(reachable).await;
     }
 
-    /// Checks every `interval` until `shutdown` turns true.
-    pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    /// Checks every interval until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => self.check().await,
+                _ = tokio::time::sleep(self.interval) => self.check().await,
                 _ = crate::shutdown::requested(&mut shutdown) => return,
             }
         }
