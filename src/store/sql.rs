@@ -8,6 +8,7 @@
 use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
+use sqlx::query::Query;
 use sqlx::query_builder::Separated;
 use sqlx::{
     Database, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Transaction, Type,
@@ -191,6 +192,36 @@ const SELECT_API_KEYS: &str = "SELECT id, user_id, scope, created_at, revoked_at
 const REVOKE_API_KEY: &str =
     "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1";
 
+/// `sql` with its two parameters bound: $1 a Unix second, $2 a row limit.
+fn before_and_limit<DB: Database>(
+    sql: &'static str,
+    before_at: i64,
+    limit: i64,
+) -> Query<'static, DB, DB::Arguments>
+where
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query(sql).bind(before_at).bind(limit)
+}
+
+/// [`INSERT_API_KEY`] with `key` and the digest of its secret bound.
+fn insert_api_key<DB: Database>(
+    key: &ApiKey,
+    secret_digest: &[u8; 32],
+) -> Query<'static, DB, DB::Arguments>
+where
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query(INSERT_API_KEY)
+        .bind(key.id.as_str())
+        .bind(&secret_digest[..])
+        .bind(key.user_id.as_str())
+        .bind(key.scope.as_str())
+        .bind(key.created_at)
+}
+
 /// A store on a sqlx pool; `B` says what its database does differently.
 pub(super) struct SqlStore<B: Backend> {
     pub(super) pool: Pool<B::Db>,
@@ -323,9 +354,7 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.forget_idempotency_keys", skip_all, fields(db.system = B::SYSTEM))]
     async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64> {
-        let result = sqlx::query(FORGET_IDEMPOTENCY_KEYS)
-            .bind(before_at)
-            .bind(limit)
+        let result = before_and_limit(FORGET_IDEMPOTENCY_KEYS, before_at, limit)
             .execute(&self.pool)
             .await?;
         Ok(B::Db::rows_affected(&result))
@@ -356,9 +385,7 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.compact_events", skip_all, fields(db.system = B::SYSTEM))]
     async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
-        let result = sqlx::query(COMPACT_EVENTS)
-            .bind(before_at)
-            .bind(limit)
+        let result = before_and_limit(COMPACT_EVENTS, before_at, limit)
             .execute(&self.pool)
             .await?;
         Ok(B::Db::rows_affected(&result))
@@ -390,12 +417,7 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.insert_api_key", skip_all, fields(db.system = B::SYSTEM))]
     async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()> {
-        sqlx::query(INSERT_API_KEY)
-            .bind(key.id.as_str())
-            .bind(&secret_digest[..])
-            .bind(key.user_id.as_str())
-            .bind(key.scope.as_str())
-            .bind(key.created_at)
+        insert_api_key(key, secret_digest)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -408,14 +430,7 @@ where
         if any {
             return Ok(false);
         }
-        sqlx::query(INSERT_API_KEY)
-            .bind(key.id.as_str())
-            .bind(&secret_digest[..])
-            .bind(key.user_id.as_str())
-            .bind(key.scope.as_str())
-            .bind(key.created_at)
-            .execute(&mut *tx)
-            .await?;
+        insert_api_key(key, secret_digest).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(true)
     }
