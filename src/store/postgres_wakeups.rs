@@ -14,11 +14,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, watch};
-
-use async_trait::async_trait;
 
 use super::{ChangeNotifier, CommitListener};
 use crate::domain::{BatchId, random_hex};
