@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, IdempotencyClaim, Store};
+use super::{
+    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedCursor, FeedPage, IdempotencyClaim,
+    Store,
+};
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
 use crate::error::{Error, Result};
 
@@ -45,6 +48,10 @@ impl DeadlineStore {
 
 #[async_trait]
 impl EventLog for DeadlineStore {
+    async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+        self.within(self.inner.changes_after(after, limit)).await
+    }
+
     async fn events_after(
         &self,
         id: &BatchId,

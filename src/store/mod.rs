@@ -31,6 +31,29 @@ pub use deadline::DeadlineStore;
 use postgres::PostgresStore;
 use sqlite::SqliteStore;
 
+/// A position in the change feed, the order in which every batch's versions were
+/// committed. On PostgreSQL it is the writing transaction's id and the event's order of
+/// writing; on SQLite, whose one writer at a time commits in writing order, the
+/// transaction part is always 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FeedCursor {
+    /// The writing transaction (PostgreSQL's `xid8`), or 0.
+    pub transaction: i64,
+    /// The event's order of writing.
+    pub position: i64,
+}
+
+/// What one read of the change feed returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedPage {
+    /// Committed versions after the cursor, in commit order, each with its position.
+    pub changes: Vec<(FeedCursor, BatchEvent)>,
+    /// Where the next read continues: the last change's position when the page is
+    /// full, else a position below every change not yet visible, so that a reader
+    /// with nothing to read still moves forward.
+    pub next: FeedCursor,
+}
+
 /// The history of every batch, read-only: what watchers read committed versions from.
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
@@ -47,6 +70,11 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The batch with this id, whoever owns it.
     async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
+
+    /// Up to `limit` versions of any batch committed after `after`, in commit order.
+    /// Never skips one: a version whose transaction is still running when another,
+    /// later one is read is held back with everything after it until it has ended.
+    async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage>;
 }
 
 /// Cross-replica wake-ups: a commit on one replica wakes the watchers of that batch on

@@ -9,9 +9,9 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::postgres_wakeups::PostgresWakeups;
-use super::sql::{self, Backend, HealthConnection, SqlStore};
+use super::sql::{self, Backend, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
-use super::{ChangeNotifier, StoreOptions};
+use super::{ChangeNotifier, FeedCursor, FeedPage, StoreOptions};
 use crate::domain::BatchId;
 use crate::error::{Error, Result};
 
@@ -27,6 +27,16 @@ static SELECT_BATCHES: LazyLock<String> = LazyLock::new(|| {
         *sql::BATCH_COLUMNS
     )
 });
+
+/// The oldest transaction still running (the next to start when none is): every
+/// transaction below it has ended, so no event below it can appear any more.
+const FEED_HORIZON: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+/// Events after position ($1 transaction, $2 order) of transactions below $3, in
+/// commit order as far as a reader can tell, at most $4.
+const SELECT_CHANGES: &str = "SELECT xid::text::bigint AS \"transaction\", position, version, \
+     snapshot FROM batch_events WHERE (xid, position) > ($1::text::xid8, $2) \
+     AND xid < $3::text::xid8 ORDER BY xid, position LIMIT $4";
 
 /// Batches in a PostgreSQL database.
 pub(super) type PostgresStore = SqlStore<PostgresBackend>;
@@ -165,6 +175,26 @@ impl Backend for PostgresBackend {
                 .fetch_all(pool)
                 .await?,
         )
+    }
+
+    /// The horizon is read first, in a statement of its own: every transaction below
+    /// it had ended then, so the second statement sees all of their events.
+    async fn changes_after(pool: &PgPool, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+        let (oldest_running,): (i64,) = sqlx::query_as(FEED_HORIZON).fetch_one(pool).await?;
+        let rows: Vec<FeedRow> = sqlx::query_as(SELECT_CHANGES)
+            .bind(after.transaction.to_string())
+            .bind(after.position)
+            .bind(oldest_running.to_string())
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        // Below every event still to come: those have a transaction id of at least
+        // `oldest_running` and a position of at least 1.
+        let horizon = FeedCursor {
+            transaction: oldest_running,
+            position: 0,
+        };
+        sql::feed_page(rows, after, horizon, limit)
     }
 
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {

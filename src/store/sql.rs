@@ -15,7 +15,10 @@ use sqlx::{
 };
 
 use super::stored_batch::{self, StoredBatchV1};
-use super::{BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, IdempotencyClaim, Store};
+use super::{
+    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedCursor, FeedPage, IdempotencyClaim,
+    Store,
+};
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus, Scope};
 use crate::error::{Error, Result};
 
@@ -88,6 +91,13 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// `(id, version)` of the batches with these ids (at least one).
     async fn versions_by_id(pool: &Pool<Self::Db>, ids: &[BatchId]) -> Result<Vec<(String, i64)>>;
 
+    /// See [`EventLog::changes_after`].
+    async fn changes_after(
+        pool: &Pool<Self::Db>,
+        after: FeedCursor,
+        limit: i64,
+    ) -> Result<FeedPage>;
+
     /// See [`Store::notifier`].
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>>;
 }
@@ -141,10 +151,6 @@ pub(super) fn push_update_if_current<DB: SqlDatabase>(
         .push(" AND version = ")
         .push_bind(next.version() - 1);
 }
-
-/// Appends one version to the event log: batch id, version, snapshot, commit time.
-pub(super) const INSERT_EVENT: &str =
-    "INSERT INTO batch_events (batch_id, version, snapshot, at) VALUES ($1, $2, $3, $4)";
 
 /// Frees key $2 of owner $1 if its claim was made before $3 (expired).
 const RELEASE_EXPIRED_IDEMPOTENCY_KEY: &str = "DELETE FROM idempotency_keys \
@@ -267,6 +273,11 @@ where
                 Ok((id, version))
             })
             .collect()
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.changes_after", skip_all, fields(db.system = B::SYSTEM, after = ?after))]
+    async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+        B::changes_after(&self.pool, after, limit).await
     }
 
     #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(db.system = B::SYSTEM, batch_id = %id))]
@@ -627,6 +638,41 @@ impl TryFrom<EventRow> for BatchEvent {
             batch: Batch::try_from(row.snapshot)?,
         })
     }
+}
+
+/// A row of the change feed: an event and its position.
+#[derive(Debug, FromRow)]
+pub(super) struct FeedRow {
+    transaction: i64,
+    position: i64,
+    #[sqlx(flatten)]
+    event: EventRow,
+}
+
+/// The page of `rows` read below `horizon` (everything after `after` up to it, or
+/// `limit` of it).
+pub(super) fn feed_page(
+    rows: Vec<FeedRow>,
+    after: FeedCursor,
+    horizon: FeedCursor,
+    limit: i64,
+) -> Result<FeedPage> {
+    let full = rows.len() as i64 >= limit;
+    let changes = rows
+        .into_iter()
+        .map(|row| {
+            let cursor = FeedCursor {
+                transaction: row.transaction,
+                position: row.position,
+            };
+            Ok((cursor, BatchEvent::try_from(row.event)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let next = match changes.last() {
+        Some((last, _)) if full => *last,
+        _ => horizon.max(after),
+    };
+    Ok(FeedPage { changes, next })
 }
 
 /// A row of `api_keys` (without the digest).

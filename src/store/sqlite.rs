@@ -8,9 +8,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::types::Json;
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
-use super::sql::{self, Backend, HealthConnection, SqlStore};
+use super::sql::{self, Backend, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
-use super::{ChangeNotifier, StoreOptions};
+use super::{ChangeNotifier, FeedCursor, FeedPage, StoreOptions};
 use crate::domain::BatchId;
 use crate::error::{Error, Result};
 
@@ -25,6 +25,18 @@ const INDEX_METADATA: &str = "INSERT INTO batch_metadata (batch_seq, user_id, me
 /// `(id, version)` of the batches whose ids are in the JSON array $1.
 const SELECT_VERSIONS: &str =
     "SELECT id, version FROM batches WHERE id IN (SELECT value FROM json_each($1))";
+
+/// Appends one version to the event log: batch id, version, snapshot, commit time, and
+/// the next feed position (the write lock makes it the order of commit).
+const INSERT_EVENT: &str = "INSERT INTO batch_events (batch_id, version, snapshot, at, position) \
+     VALUES ($1, $2, $3, $4, (SELECT COALESCE(MAX(position), 0) + 1 FROM batch_events))";
+
+/// The highest feed position written.
+const FEED_HORIZON: &str = "SELECT COALESCE(MAX(position), 0) FROM batch_events";
+
+/// Events at positions after $1 up to $2, in order, at most $3.
+const SELECT_CHANGES: &str = "SELECT 0 AS \"transaction\", position, version, snapshot \
+     FROM batch_events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3";
 
 /// Batches in a SQLite database file.
 pub(super) type SqliteStore = SqlStore<SqliteBackend>;
@@ -144,6 +156,23 @@ impl Backend for SqliteBackend {
             .await?)
     }
 
+    /// The horizon is read first: a write committed between the two reads is then
+    /// above it and left for the next read, never passed over.
+    async fn changes_after(pool: &SqlitePool, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+        let (highest,): (i64,) = sqlx::query_as(FEED_HORIZON).fetch_one(pool).await?;
+        let rows: Vec<FeedRow> = sqlx::query_as(SELECT_CHANGES)
+            .bind(after.position)
+            .bind(highest)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        let horizon = FeedCursor {
+            transaction: 0,
+            position: highest,
+        };
+        sql::feed_page(rows, after, horizon, limit)
+    }
+
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
         None
     }
@@ -159,7 +188,7 @@ static SELECT_BATCHES: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 
 /// Appends `batch` at its version to the event log, inside `tx`.
 async fn append_event(tx: &mut Transaction<'static, Sqlite>, batch: &StoredBatchV1) -> Result<()> {
-    sqlx::query(sql::INSERT_EVENT)
+    sqlx::query(INSERT_EVENT)
         .bind(batch.id())
         .bind(batch.version())
         .bind(Json(batch))

@@ -216,7 +216,7 @@ mod tests {
 
     use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus, Caller, Scope};
     use crate::error::Result;
-    use crate::store::{EventLog, Store, StoreOptions};
+    use crate::store::{EventLog, FeedCursor, FeedPage, Store, StoreOptions};
     use crate::watch::{WatchEventKind, WatchHub, WatchOptions};
 
     /// A real event log that commits `next` the first time the watcher reads the
@@ -246,6 +246,9 @@ mod tests {
         }
         async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
             self.inner.latest_versions(ids).await
+        }
+        async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+            self.inner.changes_after(after, limit).await
         }
     }
 

@@ -10,7 +10,7 @@ use batchd::domain::{
     ApiKey, ApiKeySecret, Batch, BatchEvent, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
     BatchUpdateInput, Caller, CreateBatchInput, NewBatch, RequestCounts, Scope,
 };
-use batchd::store::{BatchPageQuery, EarlierClaim, IdempotencyClaim, Store};
+use batchd::store::{BatchPageQuery, EarlierClaim, FeedCursor, IdempotencyClaim, Store};
 
 use crate::helpers::*;
 
@@ -842,7 +842,113 @@ async fn api_keys_are_found_by_digest_listed_oldest_first_and_revoked_once(backe
     store.close().await;
 }
 
+/// Reads the change feed after `after`, `page` changes per read, until it has `count`
+/// changes; returns `(batch id, version)` of each and where to resume. On PostgreSQL a
+/// transaction still running anywhere on the server (other tests' databases included)
+/// holds the feed back for a moment, so an empty read is retried, for a while.
+async fn read_feed(
+    store: &dyn Store,
+    mut after: FeedCursor,
+    page: i64,
+    count: usize,
+) -> (Vec<(BatchId, i64)>, FeedCursor) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let read = store.changes_after(after, page).await.unwrap();
+        assert!(read.changes.len() as i64 <= page, "the limit is kept");
+        let mut previous = after;
+        for (cursor, event) in &read.changes {
+            assert!(*cursor > previous, "positions only go forward");
+            assert_eq!(event.batch.version, event.version);
+            previous = *cursor;
+            seen.push((event.batch.id.clone(), event.version));
+        }
+        assert!(
+            read.next >= previous,
+            "the next read starts after this page"
+        );
+        after = read.next;
+        if read.changes.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the feed gave {} of {count} changes",
+                seen.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    // Whatever is visible after them is read too, so that a surplus shows.
+    let rest = store.changes_after(after, page).await.unwrap();
+    for (_, event) in &rest.changes {
+        seen.push((event.batch.id.clone(), event.version));
+    }
+    (
+        seen,
+        rest.changes
+            .last()
+            .map_or(rest.next.max(after), |(c, _)| *c),
+    )
+}
+
+async fn the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywhere(
+    backend: Backend,
+) {
+    let (_db, store) = fresh_store(backend).await;
+    let (start, nothing) = read_feed(&*store, FeedCursor::default(), 10, 0).await;
+    assert!(start.is_empty(), "an empty store has no changes");
+    // Commits interleaved over three batches, in this order.
+    let mut committed = Vec::new();
+    let mut batches = Vec::new();
+    for owner in ["alice", "bob", "carol"] {
+        let batch = plain(owner, T0);
+        store.insert_batch(&batch).await.unwrap();
+        committed.push((batch.id.clone(), 1));
+        batches.push(batch);
+    }
+    for step in 0..12 {
+        let i = step % 3;
+        let next = if batches[i].version == 1 {
+            moved(&batches[i], BatchStatus::InProgress, T0 + step as i64)
+        } else {
+            progressed(&batches[i], step as i64, T0 + step as i64)
+        };
+        commit(&*store, &next).await;
+        committed.push((next.id.clone(), next.version));
+        batches[i] = next;
+    }
+    // A refused commit (a stale version) adds nothing to the feed.
+    assert!(!store.commit_change(&batches[0]).await.unwrap());
+
+    // Read in pages of every size: always the same changes, in commit order.
+    for page in [1, 2, 5, 100] {
+        let (seen, _) = read_feed(&*store, FeedCursor::default(), page, committed.len()).await;
+        assert_eq!(seen, committed, "pages of {page}");
+    }
+    // Resuming from where an empty store left off, or from any change's position,
+    // gives exactly the changes after it.
+    let (seen, end) = read_feed(&*store, nothing, 4, committed.len()).await;
+    assert_eq!(seen, committed);
+    let all = store
+        .changes_after(FeedCursor::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(all.changes.len(), committed.len());
+    for (i, (cursor, _)) in all.changes.iter().enumerate() {
+        let expected = &committed[i + 1..];
+        let (rest, _) = read_feed(&*store, *cursor, 3, expected.len()).await;
+        assert_eq!(rest, expected, "after change {i}");
+    }
+    // A later commit comes after the end, alone.
+    let next = progressed(&batches[1], 99, T0 + 99);
+    commit(&*store, &next).await;
+    let (latest, _) = read_feed(&*store, end, 10, 1).await;
+    assert_eq!(latest, vec![(next.id.clone(), next.version)]);
+    store.close().await;
+}
+
 on_both_stores!(
+    the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywhere,
     an_inserted_batch_is_read_back_whole_alone_and_among_others,
     a_commit_from_the_stored_version_replaces_the_batch_and_logs_it,
     a_commit_from_a_stale_version_writes_nothing,
@@ -857,3 +963,52 @@ on_both_stores!(
     only_the_first_api_key_of_an_empty_store_is_stored_as_first,
     api_keys_are_found_by_digest_listed_oldest_first_and_revoked_once,
 );
+
+/// PostgreSQL takes transaction ids before commit: a writer that began first can commit
+/// last, below a position a reader has already passed. The feed holds back everything
+/// from the oldest running transaction on, so that change is still delivered, in its
+/// place, once it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_began_first_but_committed_last_is_not_skipped() {
+    use sqlx::{Connection, Executor};
+
+    let (db, store) = fresh_store(Backend::Postgres).await;
+    let early = plain("alice", T0);
+    let late = plain("bob", T0);
+    store.insert_batch(&early).await.unwrap();
+    store.insert_batch(&late).await.unwrap();
+    let (created, cursor) = read_feed(&*store, FeedCursor::default(), 10, 2).await;
+    assert_eq!(created.len(), 2);
+
+    // A writer takes its transaction id by appending a version of `early` to the log,
+    // and stays open, as a slow commit would.
+    let mut slow = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    slow.execute("BEGIN").await.unwrap();
+    sqlx::query(
+        "INSERT INTO batch_events (batch_id, version, snapshot, at) \
+         SELECT batch_id, 2, jsonb_set(snapshot, '{version}', '2'), at \
+         FROM batch_events WHERE batch_id = $1 AND version = 1",
+    )
+    .bind(early.id.as_str())
+    .execute(&mut slow)
+    .await
+    .unwrap();
+
+    // A later writer commits a change to `late` while the first is still open.
+    let late_running = moved(&late, BatchStatus::InProgress, T0 + 2);
+    commit(&*store, &late_running).await;
+    let (while_open, held_at) = read_feed(&*store, cursor, 10, 0).await;
+    assert!(
+        while_open.is_empty(),
+        "a change above an open transaction is held back, got {while_open:?}"
+    );
+
+    // The first writer commits: its change comes first, then the one held back.
+    slow.execute("COMMIT").await.unwrap();
+    let (after_commit, _) = read_feed(&*store, held_at, 10, 2).await;
+    assert_eq!(
+        after_commit,
+        vec![(early.id.clone(), 2), (late.id.clone(), 2)]
+    );
+    store.close().await;
+}
