@@ -179,7 +179,9 @@ pub trait Store: EventLog {
     /// The batches with these ids, in no particular order; unknown ids are left out.
     async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>>;
 
-    /// Batches matching `query`, newest first.
+    /// Batches matching `query`, in the order they were stored (`seq`): last stored
+    /// first, or first stored first with `oldest_first`. That is creation order as long
+    /// as the replicas' clocks agree; a cursor is exact either way.
     async fn list_batches(&self, query: BatchPageQuery<'_>) -> Result<Vec<Batch>>;
 
     /// Replaces the batch by `next`, whose version must be one more than the stored
@@ -200,7 +202,8 @@ pub trait Store: EventLog {
 
     /// Up to `limit` batches whose lifecycle timer is due: running (validating,
     /// in_progress, finalizing) with `expires_at <= now`, or cancelling since
-    /// `cancelling_before` or earlier. Oldest first.
+    /// `cancelling_before` or earlier. In the order they were stored, which is not
+    /// necessarily the most overdue first.
     async fn due_batches(&self, now: i64, cancelling_before: i64, limit: i64)
     -> Result<Vec<Batch>>;
 
