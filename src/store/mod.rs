@@ -1,10 +1,11 @@
 //! Persistence: one [`Store`] trait, with SQLite (embedded default) and PostgreSQL
 //! (replicated deployments) behind it. [`connect`] picks the backend by URL scheme and
-//! wraps it in a [`DeadlineStore`], so that every call ends within the acquire timeout,
-//! whatever the database does.
+//! wraps it in a [`DeadlineStore`], so that every call ends within
+//! [`StoreOptions::call_deadline`], whatever the database does.
 //!
 //! The store knows rows and transactions, not rules: the state machine lives in the
-//! domain, and the service is the only caller of [`Store`]. The watch side reads
+//! domain, and the service is the only reader and writer of batches and keys through
+//! [`Store`] (the app also migrates, pings, samples the pool and closes it). The watch side reads
 //! through the narrower [`EventLog`] and hears other replicas' commits through the
 //! store's [`ChangeNotifier`]. Every query both backends share is written once, in
 //! [`sql`]; each backend says only what differs; [`stored_batch`] is the one mapping
@@ -31,10 +32,9 @@ pub use deadline::DeadlineStore;
 use postgres::PostgresStore;
 use sqlite::SqliteStore;
 
-/// A position in the change feed, the order in which every batch's versions were
-/// committed. On PostgreSQL it is the writing transaction's id and the event's order of
-/// writing; on SQLite, whose one writer at a time commits in writing order, the
-/// transaction part is always 0.
+/// A position in the change feed. On PostgreSQL it is the writing transaction's id and
+/// the event's order of writing; on SQLite, whose one writer at a time commits in
+/// writing order, the transaction part is always 0 and the order is commit order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FeedCursor {
     /// The writing transaction (PostgreSQL's `xid8`), or 0.
@@ -46,7 +46,7 @@ pub struct FeedCursor {
 /// What one read of the change feed returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FeedPage {
-    /// Committed versions after the cursor, in commit order, each with its position.
+    /// Committed versions after the cursor, in feed order, each with its position.
     pub changes: Vec<(FeedCursor, BatchEvent)>,
     /// Where the next read continues: the last change's position when the page is
     /// full, else a position below every change not yet visible, so that a reader
@@ -71,9 +71,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// The batch with this id, whoever owns it.
     async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
 
-    /// Up to `limit` versions of any batch committed after `after`, in commit order.
-    /// Never skips one: a version whose transaction is still running when another,
-    /// later one is read is held back with everything after it until it has ended.
+    /// Up to `limit` (at least 1) versions of any batch, in feed order, after `after`.
+    /// Each batch's versions come in version order. Never skips one: on PostgreSQL,
+    /// where the order is the writing transactions' ids rather than their commits, the
+    /// versions of every transaction still running are held back, with everything
+    /// after them, until it has ended; SQLite's order is commit order.
     async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage>;
 }
 
@@ -187,7 +189,9 @@ pub trait Store: EventLog {
     /// Replaces the batch by `next`, whose version must be one more than the stored
     /// one, and appends `next` to the event log, atomically. Returns `false`, writing
     /// nothing, when the stored version is no longer `next.version - 1` (another writer
-    /// got there first).
+    /// got there first). Every column is written: `next` must come from the stored
+    /// batch through the domain, so that what is fixed at creation (the owner, the
+    /// metadata, whose index is written only on insert) is as stored.
     async fn commit_change(&self, next: &Batch) -> Result<bool>;
 
     /// Deletes at most `limit` of the events committed before `before_at`, never the

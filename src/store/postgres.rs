@@ -33,7 +33,7 @@ static SELECT_BATCHES: LazyLock<String> = LazyLock::new(|| {
 const FEED_HORIZON: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 
 /// Events after position ($1 transaction, $2 order) of transactions below $3, in
-/// commit order as far as a reader can tell, at most $4.
+/// transaction id order, at most $4.
 const SELECT_CHANGES: &str = "SELECT xid::text::bigint AS \"transaction\", position, version, \
      snapshot FROM batch_events WHERE (xid, position) > ($1::text::xid8, $2) \
      AND xid < $3::text::xid8 ORDER BY xid, position LIMIT $4";
@@ -96,7 +96,7 @@ fn push_event_of_written(sql: &mut sqlx::QueryBuilder<Postgres>, snapshot: &Stor
         " INSERT INTO batch_events (batch_id, version, snapshot, at) \
          SELECT id, version, ",
     )
-    .push_bind(Json(snapshot.clone()))
+    .push_bind(Json(snapshot))
     .push(", COALESCE(updated_at, created_at) FROM written");
 }
 

@@ -277,6 +277,13 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.changes_after", skip_all, fields(db.system = B::SYSTEM, after = ?after))]
     async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+        // An empty page must not count as full: the next read would skip to the horizon.
+        if limit < 1 {
+            return Err(Error::invalid(
+                "limit",
+                format!("{limit}: the change feed is read at least one change at a time"),
+            ));
+        }
         B::changes_after(&self.pool, after, limit).await
     }
 

@@ -917,6 +917,11 @@ async fn the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywh
         committed.push((next.id.clone(), next.version));
         batches[i] = next;
     }
+    // A read of no changes is refused: an empty "full" page would skip to the end.
+    for limit in [0, -1] {
+        let refused = store.changes_after(FeedCursor::default(), limit).await;
+        assert!(refused.is_err(), "limit {limit} was accepted");
+    }
     // A refused commit (a stale version) adds nothing to the feed.
     assert!(!store.commit_change(&batches[0]).await.unwrap());
 
