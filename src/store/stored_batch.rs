@@ -172,25 +172,25 @@ impl StoredBatchV1 {
 pub(super) fn push_values<DB>(stored: &StoredBatchV1, values: &mut Separated<'_, DB, &str>)
 where
     DB: Database,
-    String: for<'q> Encode<'q, DB> + Type<DB>,
-    Option<String>: for<'q> Encode<'q, DB> + Type<DB>,
+    for<'a> &'a String: Encode<'a, DB> + Type<DB>,
+    for<'a> &'a Option<String>: Encode<'a, DB> + Type<DB>,
     i64: for<'q> Encode<'q, DB> + Type<DB>,
     Option<i64>: for<'q> Encode<'q, DB> + Type<DB>,
-    Option<Json<Vec<StoredErrorV1>>>: for<'q> Encode<'q, DB> + Type<DB>,
-    Option<Json<BTreeMap<String, String>>>: for<'q> Encode<'q, DB> + Type<DB>,
-    Option<Json<StoredUsageV1>>: for<'q> Encode<'q, DB> + Type<DB>,
-    Option<Json<StoredExpiryV1>>: for<'q> Encode<'q, DB> + Type<DB>,
+    for<'a> Option<Json<&'a Vec<StoredErrorV1>>>: Encode<'a, DB> + Type<DB>,
+    for<'a> Option<Json<&'a BTreeMap<String, String>>>: Encode<'a, DB> + Type<DB>,
+    for<'a> Option<Json<&'a StoredUsageV1>>: Encode<'a, DB> + Type<DB>,
+    for<'a> Option<Json<&'a StoredExpiryV1>>: Encode<'a, DB> + Type<DB>,
 {
     let s = stored;
     values
-        .push_bind(s.id.clone())
-        .push_bind(s.endpoint.clone())
-        .push_bind(s.errors.clone().map(Json))
-        .push_bind(s.input_file_id.clone())
-        .push_bind(s.completion_window.clone())
-        .push_bind(s.status.clone())
-        .push_bind(s.output_file_id.clone())
-        .push_bind(s.error_file_id.clone())
+        .push_bind(&s.id)
+        .push_bind(&s.endpoint)
+        .push_bind(s.errors.as_ref().map(Json))
+        .push_bind(&s.input_file_id)
+        .push_bind(&s.completion_window)
+        .push_bind(&s.status)
+        .push_bind(&s.output_file_id)
+        .push_bind(&s.error_file_id)
         .push_bind(s.created_at)
         .push_bind(s.in_progress_at)
         .push_bind(s.expires_at)
@@ -203,14 +203,14 @@ where
         .push_bind(s.request_counts.total)
         .push_bind(s.request_counts.completed)
         .push_bind(s.request_counts.failed)
-        .push_bind(s.metadata.clone().map(Json))
-        .push_bind(s.model.clone())
-        .push_bind(s.usage.map(Json))
-        .push_bind(s.job_id.clone())
-        .push_bind(s.remark.clone())
-        .push_bind(s.output_expires_after.clone().map(Json))
-        .push_bind(s.user_id.clone())
-        .push_bind(s.api_key_id.clone())
+        .push_bind(s.metadata.as_ref().map(Json))
+        .push_bind(&s.model)
+        .push_bind(s.usage.as_ref().map(Json))
+        .push_bind(&s.job_id)
+        .push_bind(&s.remark)
+        .push_bind(s.output_expires_after.as_ref().map(Json))
+        .push_bind(&s.user_id)
+        .push_bind(&s.api_key_id)
         .push_bind(s.version)
         .push_bind(s.updated_at);
 }
