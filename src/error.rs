@@ -66,6 +66,17 @@ pub enum Error {
         /// The limit (`--max-watches-per-key`).
         limit: usize,
     },
+    /// The change feed no longer holds every change after the client's cursor:
+    /// compaction removed some. The client lists again (an initial state).
+    #[error(
+        "the change feed no longer holds every change after cursor `{after}`: the oldest cursor still available is `{oldest}`; start again with send_initial_state and continue from its SYNCED cursor"
+    )]
+    FeedCompacted {
+        /// The client's cursor, in its text form.
+        after: String,
+        /// The oldest cursor still resumable, in its text form.
+        oldest: String,
+    },
     /// This replica is shutting down; the client should resume on another one.
     #[error("batchd is shutting down; resume the watch with after_version on another replica")]
     ShuttingDown,

@@ -15,14 +15,15 @@ use crate::clock::Clock;
 use crate::domain::{
     Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
     BatchUpdateInput, Caller, CreateBatchInput, IDEMPOTENCY_WINDOW_SECONDS, IdempotencyKey,
-    ListBatches, ListBatchesInput, ListOrder, NewBatch, Scope, digest_of,
+    ListBatches, ListBatchesInput, ListOrder, NewBatch, Scope, WatchBatches, WatchBatchesInput,
+    digest_of,
 };
 use crate::error::{Error, Result};
 use crate::store::{
     BatchPageQuery, EarlierClaim, IdempotencyClaim, PointReadOptions, PointReads, Store,
     StoreOptions,
 };
-use crate::watch::{WatchEvent, WatchHub};
+use crate::watch::{FeedEvent, WatchEvent, WatchHub};
 
 /// Most bytes of batch text one page of a list carries (a page of 100 batches of up to
 /// 1 MiB each would pass the 4 MiB that default gRPC clients accept).
@@ -105,6 +106,9 @@ pub fn bearer_token(authorization: &str) -> Result<&str> {
 
 /// A stream of watch events; an `Err` item ends it with that error.
 pub type WatchStream = ReceiverStream<Result<WatchEvent>>;
+
+/// A stream of change feed events; an `Err` item ends it with that error.
+pub type FeedStream = ReceiverStream<Result<FeedEvent>>;
 
 /// How the service behaves, beyond its store, hub and clock.
 #[derive(Debug, Clone)]
@@ -411,6 +415,21 @@ impl BatchService {
             }
         }
         self.hub.watch(caller, &id, after_version).await
+    }
+
+    /// Streams the change feed of every batch the caller can see that matches the
+    /// request's filters: a `batches` key sees its owner's batches only, `worker` and
+    /// `admin` keys every owner's.
+    #[tracing::instrument(level = "debug", skip_all, fields(user_id = %caller.user_id))]
+    pub async fn watch_batches(
+        &self,
+        caller: &Caller,
+        input: WatchBatchesInput,
+    ) -> Result<FeedStream> {
+        caller.authorize(Action::ReadBatches)?;
+        let WatchBatches { mut filter, start } = WatchBatches::parse(input)?;
+        filter.owner = caller.owner_filter().map(str::to_owned);
+        self.hub.watch_all(caller, filter, start).await
     }
 
     /// Applies the lifecycle timers to every batch that is due now: expiry after the

@@ -3,10 +3,12 @@
 //!
 //! Layered, each module using only those before it (and `crate::error`): `ids`,
 //! `status` and `values` (what a batch is made of), then `api_key` (who may do what)
-//! and `input` (validation), then `batch` on top.
+//! and `input` (validation), then `batch`, then `feed` (the change feed's cursor and
+//! filter) on top.
 
 mod api_key;
 mod batch;
+mod feed;
 mod ids;
 mod input;
 mod status;
@@ -14,6 +16,7 @@ mod values;
 
 pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_of};
 pub use batch::{Batch, BatchEvent, MAX_BATCH_BYTES};
+pub use feed::{BatchFilter, FeedCursor, FeedStart, WatchBatches, WatchBatchesInput};
 pub use ids::BatchId;
 pub use input::{
     BatchPolicy, BatchUpdate, BatchUpdateInput, CompletionWindow, CreateBatchInput, CreateRequest,

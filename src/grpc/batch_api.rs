@@ -28,9 +28,31 @@ impl BatchApi {
 pub type WatchBatchStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchBatchResponse, Status>> + Send + 'static>>;
 
+/// The stream of a `WatchBatches` call.
+pub type WatchBatchesStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchBatchesResponse, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl pb::batch_service_server::BatchService for BatchApi {
     type WatchBatchStream = WatchBatchStream;
+    type WatchBatchesStream = WatchBatchesStream;
+
+    async fn watch_batches(
+        &self,
+        request: Request<pb::WatchBatchesRequest>,
+    ) -> Result<Response<WatchBatchesStream>, Status> {
+        let caller = caller(&self.service, &request).await?;
+        let events = self
+            .service
+            .watch_batches(&caller, request.into_inner().try_into()?)
+            .await?;
+        let responses = events.map(|event| {
+            event
+                .map(pb::WatchBatchesResponse::from)
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(responses)))
+    }
 
     async fn watch_batch(
         &self,

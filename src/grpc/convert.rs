@@ -8,12 +8,12 @@ use tonic::{Code, Status};
 
 use crate::domain::{
     Batch, BatchErrorEntry, BatchStatus, BatchUpdateInput, CreateBatchInput, ListBatchesInput,
-    RequestCounts, Usage,
+    RequestCounts, Usage, WatchBatchesInput,
 };
 use crate::error::{Error, Result};
 use crate::proto::batchd::v1 as pb;
 use crate::service::BatchPage;
-use crate::watch::{WatchEvent, WatchEventKind};
+use crate::watch::{FeedEvent, FeedEventKind, WatchEvent, WatchEventKind};
 
 impl From<Error> for Status {
     /// Every variant picks its canonical code; no catch-all arm, so a new variant does
@@ -25,9 +25,9 @@ impl From<Error> for Status {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::BatchNotFound(_) | Error::ApiKeyNotFound(_) => Code::NotFound,
-            Error::IllegalTransition { .. } | Error::FailedPrecondition(_) => {
-                Code::FailedPrecondition
-            }
+            Error::IllegalTransition { .. }
+            | Error::FailedPrecondition(_)
+            | Error::FeedCompacted { .. } => Code::FailedPrecondition,
             Error::VersionMismatch { .. } | Error::Contended(_) => Code::Aborted,
             Error::IdempotencyKeyReused(_) => Code::AlreadyExists,
             Error::TooManyWatches { .. } => Code::ResourceExhausted,
@@ -265,6 +265,47 @@ impl From<WatchEvent> for pb::WatchBatchResponse {
             r#type: kind.into(),
             batch: Some(Arc::unwrap_or_clone(event.batch).into()),
         }
+    }
+}
+
+impl From<FeedEvent> for pb::WatchBatchesResponse {
+    fn from(event: FeedEvent) -> pb::WatchBatchesResponse {
+        let kind = match event.kind {
+            FeedEventKind::Initial => pb::FeedEventType::Initial,
+            FeedEventKind::Synced => pb::FeedEventType::Synced,
+            FeedEventKind::Change => pb::FeedEventType::Change,
+            FeedEventKind::LeftFilter => pb::FeedEventType::LeftFilter,
+            FeedEventKind::Bookmark => pb::FeedEventType::Bookmark,
+        };
+        pb::WatchBatchesResponse {
+            r#type: kind.into(),
+            batch: event.batch.map(|batch| Arc::unwrap_or_clone(batch).into()),
+            cursor: event.cursor.map(|c| c.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::WatchBatchesRequest> for WatchBatchesInput {
+    type Error = Error;
+
+    fn try_from(r: pb::WatchBatchesRequest) -> Result<WatchBatchesInput> {
+        let statuses = r
+            .statuses
+            .iter()
+            .map(|&s| status_from_proto("statuses", s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WatchBatchesInput {
+            filter: ListBatchesInput {
+                statuses,
+                job_id: r.job_id,
+                created_after: r.created_after,
+                created_before: r.created_before,
+                metadata: r.metadata.into_iter().collect(),
+                ..Default::default()
+            },
+            after_cursor: r.after_cursor,
+            send_initial_state: r.send_initial_state,
+        })
     }
 }
 

@@ -105,6 +105,7 @@ impl From<Error> for ApiError {
             Error::IdempotencyKeyReused(_) => {
                 (StatusCode::CONFLICT, CLIENT_ERROR, "idempotency_key_reused")
             }
+            Error::FeedCompacted { .. } => (StatusCode::GONE, CLIENT_ERROR, "cursor_expired"),
             Error::TooManyWatches { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 CLIENT_ERROR,
@@ -166,6 +167,9 @@ pub enum ErrorResponses {
     /// The body is not `application/json`.
     #[response(status = 415)]
     UnsupportedMediaType(ErrorBody),
+    /// The change feed cursor is older than the retained log; list again.
+    #[response(status = 410)]
+    Gone(ErrorBody),
     /// A limit was reached (open watch streams per key).
     #[response(status = 429)]
     TooManyRequests(ErrorBody),
@@ -248,6 +252,14 @@ mod tests {
                 Error::Contended("b".into()),
                 Code::Aborted,
                 StatusCode::CONFLICT,
+            ),
+            (
+                Error::FeedCompacted {
+                    after: "0.1".into(),
+                    oldest: "0.9".into(),
+                },
+                Code::FailedPrecondition,
+                StatusCode::GONE,
             ),
             (
                 Error::TooManyWatches { limit: 1 },

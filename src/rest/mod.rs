@@ -86,6 +86,7 @@ pub fn router(
         .routes(routes!(batches::get_batch, batches::update_batch))
         .routes(routes!(batches::cancel_batch))
         .routes(routes!(watch::watch_batch))
+        .routes(routes!(watch::watch_batches))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))

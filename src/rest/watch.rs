@@ -1,11 +1,12 @@
-//! `GET /v1/batches/{batch_id}/watch`: the watch stream as Server-Sent Events. Each
-//! message carries `id: <version>`, so a browser `EventSource` that reconnects sends
-//! `Last-Event-ID` and resumes exactly where it stopped.
+//! The watch streams as Server-Sent Events: `GET /v1/batches/{batch_id}/watch` (one
+//! batch; each message carries `id: <version>`) and `GET /v1/batch_events` (the change
+//! feed; each message but `initial` carries `id: <cursor>`). A browser `EventSource`
+//! that reconnects sends `Last-Event-ID` and resumes exactly where it stopped.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, Sse};
 use serde::Deserialize;
@@ -14,11 +15,12 @@ use utoipa::IntoParams;
 
 use super::RestState;
 use super::batches::TAG;
-use super::dto::BatchJson;
+use super::dto::{BatchJson, ListParams};
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, QueryParams};
+use crate::domain::WatchBatchesInput;
 use crate::error::Error;
-use crate::watch::WatchEvent;
+use crate::watch::{FeedEvent, WatchEvent};
 
 /// The standard header an `EventSource` resumes with.
 const LAST_EVENT_ID: &str = "last-event-id";
@@ -106,4 +108,155 @@ fn error_event(error: Error) -> Event {
         .event("error")
         .json_data(body)
         .unwrap_or_else(|_| Event::default().event("error"))
+}
+
+/// The query of the change feed route, as the OpenAPI document describes it; parsed by
+/// [`parse_watch_batches`] (the filters exactly as a list's).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: the fields are read by `parse_watch_batches`
+pub struct WatchBatchesParams {
+    /// Only batches in one of these statuses: repeat the parameter or separate them
+    /// with commas. A batch whose status leaves the set gets one `left_filter` event.
+    #[param(style = Form, explode)]
+    pub status: Option<Vec<crate::domain::BatchStatus>>,
+    /// Only batches of this job.
+    pub job_id: Option<String>,
+    /// Only batches created at or after this Unix second.
+    #[param(minimum = 0)]
+    pub created_after: Option<i64>,
+    /// Only batches created before this Unix second.
+    #[param(minimum = 0)]
+    pub created_before: Option<i64>,
+    /// Only batches whose metadata has each pair: `metadata[team]=search` (at most 4).
+    #[param(style = DeepObject, explode, value_type = Option<Object>)]
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Resume after this cursor (the `id` of an event). `Last-Event-ID` takes
+    /// precedence.
+    pub after_cursor: Option<String>,
+    /// `true`: first every matching batch (`initial`), then `synced`. Ignored when
+    /// `Last-Event-ID` is sent: a reconnecting `EventSource` resumes instead.
+    pub send_initial_state: Option<bool>,
+}
+
+/// Parses the query of the change feed route: the list's filters, `after_cursor` and
+/// `send_initial_state`; the list's own paging parameters are refused by the service.
+fn parse_watch_batches(query: &str) -> Result<WatchBatchesInput, Error> {
+    let filter = ListParams::parse(query)?;
+    let mut input = WatchBatchesInput {
+        filter,
+        ..Default::default()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        let name = match name.as_ref() {
+            "after_cursor" => "after_cursor",
+            "send_initial_state" => "send_initial_state",
+            _ => continue,
+        };
+        if !seen.insert(name) {
+            return Err(Error::invalid(name, "is given twice"));
+        }
+        if name == "after_cursor" {
+            input.after_cursor = Some(value.into_owned());
+        } else {
+            input.send_initial_state = match value.as_ref() {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(Error::invalid(
+                        name,
+                        format!("`{other:.40}` is not a boolean; use true or false"),
+                    ));
+                }
+            };
+        }
+    }
+    Ok(input)
+}
+
+/// Streams the change feed as Server-Sent Events: every committed change of every
+/// batch the key may see that matches the filters, in commit order. With
+/// `send_initial_state=true`, `initial` events (every matching batch) come first, then
+/// `synced`; then `change` per committed version (`left_filter` when it took the batch
+/// out of the status set) and `bookmark` while nothing matches. Every event but
+/// `initial` has `id: <cursor>`; reconnect with `Last-Event-ID` (or `after_cursor`) to
+/// resume on any replica. A cursor older than the retained log is 410: list again.
+#[utoipa::path(
+    get,
+    path = "/v1/batch_events",
+    tag = TAG,
+    operation_id = "watchBatches",
+    params(
+        WatchBatchesParams,
+        ("Last-Event-ID" = Option<String>, Header, description = "The cursor of the last event received; resumes after it"),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events: `id: <cursor>`, `event: initial|synced|change|left_filter|bookmark|error`, `data: {\"type\", \"cursor\", \"batch\"}`", content_type = "text/event-stream", body = String),
+        ErrorResponses
+    ),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn watch_batches(
+    State(state): State<RestState>,
+    Authenticated(caller): Authenticated,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let mut input = parse_watch_batches(query.as_deref().unwrap_or_default())?;
+    if let Some(value) = headers.get(LAST_EVENT_ID) {
+        let cursor = value
+            .to_str()
+            .map_err(|_| Error::invalid("Last-Event-ID", "must be a change feed cursor"))?;
+        input.after_cursor = Some(cursor.trim().to_owned());
+        input.send_initial_state = false;
+    }
+    let events = state
+        .service
+        .watch_batches(&caller, input)
+        .await
+        .map_err(|e| e.renaming_field("after_cursor", cursor_field(&headers)))?;
+    Ok(Sse::new(events.map(|item| {
+        Ok(match item {
+            Ok(event) => feed_sse_event(event),
+            Err(error) => error_event(error),
+        })
+    })))
+}
+
+/// The name of the input the cursor came from, for errors.
+fn cursor_field(headers: &HeaderMap) -> &'static str {
+    if headers.contains_key(LAST_EVENT_ID) {
+        "Last-Event-ID"
+    } else {
+        "after_cursor"
+    }
+}
+
+fn feed_sse_event(event: FeedEvent) -> Event {
+    let name = event.kind.as_str();
+    let mut data = serde_json::json!({ "type": name });
+    if let Some(cursor) = event.cursor {
+        data["cursor"] = cursor.to_string().into();
+    }
+    if let Some(batch) = event.batch {
+        match serde_json::to_value(BatchJson::from(Arc::unwrap_or_clone(batch))) {
+            Ok(json) => data["batch"] = json,
+            Err(error) => {
+                return error_event(Error::Internal(format!(
+                    "cannot encode a change feed event: {error}"
+                )));
+            }
+        }
+    }
+    let mut sse = Event::default().event(name);
+    if let Some(cursor) = event.cursor {
+        sse = sse.id(cursor.to_string());
+    }
+    match sse.json_data(data) {
+        Ok(event) => event,
+        Err(error) => error_event(Error::Internal(format!(
+            "cannot encode a change feed event: {error}"
+        ))),
+    }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedCursor, FeedPage, IdempotencyClaim,
+    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedBounds, FeedCursor, FeedPage, IdempotencyClaim,
     Store,
 };
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
@@ -50,6 +50,17 @@ impl DeadlineStore {
 impl EventLog for DeadlineStore {
     async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
         self.within(self.inner.changes_after(after, limit)).await
+    }
+
+    async fn feed_bounds(&self) -> Result<FeedBounds> {
+        self.within(self.inner.feed_bounds()).await
+    }
+
+    async fn batches_with_positions(
+        &self,
+        query: BatchPageQuery<'_>,
+    ) -> Result<Vec<(FeedCursor, Batch)>> {
+        self.within(self.inner.batches_with_positions(query)).await
     }
 
     async fn events_after(

@@ -32,26 +32,43 @@ pub use deadline::DeadlineStore;
 use postgres::PostgresStore;
 use sqlite::SqliteStore;
 
-/// A position in the change feed. On PostgreSQL it is the writing transaction's id and
-/// the event's order of writing; on SQLite, whose one writer at a time commits in
-/// writing order, the transaction part is always 0 and the order is commit order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FeedCursor {
-    /// The writing transaction (PostgreSQL's `xid8`), or 0.
-    pub transaction: i64,
-    /// The event's order of writing.
-    pub position: i64,
+pub use crate::domain::FeedCursor;
+
+/// One committed version in the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedChange {
+    /// Its position in the feed.
+    pub cursor: FeedCursor,
+    /// The batch at this version.
+    pub batch: Batch,
+    /// The status at the version before, when that version is still in the log
+    /// (`None` for version 1, and when compaction removed the one before).
+    pub previous_status: Option<BatchStatus>,
 }
 
 /// What one read of the change feed returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FeedPage {
-    /// Committed versions after the cursor, in feed order, each with its position.
-    pub changes: Vec<(FeedCursor, BatchEvent)>,
+    /// Committed versions after the cursor, in feed order.
+    pub changes: Vec<FeedChange>,
     /// Where the next read continues: the last change's position when the page is
     /// full, else a position below every change not yet visible, so that a reader
     /// with nothing to read still moves forward.
     pub next: FeedCursor,
+    /// When (Unix seconds) the oldest change that is committed but held back was
+    /// committed: a transaction that began before it is still running (PostgreSQL).
+    /// `None` when nothing committed is held back.
+    pub held_back_since: Option<i64>,
+}
+
+/// The range of cursors the feed can resume from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedBounds {
+    /// The oldest cursor still resumable: compaction removed changes up to it.
+    pub oldest: FeedCursor,
+    /// Every change visible at or below this cursor has been committed for good; no
+    /// cursor the feed hands out is beyond it.
+    pub head: FeedCursor,
 }
 
 /// The history of every batch, read-only: what watchers read committed versions from.
@@ -75,8 +92,20 @@ pub trait EventLog: Send + Sync + 'static {
     /// Each batch's versions come in version order. Never skips one: on PostgreSQL,
     /// where the order is the writing transactions' ids rather than their commits, the
     /// versions of every transaction still running are held back, with everything
-    /// after them, until it has ended; SQLite's order is commit order.
+    /// after them, until it has ended; SQLite's order is commit order. Fails with
+    /// [`Error::FeedCompacted`] when compaction removed changes after `after`.
     async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage>;
+
+    /// The cursors the feed can resume from now.
+    async fn feed_bounds(&self) -> Result<FeedBounds>;
+
+    /// A page of the batches matching `query` (whose `after` and order page through
+    /// them), each with the feed position of the version read: the listing part of a
+    /// collection watch.
+    async fn batches_with_positions(
+        &self,
+        query: BatchPageQuery<'_>,
+    ) -> Result<Vec<(FeedCursor, Batch)>>;
 }
 
 /// Cross-replica wake-ups: a commit on one replica wakes the watchers of that batch on
@@ -195,7 +224,8 @@ pub trait Store: EventLog {
     async fn commit_change(&self, next: &Batch) -> Result<bool>;
 
     /// Deletes at most `limit` of the events committed before `before_at`, never the
-    /// latest version of a batch. Returns how many were deleted. Callers delete in
+    /// latest version of a batch, and raises the feed's oldest resumable cursor past
+    /// them in the same transaction. Returns how many were deleted. Callers delete in
     /// chunks, each its own short transaction, so that writers (SQLite has one write
     /// lock) never wait behind a whole compaction.
     async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64>;

@@ -11,7 +11,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::postgres_wakeups::PostgresWakeups;
 use super::sql::{self, Backend, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
-use super::{ChangeNotifier, FeedCursor, FeedPage, StoreOptions};
+use super::{ChangeNotifier, FeedCursor, StoreOptions};
 use crate::domain::BatchId;
 use crate::error::{Error, Result};
 
@@ -32,11 +32,23 @@ static SELECT_BATCHES: LazyLock<String> = LazyLock::new(|| {
 /// transaction below it has ended, so no event below it can appear any more.
 const FEED_HORIZON: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 
+/// The horizon, and when the first event above it that this statement sees (committed,
+/// but held back by an older transaction still running) was written.
+const FEED_HORIZON_AND_HELD_BACK: &str = "SELECT horizon::text::bigint, \
+     (SELECT at FROM batch_events WHERE xid >= horizon ORDER BY xid, position LIMIT 1) \
+     FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now";
+
 /// Events after position ($1 transaction, $2 order) of transactions below $3, in
-/// transaction id order, at most $4.
-const SELECT_CHANGES: &str = "SELECT xid::text::bigint AS \"transaction\", position, version, \
-     snapshot FROM batch_events WHERE (xid, position) > ($1::text::xid8, $2) \
-     AND xid < $3::text::xid8 ORDER BY xid, position LIMIT $4";
+/// transaction id order, at most $4; each with the status of the version before it and
+/// the compaction watermark.
+const SELECT_CHANGES: &str = "SELECT e.xid::text::bigint AS \"transaction\", e.position, \
+     e.version, e.snapshot, p.snapshot ->> 'status' AS previous_status, \
+     w.through_transaction AS compacted_transaction, \
+     w.through_position AS compacted_position \
+     FROM batch_events e CROSS JOIN feed_compaction w \
+     LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+     WHERE (e.xid, e.position) > ($1::text::xid8, $2) \
+     AND e.xid < $3::text::xid8 ORDER BY e.xid, e.position LIMIT $4";
 
 /// Batches in a PostgreSQL database.
 pub(super) type PostgresStore = SqlStore<PostgresBackend>;
@@ -179,8 +191,15 @@ impl Backend for PostgresBackend {
 
     /// The horizon is read first, in a statement of its own: every transaction below
     /// it had ended then, so the second statement sees all of their events.
-    async fn changes_after(pool: &PgPool, after: FeedCursor, limit: i64) -> Result<FeedPage> {
-        let (oldest_running,): (i64,) = sqlx::query_as(FEED_HORIZON).fetch_one(pool).await?;
+    async fn changes_after(
+        pool: &PgPool,
+        after: FeedCursor,
+        limit: i64,
+    ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)> {
+        let (oldest_running, held_back_since): (i64, Option<i64>) =
+            sqlx::query_as(FEED_HORIZON_AND_HELD_BACK)
+                .fetch_one(pool)
+                .await?;
         let rows: Vec<FeedRow> = sqlx::query_as(SELECT_CHANGES)
             .bind(after.transaction.to_string())
             .bind(after.position)
@@ -194,7 +213,19 @@ impl Backend for PostgresBackend {
             transaction: oldest_running,
             position: 0,
         };
-        sql::feed_page(rows, after, horizon, limit)
+        Ok((rows, horizon, held_back_since))
+    }
+
+    async fn feed_head(pool: &PgPool) -> Result<FeedCursor> {
+        let (oldest_running,): (i64,) = sqlx::query_as(FEED_HORIZON).fetch_one(pool).await?;
+        Ok(FeedCursor {
+            transaction: oldest_running,
+            position: 0,
+        })
+    }
+
+    fn transaction_of(alias: &str) -> String {
+        format!("{alias}xid::text::bigint")
     }
 
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {

@@ -16,8 +16,8 @@ use sqlx::{
 
 use super::stored_batch::{self, StoredBatchV1};
 use super::{
-    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedCursor, FeedPage, IdempotencyClaim,
-    Store,
+    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedBounds, FeedChange, FeedCursor,
+    FeedPage, IdempotencyClaim, Store,
 };
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus, Scope};
 use crate::error::{Error, Result};
@@ -91,12 +91,21 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// `(id, version)` of the batches with these ids (at least one).
     async fn versions_by_id(pool: &Pool<Self::Db>, ids: &[BatchId]) -> Result<Vec<(String, i64)>>;
 
-    /// See [`EventLog::changes_after`].
+    /// The feed's position of an event in `batch_events` (aliased `alias`, with its
+    /// dot, or "" when not aliased), as a `bigint` column expression.
+    fn transaction_of(alias: &str) -> String;
+
+    /// The rows of [`EventLog::changes_after`] (each with the compaction watermark
+    /// read in the same statement), the horizon they were read below, and when the
+    /// oldest change held back above it was committed.
     async fn changes_after(
         pool: &Pool<Self::Db>,
         after: FeedCursor,
         limit: i64,
-    ) -> Result<FeedPage>;
+    ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)>;
+
+    /// The feed's horizon: see [`FeedBounds::head`].
+    async fn feed_head(pool: &Pool<Self::Db>) -> Result<FeedCursor>;
 
     /// See [`Store::notifier`].
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>>;
@@ -170,10 +179,25 @@ const FORGET_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys \
      WHERE (user_id, idempotency_key) IN (SELECT user_id, idempotency_key \
      FROM idempotency_keys WHERE created_at < $1 LIMIT $2)";
 
-/// Deletes at most $2 events older than $1, keeping the latest version of every batch.
-const COMPACT_EVENTS: &str = "DELETE FROM batch_events \
-     WHERE (batch_id, version) IN (SELECT e.batch_id, e.version FROM batch_events e \
-     JOIN batches b ON b.id = e.batch_id WHERE e.at < $1 AND e.version < b.version LIMIT $2)";
+/// Deletes at most $2 events older than $1, keeping the latest version of every batch,
+/// and returns the feed position of each (`transaction` is the backend's expression).
+fn compact_events(transaction: &str) -> String {
+    format!(
+        "DELETE FROM batch_events \
+         WHERE (batch_id, version) IN (SELECT e.batch_id, e.version FROM batch_events e \
+         JOIN batches b ON b.id = e.batch_id WHERE e.at < $1 AND e.version < b.version LIMIT $2) \
+         RETURNING {transaction}, position"
+    )
+}
+
+/// Raises the feed's compaction watermark to ($1, $2) if it is below.
+const RAISE_COMPACTION_WATERMARK: &str = "UPDATE feed_compaction \
+     SET through_transaction = $1, through_position = $2 \
+     WHERE (through_transaction, through_position) < ($1, $2)";
+
+/// The feed's compaction watermark: every change compacted away is at or below it.
+const SELECT_COMPACTION_WATERMARK: &str =
+    "SELECT through_transaction, through_position FROM feed_compaction";
 
 /// Events of batch $1 after version $2, oldest first, at most $3.
 const SELECT_EVENTS_AFTER: &str = "SELECT version, snapshot FROM batch_events \
@@ -244,6 +268,8 @@ where
     i64: for<'q> Encode<'q, B::Db> + Type<B::Db>,
     StoredBatchV1: for<'r> FromRow<'r, <B::Db as Database>::Row>,
     EventRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    PositionedRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    (i64, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
 {
     #[tracing::instrument(level = "debug", name = "store.events_after", skip_all, fields(db.system = B::SYSTEM, batch_id = %id, after_version))]
     async fn events_after(
@@ -284,7 +310,75 @@ where
                 format!("{limit}: the change feed is read at least one change at a time"),
             ));
         }
-        B::changes_after(&self.pool, after, limit).await
+        let (rows, horizon, held_back_since) = B::changes_after(&self.pool, after, limit).await?;
+        // Read with the rows, in the same statement, when there are any; an empty read
+        // reads it afterwards, so that changes deleted before it are still noticed.
+        let compacted_through = match rows.first() {
+            Some(row) => row.compacted_through(),
+            None => {
+                let (transaction, position) = sqlx::query_as(SELECT_COMPACTION_WATERMARK)
+                    .fetch_one(&self.pool)
+                    .await?;
+                FeedCursor {
+                    transaction,
+                    position,
+                }
+            }
+        };
+        if compacted_through > after {
+            return Err(Error::FeedCompacted {
+                after: after.to_string(),
+                oldest: compacted_through.to_string(),
+            });
+        }
+        feed_page(rows, after, horizon, held_back_since, limit)
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.feed_bounds", skip_all, fields(db.system = B::SYSTEM))]
+    async fn feed_bounds(&self) -> Result<FeedBounds> {
+        // The watermark first: compaction between the two reads can only make the
+        // bounds look narrower than they were, never wider.
+        let (transaction, position) = sqlx::query_as(SELECT_COMPACTION_WATERMARK)
+            .fetch_one(&self.pool)
+            .await?;
+        let head = B::feed_head(&self.pool).await?;
+        Ok(FeedBounds {
+            oldest: FeedCursor {
+                transaction,
+                position,
+            },
+            head,
+        })
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.batches_with_positions", skip_all, fields(db.system = B::SYSTEM))]
+    async fn batches_with_positions(
+        &self,
+        query: BatchPageQuery<'_>,
+    ) -> Result<Vec<(FeedCursor, Batch)>> {
+        let direction = if query.oldest_first { "ASC" } else { "DESC" };
+        let mut sql = QueryBuilder::new(format!(
+            "SELECT {} AS \"transaction\", e.position AS position, page.* FROM (",
+            B::transaction_of("e.")
+        ));
+        push_page_query(&mut sql, query);
+        sql.push(format_args!(
+            ") AS page JOIN batch_events e ON e.batch_id = page.id AND e.version = page.version \
+             ORDER BY page.seq {direction}"
+        ));
+        let rows = sql
+            .build_query_as::<PositionedRow>()
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let cursor = FeedCursor {
+                    transaction: row.transaction,
+                    position: row.position,
+                };
+                Ok((cursor, Batch::try_from(row.batch)?))
+            })
+            .collect()
     }
 
     #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(db.system = B::SYSTEM, batch_id = %id))]
@@ -309,6 +403,8 @@ where
     StoredBatchV1: for<'r> FromRow<'r, <B::Db as Database>::Row>,
     EventRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
     ApiKeyRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    PositionedRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    (i64, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (String, Vec<u8>): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (bool,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (String,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
@@ -403,10 +499,25 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.compact_events", skip_all, fields(db.system = B::SYSTEM))]
     async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
-        let result = before_and_limit(COMPACT_EVENTS, before_at, limit)
-            .execute(&self.pool)
+        let mut tx = B::begin_write(&self.pool).await?;
+        // Built from constant text only: the backend's column expression.
+        let delete = sqlx::AssertSqlSafe(compact_events(&B::transaction_of("")));
+        let deleted: Vec<(i64, i64)> = sqlx::query_as(delete)
+            .bind(before_at)
+            .bind(limit)
+            .fetch_all(&mut *tx)
             .await?;
-        Ok(B::Db::rows_affected(&result))
+        // A reader that has not passed every deleted change yet is refused from now on
+        // (`FeedCompacted`), never served a gap.
+        if let Some(&(transaction, position)) = deleted.iter().max() {
+            sqlx::query(RAISE_COMPACTION_WATERMARK)
+                .bind(transaction)
+                .bind(position)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(deleted.len() as u64)
     }
 
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
@@ -551,24 +662,34 @@ where
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
+    let mut sql = sqlx::QueryBuilder::new("");
+    push_page_query(&mut sql, query);
+    sql
+}
+
+/// Pushes the page query of [`page_query`]: `SELECT seq, <the batch columns> ...`.
+fn push_page_query<'a, DB>(sql: &mut sqlx::QueryBuilder<DB>, query: super::BatchPageQuery<'a>)
+where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
     let direction = if query.oldest_first { "ASC" } else { "DESC" };
     if query.statuses.len() <= 1 {
-        let mut sql = sqlx::QueryBuilder::new("");
-        push_page(&mut sql, &query, query.statuses.first().copied());
-        return sql;
+        push_page(sql, &query, query.statuses.first().copied());
+        return;
     }
-    let mut sql = sqlx::QueryBuilder::new(format!("SELECT {} FROM (", *BATCH_COLUMNS));
+    sql.push(format_args!("SELECT seq, {} FROM (", *BATCH_COLUMNS));
     for (i, &status) in query.statuses.iter().enumerate() {
         if i > 0 {
             sql.push(" UNION ALL ");
         }
         sql.push("SELECT * FROM (");
-        push_page(&mut sql, &query, Some(status));
+        push_page(sql, &query, Some(status));
         sql.push(format_args!(") AS status_{i}"));
     }
     sql.push(format_args!(") AS pages ORDER BY seq {direction} LIMIT "))
         .push_bind(query.limit);
-    sql
 }
 
 /// One page of the batches in `status` (any when `None`) matching the other filters:
@@ -647,21 +768,44 @@ impl TryFrom<EventRow> for BatchEvent {
     }
 }
 
-/// A row of the change feed: an event and its position.
+/// A row of the change feed: an event, its position, the status of the version
+/// before it (when still in the log), and the compaction watermark.
 #[derive(Debug, FromRow)]
 pub(super) struct FeedRow {
     transaction: i64,
     position: i64,
     #[sqlx(flatten)]
     event: EventRow,
+    previous_status: Option<String>,
+    compacted_transaction: i64,
+    compacted_position: i64,
+}
+
+impl FeedRow {
+    fn compacted_through(&self) -> FeedCursor {
+        FeedCursor {
+            transaction: self.compacted_transaction,
+            position: self.compacted_position,
+        }
+    }
+}
+
+/// A listed batch and the feed position of the version listed.
+#[derive(Debug, FromRow)]
+pub(super) struct PositionedRow {
+    transaction: i64,
+    position: i64,
+    #[sqlx(flatten)]
+    batch: StoredBatchV1,
 }
 
 /// The page of `rows` read below `horizon` (everything after `after` up to it, or
 /// `limit` of it).
-pub(super) fn feed_page(
+fn feed_page(
     rows: Vec<FeedRow>,
     after: FeedCursor,
     horizon: FeedCursor,
+    held_back_since: Option<i64>,
     limit: i64,
 ) -> Result<FeedPage> {
     let full = rows.len() as i64 >= limit;
@@ -672,14 +816,31 @@ pub(super) fn feed_page(
                 transaction: row.transaction,
                 position: row.position,
             };
-            Ok((cursor, BatchEvent::try_from(row.event)?))
+            let previous_status = row
+                .previous_status
+                .map(|name| {
+                    BatchStatus::from_name(&name).ok_or_else(|| {
+                        Error::Internal(format!("event log: `{name}` is not a status"))
+                    })
+                })
+                .transpose()?;
+            let event = BatchEvent::try_from(row.event)?;
+            Ok(FeedChange {
+                cursor,
+                batch: event.batch,
+                previous_status,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let next = match changes.last() {
-        Some((last, _)) if full => *last,
+        Some(last) if full => last.cursor,
         _ => horizon.max(after),
     };
-    Ok(FeedPage { changes, next })
+    Ok(FeedPage {
+        changes,
+        next,
+        held_back_since,
+    })
 }
 
 /// A row of `api_keys` (without the digest).

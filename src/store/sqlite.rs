@@ -10,7 +10,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::sql::{self, Backend, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
-use super::{ChangeNotifier, FeedCursor, FeedPage, StoreOptions};
+use super::{ChangeNotifier, FeedCursor, StoreOptions};
 use crate::domain::BatchId;
 use crate::error::{Error, Result};
 
@@ -34,9 +34,15 @@ const INSERT_EVENT: &str = "INSERT INTO batch_events (batch_id, version, snapsho
 /// The highest feed position written.
 const FEED_HORIZON: &str = "SELECT COALESCE(MAX(position), 0) FROM batch_events";
 
-/// Events at positions after $1 up to $2, in order, at most $3.
-const SELECT_CHANGES: &str = "SELECT 0 AS \"transaction\", position, version, snapshot \
-     FROM batch_events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3";
+/// Events at positions after $1 up to $2, in order, at most $3; each with the status of
+/// the version before it and the compaction watermark.
+const SELECT_CHANGES: &str = "SELECT 0 AS \"transaction\", e.position, e.version, e.snapshot, \
+     p.snapshot ->> '$.status' AS previous_status, \
+     w.through_transaction AS compacted_transaction, \
+     w.through_position AS compacted_position \
+     FROM batch_events e CROSS JOIN feed_compaction w \
+     LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+     WHERE e.position > $1 AND e.position <= $2 ORDER BY e.position LIMIT $3";
 
 /// Batches in a SQLite database file.
 pub(super) type SqliteStore = SqlStore<SqliteBackend>;
@@ -158,19 +164,32 @@ impl Backend for SqliteBackend {
 
     /// The horizon is read first: a write committed between the two reads is then
     /// above it and left for the next read, never passed over.
-    async fn changes_after(pool: &SqlitePool, after: FeedCursor, limit: i64) -> Result<FeedPage> {
-        let (highest,): (i64,) = sqlx::query_as(FEED_HORIZON).fetch_one(pool).await?;
+    async fn changes_after(
+        pool: &SqlitePool,
+        after: FeedCursor,
+        limit: i64,
+    ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)> {
+        let horizon = Self::feed_head(pool).await?;
         let rows: Vec<FeedRow> = sqlx::query_as(SELECT_CHANGES)
             .bind(after.position)
-            .bind(highest)
+            .bind(horizon.position)
             .bind(limit)
             .fetch_all(pool)
             .await?;
-        let horizon = FeedCursor {
+        // Commit order is writing order: nothing committed is ever held back.
+        Ok((rows, horizon, None))
+    }
+
+    async fn feed_head(pool: &SqlitePool) -> Result<FeedCursor> {
+        let (highest,): (i64,) = sqlx::query_as(FEED_HORIZON).fetch_one(pool).await?;
+        Ok(FeedCursor {
             transaction: 0,
             position: highest,
-        };
-        sql::feed_page(rows, after, horizon, limit)
+        })
+    }
+
+    fn transaction_of(_alias: &str) -> String {
+        "0".to_owned()
     }
 
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {

@@ -18,9 +18,11 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
+use super::change_feed::ChangeFeed;
+use super::collection::{self, CollectionContext};
 use super::subscriber::{self, WatcherContext};
-use super::{KEY_REVOKED, LOG_PAGE, WatchEvent, WatchOptions};
-use crate::domain::{Batch, BatchId, Caller};
+use super::{FeedEvent, KEY_REVOKED, LOG_PAGE, WatchEvent, WatchOptions};
+use crate::domain::{Batch, BatchFilter, BatchId, Caller, FeedStart};
 use crate::error::{Error, Result};
 use crate::store::{ChangeNotifier, CommitListener, EventLog};
 
@@ -114,6 +116,8 @@ pub struct WatchHub {
     feeds: Mutex<HashMap<BatchId, FeedEntry>>,
     open_per_key: Mutex<HashMap<String, KeyStreams>>,
     notifier: OnceLock<Arc<dyn ChangeNotifier>>,
+    /// The one reader of the change feed, for every collection watcher here.
+    change_feed: Arc<ChangeFeed>,
     stopping: watch::Sender<bool>,
 }
 
@@ -137,11 +141,12 @@ impl WatchHub {
     /// A hub reading committed versions from `log`.
     pub fn new(log: Arc<dyn EventLog>, options: WatchOptions) -> Arc<WatchHub> {
         Arc::new(WatchHub {
-            log,
+            change_feed: ChangeFeed::new(log.clone(), options.safety_poll),
             options,
             feeds: Mutex::default(),
             open_per_key: Mutex::default(),
             notifier: OnceLock::new(),
+            log,
             stopping: watch::channel(false).0,
         })
     }
@@ -157,6 +162,7 @@ impl WatchHub {
     /// log), and the other replicas are told.
     pub fn committed(&self, batch: &Arc<Batch>) {
         let at = now_ms();
+        self.change_feed.wake();
         let feed = self.feed_of(&batch.id);
         if let Some(feed) = feed {
             if feed.publish_commit(batch) {
@@ -315,6 +321,62 @@ impl WatchHub {
         Ok(ReceiverStream::new(receiver))
     }
 
+    /// Starts streaming the change feed to `caller`: every change of the batches that
+    /// match `filter` (already scoped to what the caller may see), from `start`. A
+    /// cursor is checked here, so that the call itself fails when it is too old
+    /// (compacted away) or ahead of anything the feed handed out.
+    pub(crate) async fn watch_all(
+        self: &Arc<Self>,
+        caller: &Caller,
+        filter: BatchFilter,
+        start: FeedStart,
+    ) -> Result<ReceiverStream<Result<FeedEvent>>> {
+        if *self.stopping.borrow() {
+            return Err(Error::ShuttingDown);
+        }
+        let permit = self.open_stream(&caller.key_id)?;
+        if let FeedStart::After(cursor) = start {
+            let bounds = self.log.feed_bounds().await?;
+            if cursor > bounds.head {
+                return Err(Error::invalid(
+                    "after_cursor",
+                    format!(
+                        "`{cursor}` is ahead of the change feed (at `{}`); send the cursor of an event the feed sent",
+                        bounds.head
+                    ),
+                ));
+            }
+            if cursor < bounds.oldest {
+                return Err(Error::FeedCompacted {
+                    after: cursor.to_string(),
+                    oldest: bounds.oldest.to_string(),
+                });
+            }
+        }
+        let membership = self.change_feed.join(self.stopping.subscribe());
+        let (sender, receiver) = mpsc::channel(self.options.stream_buffer);
+        let context = CollectionContext {
+            log: self.log.clone(),
+            feed: self.change_feed.clone(),
+            filter,
+            start,
+            heartbeat: self.options.heartbeat,
+            stopping: self.stopping.subscribe(),
+            revoked: permit.revoked.clone(),
+        };
+        let span = tracing::info_span!("watch_batches_stream", start = ?start);
+        tokio::spawn(
+            async move {
+                let mut membership = membership;
+                collection::run(context, &mut membership.slices, sender).await;
+                drop(membership);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+        Ok(ReceiverStream::new(receiver))
+    }
+
     fn open_stream(self: &Arc<Self>, key_id: &str) -> Result<StreamPermit> {
         let limit = self.options.max_watches_per_key;
         let mut open = self.lock_keys();
@@ -431,10 +493,12 @@ impl WatchHub {
 /// Other replicas' commits, heard through the store's [`ChangeNotifier`].
 impl CommitListener for WatchHub {
     fn committed_elsewhere(&self, id: &BatchId, committed_at_ms: i64) {
+        self.change_feed.wake();
         self.wake_for_commit(id, committed_at_ms);
     }
 
     fn announcements_lost(&self) {
+        self.change_feed.wake();
         self.wake_all();
     }
 }

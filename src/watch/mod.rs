@@ -28,13 +28,15 @@
 //! keys revoke` writes only the database) and the hub ends their streams with
 //! UNAUTHENTICATED, freeing their places, on every replica.
 
+mod change_feed;
+mod collection;
 mod hub;
 mod subscriber;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::Batch;
+use crate::domain::{Batch, FeedCursor};
 
 pub use hub::WatchHub;
 
@@ -80,6 +82,66 @@ impl WatchEventKind {
             WatchEventKind::Change => "change",
             WatchEventKind::Heartbeat => "heartbeat",
         }
+    }
+}
+
+/// What a collection watcher (`WatchBatches`) receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedEvent {
+    /// Which kind of message this is.
+    pub kind: FeedEventKind,
+    /// The batch (`INITIAL`, `CHANGE`, `LEFT_FILTER`); `None` for `SYNCED` and
+    /// `BOOKMARK`.
+    pub batch: Option<Arc<Batch>>,
+    /// Where a resumed stream continues: after this message. `None` for `INITIAL`.
+    pub cursor: Option<FeedCursor>,
+}
+
+/// The kinds of collection watch messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedEventKind {
+    /// A batch that matched the filter when the stream began.
+    Initial,
+    /// The initial state is complete (or, without one, the stream is live); its cursor
+    /// is where the changes continue.
+    Synced,
+    /// A committed version of a matching batch.
+    Change,
+    /// A committed version that took the batch out of the filter (its status left the
+    /// filter's set): the last message about it until it matches again.
+    LeftFilter,
+    /// Nothing matching changed for a while; the cursor is current, for checkpoints.
+    Bookmark,
+}
+
+impl FeedEventKind {
+    /// Every kind.
+    pub const ALL: [FeedEventKind; 5] = [
+        FeedEventKind::Initial,
+        FeedEventKind::Synced,
+        FeedEventKind::Change,
+        FeedEventKind::LeftFilter,
+        FeedEventKind::Bookmark,
+    ];
+
+    /// The name of the kind: the SSE event name and the metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedEventKind::Initial => "initial",
+            FeedEventKind::Synced => "synced",
+            FeedEventKind::Change => "change",
+            FeedEventKind::LeftFilter => "left_filter",
+            FeedEventKind::Bookmark => "bookmark",
+        }
+    }
+}
+
+/// Completes once the stream's API key is found revoked.
+async fn key_revoked(revoked: &mut tokio::sync::watch::Receiver<bool>) {
+    // The sender lives while the key has open streams, this one included; were it gone
+    // anyway, nothing could revoke the key any more, so this waits for good.
+    if revoked.wait_for(|revoked| *revoked).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -109,7 +109,7 @@ impl Watcher {
             let next_heartbeat = self.last_sent + self.context.heartbeat;
             tokio::select! {
                 _ = crate::shutdown::requested(&mut stopping) => return Err(Error::ShuttingDown.into()),
-                _ = key_revoked(&mut revoked) => return Err(Error::Unauthenticated(KEY_REVOKED).into()),
+                _ = super::key_revoked(&mut revoked) => return Err(Error::Unauthenticated(KEY_REVOKED).into()),
                 _ = self.out.closed() => return Err(Stop::ClientGone),
                 received = feed.recv() => match received {
                     Ok(batch) if batch.version <= self.cursor => {}
@@ -190,20 +190,11 @@ impl Watcher {
         tokio::select! {
             sent = self.out.send(Ok(WatchEvent { kind, batch })) => sent.map_err(|_| Stop::ClientGone)?,
             _ = crate::shutdown::requested(&mut stopping) => return Err(Error::ShuttingDown.into()),
-            _ = key_revoked(&mut revoked) => return Err(Error::Unauthenticated(KEY_REVOKED).into()),
+            _ = super::key_revoked(&mut revoked) => return Err(Error::Unauthenticated(KEY_REVOKED).into()),
         }
         metrics::counter!("batchd_watch_events_delivered_total", "kind" => kind.as_str())
             .increment(1);
         Ok(())
-    }
-}
-
-/// Completes once the stream's API key is found revoked.
-async fn key_revoked(revoked: &mut watch::Receiver<bool>) {
-    // The sender lives while the key has open streams, this one included; were it gone
-    // anyway, nothing could revoke the key any more, so this waits for good.
-    if revoked.wait_for(|revoked| *revoked).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 
@@ -216,7 +207,9 @@ mod tests {
 
     use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus, Caller, Scope};
     use crate::error::Result;
-    use crate::store::{EventLog, FeedCursor, FeedPage, Store, StoreOptions};
+    use crate::store::{
+        BatchPageQuery, EventLog, FeedBounds, FeedCursor, FeedPage, Store, StoreOptions,
+    };
     use crate::watch::{WatchEventKind, WatchHub, WatchOptions};
 
     /// A real event log that commits `next` the first time the watcher reads the
@@ -249,6 +242,15 @@ mod tests {
         }
         async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
             self.inner.changes_after(after, limit).await
+        }
+        async fn feed_bounds(&self) -> Result<FeedBounds> {
+            self.inner.feed_bounds().await
+        }
+        async fn batches_with_positions(
+            &self,
+            query: BatchPageQuery<'_>,
+        ) -> Result<Vec<(FeedCursor, Batch)>> {
+            self.inner.batches_with_positions(query).await
         }
     }
 

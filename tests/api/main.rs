@@ -9,6 +9,7 @@ mod proxy;
 mod auth;
 mod batches;
 mod cache;
+mod change_feed;
 mod cli;
 mod concurrency;
 mod hardening;

@@ -858,11 +858,10 @@ async fn read_feed(
         let read = store.changes_after(after, page).await.unwrap();
         assert!(read.changes.len() as i64 <= page, "the limit is kept");
         let mut previous = after;
-        for (cursor, event) in &read.changes {
-            assert!(*cursor > previous, "positions only go forward");
-            assert_eq!(event.batch.version, event.version);
-            previous = *cursor;
-            seen.push((event.batch.id.clone(), event.version));
+        for change in &read.changes {
+            assert!(change.cursor > previous, "positions only go forward");
+            previous = change.cursor;
+            seen.push((change.batch.id.clone(), change.batch.version));
         }
         assert!(
             read.next >= previous,
@@ -880,14 +879,14 @@ async fn read_feed(
     }
     // Whatever is visible after them is read too, so that a surplus shows.
     let rest = store.changes_after(after, page).await.unwrap();
-    for (_, event) in &rest.changes {
-        seen.push((event.batch.id.clone(), event.version));
+    for change in &rest.changes {
+        seen.push((change.batch.id.clone(), change.batch.version));
     }
     (
         seen,
         rest.changes
             .last()
-            .map_or(rest.next.max(after), |(c, _)| *c),
+            .map_or(rest.next.max(after), |change| change.cursor),
     )
 }
 
@@ -939,9 +938,9 @@ async fn the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywh
         .await
         .unwrap();
     assert_eq!(all.changes.len(), committed.len());
-    for (i, (cursor, _)) in all.changes.iter().enumerate() {
+    for (i, change) in all.changes.iter().enumerate() {
         let expected = &committed[i + 1..];
-        let (rest, _) = read_feed(&*store, *cursor, 3, expected.len()).await;
+        let (rest, _) = read_feed(&*store, change.cursor, 3, expected.len()).await;
         assert_eq!(rest, expected, "after change {i}");
     }
     // A later commit comes after the end, alone.
