@@ -839,7 +839,10 @@ async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
     assert_eq!(synced.event, "synced");
     assert_eq!(synced.data["cursor"].as_str(), synced.id.as_deref());
     let bookmark = events.next().await;
-    assert_eq!((bookmark.event.as_str(), bookmark.id.clone()), ("bookmark", synced.id.clone()));
+    assert_eq!(bookmark.event, "bookmark");
+    let cursor = |id: &Option<String>| batchd::domain::FeedCursor::parse("id", id.as_deref().unwrap()).unwrap();
+    // The same, or (PostgreSQL, whose horizon moves with any transaction) further on.
+    assert!(cursor(&bookmark.id) >= cursor(&synced.id), "a bookmark never goes back");
     worker.update_batch(move_to(&existing.id, S::InProgress)).await.unwrap();
     let change = events.next().await;
     assert_eq!(change.event, "change");
