@@ -154,8 +154,32 @@ pub struct HealthArgs {
 /// `batchd watch`.
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
-    /// The batch to follow.
-    pub batch_id: String,
+    /// The batch to follow. Without one, every batch the key may see is followed (as
+    /// with `--all`).
+    #[arg(conflicts_with_all = ["all", "status", "job_id", "metadata", "created_after"])]
+    pub batch_id: Option<String>,
+
+    /// Follow every batch the key may see (the change feed), one line and one progress
+    /// bar per active batch, until interrupted.
+    #[arg(long)]
+    pub all: bool,
+
+    /// With `--all`: only batches in this status (repeat for several).
+    #[arg(long, value_name = "STATUS")]
+    pub status: Vec<String>,
+
+    /// With `--all`: only batches of this job.
+    #[arg(long)]
+    pub job_id: Option<String>,
+
+    /// With `--all`: only batches with this metadata pair, as KEY=VALUE (repeat for
+    /// several).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
+
+    /// With `--all`: only batches created at or after this Unix second.
+    #[arg(long)]
+    pub created_after: Option<i64>,
 
     /// batchd's gRPC address.
     #[arg(long, env = "BATCHD_SERVER", default_value = "http://127.0.0.1:50051")]

@@ -27,4 +27,4 @@ pub mod service; // the use cases; the only reader and writer of batches and key
 pub mod shutdown; // the stop signal shared by every background task
 pub mod store; // Store and its read-only EventLog; SQLite and PostgreSQL behind one generic SQL store
 pub mod telemetry; // logs, OTLP traces, metrics, the request observers
-pub mod watch; // WatchBatch: the per-replica hub, its feeds, one task per stream
+pub mod watch; // WatchBatch and WatchBatches: the per-replica hub, its feeds, the change feed reader, one task per stream

@@ -6,7 +6,8 @@
 pub mod health; // `batchd health`: the gRPC health probe
 pub mod keys; // `batchd keys`: create, list and revoke API keys
 pub mod migrate; // `batchd migrate`: apply pending migrations
-pub mod watch; // `batchd watch`: a live progress bar over WatchBatch
+pub mod watch; // `batchd watch BATCH_ID`: a live progress bar over WatchBatch
+pub mod watch_all; // `batchd watch --all`: a progress bar per active batch, over WatchBatches
 
 use std::sync::Arc;
 

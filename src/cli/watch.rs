@@ -1,5 +1,6 @@
-//! `batchd watch`: follows one batch over `WatchBatch` with a live progress bar,
-//! resuming with `after_version` whenever the stream breaks, until the batch ends.
+//! `batchd watch BATCH_ID`: follows one batch over `WatchBatch` with a live progress
+//! bar, resuming with `after_version` whenever the stream breaks, until the batch ends.
+//! Without a batch id, `watch_all` follows the change feed.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,11 +16,11 @@ use tonic::{Code, Request, Status};
 use crate::config::WatchArgs;
 use crate::proto::batchd::v1::{self as pb, batch_service_client::BatchServiceClient};
 
-type Client = BatchServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub(super) type Client = BatchServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Sends the API key with every call.
 #[derive(Clone)]
-struct BearerAuth(MetadataValue<Ascii>);
+pub(super) struct BearerAuth(MetadataValue<Ascii>);
 
 impl Interceptor for BearerAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
@@ -41,8 +42,12 @@ pub fn exit_code(status: pb::BatchStatus) -> ExitCode {
     }
 }
 
-/// Runs `batchd watch`; the exit code tells how the batch ended.
+/// Runs `batchd watch`: one batch (the exit code tells how it ended), or, without a
+/// batch id, every batch the key may see.
 pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    let Some(batch_id) = args.batch_id.clone() else {
+        return super::watch_all::run(args).await;
+    };
     let mut client = connect(&args).await?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template(
@@ -57,7 +62,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut broken_since: Option<tokio::time::Instant> = None;
     loop {
         let request = pb::WatchBatchRequest {
-            batch_id: args.batch_id.clone(),
+            batch_id: batch_id.clone(),
             after_version: last.as_ref().map(|b| b.version),
         };
         let outcome = match client.watch_batch(request).await {
@@ -67,14 +72,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         match outcome {
             Ok(()) => break,
             Err(status) if retryable(&status) => {
-                let since = *broken_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() > args.reconnect_for {
+                if let Err(error) = keep_reconnecting(&mut broken_since, &args, &status) {
                     bar.abandon();
-                    bail!(
-                        "lost the stream for longer than {:?}: {}",
-                        args.reconnect_for,
-                        status.message()
-                    );
+                    return Err(error);
                 }
                 bar.set_message("reconnecting");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -130,7 +130,7 @@ async fn follow(
     Ok(())
 }
 
-fn status_name(batch: &pb::Batch) -> String {
+pub(super) fn status_name(batch: &pb::Batch) -> String {
     batch
         .status()
         .as_str_name()
@@ -138,15 +138,32 @@ fn status_name(batch: &pb::Batch) -> String {
         .to_ascii_lowercase()
 }
 
+/// Fails once the stream has been broken for longer than `--reconnect-for`.
+pub(super) fn keep_reconnecting(
+    broken_since: &mut Option<tokio::time::Instant>,
+    args: &WatchArgs,
+    status: &Status,
+) -> anyhow::Result<()> {
+    let since = *broken_since.get_or_insert_with(tokio::time::Instant::now);
+    if since.elapsed() > args.reconnect_for {
+        bail!(
+            "lost the stream for longer than {:?}: {}",
+            args.reconnect_for,
+            status.message()
+        );
+    }
+    Ok(())
+}
+
 /// Whether a broken stream is worth resuming (the server or the network went away).
-fn retryable(status: &Status) -> bool {
+pub(super) fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
     )
 }
 
-async fn connect(args: &WatchArgs) -> anyhow::Result<Client> {
+pub(super) async fn connect(args: &WatchArgs) -> anyhow::Result<Client> {
     let channel = Channel::from_shared(args.server.clone())
         .with_context(|| format!("`{}` is not a server address", args.server))?
         .connect_lazy();

@@ -90,19 +90,18 @@ impl BatchFilter {
     /// Whether what never changes after creation matches: owner, job, creation time,
     /// metadata.
     pub fn matches_fixed(&self, batch: &Batch) -> bool {
-        self.owner.as_ref().is_none_or(|owner| *owner == batch.user_id)
+        self.owner
+            .as_ref()
+            .is_none_or(|owner| *owner == batch.user_id)
             && self
                 .job_id
                 .as_ref()
                 .is_none_or(|job| batch.job_id.as_ref() == Some(job))
             && self.created_after.is_none_or(|t| batch.created_at >= t)
             && self.created_before.is_none_or(|t| batch.created_at < t)
-            && self
-                .metadata
-                .iter()
-                .all(|(key, value)| {
-                    batch.metadata.as_ref().and_then(|pairs| pairs.get(key)) == Some(value)
-                })
+            && self.metadata.iter().all(|(key, value)| {
+                batch.metadata.as_ref().and_then(|pairs| pairs.get(key)) == Some(value)
+            })
     }
 
     /// Whether a batch in `status` is in the filter's status set.
@@ -351,7 +350,9 @@ mod tests {
             FeedStart::InitialState
         );
         assert_eq!(
-            watch(|i| i.after_cursor = Some("0.5".into())).unwrap().start,
+            watch(|i| i.after_cursor = Some("0.5".into()))
+                .unwrap()
+                .start,
             FeedStart::After(FeedCursor {
                 transaction: 0,
                 position: 5
@@ -369,7 +370,10 @@ mod tests {
             field_of(watch(|i| i.filter.after = Some("batch_x".into()))),
             "after"
         );
-        assert_eq!(field_of(watch(|i| i.filter.order = Some("asc".into()))), "order");
+        assert_eq!(
+            field_of(watch(|i| i.filter.order = Some("asc".into()))),
+            "order"
+        );
         assert_eq!(
             field_of(watch(|i| i.filter.created_after = Some(-1))),
             "created_after"

@@ -14,8 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedBounds, FeedCursor, FeedPage, IdempotencyClaim,
-    Store,
+    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedBounds, FeedCursor, FeedPage,
+    IdempotencyClaim, Store,
 };
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
 use crate::error::{Error, Result};

@@ -30,8 +30,7 @@ pub(super) const FEED_PAGE: i64 = 256;
 const SLICE_CAPACITY: usize = 64;
 
 /// The first and the longest wait before reading again while changes are held back.
-const HELD_BACK_RETRY: (Duration, Duration) =
-    (Duration::from_millis(20), Duration::from_secs(1));
+const HELD_BACK_RETRY: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
 
 /// How long the reader waits after a failed read.
 const FAILED_READ_RETRY: Duration = Duration::from_millis(200);
@@ -227,9 +226,9 @@ async fn run_reader(feed: Arc<ChangeFeed>, mut stopping: watch::Receiver<bool>) 
         }
         retry = match feed.read().await {
             Ok(false) => None,
-            Ok(true) => Some(retry.map_or(HELD_BACK_RETRY.0, |wait| {
-                (wait * 2).min(HELD_BACK_RETRY.1)
-            })),
+            Ok(true) => {
+                Some(retry.map_or(HELD_BACK_RETRY.0, |wait| (wait * 2).min(HELD_BACK_RETRY.1)))
+            }
             Err(error) => {
                 tracing::warn!(%error, "change feed reader cannot read the event log");
                 Some(FAILED_READ_RETRY)

@@ -1,4 +1,6 @@
-//! Watching a batch: every committed version, in order, each exactly once, resumable.
+//! Watching a batch: every committed version, in order, each exactly once, resumable;
+//! and watching every batch (the change feed, [`FeedEvent`]): one reader per replica
+//! for all collection watchers (see `change_feed` and `collection`).
 //!
 //! The event log (`batch_events`, written in the same transaction as each change) is
 //! the source of truth; everything else is a wake-up signal. Per replica there is one

@@ -74,7 +74,10 @@ async fn initial_state(
 }
 
 /// The committed history of every batch, from the event log: id -> versions 1..
-async fn histories(store: &dyn batchd::store::Store, ids: &[String]) -> HashMap<String, Vec<pb::Batch>> {
+async fn histories(
+    store: &dyn batchd::store::Store,
+    ids: &[String],
+) -> HashMap<String, Vec<pb::Batch>> {
     let mut all = HashMap::new();
     for id in ids {
         let batch_id = BatchId::parse("id", id).unwrap();
@@ -225,14 +228,18 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
 
     let mut writers = JoinSet::new();
     for w in 0..WRITERS {
-        let mut worker = pb::batch_worker_service_client::BatchWorkerServiceClient::with_interceptor(
-            tonic::transport::Channel::from_shared(format!("http://{}", addresses[w % addresses.len()]))
+        let mut worker =
+            pb::batch_worker_service_client::BatchWorkerServiceClient::with_interceptor(
+                tonic::transport::Channel::from_shared(format!(
+                    "http://{}",
+                    addresses[w % addresses.len()]
+                ))
                 .unwrap()
                 .connect()
                 .await
                 .unwrap(),
-            Bearer(Some(admin_key.clone())),
-        );
+                Bearer(Some(admin_key.clone())),
+            );
         let mine: Vec<String> = ids.iter().skip(w).step_by(WRITERS).cloned().collect();
         writers.spawn(async move {
             for step in 0..UPDATES_PER_BATCH {
@@ -252,7 +259,9 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
         done.unwrap();
     }
 
-    let store = batchd::store::connect(&db.url, &Default::default()).await.unwrap();
+    let store = batchd::store::connect(&db.url, &Default::default())
+        .await
+        .unwrap();
     let histories = histories(&*store, &ids).await;
     store.close().await;
     let group_of: HashMap<&str, String> = ids
@@ -263,7 +272,11 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
     let mut expectations: HashMap<u64, BTreeMap<String, Vec<(F, pb::Batch)>>> = HashMap::new();
     for w in 0..WATCHERS {
         let request = filter_of(w);
-        let statuses: Vec<S> = request.statuses.iter().map(|&s| S::try_from(s).unwrap()).collect();
+        let statuses: Vec<S> = request
+            .statuses
+            .iter()
+            .map(|&s| S::try_from(s).unwrap())
+            .collect();
         let mut per_batch = BTreeMap::new();
         for id in &ids {
             if let Some(group) = request.metadata.get("group")
@@ -297,7 +310,11 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
                 None => request.statuses.is_empty(),
             })
             .count();
-        assert_eq!(initial.len(), initially_matching, "watcher {w}: the initial state");
+        assert_eq!(
+            initial.len(),
+            initially_matching,
+            "watcher {w}: the initial state"
+        );
         assert!(initial.iter().all(|b| b.version == 1));
         let cursors: Vec<&String> = seen.iter().map(|(_, _, c)| c).collect();
         let parsed: Vec<batchd::domain::FeedCursor> = cursors
@@ -318,10 +335,16 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
             "watcher {w}: the batches it matches, and no other"
         );
         for (id, events) in &got {
-            assert_eq!(events, &expectations[&w][id], "watcher {w}, {id}: exactly the history");
+            assert_eq!(
+                events, &expectations[&w][id],
+                "watcher {w}, {id}: exactly the history"
+            );
         }
     }
-    assert!(total_reconnects >= WATCHERS * 10, "watchers did resume ({total_reconnects})");
+    assert!(
+        total_reconnects >= WATCHERS * 10,
+        "watchers did resume ({total_reconnects})"
+    );
     for app in apps {
         app.stop().await.unwrap();
     }
@@ -419,7 +442,10 @@ async fn the_initial_state_meets_the_live_part_with_no_gap_and_no_duplicate(back
                 histories[&batch.id][(batch.version - 1) as usize],
                 "round {round}: an INITIAL batch is a committed version"
             );
-            assert!(view.insert(batch.id.clone(), batch).is_none(), "round {round}: listed once");
+            assert!(
+                view.insert(batch.id.clone(), batch).is_none(),
+                "round {round}: listed once"
+            );
         }
         let mut cursor = batchd::domain::FeedCursor::parse("c", &synced).unwrap();
         // Read until the stream's bookmark passes everything committed.
@@ -429,7 +455,11 @@ async fn the_initial_state_meets_the_live_part_with_no_gap_and_no_duplicate(back
             if message.r#type() == F::Bookmark {
                 continue;
             }
-            assert_eq!(message.r#type(), F::Change, "round {round}: no filter, no leaving");
+            assert_eq!(
+                message.r#type(),
+                F::Change,
+                "round {round}: no filter, no leaving"
+            );
             let batch = message.batch.unwrap();
             if let Some(before) = view.get(&batch.id) {
                 assert_eq!(
@@ -471,7 +501,10 @@ async fn postgres_a_change_that_began_first_but_committed_last_is_delivered() {
     use sqlx::Connection;
     let mut held = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut held).await.unwrap();
-    sqlx::query("SELECT pg_current_xact_id()").execute(&mut held).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut held)
+        .await
+        .unwrap();
     let write_early = [
         "UPDATE batches SET version = 2 WHERE id = $1",
         "INSERT INTO batch_events (batch_id, version, snapshot, at) \
@@ -479,7 +512,11 @@ async fn postgres_a_change_that_began_first_but_committed_last_is_delivered() {
          WHERE batch_id = $1 AND version = 1",
     ];
     for statement in write_early {
-        sqlx::query(statement).bind(&early.id).execute(&mut held).await.unwrap();
+        sqlx::query(statement)
+            .bind(&early.id)
+            .execute(&mut held)
+            .await
+            .unwrap();
     }
     // A later transaction commits first, through batchd.
     worker
@@ -488,7 +525,16 @@ async fn postgres_a_change_that_began_first_but_committed_last_is_delivered() {
         .unwrap();
     let quiet = tokio::time::timeout(Duration::from_millis(2_500), stream.message()).await;
     assert!(
-        quiet.is_err() || quiet.as_ref().unwrap().as_ref().unwrap().as_ref().unwrap().r#type() == F::Bookmark,
+        quiet.is_err()
+            || quiet
+                .as_ref()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .r#type()
+                == F::Bookmark,
         "nothing is delivered while the earlier transaction runs: {quiet:?}"
     );
     let metrics = reqwest::get(format!("http://{}/metrics", app.http_addr))
@@ -557,7 +603,13 @@ async fn filters_and_tenancy_decide_what_a_watcher_sees(backend: Backend) {
     )
     .await
     .unwrap();
-    for stream in [&mut alice_all, &mut bob_all, &mut ops_all, &mut alice_running, &mut alice_ml] {
+    for stream in [
+        &mut alice_all,
+        &mut bob_all,
+        &mut ops_all,
+        &mut alice_running,
+        &mut alice_ml,
+    ] {
         assert_eq!(next_event(stream).await.r#type(), F::Synced);
     }
 
@@ -597,7 +649,12 @@ async fn filters_and_tenancy_decide_what_a_watcher_sees(backend: Backend) {
     );
     assert_eq!(
         read(&mut ops_all, 4).await,
-        vec![(F::Change, bobs.id.clone(), 1), a(F::Change, 1), a(F::Change, 2), a(F::Change, 3)],
+        vec![
+            (F::Change, bobs.id.clone(), 1),
+            a(F::Change, 1),
+            a(F::Change, 2),
+            a(F::Change, 3)
+        ],
         "a worker key sees every owner's"
     );
     assert_eq!(
@@ -611,15 +668,27 @@ async fn filters_and_tenancy_decide_what_a_watcher_sees(backend: Backend) {
         "metadata and job match"
     );
     // Bob's stream saw nothing of alice's: its next message is a later change of his.
-    worker.update_batch(move_to(&bobs.id, S::InProgress)).await.unwrap();
-    assert_eq!(read(&mut bob_all, 1).await, vec![(F::Change, bobs.id.clone(), 2)]);
+    worker
+        .update_batch(move_to(&bobs.id, S::InProgress))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&mut bob_all, 1).await,
+        vec![(F::Change, bobs.id.clone(), 2)]
+    );
     // And the filtered stream heard nothing more of a batch that left it.
-    worker.update_batch(move_to(&alices.id, S::Completed)).await.unwrap();
+    worker
+        .update_batch(move_to(&alices.id, S::Completed))
+        .await
+        .unwrap();
     let mut request = new_batch();
     request.metadata.insert("team".into(), "ml".into());
     request.job_id = Some("job-1".into());
     let second = alice.create_batch(request).await.unwrap().into_inner();
-    worker.update_batch(move_to(&second.id, S::InProgress)).await.unwrap();
+    worker
+        .update_batch(move_to(&second.id, S::InProgress))
+        .await
+        .unwrap();
     assert_eq!(
         read(&mut alice_running, 1).await,
         vec![(F::Change, second.id.clone(), 2)]
@@ -652,20 +721,51 @@ async fn hostile_requests_are_refused_and_limits_hold(backend: Backend) {
     let mut admin = app.client(&app.admin_key);
     let huge = "7".repeat(1 << 16);
     let ahead = format!("{}.{}", i64::MAX, i64::MAX);
+    let cursor = |text: &str| pb::WatchBatchesRequest {
+        after_cursor: Some(text.to_owned()),
+        ..Default::default()
+    };
     let cases: Vec<(pb::WatchBatchesRequest, &str)> = vec![
-        (pb::WatchBatchesRequest { after_cursor: Some("latest".into()), ..Default::default() }, "after_cursor"),
-        (pb::WatchBatchesRequest { after_cursor: Some("1.2\0".into()), ..Default::default() }, "after_cursor"),
-        (pb::WatchBatchesRequest { after_cursor: Some(huge.clone()), ..Default::default() }, "after_cursor"),
-        (pb::WatchBatchesRequest { after_cursor: Some("-1.5".into()), ..Default::default() }, "after_cursor"),
-        (pb::WatchBatchesRequest { after_cursor: Some(ahead), ..Default::default() }, "ahead of the change feed"),
+        (cursor("latest"), "after_cursor"),
+        (cursor("1.2\0"), "after_cursor"),
+        (cursor(&huge), "after_cursor"),
+        (cursor("-1.5"), "after_cursor"),
+        (cursor(&ahead), "ahead of the change feed"),
         (
-            pb::WatchBatchesRequest { after_cursor: Some("0.0".into()), send_initial_state: true, ..Default::default() },
+            pb::WatchBatchesRequest {
+                send_initial_state: true,
+                ..cursor("0.0")
+            },
             "send_initial_state",
         ),
-        (pb::WatchBatchesRequest { statuses: vec![0], ..Default::default() }, "statuses"),
-        (pb::WatchBatchesRequest { statuses: vec![99], ..Default::default() }, "statuses"),
-        (pb::WatchBatchesRequest { job_id: Some("a b\0".into()), ..Default::default() }, "job_id"),
-        (pb::WatchBatchesRequest { created_after: Some(-5), ..Default::default() }, "created_after"),
+        (
+            pb::WatchBatchesRequest {
+                statuses: vec![0],
+                ..Default::default()
+            },
+            "statuses",
+        ),
+        (
+            pb::WatchBatchesRequest {
+                statuses: vec![99],
+                ..Default::default()
+            },
+            "statuses",
+        ),
+        (
+            pb::WatchBatchesRequest {
+                job_id: Some("a b\0".into()),
+                ..Default::default()
+            },
+            "job_id",
+        ),
+        (
+            pb::WatchBatchesRequest {
+                created_after: Some(-5),
+                ..Default::default()
+            },
+            "created_after",
+        ),
         (
             pb::WatchBatchesRequest {
                 metadata: (0..5).map(|i| (format!("k{i}"), "v".to_owned())).collect(),
@@ -679,7 +779,11 @@ async fn hostile_requests_are_refused_and_limits_hold(backend: Backend) {
         assert_status(result, Code::InvalidArgument, needle);
     }
     let mut anonymous = app.anonymous_client();
-    assert_status(watch_all(&mut anonymous, everything()).await, Code::Unauthenticated, "API key");
+    assert_status(
+        watch_all(&mut anonymous, everything()).await,
+        Code::Unauthenticated,
+        "API key",
+    );
 
     let rest = app.rest(Some(&app.admin_key));
     for (query, param) in [
@@ -691,23 +795,37 @@ async fn hostile_requests_are_refused_and_limits_hold(backend: Backend) {
         ("?after_cursor=%00", "after_cursor"),
     ] {
         let (status, body) = rest.get(&format!("/v1/batch_events{query}")).await;
-        assert_eq!((status, body["error"]["param"].as_str()), (400, Some(param)), "{query}: {body}");
+        assert_eq!(
+            (status, body["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{query}: {body}"
+        );
     }
     let bad_header = rest
         .request(reqwest::Method::GET, "/v1/batch_events")
         .header("Last-Event-ID", "yesterday");
     let (status, body) = Rest::send(bad_header).await;
-    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("Last-Event-ID")));
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("Last-Event-ID"))
+    );
     let (status, _) = app.rest(None).get("/v1/batch_events").await;
     assert_eq!(status, 401);
 
     // The per-key limit counts collection and batch watches together.
     let service = app.app.as_ref().unwrap().service().clone();
-    let (key, secret) = service.create_api_key("erin", Scope::Batches).await.unwrap();
+    let (key, secret) = service
+        .create_api_key("erin", Scope::Batches)
+        .await
+        .unwrap();
     let mut erin = app.client(secret.expose());
     let mut first = watch_all(&mut erin, everything()).await.unwrap();
     let _second = watch_all(&mut erin, everything()).await.unwrap();
-    assert_status(watch_all(&mut erin, everything()).await, Code::ResourceExhausted, "2 open watch streams");
+    assert_status(
+        watch_all(&mut erin, everything()).await,
+        Code::ResourceExhausted,
+        "2 open watch streams",
+    );
     assert_eq!(next_event(&mut first).await.r#type(), F::Synced);
 
     service.revoke_api_key(&key.id).await.unwrap();
@@ -729,10 +847,16 @@ async fn a_compacted_cursor_is_refused_naming_the_oldest_available(backend: Back
     let mut stream = watch_all(&mut client, everything()).await.unwrap();
     let start = next_event(&mut stream).await.cursor;
     let batch = create(&mut client).await;
-    worker.update_batch(move_to(&batch.id, S::InProgress)).await.unwrap();
+    worker
+        .update_batch(move_to(&batch.id, S::InProgress))
+        .await
+        .unwrap();
     let first = next_event(&mut stream).await.cursor;
     for step in 1..=3 {
-        worker.update_batch(progress(&batch.id, step)).await.unwrap();
+        worker
+            .update_batch(progress(&batch.id, step))
+            .await
+            .unwrap();
     }
     clock.advance(8 * 24 * 3600);
     let service = app.app.as_ref().unwrap().service().clone();
@@ -751,13 +875,21 @@ async fn a_compacted_cursor_is_refused_naming_the_oldest_available(backend: Back
             },
         )
         .await;
-        assert_status(refused, Code::FailedPrecondition, "oldest cursor still available");
+        assert_status(
+            refused,
+            Code::FailedPrecondition,
+            "oldest cursor still available",
+        );
     }
     let (status, body) = app
         .rest(Some(&app.admin_key))
         .get(&format!("/v1/batch_events?after_cursor={start}"))
         .await;
-    assert_eq!((status, body["error"]["code"].as_str()), (410, Some("cursor_expired")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (410, Some("cursor_expired")),
+        "{body}"
+    );
     let message = body["error"]["message"].as_str().unwrap();
     let oldest = message
         .split('`')
@@ -777,7 +909,11 @@ async fn a_compacted_cursor_is_refused_naming_the_oldest_available(backend: Back
     // Version 5, kept (the latest), came after the last change deleted; then 6.
     for version in [5, 6] {
         let change = next_event(&mut resumed).await;
-        assert_eq!(change.batch.unwrap().version, version, "exactly what came after it");
+        assert_eq!(
+            change.batch.unwrap().version,
+            version,
+            "exactly what came after it"
+        );
     }
 }
 
@@ -792,17 +928,31 @@ async fn a_slow_collection_watcher_holds_up_nobody_and_misses_nothing(backend: B
     assert_eq!(next_event(&mut slow).await.r#type(), F::Synced);
     assert_eq!(next_event(&mut fast).await.r#type(), F::Synced);
     let batch = create(&mut client).await;
-    worker.update_batch(move_to(&batch.id, S::InProgress)).await.unwrap();
+    worker
+        .update_batch(move_to(&batch.id, S::InProgress))
+        .await
+        .unwrap();
     assert_eq!(next_event(&mut fast).await.batch.unwrap().version, 1);
     assert_eq!(next_event(&mut fast).await.batch.unwrap().version, 2);
     for step in 1..=300 {
-        worker.update_batch(progress(&batch.id, step)).await.unwrap();
+        worker
+            .update_batch(progress(&batch.id, step))
+            .await
+            .unwrap();
         let message = next_event(&mut fast).await;
-        assert_eq!(message.batch.unwrap().version, step + 2, "the fast watcher keeps up");
+        assert_eq!(
+            message.batch.unwrap().version,
+            step + 2,
+            "the fast watcher keeps up"
+        );
     }
     for version in 1..=302 {
         let message = next_event(&mut slow).await;
-        assert_eq!(message.batch.unwrap().version, version, "the slow one gets them all, in order");
+        assert_eq!(
+            message.batch.unwrap().version,
+            version,
+            "the slow one gets them all, in order"
+        );
     }
 }
 
@@ -810,7 +960,8 @@ async fn a_slow_collection_watcher_holds_up_nobody_and_misses_nothing(backend: B
 /// `Last-Event-ID` resumes with exactly the rest, even with the initial state asked for
 /// in the URL, as a reconnecting `EventSource` sends it.
 async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
-    let app = TestApp::spawn_with(backend, |o| o.watch.heartbeat = Duration::from_millis(300)).await;
+    let app =
+        TestApp::spawn_with(backend, |o| o.watch.heartbeat = Duration::from_millis(300)).await;
     let mut client = app.client(&app.admin_key);
     let mut worker = app.worker(&app.admin_key);
     let existing = create(&mut client).await;
@@ -827,12 +978,18 @@ async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
             let response = request.send().await.unwrap();
             assert_eq!(response.status(), 200);
             assert_eq!(response.headers()["content-type"], "text/event-stream");
-            RawSse { response, buffer: String::new() }
+            RawSse {
+                response,
+                buffer: String::new(),
+            }
         }
     };
     let mut events = open(None).await;
     let initial = events.next().await;
-    assert_eq!((initial.event.as_str(), initial.id.as_deref()), ("initial", None));
+    assert_eq!(
+        (initial.event.as_str(), initial.id.as_deref()),
+        ("initial", None)
+    );
     assert_eq!(initial.data["batch"]["id"], existing.id.as_str());
     assert_eq!(initial.data["batch"]["object"], "batch");
     let synced = events.next().await;
@@ -840,23 +997,40 @@ async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
     assert_eq!(synced.data["cursor"].as_str(), synced.id.as_deref());
     let bookmark = events.next().await;
     assert_eq!(bookmark.event, "bookmark");
-    let cursor = |id: &Option<String>| batchd::domain::FeedCursor::parse("id", id.as_deref().unwrap()).unwrap();
+    let cursor = |id: &Option<String>| {
+        batchd::domain::FeedCursor::parse("id", id.as_deref().unwrap()).unwrap()
+    };
     // The same, or (PostgreSQL, whose horizon moves with any transaction) further on.
-    assert!(cursor(&bookmark.id) >= cursor(&synced.id), "a bookmark never goes back");
-    worker.update_batch(move_to(&existing.id, S::InProgress)).await.unwrap();
+    assert!(
+        cursor(&bookmark.id) >= cursor(&synced.id),
+        "a bookmark never goes back"
+    );
+    worker
+        .update_batch(move_to(&existing.id, S::InProgress))
+        .await
+        .unwrap();
     let change = events.next().await;
     assert_eq!(change.event, "change");
     assert_eq!(change.data["batch"]["status"], "in_progress");
     let last_id = change.id.clone().expect("a change has an id");
     drop(events);
 
-    worker.update_batch(move_to(&existing.id, S::Finalizing)).await.unwrap();
+    worker
+        .update_batch(move_to(&existing.id, S::Finalizing))
+        .await
+        .unwrap();
     let later = create(&mut client).await;
     let mut resumed = open(Some(last_id)).await;
     let left = resumed.next().await;
-    assert_eq!((left.event.as_str(), left.data["batch"]["status"].as_str()), ("left_filter", Some("finalizing")));
+    assert_eq!(
+        (left.event.as_str(), left.data["batch"]["status"].as_str()),
+        ("left_filter", Some("finalizing"))
+    );
     let created = resumed.next().await;
-    assert_eq!((created.event.as_str(), created.data["batch"]["id"].as_str()), ("change", Some(later.id.as_str())));
+    assert_eq!(
+        (created.event.as_str(), created.data["batch"]["id"].as_str()),
+        ("change", Some(later.id.as_str()))
+    );
 }
 
 /// A Server-Sent Events message of the feed, whose ids are cursors.
@@ -902,7 +1076,91 @@ impl RawSse {
     }
 }
 
+/// `batchd watch --all` follows every batch of the key's owner, printing each status
+/// change, with filters as flags; a batch id and `--all` together are refused.
+async fn the_watch_all_command_prints_every_status_change(backend: Backend) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let app = TestApp::spawn(backend).await;
+    let key = app.key("frank", Scope::Batches).await;
+    let mut client = app.client(&key);
+    let mut worker = app.worker(&app.admin_key);
+    let server = format!("http://{}", app.grpc_addr());
+    let existing = create(&mut client).await;
+    let foreign = create(&mut app.client(&app.key("gina", Scope::Batches).await)).await;
+    let mut follower = crate::process::batchd(
+        &["watch", "--all", "--server", &server, "--api-key", &key],
+        "unused://",
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(follower.stdout.take().unwrap()).lines();
+    let mut line = async || {
+        tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("batchd watch --all keeps running")
+    };
+    assert_eq!(
+        line().await,
+        format!("{} validating", existing.id),
+        "the initial state"
+    );
+    move_through(&mut worker, &foreign.id, &[S::InProgress]).await;
+    let later = create(&mut client).await;
+    assert_eq!(
+        line().await,
+        format!("{} validating", later.id),
+        "not gina's batch"
+    );
+    move_through(
+        &mut worker,
+        &existing.id,
+        &[S::InProgress, S::Finalizing, S::Completed],
+    )
+    .await;
+    for status in ["in_progress", "finalizing", "completed"] {
+        assert_eq!(line().await, format!("{} {status}", existing.id));
+    }
+    follower.kill().await.unwrap();
+
+    let (code, _, stderr) = crate::process::run(
+        &[
+            "watch",
+            &later.id,
+            "--all",
+            "--server",
+            &server,
+            "--api-key",
+            &key,
+        ],
+        "unused://",
+    )
+    .await;
+    assert_eq!(code, 2, "a usage error: {stderr}");
+    let (code, _, stderr) = crate::process::run(
+        &[
+            "watch",
+            "--status",
+            "running",
+            "--server",
+            &server,
+            "--api-key",
+            &key,
+        ],
+        "unused://",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--status `running` is not a status"),
+        "{stderr}"
+    );
+}
+
 on_both_stores!(
+    the_watch_all_command_prints_every_status_change,
     resuming_collection_watchers_see_exactly_the_committed_history,
     the_initial_state_meets_the_live_part_with_no_gap_and_no_duplicate,
     filters_and_tenancy_decide_what_a_watcher_sees,
