@@ -161,24 +161,30 @@ pub struct WatchArgs {
 
     /// Follow every batch the key may see (the change feed), one line and one progress
     /// bar per active batch, until interrupted.
-    #[arg(long)]
+    #[arg(long, env = "BATCHD_WATCH_ALL")]
     pub all: bool,
 
-    /// With `--all`: only batches in this status (repeat for several).
-    #[arg(long, value_name = "STATUS")]
+    /// With `--all`: only batches in this status (repeat for several; the variable takes
+    /// them comma-separated).
+    #[arg(
+        long,
+        value_name = "STATUS",
+        env = "BATCHD_WATCH_STATUS",
+        value_delimiter = ','
+    )]
     pub status: Vec<String>,
 
     /// With `--all`: only batches of this job.
-    #[arg(long)]
+    #[arg(long, env = "BATCHD_WATCH_JOB_ID")]
     pub job_id: Option<String>,
 
     /// With `--all`: only batches with this metadata pair, as KEY=VALUE (repeat for
-    /// several).
-    #[arg(long, value_name = "KEY=VALUE")]
+    /// several; the variable takes one).
+    #[arg(long, value_name = "KEY=VALUE", env = "BATCHD_WATCH_METADATA")]
     pub metadata: Vec<String>,
 
     /// With `--all`: only batches created at or after this Unix second.
-    #[arg(long)]
+    #[arg(long, env = "BATCHD_WATCH_CREATED_AFTER")]
     pub created_after: Option<i64>,
 
     /// batchd's gRPC address.

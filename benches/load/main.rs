@@ -11,6 +11,7 @@
 
 mod etcd;
 mod fanout;
+mod feed;
 mod peers;
 mod reads;
 mod setup;
@@ -41,11 +42,17 @@ pub struct Plan {
     pub fanout_batches: usize,
     /// Changes per second written during a fan-out measurement.
     pub fanout_rate: u32,
+    /// Running batches the change feed figures write to (and, per batch, watch).
+    pub feed_batches: usize,
+    /// Changes per second written during a change feed latency measurement.
+    pub feed_rate: u32,
+    /// Collection watchers (one per tenant) of the change feed's memory figure.
+    pub feed_tenants: usize,
     /// Warm-up before each timed window.
     pub warm_up: Duration,
     /// Each timed window.
     pub window: Duration,
-    /// `--only GROUP`: run one group of figures (reads, fanout, writes, sqlite, peers),
+    /// `--only GROUP`: run one group of figures (reads, fanout, feed, writes, sqlite, peers),
     /// e.g. to profile it; the figures that need another group's then lack a ratio.
     only: Option<String>,
 }
@@ -78,6 +85,9 @@ impl Plan {
                 fanout_streams: 500,
                 fanout_batches: 50,
                 fanout_rate: 50,
+                feed_batches: 1_000,
+                feed_rate: 320,
+                feed_tenants: 200,
                 warm_up: Duration::from_millis(500),
                 window: Duration::from_secs(2),
                 only,
@@ -93,6 +103,9 @@ impl Plan {
                 fanout_streams: 10_000,
                 fanout_batches: 1_000,
                 fanout_rate: 100,
+                feed_batches: 10_000,
+                feed_rate: 800,
+                feed_tenants: 1_000,
                 warm_up: Duration::from_secs(2),
                 window: Duration::from_secs(6),
                 only,
@@ -214,8 +227,8 @@ async fn run(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     // PostgreSQL: reads (figures 1-3), the watch fan-out on one replica and across two
-    // (figure 6), then writes with watchers (figure 5), whose pgbench anchor must come
-    // last: it writes rows behind batchd's back.
+    // (figure 6), the change feed (figure 8), then writes with watchers (figure 5),
+    // whose pgbench anchor must come last: it writes rows behind batchd's back.
     let server = Batchd::start(&postgres.url, &[]).await?;
     let seeded = Seeded::create(plan, &server, &postgres.url).await?;
     setup::pgbench_initialize(&postgres.url).await?;
@@ -224,6 +237,9 @@ async fn run(
     }
     if plan.runs("fanout") {
         fanout::run(plan, &server, &seeded, &postgres.url, report).await?;
+    }
+    if plan.runs("feed") {
+        feed::run(plan, &server, &seeded, &postgres.url, report).await?;
     }
     if plan.runs("writes") {
         writes::run(plan, &server, &seeded, &postgres.url, report).await?;

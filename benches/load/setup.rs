@@ -149,6 +149,12 @@ impl Batchd {
         )
     }
 
+    /// A client sending `key` instead of the admin key.
+    pub fn client_as(&self, channel: Channel, key: &str) -> Client {
+        let bearer = Bearer(format!("Bearer {key}").parse().expect("an ASCII key"));
+        BatchServiceClient::with_interceptor(channel, bearer)
+    }
+
     pub fn client(&self, channel: Channel) -> Client {
         BatchServiceClient::with_interceptor(channel, self.bearer())
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use batchd::proto::batchd::v1 as pb;
 
-use crate::reads::closed_loop;
+use crate::reads::{Throughput, closed_loop};
 use crate::setup::{Batchd, Seeded, now_nanos, pgbench, seeded_id};
 use crate::{Plan, Report};
 
@@ -80,26 +80,19 @@ fn update_script(notify_in_transaction: bool) -> String {
     }
 }
 
-/// Figure 5. Runs last on PostgreSQL: pgbench writes rows that batchd's watchers would
-/// not expect, so nothing of batchd's reads the database after it.
-pub async fn run(
+/// UpdateBatch in a closed loop at the plan's write concurrency, each task on its own
+/// share of the running batches `1..=running` (no two updates of one batch race).
+pub async fn updates_on_own_shares(
     plan: &Plan,
     server: &Batchd,
-    seeded: &Seeded,
-    database_url: &str,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let clients = plan.write_concurrency;
-    let watchers = Watchers::open(server, plan.write_watchers, seeded.running).await?;
+    running: u64,
+) -> anyhow::Result<Throughput> {
     let mut workers = Vec::new();
     for _ in 0..4 {
         workers.push(server.worker(server.channel().await?));
     }
-    let running = seeded.running;
-    // Each task writes only the batches n with n % clients == task, so that no two
-    // updates of one batch race and none is refused.
-    let cpu_before = server.cpu_seconds()?;
-    let updates = closed_loop(plan, clients, move |task, rng| {
+    let clients = plan.write_concurrency;
+    closed_loop(plan, clients, move |task, rng| {
         let mut worker = workers[task % workers.len()].clone();
         let mine = (running / clients as u64).max(1);
         let n = ((rng.pick(mine) - 1) * clients as u64 + task as u64) % running + 1;
@@ -114,7 +107,24 @@ pub async fn run(
             Ok(())
         }
     })
-    .await?;
+    .await
+}
+
+/// Figure 5. Runs last on PostgreSQL: pgbench writes rows that batchd's watchers would
+/// not expect, so nothing of batchd's reads the database after it.
+pub async fn run(
+    plan: &Plan,
+    server: &Batchd,
+    seeded: &Seeded,
+    database_url: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let clients = plan.write_concurrency;
+    let watchers = Watchers::open(server, plan.write_watchers, seeded.running).await?;
+    // Each task writes only the batches n with n % clients == task, so that no two
+    // updates of one batch race and none is refused.
+    let cpu_before = server.cpu_seconds()?;
+    let updates = updates_on_own_shares(plan, server, seeded.running).await?;
     let cpu_per_update =
         (server.cpu_seconds()? - cpu_before) * 1e6 / updates.completed.max(1) as f64;
     let delivered = watchers.stop();

@@ -48,16 +48,7 @@ impl Board {
                 println!("{} {status}", batch.id);
             }
         }
-        let ended = pb::BatchStatus::try_from(batch.status).is_ok_and(|s| {
-            matches!(
-                s,
-                pb::BatchStatus::Completed
-                    | pb::BatchStatus::Failed
-                    | pb::BatchStatus::Expired
-                    | pb::BatchStatus::Cancelled
-            )
-        });
-        if (ended || left_filter)
+        if (has_ended(batch) || left_filter)
             && let Some(bar) = self.active.remove(&batch.id)
         {
             bar.finish_and_clear();
@@ -71,6 +62,17 @@ impl Board {
             self.bars.remove(&bar);
         }
     }
+}
+
+/// Whether the batch is in a terminal status.
+fn has_ended(batch: &pb::Batch) -> bool {
+    matches!(
+        batch.status(),
+        pb::BatchStatus::Completed
+            | pb::BatchStatus::Failed
+            | pb::BatchStatus::Expired
+            | pb::BatchStatus::Cancelled
+    )
 }
 
 /// Runs `batchd watch --all` until interrupted (exit 0) or an error that resuming
@@ -91,15 +93,21 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut broken_since: Option<tokio::time::Instant> = None;
     loop {
         let mut next = request.clone();
+        if cursor.is_none() {
+            // Listing (again): what the board shows comes from this listing alone.
+            board.clear();
+        }
         next.send_initial_state = cursor.is_none();
         next.after_cursor = cursor.clone();
         let followed = tokio::select! {
             followed = follow(&mut client, next, &mut board, &mut cursor, &mut broken_since) => followed,
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
         };
-        let Err(status) = followed else {
-            // The server ended the stream without an error: resume.
-            continue;
+        let status = match followed {
+            Err(status) => status,
+            // A server (or a proxy) ended the stream without an error: resume, after a
+            // pause, as for any break.
+            Ok(()) => Status::unavailable("the stream ended"),
         };
         if status.code() == Code::FailedPrecondition && cursor.is_some() {
             // The cursor was compacted away: list again.
@@ -118,7 +126,10 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             board.clear();
             return Err(error);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
     }
 }
 
@@ -135,7 +146,11 @@ async fn follow(
         *broken_since = None;
         let kind = message.r#type();
         if let Some(batch) = &message.batch {
-            board.show(batch, kind == pb::FeedEventType::LeftFilter);
+            // The initial state shows the active batches only, not every one that ended.
+            let ended_before = kind == pb::FeedEventType::Initial && has_ended(batch);
+            if !ended_before {
+                board.show(batch, kind == pb::FeedEventType::LeftFilter);
+            }
         }
         if !message.cursor.is_empty() {
             *cursor = Some(message.cursor);

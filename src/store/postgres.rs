@@ -38,6 +38,24 @@ const FEED_HORIZON_AND_HELD_BACK: &str = "SELECT horizon::text::bigint, \
      (SELECT at FROM batch_events WHERE xid >= horizon ORDER BY xid, position LIMIT 1) \
      FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now";
 
+/// [`SELECT_CHANGES`] below the horizon of its own snapshot, in one statement, each row
+/// with that horizon and when the first event above it was written: the statement's
+/// snapshot is what `pg_current_snapshot()` returns, so every transaction below its
+/// oldest running one has ended and is seen. $1 transaction, $2 order, $3 limit. An
+/// empty result carries no horizon; the caller then reads in two statements.
+const SELECT_CHANGES_BELOW_OWN_HORIZON: &str = "SELECT e.xid::text::bigint AS \"transaction\", \
+     e.position, e.version, e.snapshot, p.snapshot ->> 'status' AS previous_status, \
+     w.through_transaction AS compacted_transaction, \
+     w.through_position AS compacted_position, \
+     h.horizon::text::bigint AS horizon, h.held_back_since \
+     FROM (SELECT now.horizon, (SELECT at FROM batch_events \
+           WHERE xid >= now.horizon ORDER BY xid, position LIMIT 1) AS held_back_since \
+           FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now) AS h \
+     CROSS JOIN feed_compaction w \
+     JOIN batch_events e ON (e.xid, e.position) > ($1::text::xid8, $2) AND e.xid < h.horizon \
+     LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+     ORDER BY e.xid, e.position LIMIT $3";
+
 /// Events after position ($1 transaction, $2 order) of transactions below $3, in
 /// transaction id order, at most $4; each with the status of the version before it and
 /// the compaction watermark.
@@ -196,6 +214,22 @@ impl Backend for PostgresBackend {
         after: FeedCursor,
         limit: i64,
     ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)> {
+        // Under load there is something to read: one statement, one round trip.
+        let rows: Vec<FeedRow> = sqlx::query_as(SELECT_CHANGES_BELOW_OWN_HORIZON)
+            .bind(after.transaction.to_string())
+            .bind(after.position)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        if let Some((horizon, held_back_since)) = rows.first().and_then(FeedRow::own_horizon) {
+            let horizon = FeedCursor {
+                transaction: horizon,
+                position: 0,
+            };
+            return Ok((rows, horizon, held_back_since));
+        }
+        // Nothing to read, or no horizon with it: the horizon is read first, then the
+        // rows below it.
         let (oldest_running, held_back_since): (i64, Option<i64>) =
             sqlx::query_as(FEED_HORIZON_AND_HELD_BACK)
                 .fetch_one(pool)
@@ -223,6 +257,8 @@ impl Backend for PostgresBackend {
             position: 0,
         })
     }
+
+    const READABLE_BY_THE_FEED: &'static str = "e.xid < pg_snapshot_xmin(pg_current_snapshot())";
 
     fn transaction_of(alias: &str) -> String {
         format!("{alias}xid::text::bigint")

@@ -95,6 +95,10 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// dot, or "" when not aliased), as a `bigint` column expression.
     fn transaction_of(alias: &str) -> String;
 
+    /// A condition on event `e`: the feed can read it now (it is below the horizon).
+    /// Compaction deletes nothing else, so that its watermark never passes the head.
+    const READABLE_BY_THE_FEED: &'static str;
+
     /// The rows of [`EventLog::changes_after`] (each with the compaction watermark
     /// read in the same statement), the horizon they were read below, and when the
     /// oldest change held back above it was committed.
@@ -179,13 +183,15 @@ const FORGET_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys \
      WHERE (user_id, idempotency_key) IN (SELECT user_id, idempotency_key \
      FROM idempotency_keys WHERE created_at < $1 LIMIT $2)";
 
-/// Deletes at most $2 events older than $1, keeping the latest version of every batch,
-/// and returns the feed position of each (`transaction` is the backend's expression).
-fn compact_events(transaction: &str) -> String {
+/// Deletes at most $2 events older than $1, keeping the latest version of every batch
+/// and every event the feed still holds back, and returns the feed position of each
+/// (`transaction` and `readable` are the backend's expressions).
+fn compact_events(transaction: &str, readable: &str) -> String {
     format!(
         "DELETE FROM batch_events \
          WHERE (batch_id, version) IN (SELECT e.batch_id, e.version FROM batch_events e \
-         JOIN batches b ON b.id = e.batch_id WHERE e.at < $1 AND e.version < b.version LIMIT $2) \
+         JOIN batches b ON b.id = e.batch_id WHERE e.at < $1 AND e.version < b.version \
+         AND {readable} LIMIT $2) \
          RETURNING {transaction}, position"
     )
 }
@@ -501,7 +507,10 @@ where
     async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
         let mut tx = B::begin_write(&self.pool).await?;
         // Built from constant text only: the backend's column expression.
-        let delete = sqlx::AssertSqlSafe(compact_events(&B::transaction_of("")));
+        let delete = sqlx::AssertSqlSafe(compact_events(
+            &B::transaction_of(""),
+            B::READABLE_BY_THE_FEED,
+        ));
         let deleted: Vec<(i64, i64)> = sqlx::query_as(delete)
             .bind(before_at)
             .bind(limit)
@@ -779,9 +788,21 @@ pub(super) struct FeedRow {
     previous_status: Option<String>,
     compacted_transaction: i64,
     compacted_position: i64,
+    /// The horizon of the statement that read the row, where it reads its own.
+    #[sqlx(default)]
+    horizon: Option<i64>,
+    /// With `horizon`: when the first event above it was written.
+    #[sqlx(default)]
+    held_back_since: Option<i64>,
 }
 
 impl FeedRow {
+    /// The horizon the row was read below, and when the first event above it was
+    /// written, if the statement read its own horizon.
+    pub(super) fn own_horizon(&self) -> Option<(i64, Option<i64>)> {
+        Some((self.horizon?, self.held_back_since))
+    }
+
     fn compacted_through(&self) -> FeedCursor {
         FeedCursor {
             transaction: self.compacted_transaction,

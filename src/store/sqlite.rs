@@ -188,6 +188,9 @@ impl Backend for SqliteBackend {
         })
     }
 
+    // Every committed event is readable: positions are commit order.
+    const READABLE_BY_THE_FEED: &'static str = "TRUE";
+
     fn transaction_of(_alias: &str) -> String {
         "0".to_owned()
     }

@@ -1,7 +1,9 @@
 //! The change feed of one replica: one reader of the event log, in feed order, for all
 //! of this replica's collection watchers. Each read is broadcast once as a slice, the
-//! changes of a range of cursors `(from, to]`, all of them; a watcher applies its
-//! filter to each in memory. A watcher whose cursor is inside or at the start of a
+//! changes of a range of cursors `(from, to]`: all of them to the watchers of every
+//! owner (worker and admin keys), and to the watchers of one owner only that owner's,
+//! on a channel of its own, so that a tenant's watchers wake only for its changes. A
+//! watcher applies its filter to each change in memory. A watcher whose cursor is inside or at the start of a
 //! slice takes the changes after its cursor; one that is behind the slice (it fell
 //! behind, or joined between two reads) reads the log itself, so a slow watcher never
 //! makes a gap and never holds up the others.
@@ -12,11 +14,12 @@
 //! backoff. How long they have been held back is the `batchd_change_feed_delay_seconds`
 //! gauge.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit, broadcast, watch};
 
 use crate::domain::{Batch, BatchStatus, FeedCursor};
 use crate::error::{Error, Result};
@@ -26,11 +29,24 @@ use crate::store::{EventLog, FeedChange};
 pub(super) const FEED_PAGE: i64 = 256;
 
 /// Slices kept for watchers that have not read them yet; one that falls further behind
-/// reads the log itself.
-const SLICE_CAPACITY: usize = 64;
+/// reads the log itself. The buffer is a ring, so this bounds the replica's memory
+/// whatever its watchers do: at most this many reads' changes are held.
+const SLICE_CAPACITY: usize = 16;
+
+/// Reads of the log by watchers catching up (each a page) at once, on this replica:
+/// however many streams fall behind or resume from old cursors, they take turns and
+/// load the database no more than this.
+const CATCH_UP_READS: usize = 2;
 
 /// The first and the longest wait before reading again while changes are held back.
 const HELD_BACK_RETRY: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
+
+/// While busy, the reader pauses after a read for this long per change it read, up to
+/// `MAX_BUSY_PAUSE`, so that under a heavy write load it reads more changes per query
+/// (and asks the database less often), at the cost of at most that much latency; a
+/// lightly loaded feed (a change or two per read) is read at once.
+const BUSY_PAUSE_PER_CHANGE: Duration = Duration::from_micros(200);
+const MAX_BUSY_PAUSE: Duration = Duration::from_millis(5);
 
 /// How long the reader waits after a failed read.
 const FAILED_READ_RETRY: Duration = Duration::from_millis(200);
@@ -61,32 +77,89 @@ pub(super) struct FeedSlice {
     pub(super) changes: Vec<SharedChange>,
 }
 
-/// Where the reader is.
-#[derive(Debug, Default)]
-struct ReaderPosition {
-    /// Read up to here; `None` while no watcher is joined (the reader starts at the
-    /// head again when one joins).
-    read_to: Option<FeedCursor>,
-    /// The `to` of the latest slice, or where the reader started: nothing between it
-    /// and `read_to` changed.
+/// A channel of slices: every slice sent on it is complete, for what the channel
+/// carries, over `(from, to]`, and `from` is the previous slice's `to`.
+#[derive(Debug)]
+struct SliceChannel {
+    sender: broadcast::Sender<Arc<FeedSlice>>,
+    /// The `to` of the latest slice sent, or where the channel started: nothing it
+    /// carries changed between it and the reader's `read_to`.
     broadcast_to: FeedCursor,
+    /// Watchers joined (the channel of one owner goes with its last watcher).
+    watchers: usize,
+}
+
+impl SliceChannel {
+    fn new(start: FeedCursor) -> SliceChannel {
+        SliceChannel {
+            sender: broadcast::channel(SLICE_CAPACITY).0,
+            broadcast_to: start,
+            watchers: 0,
+        }
+    }
+
+    /// Sends the changes up to `to` (possibly none: then nothing is sent, and the next
+    /// slice covers the range).
+    fn send(&mut self, to: FeedCursor, changes: Vec<SharedChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        let slice = FeedSlice {
+            from: self.broadcast_to,
+            to,
+            changes,
+        };
+        self.broadcast_to = to;
+        // No receiver is not an error: every watcher just left.
+        let _ = self.sender.send(Arc::new(slice));
+    }
+}
+
+/// Where the reader is, and its channels.
+#[derive(Debug)]
+struct ReaderPosition {
+    /// Read up to here; `None` while the reader rests (it starts at the head again).
+    read_to: Option<FeedCursor>,
+    /// Every change, for the watchers of every owner.
+    everything: SliceChannel,
+    /// Each owner's changes, for the owners with watchers here.
+    owners: HashMap<String, SliceChannel>,
+}
+
+impl ReaderPosition {
+    /// Starts every channel at `head`: the reader starts reading there.
+    fn start_at(&mut self, head: FeedCursor) {
+        self.read_to = Some(head);
+        self.everything.broadcast_to = head;
+        for channel in self.owners.values_mut() {
+            channel.broadcast_to = head;
+        }
+    }
+
+    fn channel(&mut self, owner: Option<&str>) -> Option<&mut SliceChannel> {
+        match owner {
+            None => Some(&mut self.everything),
+            Some(owner) => self.owners.get_mut(owner),
+        }
+    }
 }
 
 /// The change feed reader of one replica.
 pub(super) struct ChangeFeed {
     log: Arc<dyn EventLog>,
-    slices: broadcast::Sender<Arc<FeedSlice>>,
     wake: Notify,
     watchers: AtomicUsize,
     position: Mutex<ReaderPosition>,
     reader_started: OnceLock<()>,
     poll: Duration,
+    catch_up_reads: Semaphore,
 }
 
 /// A watcher's place in the feed; dropping it lets the reader rest when it was the
-/// last.
+/// last, and closes its owner's channel when it was the owner's last.
 pub(super) struct FeedMembership {
     feed: Arc<ChangeFeed>,
+    owner: Option<String>,
     pub(super) slices: broadcast::Receiver<Arc<FeedSlice>>,
 }
 
@@ -95,12 +168,16 @@ impl ChangeFeed {
     pub(super) fn new(log: Arc<dyn EventLog>, poll: Duration) -> Arc<ChangeFeed> {
         Arc::new(ChangeFeed {
             log,
-            slices: broadcast::channel(SLICE_CAPACITY).0,
             wake: Notify::new(),
             watchers: AtomicUsize::new(0),
-            position: Mutex::default(),
+            position: Mutex::new(ReaderPosition {
+                read_to: None,
+                everything: SliceChannel::new(FeedCursor::default()),
+                owners: HashMap::new(),
+            }),
             reader_started: OnceLock::new(),
             poll,
+            catch_up_reads: Semaphore::new(CATCH_UP_READS),
         })
     }
 
@@ -111,10 +188,28 @@ impl ChangeFeed {
         }
     }
 
-    /// Joins the feed: the watcher receives every slice broadcast from now on. Starts
-    /// the reader on first use; it stops when `stopping` turns true.
-    pub(super) fn join(self: &Arc<Self>, stopping: watch::Receiver<bool>) -> FeedMembership {
-        let slices = self.slices.subscribe();
+    /// Joins the feed: the watcher receives every slice of `owner`'s changes (every
+    /// owner's for `None`) broadcast from now on. Starts the reader on first use; it
+    /// stops when `stopping` turns true.
+    pub(super) fn join(
+        self: &Arc<Self>,
+        owner: Option<&str>,
+        stopping: watch::Receiver<bool>,
+    ) -> FeedMembership {
+        let slices = {
+            let mut position = self.lock_position();
+            // A new channel starts where the reader is: nothing before was missed.
+            let start = position.read_to.unwrap_or_default();
+            let channel = match owner {
+                None => &mut position.everything,
+                Some(owner) => position
+                    .owners
+                    .entry(owner.to_owned())
+                    .or_insert_with(|| SliceChannel::new(start)),
+            };
+            channel.watchers += 1;
+            channel.sender.subscribe()
+        };
         self.watchers.fetch_add(1, Ordering::AcqRel);
         if self.reader_started.set(()).is_ok() {
             tokio::spawn(run_reader(self.clone(), stopping));
@@ -122,32 +217,43 @@ impl ChangeFeed {
         self.wake.notify_one();
         FeedMembership {
             feed: self.clone(),
+            owner: owner.map(str::to_owned),
             slices,
         }
     }
 
-    /// A cursor at or after `cursor` with no change in between: the reader's, when a
-    /// watcher at `cursor` has everything broadcast so far; for idle bookmarks.
-    pub(super) fn idle_cursor(&self, cursor: FeedCursor) -> FeedCursor {
-        let position = self.lock_position();
-        match position.read_to {
-            Some(read_to) if cursor >= position.broadcast_to => cursor.max(read_to),
+    /// A turn to read a page of the log for a watcher's own catch-up or listing.
+    pub(super) async fn catch_up_turn(&self) -> Result<SemaphorePermit<'_>> {
+        self.catch_up_reads
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("the catch-up semaphore was closed".into()))
+    }
+
+    /// A cursor at or after `cursor` with no change of `owner`'s (every owner's for
+    /// `None`) in between: the reader's, when a watcher at `cursor` has everything its
+    /// channel sent so far; for idle bookmarks.
+    pub(super) fn idle_cursor(&self, owner: Option<&str>, cursor: FeedCursor) -> FeedCursor {
+        let mut position = self.lock_position();
+        let read_to = position.read_to;
+        let sent_to = position.channel(owner).map(|channel| channel.broadcast_to);
+        match (read_to, sent_to) {
+            (Some(read_to), Some(sent_to)) if cursor >= sent_to => cursor.max(read_to),
             _ => cursor,
         }
     }
 
-    /// Reads everything after the reader's position and broadcasts it. Returns whether
-    /// committed changes are held back (read again soon).
-    async fn read(&self) -> Result<bool> {
+    /// Reads everything after the reader's position and broadcasts it. Returns how
+    /// many changes it read and whether committed changes are held back (read again
+    /// soon).
+    async fn read(&self) -> Result<(usize, bool)> {
+        let mut read = 0;
         let start = self.lock_position().read_to;
         let mut cursor = match start {
             Some(cursor) => cursor,
             None => {
                 let head = self.log.feed_bounds().await?.head;
-                *self.lock_position() = ReaderPosition {
-                    read_to: Some(head),
-                    broadcast_to: head,
-                };
+                self.lock_position().start_at(head);
                 head
             }
         };
@@ -160,34 +266,42 @@ impl ChangeFeed {
                     // watcher, behind the next slice, reads the log and is refused.
                     tracing::warn!(%cursor, %oldest, "change feed reader fell behind compaction; restarting at the head");
                     self.lock_position().read_to = None;
-                    return Ok(false);
+                    return Ok((read, false));
                 }
                 Err(error) => return Err(error),
             };
             let full = page.changes.len() as i64 >= FEED_PAGE;
+            read += page.changes.len();
             let delay = page
                 .held_back_since
                 .map_or(0, |at| (super::hub::now_ms() / 1_000 - at).max(0));
             metrics::gauge!("batchd_change_feed_delay_seconds").set(delay as f64);
             {
                 let mut position = self.lock_position();
-                if !page.changes.is_empty() {
-                    let slice = FeedSlice {
-                        from: position.broadcast_to,
-                        to: page.next,
-                        changes: page.changes.into_iter().map(SharedChange::from).collect(),
-                    };
-                    metrics::counter!("batchd_change_feed_changes_read_total")
-                        .increment(slice.changes.len() as u64);
-                    position.broadcast_to = page.next;
-                    // No receiver is not an error: every watcher just left.
-                    let _ = self.slices.send(Arc::new(slice));
+                metrics::counter!("batchd_change_feed_changes_read_total")
+                    .increment(page.changes.len() as u64);
+                let changes: Vec<SharedChange> =
+                    page.changes.into_iter().map(SharedChange::from).collect();
+                if !position.owners.is_empty() {
+                    let mut by_owner: HashMap<&str, Vec<SharedChange>> = HashMap::new();
+                    for change in &changes {
+                        let owner = change.batch.user_id.as_str();
+                        if position.owners.contains_key(owner) {
+                            by_owner.entry(owner).or_default().push(change.clone());
+                        }
+                    }
+                    for (owner, theirs) in by_owner {
+                        if let Some(channel) = position.owners.get_mut(owner) {
+                            channel.send(page.next, theirs);
+                        }
+                    }
                 }
+                position.everything.send(page.next, changes);
                 position.read_to = Some(page.next);
             }
             cursor = page.next;
             if !full {
-                return Ok(page.held_back_since.is_some());
+                return Ok((read, page.held_back_since.is_some()));
             }
         }
     }
@@ -203,6 +317,17 @@ impl ChangeFeed {
 
 impl Drop for FeedMembership {
     fn drop(&mut self) {
+        {
+            let mut position = self.feed.lock_position();
+            if let Some(channel) = position.channel(self.owner.as_deref()) {
+                channel.watchers -= 1;
+                if channel.watchers == 0
+                    && let Some(owner) = &self.owner
+                {
+                    position.owners.remove(owner);
+                }
+            }
+        }
         self.feed.watchers.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -224,15 +349,22 @@ async fn run_reader(feed: Arc<ChangeFeed>, mut stopping: watch::Receiver<bool>) 
             metrics::gauge!("batchd_change_feed_delay_seconds").set(0.0);
             continue;
         }
-        retry = match feed.read().await {
-            Ok(false) => None,
-            Ok(true) => {
-                Some(retry.map_or(HELD_BACK_RETRY.0, |wait| (wait * 2).min(HELD_BACK_RETRY.1)))
-            }
+        let (read, held_back) = match feed.read().await {
+            Ok(outcome) => outcome,
             Err(error) => {
                 tracing::warn!(%error, "change feed reader cannot read the event log");
-                Some(FAILED_READ_RETRY)
+                retry = Some(FAILED_READ_RETRY);
+                continue;
             }
         };
+        retry = held_back
+            .then(|| retry.map_or(HELD_BACK_RETRY.0, |wait| (wait * 2).min(HELD_BACK_RETRY.1)));
+        let pause = (BUSY_PAUSE_PER_CHANGE * read as u32).min(MAX_BUSY_PAUSE);
+        if read > 1 {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = crate::shutdown::requested(&mut stopping) => return,
+            }
+        }
     }
 }

@@ -121,7 +121,8 @@ impl CollectionWatcher {
                     Err(RecvError::Closed) => return Err(Error::ShuttingDown.into()),
                 },
                 _ = tokio::time::sleep_until(next_bookmark) => {
-                    self.cursor = self.context.feed.idle_cursor(self.cursor);
+                    let owner = self.context.filter.owner.as_deref();
+                    self.cursor = self.context.feed.idle_cursor(owner, self.cursor);
                     self.send(FeedEventKind::Bookmark, None).await?;
                 }
             }
@@ -135,7 +136,10 @@ impl CollectionWatcher {
         let head = self.cursor;
         let mut after: Option<BatchId> = None;
         loop {
+            self.still_wanted()?;
             let filter = &self.context.filter;
+            // The turn is held for the read only, never while the client is slow.
+            let turn = self.context.feed.catch_up_turn().await?;
             let page = self
                 .context
                 .log
@@ -151,6 +155,7 @@ impl CollectionWatcher {
                     limit: INITIAL_PAGE,
                 })
                 .await?;
+            drop(turn);
             let complete = (page.len() as i64) < INITIAL_PAGE;
             after = page.last().map(|(_, batch)| batch.id.clone());
             for (position, batch) in page {
@@ -165,14 +170,18 @@ impl CollectionWatcher {
         }
     }
 
-    /// Judges every change after the cursor, read from the log.
+    /// Judges every change after the cursor, read from the log a page at a time, each
+    /// page in its turn with the replica's other catch-ups.
     async fn catch_up(&mut self) -> Result<(), Stop> {
         loop {
-            let page = self
-                .context
-                .log
-                .changes_after(self.cursor, FEED_PAGE)
-                .await?;
+            self.still_wanted()?;
+            let page = {
+                let _turn = self.context.feed.catch_up_turn().await?;
+                self.context
+                    .log
+                    .changes_after(self.cursor, FEED_PAGE)
+                    .await?
+            };
             let complete = (page.changes.len() as i64) < FEED_PAGE;
             for change in page.changes {
                 self.judge(&SharedChange::from(change)).await?;
@@ -182,6 +191,22 @@ impl CollectionWatcher {
                 return Ok(());
             }
         }
+    }
+
+    /// Stops a long read of the log (a catch-up from an old cursor, a large listing)
+    /// as soon as nobody wants it: the client left, the replica stops, or the key was
+    /// revoked. Sending alone would not notice when nothing matches.
+    fn still_wanted(&self) -> Result<(), Stop> {
+        if self.out.is_closed() {
+            return Err(Stop::ClientGone);
+        }
+        if *self.context.stopping.borrow() {
+            return Err(Error::ShuttingDown.into());
+        }
+        if *self.context.revoked.borrow() {
+            return Err(Error::Unauthenticated(KEY_REVOKED).into());
+        }
+        Ok(())
     }
 
     /// Sends `change` as a `CHANGE` when the batch matches the filter, as `LEFT_FILTER`

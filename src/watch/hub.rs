@@ -353,7 +353,9 @@ impl WatchHub {
                 });
             }
         }
-        let membership = self.change_feed.join(self.stopping.subscribe());
+        let membership = self
+            .change_feed
+            .join(filter.owner.as_deref(), self.stopping.subscribe());
         let (sender, receiver) = mpsc::channel(self.options.stream_buffer);
         let context = CollectionContext {
             log: self.log.clone(),

@@ -159,14 +159,30 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
     }
     let admin_key = admin_key.expect("one replica created the first key");
     let addresses: Vec<_> = apps.iter().map(App::grpc_addr).collect();
-    let mut client = client_of(&addresses, 0, &admin_key).await;
+    // Odd batches are a tenant's, and a quarter of the watchers watch as that tenant:
+    // they must see its batches only (the feed routes a tenant's changes apart).
+    let (_, tenant_secret) = apps[0]
+        .service()
+        .create_api_key("tenant-a", Scope::Batches)
+        .await
+        .unwrap();
+    let tenant_key = tenant_secret.expose().to_owned();
+    let as_tenant = |w: u64| w % 4 == 3;
+    let mut admin = client_of(&addresses, 0, &admin_key).await;
+    let mut tenant = client_of(&addresses, 1, &tenant_key).await;
     let mut ids = Vec::new();
     for i in 0..BATCHES {
         let mut request = new_batch();
         request.metadata.insert("group".into(), (i % 4).to_string());
-        let batch = client.create_batch(request).await.unwrap().into_inner();
+        let owner = if i % 2 == 1 { &mut tenant } else { &mut admin };
+        let batch = owner.create_batch(request).await.unwrap().into_inner();
         ids.push(batch.id);
     }
+    let tenants_batch: HashMap<&str, bool> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i % 2 == 1))
+        .collect();
 
     // Watchers: a third follow everything, a third in_progress only, a third group 1.
     let filter_of = |w: u64| -> pb::WatchBatchesRequest {
@@ -186,7 +202,12 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
     let (ready_sender, mut ready) = tokio::sync::mpsc::channel::<()>(WATCHERS as usize);
     let mut watchers = JoinSet::new();
     for w in 0..WATCHERS {
-        let (addresses, key, mut target) = (addresses.clone(), admin_key.clone(), target.clone());
+        let key = if as_tenant(w) {
+            &tenant_key
+        } else {
+            &admin_key
+        };
+        let (addresses, key, mut target) = (addresses.clone(), key.clone(), target.clone());
         let ready_sender = ready_sender.clone();
         let request = filter_of(w);
         watchers.spawn(async move {
@@ -284,6 +305,9 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
             {
                 continue;
             }
+            if as_tenant(w) && !tenants_batch[id.as_str()] {
+                continue;
+            }
             let events = expected(&histories[id], &statuses, 2);
             if !events.is_empty() {
                 per_batch.insert(id.clone(), events);
@@ -305,6 +329,7 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
         // The initial state: every batch at version 1 that matched then.
         let initially_matching = ids
             .iter()
+            .filter(|id| !as_tenant(w) || tenants_batch[id.as_str()])
             .filter(|id| match request.metadata.get("group") {
                 Some(group) => *group == group_of[id.as_str()],
                 None => request.statuses.is_empty(),
