@@ -434,3 +434,31 @@ macro_rules! on_both_stores {
     };
 }
 pub(crate) use on_both_stores;
+
+/// Compacts the event log with `retention` until `expected` events are deleted in all,
+/// and checks that no more are. On PostgreSQL compaction leaves what the change feed
+/// still holds back, and the feed's horizon is the server's: another test's transaction
+/// may hold it a moment after this test's writes.
+pub async fn compact_exactly(
+    service: &batchd::service::BatchService,
+    retention: Duration,
+    expected: u64,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut deleted = 0;
+    loop {
+        deleted += service
+            .compact_event_log(retention)
+            .await
+            .expect("compaction");
+        if deleted >= expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "compaction deleted {deleted} of {expected} events"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(deleted, expected, "compaction deleted exactly these");
+}

@@ -10,7 +10,9 @@ use batchd::domain::{
     ApiKey, ApiKeySecret, Batch, BatchEvent, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
     BatchUpdateInput, Caller, CreateBatchInput, NewBatch, RequestCounts, Scope,
 };
-use batchd::store::{BatchPageQuery, EarlierClaim, FeedCursor, IdempotencyClaim, Store};
+use batchd::store::{
+    BatchPageQuery, EarlierClaim, FeedChange, FeedCursor, IdempotencyClaim, Store,
+};
 
 use crate::helpers::*;
 
@@ -119,6 +121,29 @@ async fn with_versions(store: &dyn Store, owner: &str, now: i64, versions: i64) 
         commit(store, &batch).await;
     }
     batch
+}
+
+/// Every change of the feed from the start, once `count` are readable: on PostgreSQL
+/// the horizon is the server's, and other tests' transactions may hold it a moment.
+/// Then compaction, which leaves what the feed holds back, sees them all too.
+async fn readable_changes(store: &dyn Store, count: usize) -> Vec<FeedChange> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let page = store
+            .changes_after(FeedCursor::default(), 1_000)
+            .await
+            .unwrap();
+        if page.changes.len() >= count {
+            assert_eq!(page.changes.len(), count, "no more changes than committed");
+            return page.changes;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {count} changes became readable",
+            page.changes.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 // The event log's two reads are called here only, so that the suite follows them
@@ -327,6 +352,7 @@ async fn compaction_deletes_old_versions_in_chunks_and_never_a_latest_version(ba
     let busy = with_versions(&*store, "alice", T0, 5).await;
     // One version only, as old as the oldest: the latest, so it stays.
     let quiet = with_versions(&*store, "alice", T0, 1).await;
+    readable_changes(&*store, 6).await;
 
     // Before T0+61: versions 1 and 2 of the busy batch, one per chunk of 1.
     assert_eq!(store.compact_events(T0 + 61, 1).await.unwrap(), 1);
@@ -951,7 +977,94 @@ async fn the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywh
     store.close().await;
 }
 
+/// Each change of the feed carries the status of the version before it, while that
+/// version is in the log: what tells a filtered watcher that a batch left its filter.
+async fn each_feed_change_carries_the_status_before_it(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    with_versions(&*store, "alice", T0, 3).await;
+    let changes = readable_changes(&*store, 3).await;
+    let before: Vec<Option<BatchStatus>> = changes.iter().map(|c| c.previous_status).collect();
+    assert_eq!(
+        before,
+        vec![
+            None,
+            Some(BatchStatus::Validating),
+            Some(BatchStatus::InProgress)
+        ]
+    );
+    store.close().await;
+}
+
+/// Compaction raises the feed's oldest resumable cursor past every change it deleted,
+/// in the same transaction: a read from before it is refused, naming it; a read from
+/// it gets exactly what is left after it. The head never goes below it.
+async fn compaction_raises_the_oldest_cursor_and_an_older_read_is_refused(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let start = store.feed_bounds().await.unwrap();
+    assert_eq!(
+        start.oldest,
+        FeedCursor::default(),
+        "a new store keeps everything"
+    );
+    let batch = with_versions(&*store, "alice", T0, 4).await;
+    let all = readable_changes(&*store, 4).await;
+    assert_eq!(store.compact_events(i64::MAX, 10).await.unwrap(), 3);
+    let bounds = store.feed_bounds().await.unwrap();
+    assert_eq!(bounds.oldest, all[2].cursor, "the last change deleted");
+    assert!(bounds.head >= bounds.oldest);
+    for old in [FeedCursor::default(), all[1].cursor] {
+        match store.changes_after(old, 10).await {
+            Err(batchd::error::Error::FeedCompacted { oldest, .. }) => {
+                assert_eq!(oldest, bounds.oldest.to_string());
+            }
+            other => panic!("a read from {old} must be refused, got {other:?}"),
+        }
+    }
+    let rest = store.changes_after(bounds.oldest, 10).await.unwrap();
+    let versions: Vec<i64> = rest.changes.iter().map(|c| c.batch.version).collect();
+    assert_eq!(versions, vec![4]);
+    assert_eq!(rest.changes[0].batch, batch);
+    assert_eq!(
+        rest.changes[0].previous_status, None,
+        "the version before is gone"
+    );
+    store.close().await;
+}
+
+/// A listing for the feed gives each batch with the position of the version listed:
+/// the position of its latest change in the feed.
+async fn listed_batches_come_with_the_position_of_their_version(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let a = with_versions(&*store, "alice", T0, 3).await;
+    let b = with_versions(&*store, "alice", T0, 1).await;
+    let c = with_versions(&*store, "bob", T0, 2).await;
+    let feed = readable_changes(&*store, 6).await;
+    let latest_position = |batch: &Batch| {
+        feed.iter()
+            .filter(|change| change.batch.id == batch.id)
+            .map(|change| change.cursor)
+            .max()
+            .unwrap()
+    };
+    let mut query = everything();
+    query.oldest_first = true;
+    let listed = store.batches_with_positions(query).await.unwrap();
+    let expected: Vec<(FeedCursor, Batch)> = [&a, &b, &c]
+        .into_iter()
+        .map(|batch| (latest_position(batch), batch.clone()))
+        .collect();
+    assert_eq!(listed, expected);
+    query.owner = Some("alice");
+    query.statuses = &[BatchStatus::InProgress];
+    let listed = store.batches_with_positions(query).await.unwrap();
+    assert_eq!(listed, vec![(latest_position(&a), a.clone())]);
+    store.close().await;
+}
+
 on_both_stores!(
+    each_feed_change_carries_the_status_before_it,
+    compaction_raises_the_oldest_cursor_and_an_older_read_is_refused,
+    listed_batches_come_with_the_position_of_their_version,
     the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywhere,
     an_inserted_batch_is_read_back_whole_alone_and_among_others,
     a_commit_from_the_stored_version_replaces_the_batch_and_logs_it,
@@ -1014,5 +1127,43 @@ async fn a_change_that_began_first_but_committed_last_is_not_skipped() {
         after_commit,
         vec![(early.id.clone(), 2), (late.id.clone(), 2)]
     );
+    store.close().await;
+}
+
+/// Compaction deletes nothing the feed still holds back: while a transaction that began
+/// before them is open, old-enough changes above the horizon stay, so the oldest
+/// resumable cursor never passes the head; once it ends, they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_what_the_feed_holds_back() {
+    use sqlx::{Connection, Executor};
+
+    let (db, store) = fresh_store(Backend::Postgres).await;
+    let mut open = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    open.execute("BEGIN").await.unwrap();
+    open.execute("SELECT pg_current_xact_id()").await.unwrap();
+    let batch = with_versions(&*store, "alice", T0, 3).await;
+    assert_eq!(
+        store.compact_events(i64::MAX, 10).await.unwrap(),
+        0,
+        "held back: kept"
+    );
+    let bounds = store.feed_bounds().await.unwrap();
+    assert!(bounds.oldest <= bounds.head);
+    open.execute("COMMIT").await.unwrap();
+    // The horizon is the server's: other tests' transactions may hold it a moment more.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut deleted = 0;
+    while deleted < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "compacted {deleted} of 2"
+        );
+        deleted += store.compact_events(i64::MAX, 10).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(deleted, 2);
+    assert_eq!(logged_versions(&*store, &batch.id).await, vec![3]);
+    let bounds = store.feed_bounds().await.unwrap();
+    assert!(bounds.oldest <= bounds.head);
     store.close().await;
 }
