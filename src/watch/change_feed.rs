@@ -98,6 +98,16 @@ impl SliceChannel {
         }
     }
 
+    /// Starts the channel again at `head`, telling its watchers with an empty slice.
+    fn restart_at(&mut self, head: FeedCursor) {
+        self.broadcast_to = head;
+        let _ = self.sender.send(Arc::new(FeedSlice {
+            from: head,
+            to: head,
+            changes: Vec::new(),
+        }));
+    }
+
     /// Sends the changes up to `to` (possibly none: then nothing is sent, and the next
     /// slice covers the range).
     fn send(&mut self, to: FeedCursor, changes: Vec<SharedChange>) {
@@ -127,12 +137,14 @@ struct ReaderPosition {
 }
 
 impl ReaderPosition {
-    /// Starts every channel at `head`: the reader starts reading there.
+    /// Starts every channel at `head`: the reader starts reading there. Each channel
+    /// says so with an empty slice `(head, head]`, so that a watcher behind it (however
+    /// quiet its owner stays) reads the log up to there, and one past it skips it.
     fn start_at(&mut self, head: FeedCursor) {
         self.read_to = Some(head);
-        self.everything.broadcast_to = head;
+        self.everything.restart_at(head);
         for channel in self.owners.values_mut() {
-            channel.broadcast_to = head;
+            channel.restart_at(head);
         }
     }
 
@@ -366,5 +378,46 @@ async fn run_reader(feed: Arc<ChangeFeed>, mut stopping: watch::Receiver<bool>) 
                 _ = crate::shutdown::requested(&mut stopping) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::ChangeFeed;
+    use crate::domain::FeedCursor;
+    use crate::store::StoreOptions;
+
+    /// A reader that starts (or starts again) at the head tells every channel, however
+    /// quiet its owner: a watcher behind the head gets a slice starting past its cursor,
+    /// which sends it to the log, instead of waiting behind the channel for good.
+    #[tokio::test]
+    async fn a_starting_reader_tells_a_quiet_owner_where_it_starts() {
+        let store = crate::store::connect("sqlite::memory:", &StoreOptions::default())
+            .await
+            .expect("an in-memory database");
+        store.migrate().await.expect("migrations");
+        // Another owner's batch: the head moves past where alice's channel begins.
+        let bobs = crate::domain::fixtures::created_by("bob", 1_700_000_000);
+        store.insert_batch(&bobs).await.unwrap();
+        let head = store.feed_bounds().await.unwrap().head;
+        assert!(head > FeedCursor::default());
+
+        let feed = ChangeFeed::new(store, Duration::from_secs(3600));
+        let (_keep_running, stopping) = tokio::sync::watch::channel(false);
+        let mut alice = feed.join(Some("alice"), stopping);
+        let slice = tokio::time::timeout(Duration::from_secs(5), alice.slices.recv())
+            .await
+            .expect("the starting reader tells alice's channel")
+            .unwrap();
+        assert_eq!((slice.from, slice.to), (head, head));
+        assert!(slice.changes.is_empty(), "bob's change is not alice's");
+        assert_eq!(
+            feed.idle_cursor(Some("alice"), head),
+            head,
+            "a watcher at the head is in step with its channel"
+        );
+        drop(alice);
     }
 }

@@ -140,6 +140,7 @@ impl CollectionWatcher {
             let filter = &self.context.filter;
             // The turn is held for the read only, never while the client is slow.
             let turn = self.context.feed.catch_up_turn().await?;
+            self.still_wanted()?;
             let page = self
                 .context
                 .log
@@ -177,6 +178,8 @@ impl CollectionWatcher {
             self.still_wanted()?;
             let page = {
                 let _turn = self.context.feed.catch_up_turn().await?;
+                // The turn may have been long in coming.
+                self.still_wanted()?;
                 self.context
                     .log
                     .changes_after(self.cursor, FEED_PAGE)
