@@ -28,4 +28,4 @@ pub mod shutdown; // the stop signal shared by every background task
 pub mod store; // Store and its read-only EventLog; SQLite and PostgreSQL behind one generic SQL store
 pub mod telemetry; // logs, OTLP traces, metrics, the request observers
 pub mod watch; // WatchBatch and WatchBatches: the per-replica hub, its feeds, the change feed reader, one task per stream
-pub mod webhooks; // (under construction) Standard Webhooks signatures, event types, destination checks
+pub mod webhooks; // (under construction) Standard Webhooks signatures, event types, endpoint and destination checks

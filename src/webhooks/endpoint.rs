@@ -1,0 +1,237 @@
+//! A webhook endpoint's settings as clients send them (OpenAI's `name`, `url` and
+//! `event_types`), checked: a name of 1 to 256 characters, a URL that
+//! [`DestinationPolicy`] lets webhooks reach, and at least one of batchd's event types.
+
+use url::Url;
+
+use super::destination::DestinationPolicy;
+use super::events::WebhookEventType;
+use crate::error::{Error, Result};
+
+/// Longest endpoint name, in characters (OpenAI's limit).
+pub const MAX_ENDPOINT_NAME_CHARS: usize = 256;
+
+/// An endpoint's settings as a create or update request carries them; on an update,
+/// what is absent stays as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointInput {
+    /// A human-readable name.
+    pub name: Option<String>,
+    /// Where deliveries go.
+    pub url: Option<String>,
+    /// What the endpoint subscribes to, by name.
+    pub event_types: Option<Vec<String>>,
+}
+
+/// An endpoint's checked settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSettings {
+    /// A human-readable name.
+    pub name: String,
+    /// Where deliveries go.
+    pub url: Url,
+    /// What the endpoint subscribes to: distinct, in [`WebhookEventType::ALL`] order.
+    pub event_types: Vec<WebhookEventType>,
+}
+
+impl EndpointSettings {
+    /// The settings of a new endpoint: every field is required.
+    pub fn create(input: EndpointInput, policy: &DestinationPolicy) -> Result<EndpointSettings> {
+        let name = input
+            .name
+            .ok_or_else(|| Error::invalid("name", "is required"))?;
+        let url = input
+            .url
+            .ok_or_else(|| Error::invalid("url", "is required"))?;
+        let event_types = input
+            .event_types
+            .ok_or_else(|| Error::invalid("event_types", "is required"))?;
+        Ok(EndpointSettings {
+            name: check_name(name)?,
+            url: policy.check_url("url", &url)?,
+            event_types: check_event_types(&event_types)?,
+        })
+    }
+
+    /// These settings with an update applied: each field given replaces the current
+    /// one, checked as on create.
+    pub fn update(
+        self,
+        input: EndpointInput,
+        policy: &DestinationPolicy,
+    ) -> Result<EndpointSettings> {
+        Ok(EndpointSettings {
+            name: input.name.map(check_name).transpose()?.unwrap_or(self.name),
+            url: input
+                .url
+                .map(|url| policy.check_url("url", &url))
+                .transpose()?
+                .unwrap_or(self.url),
+            event_types: input
+                .event_types
+                .map(|types| check_event_types(&types))
+                .transpose()?
+                .unwrap_or(self.event_types),
+        })
+    }
+}
+
+fn check_name(name: String) -> Result<String> {
+    let chars = name.chars().count();
+    if !(1..=MAX_ENDPOINT_NAME_CHARS).contains(&chars) {
+        return Err(Error::invalid(
+            "name",
+            format!("has {chars} characters; use 1 to {MAX_ENDPOINT_NAME_CHARS}"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "name",
+            "must not contain control characters",
+        ));
+    }
+    Ok(name)
+}
+
+fn check_event_types(names: &[String]) -> Result<Vec<WebhookEventType>> {
+    if names.is_empty() {
+        return Err(Error::invalid(
+            "event_types",
+            "is empty; subscribe to at least one event type",
+        ));
+    }
+    let mut types = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let kind = WebhookEventType::from_name(name).ok_or_else(|| {
+            Error::invalid(
+                format!("event_types[{i}]"),
+                format!(
+                    "`{}` is not an event type of batchd; use {}",
+                    name.chars().take(40).collect::<String>().escape_debug(),
+                    WebhookEventType::ALL
+                        .map(WebhookEventType::as_str)
+                        .join(", ")
+                ),
+            )
+        })?;
+        types.push(kind);
+    }
+    types.sort_by_key(|kind| WebhookEventType::ALL.iter().position(|k| k == kind));
+    types.dedup();
+    Ok(types)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(name: &str, url: &str, types: &[&str]) -> EndpointInput {
+        EndpointInput {
+            name: Some(name.to_owned()),
+            url: Some(url.to_owned()),
+            event_types: Some(types.iter().map(|t| (*t).to_owned()).collect()),
+        }
+    }
+
+    fn field_of(result: Result<EndpointSettings>) -> String {
+        match result.unwrap_err() {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_create_is_checked_field_by_field() {
+        let policy = DestinationPolicy::default();
+        let settings = EndpointSettings::create(
+            input(
+                "ops",
+                "https://hooks.example.com/b",
+                &["batch.failed", "batch.completed", "batch.failed"],
+            ),
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(
+            settings.event_types,
+            [
+                WebhookEventType::BatchCompleted,
+                WebhookEventType::BatchFailed
+            ],
+            "distinct, in a fixed order"
+        );
+        let long = "n".repeat(MAX_ENDPOINT_NAME_CHARS + 1);
+        let cases = [
+            (
+                input("", "https://a.example/", &["batch.completed"]),
+                "name",
+            ),
+            (
+                input(&long, "https://a.example/", &["batch.completed"]),
+                "name",
+            ),
+            (
+                input("a\u{7}b", "https://a.example/", &["batch.completed"]),
+                "name",
+            ),
+            (
+                input("ops", "https://127.0.0.1/", &["batch.completed"]),
+                "url",
+            ),
+            (
+                input("ops", "http://a.example/", &["batch.completed"]),
+                "url",
+            ),
+            (input("ops", "https://a.example/", &[]), "event_types"),
+            (
+                input(
+                    "ops",
+                    "https://a.example/",
+                    &["batch.completed", "response.completed"],
+                ),
+                "event_types[1]",
+            ),
+        ];
+        for (bad, field) in cases {
+            assert_eq!(field_of(EndpointSettings::create(bad, &policy)), field);
+        }
+        let missing = EndpointInput {
+            url: None,
+            ..input("ops", "https://a.example/", &["batch.completed"])
+        };
+        assert_eq!(field_of(EndpointSettings::create(missing, &policy)), "url");
+    }
+
+    #[test]
+    fn an_update_replaces_only_what_it_carries() {
+        let policy = DestinationPolicy::default();
+        let current = EndpointSettings::create(
+            input("ops", "https://a.example/", &["batch.completed"]),
+            &policy,
+        )
+        .unwrap();
+        let renamed = current
+            .clone()
+            .update(
+                EndpointInput {
+                    name: Some("ops-2".into()),
+                    ..Default::default()
+                },
+                &policy,
+            )
+            .unwrap();
+        assert_eq!(renamed.name, "ops-2");
+        assert_eq!(
+            (renamed.url, renamed.event_types),
+            (current.url.clone(), current.event_types.clone())
+        );
+        let refused = current.update(
+            EndpointInput {
+                url: Some("https://10.0.0.1/".into()),
+                ..Default::default()
+            },
+            &policy,
+        );
+        assert_eq!(field_of(refused), "url");
+    }
+}
