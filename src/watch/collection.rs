@@ -18,16 +18,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
 use super::change_feed::{ChangeFeed, FEED_PAGE, FeedSlice, SharedChange};
-use super::{FeedEvent, FeedEventKind, KEY_REVOKED};
+use super::{FeedEvent, FeedEventKind, KEY_REVOKED, Stop};
 use crate::domain::{Batch, BatchFilter, BatchId, FeedCursor, FeedStart};
 use crate::error::{Error, Result};
 use crate::store::{BatchPageQuery, EventLog};
 
 /// Batches listed per query of an initial state.
 const INITIAL_PAGE: i64 = 100;
-
-/// How long an ending stream waits for room to queue its closing error.
-const FINAL_ERROR_WAIT: Duration = Duration::from_secs(2);
 
 /// What a collection watcher works with: the request, where to read, when to stop.
 pub(super) struct CollectionContext {
@@ -40,18 +37,6 @@ pub(super) struct CollectionContext {
     pub(super) heartbeat: Duration,
     pub(super) stopping: watch::Receiver<bool>,
     pub(super) revoked: watch::Receiver<bool>,
-}
-
-/// Why a stream stops early.
-enum Stop {
-    ClientGone,
-    Failed(Error),
-}
-
-impl From<Error> for Stop {
-    fn from(error: Error) -> Stop {
-        Stop::Failed(error)
-    }
 }
 
 struct CollectionWatcher {
@@ -74,9 +59,8 @@ pub(super) async fn run(
         cursor: FeedCursor::default(),
         last_sent: Instant::now(),
     };
-    if let Err(Stop::Failed(error)) = watcher.stream(slices).await {
-        let _ = tokio::time::timeout(FINAL_ERROR_WAIT, watcher.out.send(Err(error))).await;
-    }
+    let outcome = watcher.stream(slices).await;
+    super::end_stream(outcome, &watcher.out).await;
 }
 
 impl CollectionWatcher {

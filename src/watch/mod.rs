@@ -138,6 +138,35 @@ impl FeedEventKind {
     }
 }
 
+/// How long an ending stream waits for room to queue its closing error.
+const FINAL_ERROR_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a stream (of one batch, or of the change feed) stops early.
+enum Stop {
+    /// The client went away: nothing more to send.
+    ClientGone,
+    /// The stream ends with this error.
+    Failed(crate::error::Error),
+}
+
+impl From<crate::error::Error> for Stop {
+    fn from(error: crate::error::Error) -> Stop {
+        Stop::Failed(error)
+    }
+}
+
+/// Queues the error that ended a stream, if one did. Behind what the client has not
+/// read yet; a client that reads nothing at all cannot get it, and must not keep the
+/// stream's task (and a shutdown) waiting.
+async fn end_stream<T>(
+    outcome: Result<(), Stop>,
+    out: &tokio::sync::mpsc::Sender<crate::error::Result<T>>,
+) {
+    if let Err(Stop::Failed(error)) = outcome {
+        let _ = tokio::time::timeout(FINAL_ERROR_WAIT, out.send(Err(error))).await;
+    }
+}
+
 /// Completes once the stream's API key is found revoked.
 async fn key_revoked(revoked: &mut tokio::sync::watch::Receiver<bool>) {
     // The sender lives while the key has open streams, this one included; were it gone

@@ -12,13 +12,10 @@ use tokio::time::Instant;
 
 use tokio::sync::broadcast;
 
-use super::{KEY_REVOKED, LOG_PAGE, WatchEvent, WatchEventKind};
+use super::{KEY_REVOKED, LOG_PAGE, Stop, WatchEvent, WatchEventKind};
 use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
 use crate::store::EventLog;
-
-/// How long an ending stream waits for room to queue its closing error.
-const FINAL_ERROR_WAIT: Duration = Duration::from_secs(2);
 
 /// What a watcher works with: the request, where to read, when to stop.
 pub(super) struct WatcherContext {
@@ -29,20 +26,6 @@ pub(super) struct WatcherContext {
     pub(super) stopping: watch::Receiver<bool>,
     /// Turns `true` when the stream's API key is found revoked.
     pub(super) revoked: watch::Receiver<bool>,
-}
-
-/// Why a stream stops early.
-enum Stop {
-    /// The client went away: nothing more to send.
-    ClientGone,
-    /// The stream ends with this error.
-    Failed(Error),
-}
-
-impl From<Error> for Stop {
-    fn from(error: Error) -> Stop {
-        Stop::Failed(error)
-    }
 }
 
 struct Watcher {
@@ -69,11 +52,8 @@ pub(super) async fn run(
         last: None,
         last_sent: Instant::now(),
     };
-    if let Err(Stop::Failed(error)) = watcher.stream(feed).await {
-        // Behind what the client has not read yet; a client that reads nothing at all
-        // cannot get it, and must not keep this task (and a shutdown) waiting.
-        let _ = tokio::time::timeout(FINAL_ERROR_WAIT, watcher.out.send(Err(error))).await;
-    }
+    let outcome = watcher.stream(feed).await;
+    super::end_stream(outcome, &watcher.out).await;
 }
 
 impl Watcher {
