@@ -22,6 +22,9 @@ use crate::service::{BatchService, ServiceOptions, key_lookups_for};
 use crate::store::{self, DatabaseStatus, PointReadOptions, Store, StoreOptions};
 use crate::telemetry::grpc::ObserveLayer;
 use crate::watch::{WatchHub, WatchOptions};
+use crate::webhooks::deliverer::Deliverer;
+use crate::webhooks::dispatcher;
+use crate::webhooks::service::{WebhookOptions, WebhookService};
 use crate::{grpc, rest, shutdown};
 
 /// Everything `serve` needs: the flags of `batchd serve`, whose defaults are the
@@ -95,6 +98,10 @@ pub struct ServeOptions {
     /// In-memory caches: API keys, terminal batches, latest versions.
     #[command(flatten)]
     pub caches: CacheOptions,
+
+    /// Webhooks: where they may go, retries, limits, the secrets key.
+    #[command(flatten)]
+    pub webhooks: WebhookOptions,
 }
 
 impl ServeOptions {
@@ -120,6 +127,8 @@ pub struct Parts {
     pub hub: Arc<WatchHub>,
     /// The use cases, which both transports call.
     pub service: Arc<BatchService>,
+    /// The webhook use cases.
+    pub webhooks: Arc<WebhookService>,
     /// What the readiness checks find, for the request paths to fail fast on.
     pub database: DatabaseStatus,
     /// The admin key created because the database had none.
@@ -159,6 +168,19 @@ impl Parts {
                 key_lookups: key_lookups_for(options.store.max_connections),
             },
         ));
+        let webhooks = Arc::new(
+            WebhookService::new(
+                store.clone(),
+                options.clock.clone(),
+                options.webhooks.clone(),
+            )
+            .context("cannot set up webhooks")?,
+        );
+        if !options.webhooks.sealer.is_keyed() {
+            tracing::info!(
+                "webhook signing secrets are stored unsealed: set BATCHD_WEBHOOK_SECRETS_KEY to seal them"
+            );
+        }
         let first_api_key = if options.create_first_key {
             service
                 .create_first_api_key()
@@ -171,6 +193,7 @@ impl Parts {
             store,
             hub,
             service,
+            webhooks,
             database,
             first_api_key,
         })
@@ -219,6 +242,7 @@ impl App {
             store,
             hub,
             service,
+            webhooks,
             database,
             first_api_key,
         } = parts;
@@ -251,6 +275,7 @@ impl App {
         });
 
         spawn_background_work(&mut tasks, &store, &hub, &service, options, &shutdown);
+        spawn_webhook_work(&mut tasks, &store, &hub, &webhooks, options, &shutdown)?;
 
         let grpc_stopped = stopped(&shutdown);
         tasks.spawn(async move {
@@ -270,6 +295,7 @@ impl App {
         let pool = store.clone();
         let router = rest::router(
             service.clone(),
+            webhooks.clone(),
             readiness.clone(),
             Arc::new(move || pool.pool_usage()),
         );
@@ -468,6 +494,52 @@ fn spawn_background_work(
             ("cross-replica wake-ups", Ok(()))
         });
     }
+}
+
+/// The webhook dispatcher (change feed to deliveries), this replica's deliverer, and
+/// the deletion of finished deliveries past their retention.
+fn spawn_webhook_work(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    store: &Arc<dyn Store>,
+    hub: &Arc<WatchHub>,
+    webhooks: &Arc<WebhookService>,
+    options: &ServeOptions,
+    shutdown: &watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let queued = Arc::new(tokio::sync::Notify::new());
+    let dispatch = dispatcher::run(
+        store.clone(),
+        hub.commits(),
+        queued.clone(),
+        options.watch.safety_poll,
+        shutdown.subscribe(),
+    );
+    tasks.spawn(async move {
+        dispatch.await;
+        ("webhook dispatcher", Ok(()))
+    });
+    let deliverer = Deliverer::new(store.clone(), options.webhooks.clone(), queued)
+        .context("cannot set up the webhook deliverer")?;
+    let stopping = shutdown.subscribe();
+    tasks.spawn(async move {
+        deliverer.run(stopping).await;
+        ("webhook deliverer", Ok(()))
+    });
+    let forgetter = webhooks.clone();
+    tasks.spawn(every(
+        options.event_compaction_interval,
+        shutdown,
+        "webhook delivery retention",
+        move || {
+            let forgetter = forgetter.clone();
+            async move {
+                if let Err(error) = forgetter.forget_finished_deliveries().await {
+                    tracing::warn!(%error, "deleting finished webhook deliveries failed");
+                }
+            }
+        },
+    ));
+    Ok(())
 }
 
 /// Runs `work` every `period` until the stop signal.

@@ -31,6 +31,15 @@ pub enum Error {
     /// No API key with this id.
     #[error("no API key found with id `{0}`")]
     ApiKeyNotFound(String),
+    /// No such thing (a webhook endpoint, a delivery), or it belongs to another owner
+    /// (the two are indistinguishable).
+    #[error("no {what} found with id `{id}`")]
+    NotFound {
+        /// What was looked for, e.g. `webhook endpoint`.
+        what: &'static str,
+        /// The id asked for.
+        id: String,
+    },
     /// The state machine does not allow this move.
     #[error("a batch cannot move from `{from}` to `{to}`")]
     IllegalTransition {

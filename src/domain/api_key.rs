@@ -156,6 +156,8 @@ pub enum Action {
     CancelBatch,
     /// UpdateBatch (workers).
     UpdateBatch,
+    /// Create, read, change and delete webhook endpoints.
+    ManageWebhooks,
 }
 
 impl Action {
@@ -165,6 +167,7 @@ impl Action {
             Action::ReadBatches => "read batches",
             Action::CancelBatch => "cancel batches",
             Action::UpdateBatch => "update batches (worker scope needed)",
+            Action::ManageWebhooks => "manage webhook endpoints (batches or admin scope needed)",
         }
     }
 }

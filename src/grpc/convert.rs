@@ -24,7 +24,9 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
-            Error::BatchNotFound(_) | Error::ApiKeyNotFound(_) => Code::NotFound,
+            Error::BatchNotFound(_) | Error::ApiKeyNotFound(_) | Error::NotFound { .. } => {
+                Code::NotFound
+            }
             Error::IllegalTransition { .. }
             | Error::FailedPrecondition(_)
             | Error::FeedCompacted { .. } => Code::FailedPrecondition,

@@ -93,7 +93,7 @@ impl From<Error> for ApiError {
                 CLIENT_ERROR,
                 "insufficient_permissions",
             ),
-            Error::BatchNotFound(_) | Error::ApiKeyNotFound(_) => {
+            Error::BatchNotFound(_) | Error::ApiKeyNotFound(_) | Error::NotFound { .. } => {
                 (StatusCode::NOT_FOUND, CLIENT_ERROR, "not_found")
             }
             Error::IllegalTransition { .. } | Error::FailedPrecondition(_) => {
@@ -219,6 +219,14 @@ mod tests {
             ),
             (
                 Error::ApiKeyNotFound("k".into()),
+                Code::NotFound,
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                Error::NotFound {
+                    what: "webhook endpoint",
+                    id: "we_1".into(),
+                },
                 Code::NotFound,
                 StatusCode::NOT_FOUND,
             ),

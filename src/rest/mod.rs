@@ -7,6 +7,7 @@ mod dto;
 mod error;
 mod extract;
 mod watch;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ use crate::domain::{
 };
 use crate::health::Readiness;
 use crate::service::BatchService;
+use crate::webhooks::service::WebhookService;
 
 /// Largest accepted request body. Larger bodies get a 413 before any parsing.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -42,6 +44,7 @@ pub type PoolUsage = Arc<dyn Fn() -> (u32, u32) + Send + Sync>;
 #[derive(Clone)]
 pub struct RestState {
     service: Arc<BatchService>,
+    webhooks: Arc<WebhookService>,
     readiness: Arc<Readiness>,
     pool_usage: PoolUsage,
 }
@@ -55,7 +58,10 @@ pub struct RestState {
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&SecuritySchemes),
-    tags((name = batches::TAG, description = "The batch object and its lifecycle"))
+    tags(
+        (name = batches::TAG, description = "The batch object and its lifecycle"),
+        (name = webhooks::TAG, description = "Webhook endpoints, OpenAI's, and their deliveries")
+    )
 )]
 struct ApiDoc;
 
@@ -78,6 +84,7 @@ impl Modify for SecuritySchemes {
 /// The router of the HTTP port and the OpenAPI document of its batch routes.
 pub fn router(
     service: Arc<BatchService>,
+    webhooks: Arc<WebhookService>,
     readiness: Arc<Readiness>,
     pool_usage: PoolUsage,
 ) -> Router {
@@ -87,6 +94,17 @@ pub fn router(
         .routes(routes!(batches::cancel_batch))
         .routes(routes!(watch::watch_batch))
         .routes(routes!(watch::watch_batches))
+        .routes(routes!(webhooks::create_endpoint, webhooks::list_endpoints))
+        .routes(routes!(
+            webhooks::get_endpoint,
+            webhooks::update_endpoint,
+            webhooks::delete_endpoint
+        ))
+        .routes(routes!(webhooks::rotate_secret))
+        .routes(routes!(webhooks::test_endpoint))
+        .routes(routes!(webhooks::list_deliveries))
+        .routes(routes!(webhooks::retry_delivery))
+        .routes(routes!(webhooks::list_event_types))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
@@ -103,6 +121,7 @@ pub fn router(
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(RestState {
             service,
+            webhooks,
             readiness,
             pool_usage,
         })

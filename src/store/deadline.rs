@@ -14,11 +14,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedBounds, FeedCursor, FeedPage,
-    IdempotencyClaim, Store,
+    BatchPageQuery, ChangeNotifier, DeliveryClaim, DeliveryQueue, EarlierClaim, EventLog,
+    FeedBounds, FeedCursor, FeedPage, IdempotencyClaim, Store, WebhookStore,
 };
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
 use crate::error::{Error, Result};
+use crate::webhooks::{AttemptRecord, Delivery, NewDelivery, SealedSecret, WebhookEndpoint};
 
 /// A [`Store`] whose calls each end within `deadline`.
 pub struct DeadlineStore {
@@ -43,6 +44,102 @@ impl DeadlineStore {
                 )))
             }
         }
+    }
+}
+
+#[async_trait]
+impl WebhookStore for DeadlineStore {
+    async fn insert_endpoint(
+        &self,
+        endpoint: &WebhookEndpoint,
+        max_per_owner: i64,
+    ) -> Result<bool> {
+        self.within(self.inner.insert_endpoint(endpoint, max_per_owner))
+            .await
+    }
+
+    async fn get_endpoint(&self, id: &str) -> Result<Option<WebhookEndpoint>> {
+        self.within(self.inner.get_endpoint(id)).await
+    }
+
+    async fn list_endpoints(
+        &self,
+        owner: Option<&str>,
+        before: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<WebhookEndpoint>> {
+        self.within(self.inner.list_endpoints(owner, before, limit))
+            .await
+    }
+
+    async fn update_endpoint(
+        &self,
+        endpoint: &WebhookEndpoint,
+        expected_secret: &SealedSecret,
+    ) -> Result<bool> {
+        self.within(self.inner.update_endpoint(endpoint, expected_secret))
+            .await
+    }
+
+    async fn delete_endpoint(&self, id: &str) -> Result<bool> {
+        self.within(self.inner.delete_endpoint(id)).await
+    }
+
+    async fn endpoints_following(&self, owners: &[&str]) -> Result<Vec<WebhookEndpoint>> {
+        self.within(self.inner.endpoints_following(owners)).await
+    }
+
+    async fn dispatch_position(&self, start: FeedCursor) -> Result<FeedCursor> {
+        self.within(self.inner.dispatch_position(start)).await
+    }
+
+    async fn queue_deliveries(
+        &self,
+        from: FeedCursor,
+        to: FeedCursor,
+        deliveries: &[NewDelivery],
+    ) -> Result<bool> {
+        self.within(self.inner.queue_deliveries(from, to, deliveries))
+            .await
+    }
+
+    async fn claim_deliveries(&self, claim: &DeliveryClaim<'_>) -> Result<Vec<Delivery>> {
+        self.within(self.inner.claim_deliveries(claim)).await
+    }
+
+    async fn release_deliveries(&self, replica: &str, ids: &[String]) -> Result<()> {
+        self.within(self.inner.release_deliveries(replica, ids))
+            .await
+    }
+
+    async fn record_attempt(
+        &self,
+        replica: &str,
+        endpoint_id: &str,
+        id: &str,
+        attempt: &AttemptRecord,
+    ) -> Result<bool> {
+        self.within(self.inner.record_attempt(replica, endpoint_id, id, attempt))
+            .await
+    }
+
+    async fn list_deliveries(&self, endpoint_id: &str, limit: i64) -> Result<Vec<Delivery>> {
+        self.within(self.inner.list_deliveries(endpoint_id, limit))
+            .await
+    }
+
+    async fn retry_delivery(&self, endpoint_id: &str, id: &str, now_ms: i64) -> Result<bool> {
+        self.within(self.inner.retry_delivery(endpoint_id, id, now_ms))
+            .await
+    }
+
+    async fn delivery_queue(&self) -> Result<DeliveryQueue> {
+        self.within(self.inner.delivery_queue()).await
+    }
+
+    async fn forget_deliveries(&self, before_ms: i64, limit: i64) -> Result<u64> {
+        self.within(self.inner.forget_deliveries(before_ms, limit))
+            .await
     }
 }
 

@@ -18,6 +18,7 @@ mod postgres_wakeups;
 mod sql;
 mod sqlite;
 mod stored_batch;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,7 @@ pub use coalesce::{DatabaseStatus, MAX_WAITING_READS, PointReadOptions, PointRea
 pub use deadline::DeadlineStore;
 use postgres::PostgresStore;
 use sqlite::SqliteStore;
+pub use webhooks::{DeliveryClaim, DeliveryQueue, WebhookStore};
 
 pub use crate::domain::FeedCursor;
 
@@ -184,7 +186,7 @@ pub struct EarlierClaim {
 
 /// Where batches, their history and API keys are kept.
 #[async_trait]
-pub trait Store: EventLog {
+pub trait Store: EventLog + WebhookStore {
     /// Applies pending migrations. Safe when several replicas start at once.
     async fn migrate(&self) -> Result<()>;
 

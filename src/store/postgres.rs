@@ -267,6 +267,8 @@ impl Backend for PostgresBackend {
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
         Some(self.wakeups.clone())
     }
+
+    const CLAIM_LOCK: &'static str = " FOR UPDATE OF d SKIP LOCKED";
 }
 
 /// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata

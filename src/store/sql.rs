@@ -113,6 +113,10 @@ pub(super) trait Backend: Send + Sync + 'static {
 
     /// See [`Store::notifier`].
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>>;
+
+    /// Ends the subquery that picks the deliveries a replica claims: PostgreSQL locks
+    /// them and skips rows other replicas are claiming; SQLite has one writer anyway.
+    const CLAIM_LOCK: &'static str;
 }
 
 /// The columns of `batches` that make up a batch, comma-separated.
@@ -183,15 +187,27 @@ const FORGET_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys \
      WHERE (user_id, idempotency_key) IN (SELECT user_id, idempotency_key \
      FROM idempotency_keys WHERE created_at < $1 LIMIT $2)";
 
-/// Deletes at most $2 events older than $1, keeping the latest version of every batch
-/// and every event the feed still holds back, and returns the feed position of each
-/// (`transaction` and `readable` are the backend's expressions).
-fn compact_events(transaction: &str, readable: &str) -> String {
+/// Deletes at most $2 events older than $1, keeping the latest version of every batch,
+/// every event the feed still holds back, and every event that the webhook dispatcher
+/// has not read or whose next version it has not read (the dispatcher tells a status
+/// change by the version before), so no webhook event is lost to compaction. Returns
+/// the feed position of each (`transaction`, `transaction_of_e`, `transaction_of_n` and
+/// `readable` are the backend's expressions).
+fn compact_events(
+    transaction: &str,
+    transaction_of_e: &str,
+    transaction_of_n: &str,
+    readable: &str,
+) -> String {
     format!(
         "DELETE FROM batch_events \
          WHERE (batch_id, version) IN (SELECT e.batch_id, e.version FROM batch_events e \
          JOIN batches b ON b.id = e.batch_id WHERE e.at < $1 AND e.version < b.version \
-         AND {readable} LIMIT $2) \
+         AND {readable} AND NOT EXISTS (SELECT 1 FROM webhook_dispatch w \
+         LEFT JOIN batch_events n ON n.batch_id = e.batch_id AND n.version = e.version + 1 \
+         WHERE ({transaction_of_e}, e.position) > (w.after_transaction, w.after_position) \
+         OR ({transaction_of_n}, n.position) > (w.after_transaction, w.after_position)) \
+         LIMIT $2) \
          RETURNING {transaction}, position"
     )
 }
@@ -414,6 +430,7 @@ where
     (String, Vec<u8>): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (bool,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (String,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    SqlStore<B>: super::WebhookStore,
 {
     #[tracing::instrument(level = "debug", name = "store.migrate", skip_all, fields(db.system = B::SYSTEM))]
     async fn migrate(&self) -> Result<()> {
@@ -509,6 +526,8 @@ where
         // Built from constant text only: the backend's column expression.
         let delete = sqlx::AssertSqlSafe(compact_events(
             &B::transaction_of(""),
+            &B::transaction_of("e."),
+            &B::transaction_of("n."),
             B::READABLE_BY_THE_FEED,
         ));
         let deleted: Vec<(i64, i64)> = sqlx::query_as(delete)

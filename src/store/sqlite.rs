@@ -198,6 +198,8 @@ impl Backend for SqliteBackend {
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
         None
     }
+
+    const CLAIM_LOCK: &'static str = "";
 }
 
 /// The batches whose ids are in the JSON array $1.

@@ -118,6 +118,9 @@ pub struct WatchHub {
     notifier: OnceLock<Arc<dyn ChangeNotifier>>,
     /// The one reader of the change feed, for every collection watcher here.
     change_feed: Arc<ChangeFeed>,
+    /// Signalled on every commit, here or on another replica: wakes the webhook
+    /// dispatcher (a stored permit, so no commit between two reads goes unnoticed).
+    commits: Arc<Notify>,
     stopping: watch::Sender<bool>,
 }
 
@@ -147,8 +150,15 @@ impl WatchHub {
             open_per_key: Mutex::default(),
             notifier: OnceLock::new(),
             log,
+            commits: Arc::new(Notify::new()),
             stopping: watch::channel(false).0,
         })
+    }
+
+    /// The signal of every commit, here or (when the store announces them) on another
+    /// replica.
+    pub fn commits(&self) -> Arc<Notify> {
+        self.commits.clone()
     }
 
     /// Announces this replica's commits to the other replicas through `notifier` from
@@ -163,6 +173,7 @@ impl WatchHub {
     pub fn committed(&self, batch: &Arc<Batch>) {
         let at = now_ms();
         self.change_feed.wake();
+        self.commits.notify_one();
         let feed = self.feed_of(&batch.id);
         if let Some(feed) = feed {
             if feed.publish_commit(batch) {
@@ -496,11 +507,13 @@ impl WatchHub {
 impl CommitListener for WatchHub {
     fn committed_elsewhere(&self, id: &BatchId, committed_at_ms: i64) {
         self.change_feed.wake();
+        self.commits.notify_one();
         self.wake_for_commit(id, committed_at_ms);
     }
 
     fn announcements_lost(&self) {
         self.change_feed.wake();
+        self.commits.notify_one();
         self.wake_all();
     }
 }

@@ -6,6 +6,7 @@ use url::Url;
 
 use super::destination::DestinationPolicy;
 use super::events::WebhookEventType;
+use crate::domain::{FeedCursor, UnixSeconds};
 use crate::error::{Error, Result};
 
 /// Longest endpoint name, in characters (OpenAI's limit).
@@ -73,6 +74,69 @@ impl EndpointSettings {
                 .transpose()?
                 .unwrap_or(self.event_types),
         })
+    }
+}
+
+/// An endpoint as stored: its settings, whose batches it follows, its sealed signing
+/// secrets and its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEndpoint {
+    /// `we_` and 24 hex digits.
+    pub id: String,
+    /// The owner of the key that created it.
+    pub owner: String,
+    /// It follows every owner's batches (created with an admin key), not only its
+    /// owner's.
+    pub all_owners: bool,
+    /// Name, URL and event types.
+    pub settings: EndpointSettings,
+    /// The current secret, sealed (see [`super::SecretSealer`]).
+    pub secret: SealedSecret,
+    /// The secret before the last rotation, still signing until `previous_secret_until`.
+    pub previous_secret: Option<(SealedSecret, UnixSeconds)>,
+    /// When it was created.
+    pub created_at: UnixSeconds,
+    /// When its settings or secret last changed.
+    pub updated_at: UnixSeconds,
+    /// The feed's head when it was created: it receives the changes after it.
+    pub starts_after: FeedCursor,
+    /// Since when every attempt failed; none while deliveries succeed.
+    pub failing_since: Option<UnixSeconds>,
+    /// When and why it stopped receiving deliveries; an update enables it again.
+    pub disabled: Option<(UnixSeconds, String)>,
+}
+
+impl WebhookEndpoint {
+    /// Whether it subscribes to `kind`.
+    pub fn subscribes_to(&self, kind: WebhookEventType) -> bool {
+        self.settings.event_types.contains(&kind)
+    }
+
+    /// Whether it follows the batches of `owner`.
+    pub fn follows(&self, owner: &str) -> bool {
+        self.all_owners || self.owner == owner
+    }
+
+    /// The secrets that sign a delivery at `now`: the current one, and the previous
+    /// one while its overlap lasts.
+    pub fn signing_secrets(&self, now: UnixSeconds) -> Vec<&SealedSecret> {
+        let mut secrets = vec![&self.secret];
+        if let Some((previous, until)) = &self.previous_secret
+            && now < *until
+        {
+            secrets.push(previous);
+        }
+        secrets
+    }
+}
+
+/// A signing secret as stored: sealed with the deployment's key, or marked plain.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedSecret(pub String);
+
+impl std::fmt::Debug for SealedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealedSecret(..)")
     }
 }
 

@@ -141,6 +141,21 @@ impl WebhookEvent {
     }
 }
 
+impl WebhookEvent {
+    /// A sample event of `kind` for a test delivery: a made-up batch, a fresh id.
+    pub fn sample(kind: WebhookEventType, now: i64) -> WebhookEvent {
+        WebhookEvent {
+            id: format!("evt_test_{}", crate::domain::random_hex::<12>()),
+            object: "event",
+            kind: kind.as_str(),
+            created_at: now,
+            data: EventData {
+                id: "batch_test_delivery".to_owned(),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,17 +1,26 @@
-//! Webhooks (issue 15, under construction): OpenAI's webhook events for batches,
-//! signed as Standard Webhooks. Built so far, each tested on its own: the signing
-//! scheme ([`signature`]), the event types and event JSON ([`events`]), the checks of
-//! where a webhook may be sent ([`destination`]) and of an endpoint's settings
-//! ([`endpoint`]). Not built yet, so nothing is sent: the endpoints API and its
-//! storage, and the dispatcher that derives events from the change feed and delivers
-//! them.
+//! Webhooks (issue 15): OpenAI's webhook events for batches, signed as Standard
+//! Webhooks, derived from the change feed and delivered at least once. The signing
+//! scheme ([`signature`]), the event types and event JSON ([`events`]), where webhooks
+//! may go ([`destination`]), endpoints and their settings ([`endpoint`]), signing
+//! secrets at rest ([`secrets`]), deliveries and their retry schedule ([`delivery`]).
 
+pub mod deliverer;
+pub mod delivery;
 pub mod destination;
+pub mod dispatcher;
 pub mod endpoint;
 pub mod events;
+pub mod secrets;
+pub mod sender;
+pub mod service;
 pub mod signature;
 
+pub use delivery::{
+    AfterAttempt, AttemptRecord, AttemptReport, Delivery, DeliveryState, EndpointHealth,
+    NewDelivery, RetrySchedule,
+};
 pub use destination::{DestinationPolicy, is_public};
-pub use endpoint::{EndpointInput, EndpointSettings};
+pub use endpoint::{EndpointInput, EndpointSettings, SealedSecret, WebhookEndpoint};
 pub use events::{WebhookEvent, WebhookEventType};
+pub use secrets::SecretSealer;
 pub use signature::{SigningSecret, signature_header};

@@ -1,0 +1,190 @@
+//! The dispatcher: follows the change feed from a position stored in the database and
+//! turns every committed status change into one delivery per subscribed endpoint.
+//! Moving the position and queueing the deliveries of the changes read are one
+//! transaction, and the move is a compare-and-set, so every change yields its
+//! deliveries exactly once whichever replica reads it, and nothing is lost when a
+//! replica dies between a commit and its dispatch: any replica's dispatcher continues
+//! from the stored position.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use super::delivery::NewDelivery;
+use super::endpoint::WebhookEndpoint;
+use super::events::{WebhookEvent, WebhookEventType};
+use crate::error::{Error, Result};
+use crate::shutdown;
+use crate::store::{FeedChange, FeedCursor, Store};
+
+/// Changes read per page.
+const PAGE: i64 = 500;
+
+/// How soon a read is tried again while committed changes are held back, and after
+/// an error.
+const HELD_BACK_RETRY: Duration = Duration::from_millis(25);
+const ERROR_RETRY: Duration = Duration::from_secs(1);
+
+/// Runs the dispatcher until the stop signal: woken by `commits`, or every `poll`;
+/// wakes `deliveries` whenever it queued some.
+pub async fn run(
+    store: Arc<dyn Store>,
+    commits: Arc<Notify>,
+    deliveries: Arc<Notify>,
+    poll: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut position: Option<FeedCursor> = None;
+    loop {
+        let rest = match dispatch_once(&store, &mut position, &deliveries).await {
+            Ok(Progress::More) => continue,
+            Ok(Progress::HeldBack) => HELD_BACK_RETRY,
+            Ok(Progress::CaughtUp) => poll,
+            Err(error) => {
+                tracing::warn!(%error, "webhook dispatch failed; retrying");
+                position = None;
+                ERROR_RETRY
+            }
+        };
+        tokio::select! {
+            _ = commits.notified() => {}
+            _ = tokio::time::sleep(rest) => {}
+            _ = shutdown::requested(&mut stopping) => return,
+        }
+    }
+}
+
+/// What one read found.
+enum Progress {
+    /// A full page: read again at once.
+    More,
+    /// Committed changes are held back: read again soon.
+    HeldBack,
+    /// Nothing more for now.
+    CaughtUp,
+}
+
+async fn dispatch_once(
+    store: &Arc<dyn Store>,
+    position: &mut Option<FeedCursor>,
+    deliveries: &Notify,
+) -> Result<Progress> {
+    let from = match *position {
+        Some(from) => from,
+        None => {
+            let head = store.feed_bounds().await?.head;
+            store.dispatch_position(head).await?
+        }
+    };
+    let page = match store.changes_after(from, PAGE).await {
+        Ok(page) => page,
+        Err(Error::FeedCompacted { .. }) => {
+            // Compaction keeps what the dispatcher has not read, so this means the
+            // stored position was moved back by hand; the events in between are gone.
+            metrics::counter!("batchd_webhook_dispatch_gaps_total").increment(1);
+            let bounds = store.feed_bounds().await?;
+            tracing::error!(
+                after = %from,
+                oldest = %bounds.oldest,
+                "webhook dispatch: the event log no longer holds every change after the dispatcher's position; continuing from the oldest"
+            );
+            store.changes_after(bounds.oldest, PAGE).await?
+        }
+        Err(other) => return Err(other),
+    };
+    let full = page.changes.len() as i64 >= PAGE;
+    if page.next == from && page.changes.is_empty() {
+        *position = Some(from);
+        return Ok(if page.held_back_since.is_some() {
+            Progress::HeldBack
+        } else {
+            Progress::CaughtUp
+        });
+    }
+    let queued = deliveries_of(store, &page.changes).await?;
+    if store.queue_deliveries(from, page.next, &queued).await? {
+        *position = Some(page.next);
+        if !queued.is_empty() {
+            for delivery in &queued {
+                metrics::counter!(
+                    "batchd_webhook_deliveries_queued_total",
+                    "event_type" => event_type_label(&delivery.event_type)
+                )
+                .increment(1);
+            }
+            deliveries.notify_one();
+        }
+    } else {
+        // Another replica's dispatcher moved first: continue from where it is.
+        *position = None;
+        return Ok(Progress::More);
+    }
+    Ok(if full {
+        Progress::More
+    } else if page.held_back_since.is_some() {
+        Progress::HeldBack
+    } else {
+        Progress::CaughtUp
+    })
+}
+
+/// The deliveries of `changes`: for each status change, one per enabled endpoint that
+/// follows the batch's owner, subscribes to the event type and was created before the
+/// change.
+async fn deliveries_of(store: &Arc<dyn Store>, changes: &[FeedChange]) -> Result<Vec<NewDelivery>> {
+    let events: Vec<(&FeedChange, WebhookEventType)> = changes
+        .iter()
+        .filter_map(|change| {
+            WebhookEventType::of_change(change.previous_status, &change.batch)
+                .map(|kind| (change, kind))
+        })
+        .collect();
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let owners: BTreeSet<&str> = events
+        .iter()
+        .map(|(change, _)| change.batch.user_id.as_str())
+        .collect();
+    let owners: Vec<&str> = owners.into_iter().collect();
+    let endpoints = store.endpoints_following(&owners).await?;
+    if endpoints.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut queued = Vec::new();
+    for (change, kind) in events {
+        let receivers: Vec<&WebhookEndpoint> = endpoints
+            .iter()
+            .filter(|endpoint| {
+                endpoint.follows(&change.batch.user_id)
+                    && endpoint.subscribes_to(kind)
+                    && change.cursor > endpoint.starts_after
+            })
+            .collect();
+        if receivers.is_empty() {
+            continue;
+        }
+        let event = WebhookEvent::of(kind, &change.batch);
+        let payload = serde_json::to_string(&event)
+            .map_err(|e| Error::Internal(format!("cannot encode a webhook event: {e}")))?;
+        for endpoint in receivers {
+            queued.push(NewDelivery {
+                id: NewDelivery::new_id(),
+                endpoint_id: endpoint.id.clone(),
+                event_id: event.id.clone(),
+                event_type: kind.as_str().to_owned(),
+                batch_id: change.batch.id.to_string(),
+                payload: payload.clone(),
+                created_at: event.created_at,
+            });
+        }
+    }
+    Ok(queued)
+}
+
+/// The event type's name as a metric label: one of a fixed few.
+pub(super) fn event_type_label(name: &str) -> &'static str {
+    WebhookEventType::from_name(name).map_or("other", WebhookEventType::as_str)
+}

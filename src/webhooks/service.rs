@@ -1,0 +1,508 @@
+//! The webhook use cases: endpoints (OpenAI's create, retrieve, update, list, delete,
+//! rotate_secret and test) and their deliveries. Like the batch service, each checks
+//! the caller, validates the input, applies the rules and is the transports' only way
+//! to webhook storage.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::delivery::{Delivery, RetrySchedule};
+use super::destination::DestinationPolicy;
+use super::endpoint::{EndpointInput, EndpointSettings, WebhookEndpoint};
+use super::events::{WebhookEvent, WebhookEventType};
+use super::secrets::SecretSealer;
+use super::sender::{SendOutcome, Sender, SignedRequest, check_resolved};
+use super::signature::{SigningSecret, signature_header};
+use crate::clock::Clock;
+use crate::domain::{Action, Caller, random_hex};
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// How webhooks behave: the `--webhook-*` flags of `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookOptions {
+    /// Where webhooks may go.
+    #[command(flatten)]
+    pub policy: DestinationPolicy,
+
+    /// Waits before each retry after a failed attempt, comma-separated (Standard
+    /// Webhooks' schedule; each gets up to 10% jitter, and a longer `Retry-After`
+    /// wins). An empty list means one attempt only.
+    #[arg(
+        long = "webhook-retry-schedule",
+        env = "BATCHD_WEBHOOK_RETRY_SCHEDULE",
+        default_value = "5s,5m,30m,2h,5h,10h,14h,20h,24h",
+        value_parser = |text: &str| RetrySchedule::parse("--webhook-retry-schedule", text)
+    )]
+    pub retries: RetrySchedule,
+
+    /// Longest one delivery attempt may take.
+    #[arg(long = "webhook-timeout", env = "BATCHD_WEBHOOK_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub attempt_timeout: Duration,
+
+    /// An endpoint whose every delivery failed for longer than this is disabled (an
+    /// update enables it again).
+    #[arg(long = "webhook-disable-after", env = "BATCHD_WEBHOOK_DISABLE_AFTER", default_value = "5days", value_parser = humantime::parse_duration)]
+    pub disable_after: Duration,
+
+    /// Most delivery attempts in flight on one replica.
+    #[arg(
+        long = "webhook-concurrency",
+        env = "BATCHD_WEBHOOK_CONCURRENCY",
+        default_value_t = 64
+    )]
+    pub concurrency: usize,
+
+    /// Most delivery attempts in flight to one endpoint from one replica, so that one
+    /// slow receiver cannot hold every slot.
+    #[arg(
+        long = "webhook-concurrency-per-endpoint",
+        env = "BATCHD_WEBHOOK_CONCURRENCY_PER_ENDPOINT",
+        default_value_t = 4
+    )]
+    pub concurrency_per_endpoint: usize,
+
+    /// How often a replica looks for due deliveries besides being woken by its own
+    /// dispatcher (retries, and deliveries other replicas queued).
+    #[arg(long = "webhook-poll", env = "BATCHD_WEBHOOK_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub poll: Duration,
+
+    /// 32 bytes in base64 (`openssl rand -base64 32`) that seal endpoints' signing
+    /// secrets in the database; every replica needs the same. Without it secrets are
+    /// stored as plain text.
+    #[arg(
+        long = "webhook-secrets-key",
+        env = "BATCHD_WEBHOOK_SECRETS_KEY",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true,
+        value_parser = |text: &str| SecretSealer::new("--webhook-secrets-key", Some(text))
+    )]
+    pub sealer: SecretSealer,
+
+    /// Most endpoints one owner may have.
+    #[arg(
+        long = "webhook-max-endpoints-per-owner",
+        env = "BATCHD_WEBHOOK_MAX_ENDPOINTS_PER_OWNER",
+        default_value_t = 100
+    )]
+    pub max_endpoints_per_owner: i64,
+
+    /// How long finished deliveries stay listed.
+    #[arg(long = "webhook-delivery-retention", env = "BATCHD_WEBHOOK_DELIVERY_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub delivery_retention: Duration,
+}
+
+impl Default for WebhookOptions {
+    /// The defaults of the flags.
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+/// A page of endpoints.
+#[derive(Debug, Clone)]
+pub struct EndpointPage {
+    /// The endpoints, newest first.
+    pub endpoints: Vec<WebhookEndpoint>,
+    /// Whether more follow.
+    pub has_more: bool,
+}
+
+/// What a test delivery found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestDelivery {
+    /// The event type sent.
+    pub event_type: WebhookEventType,
+    /// The receiver's status.
+    pub status_code: u16,
+}
+
+/// Most endpoints a list page holds, and the default.
+const MAX_LIST_LIMIT: i64 = 100;
+const DEFAULT_LIST_LIMIT: i64 = 20;
+
+/// How long the previous secret keeps signing after a rotation that asks for it.
+const ROTATION_OVERLAP_SECONDS: i64 = 24 * 3600;
+
+/// Longest id accepted in a path.
+const MAX_ID_CHARS: usize = 64;
+
+/// The webhook use cases.
+pub struct WebhookService {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    options: WebhookOptions,
+    sender: Sender,
+}
+
+impl WebhookService {
+    /// The use cases over `store`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        options: WebhookOptions,
+    ) -> Result<WebhookService> {
+        let sender = Sender::new(options.policy, options.attempt_timeout)?;
+        Ok(WebhookService {
+            store,
+            clock,
+            options,
+            sender,
+        })
+    }
+
+    /// How webhooks behave.
+    pub fn options(&self) -> &WebhookOptions {
+        &self.options
+    }
+
+    /// The last four characters of the endpoint's current secret.
+    pub fn secret_hint(&self, endpoint: &WebhookEndpoint) -> Result<String> {
+        Ok(self
+            .options
+            .sealer
+            .open(&endpoint.id, &endpoint.secret)?
+            .hint())
+    }
+
+    /// Every event type an endpoint may subscribe to.
+    pub fn event_types(&self) -> &'static [WebhookEventType] {
+        &WebhookEventType::ALL
+    }
+
+    /// Creates an endpoint owned by the caller (following every owner's batches for
+    /// an admin key); its secret is returned now and never again.
+    #[tracing::instrument(level = "debug", skip_all, fields(user_id = %caller.user_id))]
+    pub async fn create_endpoint(
+        &self,
+        caller: &Caller,
+        input: EndpointInput,
+    ) -> Result<(WebhookEndpoint, SigningSecret)> {
+        caller.authorize(Action::ManageWebhooks)?;
+        let settings = EndpointSettings::create(input, &self.options.policy)?;
+        check_resolved(&self.options.policy, "url", &settings.url).await?;
+        let id = format!("we_{}", random_hex::<12>());
+        let secret = SigningSecret::generate();
+        let now = self.clock.now();
+        let starts_after = self.store.feed_bounds().await?.head;
+        let endpoint = WebhookEndpoint {
+            secret: self.options.sealer.seal(&id, &secret),
+            id,
+            owner: caller.user_id.clone(),
+            all_owners: caller.owner_filter().is_none(),
+            settings,
+            previous_secret: None,
+            created_at: now,
+            updated_at: now,
+            starts_after,
+            failing_since: None,
+            disabled: None,
+        };
+        let limit = self.options.max_endpoints_per_owner;
+        if !self.store.insert_endpoint(&endpoint, limit).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "owner `{}` already has {limit} webhook endpoints, the most it may have; delete one first",
+                caller.user_id
+            )));
+        }
+        Ok((endpoint, secret))
+    }
+
+    /// An endpoint the caller may see.
+    pub async fn get_endpoint(&self, caller: &Caller, id: &str) -> Result<WebhookEndpoint> {
+        caller.authorize(Action::ManageWebhooks)?;
+        self.visible_endpoint(caller, id).await
+    }
+
+    /// A page of the caller's endpoints, newest first, after endpoint `after`.
+    pub async fn list_endpoints(
+        &self,
+        caller: &Caller,
+        after: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<EndpointPage> {
+        caller.authorize(Action::ManageWebhooks)?;
+        let limit = list_limit(limit)?;
+        if let Some(after) = after {
+            // An unknown cursor would silently yield an empty page.
+            self.visible_endpoint(caller, after).await?;
+        }
+        let mut endpoints = self
+            .store
+            .list_endpoints(caller.owner_filter(), after, limit + 1)
+            .await?;
+        let has_more = endpoints.len() as i64 > limit;
+        endpoints.truncate(limit as usize);
+        Ok(EndpointPage {
+            endpoints,
+            has_more,
+        })
+    }
+
+    /// Changes what the update carries; an endpoint that was disabled is enabled
+    /// again (its failures start over).
+    pub async fn update_endpoint(
+        &self,
+        caller: &Caller,
+        id: &str,
+        input: EndpointInput,
+    ) -> Result<WebhookEndpoint> {
+        caller.authorize(Action::ManageWebhooks)?;
+        let current = self.visible_endpoint(caller, id).await?;
+        let url_changed = input.url.is_some();
+        let settings = current
+            .settings
+            .clone()
+            .update(input, &self.options.policy)?;
+        if url_changed {
+            check_resolved(&self.options.policy, "url", &settings.url).await?;
+        }
+        let next = WebhookEndpoint {
+            settings,
+            updated_at: self.clock.now(),
+            failing_since: None,
+            disabled: None,
+            ..current.clone()
+        };
+        self.replace(&current, &next).await?;
+        Ok(next)
+    }
+
+    /// Deletes an endpoint and its deliveries.
+    pub async fn delete_endpoint(&self, caller: &Caller, id: &str) -> Result<String> {
+        caller.authorize(Action::ManageWebhooks)?;
+        let endpoint = self.visible_endpoint(caller, id).await?;
+        if !self.store.delete_endpoint(&endpoint.id).await? {
+            return Err(not_found(id));
+        }
+        Ok(endpoint.id)
+    }
+
+    /// Gives the endpoint a new secret, returned now and never again; with
+    /// `keep_old`, the old one keeps signing (beside the new) for 24 hours.
+    pub async fn rotate_secret(
+        &self,
+        caller: &Caller,
+        id: &str,
+        keep_old: bool,
+    ) -> Result<(WebhookEndpoint, SigningSecret)> {
+        caller.authorize(Action::ManageWebhooks)?;
+        let current = self.visible_endpoint(caller, id).await?;
+        let secret = SigningSecret::generate();
+        let now = self.clock.now();
+        let next = WebhookEndpoint {
+            secret: self.options.sealer.seal(&current.id, &secret),
+            previous_secret: keep_old
+                .then(|| (current.secret.clone(), now + ROTATION_OVERLAP_SECONDS)),
+            updated_at: now,
+            ..current.clone()
+        };
+        self.replace(&current, &next).await?;
+        Ok((next, secret))
+    }
+
+    /// Sends one signed sample event of `event_type` to the endpoint now and reports
+    /// the receiver's answer; anything but a 2xx is an error naming it.
+    pub async fn test_endpoint(
+        &self,
+        caller: &Caller,
+        id: &str,
+        event_type: &str,
+    ) -> Result<TestDelivery> {
+        caller.authorize(Action::ManageWebhooks)?;
+        let kind = WebhookEventType::from_name(event_type).ok_or_else(|| {
+            Error::invalid(
+                "event_type",
+                format!(
+                    "`{}` is not an event type of batchd",
+                    event_type
+                        .chars()
+                        .take(40)
+                        .collect::<String>()
+                        .escape_debug()
+                ),
+            )
+        })?;
+        let endpoint = self.visible_endpoint(caller, id).await?;
+        let now = self.clock.now();
+        let event = WebhookEvent::sample(kind, now);
+        let body = serde_json::to_string(&event)
+            .map_err(|e| Error::Internal(format!("cannot encode a sample event: {e}")))?;
+        let outcome = self.send_signed(&endpoint, &event.id, &body, now).await?;
+        match outcome.status {
+            Some(status) if outcome.delivered() => Ok(TestDelivery {
+                event_type: kind,
+                status_code: status,
+            }),
+            _ => Err(Error::FailedPrecondition(format!(
+                "the test delivery to webhook endpoint {} failed: {}",
+                endpoint.id,
+                outcome.error.unwrap_or_else(|| "no answer".into())
+            ))),
+        }
+    }
+
+    /// The endpoint's latest deliveries, newest first.
+    pub async fn list_deliveries(
+        &self,
+        caller: &Caller,
+        id: &str,
+        limit: Option<i64>,
+    ) -> Result<Vec<Delivery>> {
+        caller.authorize(Action::ManageWebhooks)?;
+        let limit = list_limit(limit)?;
+        let endpoint = self.visible_endpoint(caller, id).await?;
+        self.store.list_deliveries(&endpoint.id, limit).await
+    }
+
+    /// Makes a delivery due now: again, if it had finished.
+    pub async fn retry_delivery(&self, caller: &Caller, id: &str, delivery_id: &str) -> Result<()> {
+        caller.authorize(Action::ManageWebhooks)?;
+        let endpoint = self.visible_endpoint(caller, id).await?;
+        check_id("delivery_id", delivery_id, "wd_")?;
+        if self
+            .store
+            .retry_delivery(&endpoint.id, delivery_id, now_ms())
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::NotFound {
+                what: "webhook delivery",
+                id: delivery_id.to_owned(),
+            })
+        }
+    }
+
+    /// Deletes deliveries that finished longer ago than the retention.
+    pub async fn forget_finished_deliveries(&self) -> Result<u64> {
+        let retention =
+            i64::try_from(self.options.delivery_retention.as_millis()).unwrap_or(i64::MAX);
+        let before = now_ms().saturating_sub(retention);
+        let mut forgotten = 0;
+        loop {
+            let deleted = self.store.forget_deliveries(before, 1_000).await?;
+            forgotten += deleted;
+            if deleted < 1_000 {
+                return Ok(forgotten);
+            }
+        }
+    }
+
+    /// Signs `body` with the endpoint's secrets and sends it once.
+    pub(super) async fn send_signed(
+        &self,
+        endpoint: &WebhookEndpoint,
+        webhook_id: &str,
+        body: &str,
+        now: i64,
+    ) -> Result<SendOutcome> {
+        send_signed(
+            &self.sender,
+            &self.options.sealer,
+            endpoint,
+            webhook_id,
+            body,
+            now,
+        )
+        .await
+    }
+
+    async fn visible_endpoint(&self, caller: &Caller, id: &str) -> Result<WebhookEndpoint> {
+        check_id("webhook_endpoint_id", id, "we_")?;
+        let endpoint = self
+            .store
+            .get_endpoint(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        match caller.owner_filter() {
+            Some(owner) if owner != endpoint.owner => Err(not_found(id)),
+            _ => Ok(endpoint),
+        }
+    }
+
+    async fn replace(&self, current: &WebhookEndpoint, next: &WebhookEndpoint) -> Result<()> {
+        if self.store.update_endpoint(next, &current.secret).await? {
+            Ok(())
+        } else {
+            Err(Error::Contended(current.id.clone()))
+        }
+    }
+}
+
+/// Signs `body` with the endpoint's secrets at `now` (both during a rotation's
+/// overlap) and sends it once.
+pub(super) async fn send_signed(
+    sender: &Sender,
+    sealer: &SecretSealer,
+    endpoint: &WebhookEndpoint,
+    webhook_id: &str,
+    body: &str,
+    now: i64,
+) -> Result<SendOutcome> {
+    let secrets = endpoint
+        .signing_secrets(now)
+        .into_iter()
+        .map(|sealed| sealer.open(&endpoint.id, sealed))
+        .collect::<Result<Vec<_>>>()?;
+    let secrets: Vec<&SigningSecret> = secrets.iter().collect();
+    // Receivers compare the timestamp with their own clock (the SDKs allow 5
+    // minutes), so it is the wall clock's, whatever clock the service was given.
+    let timestamp = now_ms() / 1_000;
+    let signature = signature_header(&secrets, webhook_id, timestamp, body.as_bytes());
+    Ok(sender
+        .send(&SignedRequest {
+            url: &endpoint.settings.url,
+            webhook_id,
+            timestamp,
+            signature: &signature,
+            body,
+        })
+        .await)
+}
+
+/// The page size asked for, 20 when none was.
+fn list_limit(limit: Option<i64>) -> Result<i64> {
+    let limit = limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(Error::invalid(
+            "limit",
+            format!("{limit} is out of range; use 1 to {MAX_LIST_LIMIT}"),
+        ));
+    }
+    Ok(limit)
+}
+
+fn not_found(id: &str) -> Error {
+    Error::NotFound {
+        what: "webhook endpoint",
+        id: id.to_owned(),
+    }
+}
+
+/// Refuses an id that cannot be one of ours before it reaches the database.
+fn check_id(field: &str, id: &str, prefix: &str) -> Result<()> {
+    let well_formed = id.len() <= MAX_ID_CHARS
+        && id.starts_with(prefix)
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if well_formed {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "`{}` is not an id of the form {prefix}<hex digits>",
+                id.chars().take(40).collect::<String>().escape_debug()
+            ),
+        ))
+    }
+}
+
+/// Now, Unix milliseconds.
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
