@@ -518,8 +518,13 @@ fn spawn_webhook_work(
         dispatch.await;
         ("webhook dispatcher", Ok(()))
     });
-    let deliverer = Deliverer::new(store.clone(), options.webhooks.clone(), queued)
-        .context("cannot set up the webhook deliverer")?;
+    let deliverer = Deliverer::new(
+        store.clone(),
+        options.clock.clone(),
+        options.webhooks.clone(),
+        queued,
+    )
+    .context("cannot set up the webhook deliverer")?;
     let stopping = shutdown.subscribe();
     tasks.spawn(async move {
         deliverer.run(stopping).await;

@@ -17,6 +17,7 @@ use super::dispatcher::event_type_label;
 use super::endpoint::WebhookEndpoint;
 use super::sender::{SendOutcome, Sender};
 use super::service::{WebhookOptions, now_ms, send_signed};
+use crate::clock::Clock;
 use crate::domain::random_hex;
 use crate::error::Result;
 use crate::shutdown;
@@ -33,6 +34,9 @@ pub struct Deliverer {
     store: Arc<dyn Store>,
     sender: Sender,
     options: WebhookOptions,
+    /// The service's clock: when a rotation's overlap ends, how long an endpoint has
+    /// been failing. Leases and signatures use the wall clock.
+    clock: Arc<dyn Clock>,
     /// This replica's name on the leases it takes.
     replica: String,
     slots: Arc<Semaphore>,
@@ -44,6 +48,7 @@ impl Deliverer {
     /// A deliverer over `store`; `wake` is signalled when deliveries were queued.
     pub fn new(
         store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
         options: WebhookOptions,
         wake: Arc<Notify>,
     ) -> Result<Arc<Deliverer>> {
@@ -53,6 +58,7 @@ impl Deliverer {
             replica: format!("replica_{}", random_hex::<8>()),
             in_flight: Mutex::default(),
             store,
+            clock,
             options,
             wake,
         }))
@@ -184,7 +190,7 @@ impl Deliverer {
                 .await;
         }
         let started_ms = now_ms();
-        let now = started_ms / 1_000;
+        let now = self.clock.now();
         let outcome = send_signed(
             &self.sender,
             &self.options.sealer,
@@ -197,7 +203,7 @@ impl Deliverer {
         if let Some(status) = outcome.status {
             tracing::Span::current().record("http.response.status_code", status);
         }
-        let record = self.judge(delivery, &endpoint, &outcome, started_ms);
+        let record = self.judge(delivery, &endpoint, &outcome, started_ms, now);
         let label = match record.after {
             AfterAttempt::Delivered => "delivered",
             AfterAttempt::RetryAt(_) => "retrying",
@@ -231,8 +237,8 @@ impl Deliverer {
         endpoint: &WebhookEndpoint,
         outcome: &SendOutcome,
         started_ms: i64,
+        now: i64,
     ) -> AttemptRecord {
-        let now = started_ms / 1_000;
         let report = AttemptReport {
             at_ms: started_ms,
             duration_ms: outcome.duration.as_millis() as i64,

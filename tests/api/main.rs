@@ -28,3 +28,4 @@ mod store_contract;
 mod traces;
 mod watch;
 mod watch_hardening;
+mod webhooks;
