@@ -95,10 +95,10 @@ class Batchd:
         )
 
 
-def _serve(database_url: str) -> Batchd:
+def _serve(database_url: str, env: dict) -> Batchd:
     process = subprocess.Popen(
         [BATCHD, "serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
-        env={**os.environ, "BATCHD_DATABASE_URL": database_url, "RUST_LOG": "warn"},
+        env={**os.environ, **env, "BATCHD_DATABASE_URL": database_url, "RUST_LOG": "warn"},
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -114,12 +114,11 @@ def _serve(database_url: str) -> Batchd:
     raise RuntimeError(f"batchd exited before serving: {lines}")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def batchd(request):
-    """batchd on a fresh database of each store."""
-    if request.param == "sqlite":
+def _batchd_on(store: str, env: dict):
+    """batchd on a fresh database of `store`, with `env` added to its environment."""
+    if store == "sqlite":
         with tempfile.TemporaryDirectory() as directory:
-            server = _serve(f"sqlite://{directory}/batchd.db")
+            server = _serve(f"sqlite://{directory}/batchd.db", env)
             yield server
             server.process.terminate()
             server.process.wait(timeout=30)
@@ -132,10 +131,31 @@ def batchd(request):
     with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     try:
-        server = _serve(f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}")
+        server = _serve(f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}", env)
         yield server
         server.process.terminate()
         server.process.wait(timeout=30)
     finally:
         with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def batchd(request):
+    """batchd on a fresh database of each store."""
+    yield from _batchd_on(request.param, {})
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def batchd_with_local_webhooks(request):
+    """batchd on a fresh database of each store, allowed to send webhooks to a
+    receiver on this machine over plain http, retrying quickly."""
+    yield from _batchd_on(
+        request.param,
+        {
+            "BATCHD_WEBHOOK_ALLOW_HTTP": "true",
+            "BATCHD_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+            "BATCHD_WEBHOOK_POLL": "100ms",
+            "BATCHD_WEBHOOK_RETRY_SCHEDULE": "100ms,200ms,300ms",
+        },
+    )
