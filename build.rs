@@ -4,14 +4,19 @@
 use std::{env, fs, path::PathBuf};
 
 const PROTO_ROOT: &str = "proto";
-const CONTRACT: &str = "proto/batchd/v1/batch.proto";
+const CONTRACT: [&str; 2] = [
+    "proto/batchd/v1/batch.proto",
+    "proto/batchd/v1/webhook.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
 
     let mut compiler = protox::Compiler::new([PROTO_ROOT])?;
     compiler.include_imports(true).include_source_info(true);
-    compiler.open_file(CONTRACT)?;
+    for file in CONTRACT {
+        compiler.open_file(file)?;
+    }
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(

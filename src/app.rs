@@ -255,7 +255,7 @@ impl App {
             async move { shutdown::requested(&mut stopping).await }
         };
 
-        let (routes, health_reporter) = grpc::routes(service.clone())?;
+        let (routes, health_reporter) = grpc::routes(service.clone(), webhooks.clone())?;
         let readiness = Readiness::new(health_reporter, &grpc::SERVICE_NAMES, grpc::LIVENESS).await;
         let mut tasks = JoinSet::new();
 

@@ -44,6 +44,101 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Manage webhook endpoints (OpenAI's webhook API) of the API key's owner, over
+    /// gRPC: create, list, delete, rotate, test, deliveries.
+    Webhooks {
+        /// What to do with endpoints.
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
+}
+
+/// Which batchd to call, with which key.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// batchd's gRPC address.
+    #[arg(long, env = "BATCHD_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+
+    /// The API key to call with.
+    #[arg(long, env = "BATCHD_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+}
+
+/// `batchd webhooks ...`.
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Create an endpoint; its signing secret is printed once, as the last line.
+    Create {
+        /// The server and key.
+        #[command(flatten)]
+        api: ApiArgs,
+        /// A name, 1 to 256 characters.
+        #[arg(long, env = "BATCHD_WEBHOOK_NAME")]
+        name: String,
+        /// Where deliveries go (`https://`, reaching a public address).
+        #[arg(long, env = "BATCHD_WEBHOOK_URL")]
+        url: String,
+        /// Event types, comma-separated (`batchd webhooks event-types` lists them).
+        #[arg(
+            long,
+            env = "BATCHD_WEBHOOK_EVENT_TYPES",
+            value_delimiter = ',',
+            required = true
+        )]
+        event_types: Vec<String>,
+    },
+    /// List the key owner's endpoints.
+    List {
+        /// The server and key.
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete an endpoint and its deliveries.
+    Delete {
+        /// The server and key.
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The endpoint's id (`we_...`).
+        endpoint_id: String,
+    },
+    /// Give an endpoint a new signing secret, printed once, as the last line.
+    Rotate {
+        /// The server and key.
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The endpoint's id (`we_...`).
+        endpoint_id: String,
+        /// Keep signing with the old secret too for 24 hours.
+        #[arg(long, env = "BATCHD_WEBHOOK_KEEP_OLD_SECRET")]
+        keep_old_secret: bool,
+    },
+    /// Send one signed sample event to an endpoint now.
+    Test {
+        /// The server and key.
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The endpoint's id (`we_...`).
+        endpoint_id: String,
+        /// The sample event's type.
+        #[arg(
+            long,
+            env = "BATCHD_WEBHOOK_EVENT_TYPE",
+            default_value = "batch.completed"
+        )]
+        event_type: String,
+    },
+    /// An endpoint's latest deliveries, newest first.
+    Deliveries {
+        /// The server and key.
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The endpoint's id (`we_...`).
+        endpoint_id: String,
+        /// How many, 1 to 100.
+        #[arg(long, env = "BATCHD_WEBHOOK_DELIVERIES_LIMIT", default_value_t = 20)]
+        limit: i64,
+    },
 }
 
 /// Where the database is, for the one-shot commands (`serve` has the same flags in

@@ -46,6 +46,7 @@ async fn run() -> ExitCode {
             .map(success)
             .map_err(Into::into),
         Command::Watch(args) => cli::watch::run(args).await,
+        Command::Webhooks { command } => cli::webhooks::run(command).await.map(success),
         Command::Health(args) => cli::health::run(args).await,
     };
     outcome.unwrap_or_else(|error| {

@@ -7,29 +7,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
+use super::{BearerAuth, authorized_channel};
 use crate::config::WatchArgs;
 use crate::proto::batchd::v1::{self as pb, batch_service_client::BatchServiceClient};
 
 pub(super) type Client = BatchServiceClient<InterceptedService<Channel, BearerAuth>>;
-
-/// Sends the API key with every call.
-#[derive(Clone)]
-pub(super) struct BearerAuth(MetadataValue<Ascii>);
-
-impl Interceptor for BearerAuth {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
 
 /// The exit code for a batch that ended in `status`.
 pub fn exit_code(status: pb::BatchStatus) -> ExitCode {
@@ -164,14 +150,6 @@ pub(super) fn retryable(status: &Status) -> bool {
 }
 
 pub(super) async fn connect(args: &WatchArgs) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(args.server.clone())
-        .with_context(|| format!("`{}` is not a server address", args.server))?
-        .connect_lazy();
-    let authorization = format!("Bearer {}", args.api_key)
-        .parse()
-        .context("the API key contains characters a header cannot carry")?;
-    Ok(BatchServiceClient::with_interceptor(
-        channel,
-        BearerAuth(authorization),
-    ))
+    let (channel, auth) = authorized_channel(&args.server, &args.api_key)?;
+    Ok(BatchServiceClient::with_interceptor(channel, auth))
 }

@@ -4,6 +4,7 @@
 
 mod batch_api;
 mod convert;
+mod webhook_api;
 mod worker_api;
 
 use std::sync::Arc;
@@ -16,15 +17,19 @@ use crate::domain::Caller;
 use crate::error::{Error, Result};
 use crate::proto::batchd::v1::batch_service_server::BatchServiceServer;
 use crate::proto::batchd::v1::batch_worker_service_server::BatchWorkerServiceServer;
+use crate::proto::batchd::v1::webhook_service_server::WebhookServiceServer;
 use crate::service::{BatchService, bearer_token};
+use crate::webhooks::service::WebhookService;
 
 pub use batch_api::BatchApi;
+pub use webhook_api::WebhookApi;
 pub use worker_api::WorkerApi;
 
 /// The names health is reported under besides `""`: every service batchd serves.
-pub const SERVICE_NAMES: [&str; 2] = [
+pub const SERVICE_NAMES: [&str; 3] = [
     <BatchServiceServer<BatchApi> as tonic::server::NamedService>::NAME,
     <BatchWorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+    <WebhookServiceServer<WebhookApi> as tonic::server::NamedService>::NAME,
 ];
 
 /// The health service name that is SERVING as long as the process runs, whatever the
@@ -41,8 +46,11 @@ pub const FILE_DESCRIPTOR_SETS: [&[u8]; 4] = [
     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
 ];
 
-/// Every gRPC service of batchd: the two APIs, health and reflection.
-pub fn routes(service: Arc<BatchService>) -> Result<(Routes, HealthReporter)> {
+/// Every gRPC service of batchd: the three APIs, health and reflection.
+pub fn routes(
+    service: Arc<BatchService>,
+    webhooks: Arc<WebhookService>,
+) -> Result<(Routes, HealthReporter)> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Reflection describes itself without being told. Both versions are served:
     // grpcurl and current tools speak v1; grpcio's Python client, Postman, grpcui and
@@ -56,7 +64,12 @@ pub fn routes(service: Arc<BatchService>) -> Result<(Routes, HealthReporter)> {
     let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let routes = Routes::new(BatchServiceServer::new(BatchApi::new(service.clone())))
-        .add_service(BatchWorkerServiceServer::new(WorkerApi::new(service)))
+        .add_service(BatchWorkerServiceServer::new(WorkerApi::new(
+            service.clone(),
+        )))
+        .add_service(WebhookServiceServer::new(WebhookApi::new(
+            service, webhooks,
+        )))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

@@ -12,7 +12,12 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 use crate::helpers::*;
 
-const SERVICES: [&str; 3] = ["", "batchd.v1.BatchService", "batchd.v1.BatchWorkerService"];
+const SERVICES: [&str; 4] = [
+    "",
+    "batchd.v1.BatchService",
+    "batchd.v1.BatchWorkerService",
+    "batchd.v1.WebhookService",
+];
 
 async fn health_is_serving_for_every_service_while_the_database_answers(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -60,6 +65,7 @@ async fn reflection_lists_the_services_so_grpcurl_needs_no_proto(backend: Backen
     for expected in [
         "batchd.v1.BatchService",
         "batchd.v1.BatchWorkerService",
+        "batchd.v1.WebhookService",
         "grpc.health.v1.Health",
     ] {
         assert!(

@@ -803,3 +803,106 @@ async fn a_replica_killed_mid_delivery_loses_nothing(backend: Backend) {
         assert_eq!(taken.body, request.body);
     }
 }
+
+/// `batchd webhooks ...` over gRPC, against a real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_endpoints_and_lists_deliveries() {
+    let db = TestDb::fresh(Backend::Sqlite).await;
+    let receiver = Receiver::start().await;
+    let server = Server::start(
+        &db.url,
+        &[
+            "--webhook-allow-http",
+            "--webhook-allow-private-networks",
+            "--webhook-poll",
+            "100ms",
+        ],
+    )
+    .await;
+    let key = server.first_key();
+    let grpc = format!("http://{}", server.grpc_addr);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["webhooks"];
+        all.extend_from_slice(args);
+        all.extend(["--server", &grpc, "--api-key", &key]);
+        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
+        let url = db.url.clone();
+        async move {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            crate::process::run(&args, &url).await
+        }
+    };
+    let hook = receiver.url("cli");
+    let (code, out, err) = cli(&[
+        "create",
+        "--name",
+        "ops",
+        "--url",
+        &hook,
+        "--event-types",
+        "batch.created,batch.cancelling",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let secret = out.lines().last().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"), "{out}");
+    let endpoint = out
+        .split_whitespace()
+        .find(|w| w.starts_with("we_"))
+        .unwrap()
+        .to_owned();
+
+    let (code, out, _) = cli(&["list"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&endpoint)
+            && out.contains("[batch.created,batch.cancelling]")
+            && out.contains("enabled"),
+        "{out}"
+    );
+
+    let (code, out, err) = cli(&["test", &endpoint]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("answered 200"), "{out}");
+    let sample = receiver.delivered("cli").into_values().next().unwrap();
+    assert!(sample.verifies_with(&secret));
+
+    let batch = create(&mut server.client(&key).await).await.id;
+    eventually(Duration::from_secs(20), "the delivery", || async {
+        receiver.delivered("cli").len() == 2
+    })
+    .await;
+    let (code, out, _) = cli(&["deliveries", &endpoint]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&batch) && out.contains("batch.created") && out.contains("delivered"),
+        "{out}"
+    );
+
+    let (code, out, _) = cli(&["rotate", &endpoint, "--keep-old-secret"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().last().unwrap().starts_with("whsec_") && out.contains("24 hours"),
+        "{out}"
+    );
+
+    let (code, _, err) = cli(&["delete", "we_000000000000000000000000"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no webhook endpoint found"), "{err}");
+    let (code, _, err) = cli(&[
+        "create",
+        "--name",
+        "x",
+        "--url",
+        "ftp://a/",
+        "--event-types",
+        "batch.created",
+    ])
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("url"), "{err}");
+    let (code, out, _) = cli(&["delete", &endpoint]).await;
+    assert_eq!(code, 0, "{out}");
+    let (_, out, _) = cli(&["list"]).await;
+    assert!(out.trim().is_empty(), "{out}");
+}

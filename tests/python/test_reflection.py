@@ -16,11 +16,14 @@ def test_grpcio_lists_and_resolves_the_services_over_v1alpha(batchd):
         assert {
             "batchd.v1.BatchService",
             "batchd.v1.BatchWorkerService",
+            "batchd.v1.WebhookService",
             "grpc.health.v1.Health",
         } <= services, services
         pool = DescriptorPool(database)
         service = pool.FindServiceByName("batchd.v1.BatchService")
         methods = {method.name for method in service.methods}
         assert {"CreateBatch", "GetBatch", "ListBatches", "CancelBatch", "WatchBatch"} <= methods
+        webhooks = pool.FindServiceByName("batchd.v1.WebhookService")
+        assert "CreateWebhookEndpoint" in {method.name for method in webhooks.methods}
         update = pool.FindMethodByName("batchd.v1.BatchWorkerService.UpdateBatch")
         assert update.input_type.full_name == "batchd.v1.UpdateBatchRequest"
