@@ -511,7 +511,7 @@ fn spawn_webhook_work(
         store.clone(),
         hub.commits(),
         queued.clone(),
-        options.watch.safety_poll,
+        options.webhooks.poll,
         shutdown.subscribe(),
     );
     tasks.spawn(async move {

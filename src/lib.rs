@@ -2,10 +2,12 @@
 //! and an OpenAI-compatible REST shim, on SQLite or PostgreSQL.
 //!
 //! The architecture, module by module. Requests enter through one of two thin
-//! transports (`grpc`, `rest`), which call the use cases (`service`) and nothing
-//! else; the service applies the domain's rules and is the only reader and writer of
-//! batches and keys in the `store`. The watch hub reads committed versions through the
-//! store's read-only event log; `app` builds these parts and hands the store to the
+//! transports (`grpc`, `rest`), which call the use cases (`service`, and
+//! `webhooks::service` for webhook endpoints) and nothing else; the service applies the
+//! domain's rules and is the only reader and writer of batches and keys in the `store`.
+//! The watch hub reads committed versions through the store's read-only event log; the
+//! webhook dispatcher follows the same log into the store's delivery queue, which each
+//! replica's deliverer drains; `app` builds these parts and hands the store to the
 //! health checks and metrics as well. Dependencies point down this list's layers:
 //! `domain` and `error` depend on nothing of batchd's but each other (`domain` on
 //! `error`).
@@ -28,4 +30,4 @@ pub mod shutdown; // the stop signal shared by every background task
 pub mod store; // Store and its read-only EventLog; SQLite and PostgreSQL behind one generic SQL store
 pub mod telemetry; // logs, OTLP traces, metrics, the request observers
 pub mod watch; // WatchBatch and WatchBatches: the per-replica hub, its feeds, the change feed reader, one task per stream
-pub mod webhooks; // (under construction) Standard Webhooks signatures, event types, endpoint and destination checks
+pub mod webhooks; // OpenAI's webhooks: endpoint use cases, the dispatcher from the change feed, the deliverer

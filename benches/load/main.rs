@@ -15,6 +15,7 @@ mod feed;
 mod peers;
 mod reads;
 mod setup;
+mod webhooks;
 mod writes;
 
 use std::path::PathBuf;
@@ -52,7 +53,8 @@ pub struct Plan {
     pub warm_up: Duration,
     /// Each timed window.
     pub window: Duration,
-    /// `--only GROUP`: run one group of figures (reads, fanout, feed, writes, sqlite, peers),
+    /// `--only GROUP`: run one group of figures (reads, fanout, feed, webhooks, writes,
+    /// sqlite, peers),
     /// e.g. to profile it; the figures that need another group's then lack a ratio.
     only: Option<String>,
 }
@@ -227,7 +229,8 @@ async fn run(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     // PostgreSQL: reads (figures 1-3), the watch fan-out on one replica and across two
-    // (figure 6), the change feed (figure 8), then writes with watchers (figure 5),
+    // (figure 6), the change feed (figure 8), webhooks (figure 9, on batches of its
+    // own), then writes with watchers (figure 5),
     // whose pgbench anchor must come last: it writes rows behind batchd's back.
     let server = Batchd::start(&postgres.url, &[]).await?;
     let seeded = Seeded::create(plan, &server, &postgres.url).await?;
@@ -240,6 +243,9 @@ async fn run(
     }
     if plan.runs("feed") {
         feed::run(plan, &server, &seeded, &postgres.url, report).await?;
+    }
+    if plan.runs("webhooks") {
+        webhooks::run(plan, &postgres.url, &server.key, report).await?;
     }
     if plan.runs("writes") {
         writes::run(plan, &server, &seeded, &postgres.url, report).await?;

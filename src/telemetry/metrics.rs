@@ -71,6 +71,26 @@ fn register_families() {
         "Database pool connections, by state"
     );
     metrics::describe_counter!("batchd_db_errors_total", "Database errors, by kind");
+    metrics::describe_counter!(
+        "batchd_webhook_deliveries_queued_total",
+        "Webhook deliveries queued by the dispatcher, by event type"
+    );
+    metrics::describe_counter!(
+        "batchd_webhook_attempts_total",
+        "Webhook delivery attempts, by event type and outcome"
+    );
+    metrics::describe_histogram!(
+        "batchd_webhook_attempt_duration_seconds",
+        "Latency of one webhook delivery attempt, by outcome"
+    );
+    metrics::describe_gauge!(
+        "batchd_webhook_queue_depth",
+        "Pending webhook deliveries, all replicas"
+    );
+    metrics::describe_gauge!(
+        "batchd_webhook_oldest_pending_age_seconds",
+        "Age of the oldest pending webhook delivery's event"
+    );
     for rpc in super::grpc::rpc_labels() {
         register_request_series("grpc", rpc, "0");
     }
@@ -90,6 +110,21 @@ fn register_families() {
     for kind in ["unavailable", "internal"] {
         metrics::counter!("batchd_db_errors_total", "kind" => kind).increment(0);
     }
+    for kind in crate::webhooks::WebhookEventType::ALL {
+        let kind = kind.as_str();
+        metrics::counter!("batchd_webhook_deliveries_queued_total", "event_type" => kind)
+            .increment(0);
+        for outcome in crate::webhooks::deliverer::OUTCOMES {
+            metrics::counter!("batchd_webhook_attempts_total", "event_type" => kind, "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    for outcome in crate::webhooks::deliverer::OUTCOMES {
+        let _ =
+            metrics::histogram!("batchd_webhook_attempt_duration_seconds", "outcome" => outcome);
+    }
+    metrics::gauge!("batchd_webhook_queue_depth").increment(0.0);
+    metrics::gauge!("batchd_webhook_oldest_pending_age_seconds").increment(0.0);
 }
 
 /// Registers the request series of each HTTP route (`METHOD /path`) with status 200.

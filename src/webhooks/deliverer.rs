@@ -26,6 +26,9 @@ use crate::store::{DeliveryClaim, Store};
 /// Most deliveries claimed by one query.
 const MAX_CLAIM: usize = 100;
 
+/// The outcomes of an attempt, as the metrics label them.
+pub const OUTCOMES: [&str; 3] = ["delivered", "retrying", "failed"];
+
 /// How often the queue's depth and age are measured.
 const QUEUE_GAUGE_PERIOD: Duration = Duration::from_secs(5);
 

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
@@ -25,7 +25,13 @@ const PAGE: i64 = 500;
 /// How soon a read is tried again while committed changes are held back, and after
 /// an error.
 const HELD_BACK_RETRY: Duration = Duration::from_millis(25);
+const HELD_BACK_MAX_WAIT: Duration = Duration::from_secs(1);
 const ERROR_RETRY: Duration = Duration::from_secs(1);
+
+/// How long changes that make no delivery may be read past the stored position before
+/// it is moved: one write per second at most while nothing is subscribed, rather than
+/// one per commit. (Re-reading them after a crash is harmless: they make nothing.)
+const STORE_IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the dispatcher until the stop signal: woken by `commits`, or every `poll`;
 /// wakes `deliveries` whenever it queued some.
@@ -36,12 +42,30 @@ pub async fn run(
     poll: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let mut position: Option<FeedCursor> = None;
+    let mut position: Option<Position> = None;
+    let mut held_back_wait = HELD_BACK_RETRY;
     loop {
-        let rest = match dispatch_once(&store, &mut position, &deliveries).await {
+        let progress = dispatch_once(&store, &mut position, &deliveries).await;
+        if !matches!(progress, Ok(Progress::HeldBack)) {
+            held_back_wait = HELD_BACK_RETRY;
+        }
+        let rest = match progress {
             Ok(Progress::More) => continue,
-            Ok(Progress::HeldBack) => HELD_BACK_RETRY,
-            Ok(Progress::CaughtUp) => poll,
+            // A long transaction elsewhere may hold changes back for long: read again
+            // soon, then less and less often.
+            Ok(Progress::HeldBack) => {
+                let wait = held_back_wait;
+                held_back_wait = (held_back_wait * 2).min(HELD_BACK_MAX_WAIT);
+                wait
+            }
+            // Progress read but not stored yet is stored once it is a second old.
+            Ok(Progress::CaughtUp) => match position {
+                Some(at) if at.read > at.stored => poll.min(
+                    STORE_IDLE_PROGRESS_EVERY.saturating_sub(at.stored_at.elapsed())
+                        + Duration::from_millis(1),
+                ),
+                _ => poll,
+            },
             Err(error) => {
                 tracing::warn!(%error, "webhook dispatch failed; retrying");
                 position = None;
@@ -56,6 +80,15 @@ pub async fn run(
     }
 }
 
+/// Where this dispatcher is: the position stored in the database, and how far past it
+/// it has read changes that made no delivery.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    stored: FeedCursor,
+    read: FeedCursor,
+    stored_at: Instant,
+}
+
 /// What one read found.
 enum Progress {
     /// A full page: read again at once.
@@ -68,17 +101,24 @@ enum Progress {
 
 async fn dispatch_once(
     store: &Arc<dyn Store>,
-    position: &mut Option<FeedCursor>,
+    position: &mut Option<Position>,
     deliveries: &Notify,
 ) -> Result<Progress> {
-    let from = match *position {
-        Some(from) => from,
+    let at = match *position {
+        Some(at) => at,
         None => {
             let head = store.feed_bounds().await?.head;
-            store.dispatch_position(head).await?
+            let stored = store.dispatch_position(head).await?;
+            let at = Position {
+                stored,
+                read: stored,
+                stored_at: Instant::now(),
+            };
+            *position = Some(at);
+            at
         }
     };
-    let page = match store.changes_after(from, PAGE).await {
+    let page = match store.changes_after(at.read, PAGE).await {
         Ok(page) => page,
         Err(Error::FeedCompacted { .. }) => {
             // Compaction keeps what the dispatcher has not read, so this means the
@@ -86,7 +126,7 @@ async fn dispatch_once(
             metrics::counter!("batchd_webhook_dispatch_gaps_total").increment(1);
             let bounds = store.feed_bounds().await?;
             tracing::error!(
-                after = %from,
+                after = %at.read,
                 oldest = %bounds.oldest,
                 "webhook dispatch: the event log no longer holds every change after the dispatcher's position; continuing from the oldest"
             );
@@ -95,39 +135,47 @@ async fn dispatch_once(
         Err(other) => return Err(other),
     };
     let full = page.changes.len() as i64 >= PAGE;
-    if page.next == from && page.changes.is_empty() {
-        *position = Some(from);
-        return Ok(if page.held_back_since.is_some() {
-            Progress::HeldBack
-        } else {
-            Progress::CaughtUp
-        });
-    }
-    let queued = deliveries_of(store, &page.changes).await?;
-    if store.queue_deliveries(from, page.next, &queued).await? {
-        *position = Some(page.next);
-        if !queued.is_empty() {
-            for delivery in &queued {
-                metrics::counter!(
-                    "batchd_webhook_deliveries_queued_total",
-                    "event_type" => event_type_label(&delivery.event_type)
-                )
-                .increment(1);
-            }
-            deliveries.notify_one();
-        }
-    } else {
-        // Another replica's dispatcher moved first: continue from where it is.
-        *position = None;
-        return Ok(Progress::More);
-    }
-    Ok(if full {
+    let progress = if full {
         Progress::More
     } else if page.held_back_since.is_some() {
         Progress::HeldBack
     } else {
         Progress::CaughtUp
-    })
+    };
+    let queued = deliveries_of(store, &page.changes).await?;
+    let idle_for_long = at.stored_at.elapsed() >= STORE_IDLE_PROGRESS_EVERY;
+    if queued.is_empty() && !(idle_for_long && page.next > at.stored) {
+        *position = Some(Position {
+            read: page.next,
+            ..at
+        });
+        return Ok(progress);
+    }
+    if !store
+        .queue_deliveries(at.stored, page.next, &queued)
+        .await?
+    {
+        // Another replica's dispatcher moved first: continue from where it is (an
+        // event it queued too is queued once: deliveries are unique per endpoint).
+        *position = None;
+        return Ok(Progress::More);
+    }
+    *position = Some(Position {
+        stored: page.next,
+        read: page.next,
+        stored_at: Instant::now(),
+    });
+    if !queued.is_empty() {
+        for delivery in &queued {
+            metrics::counter!(
+                "batchd_webhook_deliveries_queued_total",
+                "event_type" => event_type_label(&delivery.event_type)
+            )
+            .increment(1);
+        }
+        deliveries.notify_one();
+    }
+    Ok(progress)
 }
 
 /// The deliveries of `changes`: for each status change, one per enabled endpoint that

@@ -1,8 +1,13 @@
-//! Webhooks (issue 15): OpenAI's webhook events for batches, signed as Standard
-//! Webhooks, derived from the change feed and delivered at least once. The signing
-//! scheme ([`signature`]), the event types and event JSON ([`events`]), where webhooks
-//! may go ([`destination`]), endpoints and their settings ([`endpoint`]), signing
-//! secrets at rest ([`secrets`]), deliveries and their retry schedule ([`delivery`]).
+//! Webhooks: OpenAI's webhook events for batches, signed as Standard Webhooks, derived
+//! from the change feed and delivered at least once.
+//!
+//! The use cases of endpoints ([`service`]); the [`dispatcher`], which turns committed
+//! status changes into queued deliveries exactly once; the [`deliverer`], which leases
+//! due deliveries and sends them with retries; one signed attempt under the
+//! destination policy ([`sender`]). Beneath them, without I/O: the signing scheme
+//! ([`signature`]), the event types and event JSON ([`events`]), where webhooks may go
+//! ([`destination`]), endpoints and their settings ([`endpoint`]), signing secrets at
+//! rest ([`secrets`]), deliveries and their retry schedule ([`delivery`]).
 
 pub mod deliverer;
 pub mod delivery;

@@ -63,7 +63,8 @@ pub struct WebhookOptions {
     pub concurrency_per_endpoint: usize,
 
     /// How often a replica looks for due deliveries besides being woken by its own
-    /// dispatcher (retries, and deliveries other replicas queued).
+    /// dispatcher (retries, and deliveries other replicas queued), and its dispatcher
+    /// reads the change feed besides being woken by commits.
     #[arg(long = "webhook-poll", env = "BATCHD_WEBHOOK_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll: Duration,
 

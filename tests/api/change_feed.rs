@@ -562,12 +562,7 @@ async fn postgres_a_change_that_began_first_but_committed_last_is_delivered() {
                 == F::Bookmark,
         "nothing is delivered while the earlier transaction runs: {quiet:?}"
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", app.http_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&app).await;
     let delay = metric_value(&metrics, "batchd_change_feed_delay_seconds");
     assert!(delay >= 1.0, "the delay shows while held back: {delay}");
 
@@ -586,14 +581,6 @@ async fn postgres_a_change_that_began_first_but_committed_last_is_delivered() {
         vec![(early.id.clone(), 2), (late.id.clone(), 2)],
         "both, in the order of their positions"
     );
-}
-
-fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|line| line.starts_with(name) && !line.starts_with('#'))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
 
 /// Test 4a: filters and tenancy. A `batches` key sees only its owner's batches, worker

@@ -10,16 +10,6 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-/// The lines of `/metrics` right now.
-async fn metrics_text(app: &TestApp) -> String {
-    reqwest::get(format!("http://{}/metrics", app.http_addr))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
-
 /// A gRPC call to `path` (any path, served or not) without a key, with an empty body.
 async fn call_raw(app: &TestApp, path: &str) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(app.channel());

@@ -395,6 +395,26 @@ pub fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, 
     }
 }
 
+/// The lines of `/metrics` right now.
+pub async fn metrics_text(app: &TestApp) -> String {
+    reqwest::get(format!("http://{}/metrics", app.http_addr))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// The value of the first series of `text` that starts with `series` (a name, or a
+/// name with its labels).
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(series) && !line.starts_with('#'))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the metrics"))
+}
+
 /// Polls `check` every 50 ms until it returns true, failing after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where

@@ -1079,6 +1079,8 @@ on_both_stores!(
     forgetting_idempotency_keys_deletes_at_most_the_limit_of_the_old_ones,
     only_the_first_api_key_of_an_empty_store_is_stored_as_first,
     api_keys_are_found_by_digest_listed_oldest_first_and_revoked_once,
+    webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time,
+    compaction_keeps_what_the_webhook_dispatcher_has_not_read,
 );
 
 /// PostgreSQL takes transaction ids before commit: a writer that began first can commit
@@ -1165,5 +1167,402 @@ async fn compaction_keeps_what_the_feed_holds_back() {
     assert_eq!(logged_versions(&*store, &batch.id).await, vec![3]);
     let bounds = store.feed_bounds().await.unwrap();
     assert!(bounds.oldest <= bounds.head);
+    store.close().await;
+}
+
+/// An endpoint of `owner` (of every owner's batches if `all_owners`) created after
+/// `starts_after`, subscribed to `types`.
+fn endpoint(
+    id: &str,
+    owner: &str,
+    all_owners: bool,
+    types: &[batchd::webhooks::WebhookEventType],
+) -> batchd::webhooks::WebhookEndpoint {
+    batchd::webhooks::WebhookEndpoint {
+        id: id.to_owned(),
+        owner: owner.to_owned(),
+        all_owners,
+        settings: batchd::webhooks::EndpointSettings {
+            name: id.to_owned(),
+            url: url::Url::parse("https://hooks.example.com/b").unwrap(),
+            event_types: types.to_vec(),
+        },
+        secret: batchd::webhooks::SealedSecret(format!("plain:secret-of-{id}")),
+        previous_secret: None,
+        created_at: T0,
+        updated_at: T0,
+        starts_after: FeedCursor::default(),
+        failing_since: None,
+        disabled: None,
+    }
+}
+
+/// A delivery of event `event` to `endpoint`.
+fn delivery(endpoint: &str, event: &str) -> batchd::webhooks::NewDelivery {
+    batchd::webhooks::NewDelivery {
+        id: batchd::webhooks::NewDelivery::new_id(),
+        endpoint_id: endpoint.to_owned(),
+        event_id: event.to_owned(),
+        event_type: "batch.completed".to_owned(),
+        batch_id: "batch_1".to_owned(),
+        payload: format!(r#"{{"id":"{event}"}}"#),
+        created_at: T0,
+    }
+}
+
+fn cursor(position: i64) -> FeedCursor {
+    FeedCursor {
+        transaction: 0,
+        position,
+    }
+}
+
+async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(backend: Backend) {
+    use batchd::store::DeliveryClaim;
+    use batchd::webhooks::{
+        AfterAttempt, AttemptRecord, AttemptReport, DeliveryState, EndpointHealth,
+        WebhookEventType as E,
+    };
+    let (_db, store) = fresh_store(backend).await;
+    let alices = endpoint("we_a", "alice", false, &[E::BatchCompleted]);
+    assert!(store.insert_endpoint(&alices, 2).await.unwrap());
+    assert!(
+        store
+            .insert_endpoint(&endpoint("we_b", "bob", false, &[E::BatchCompleted]), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .insert_endpoint(&endpoint("we_all", "root", true, &[E::BatchFailed]), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .insert_endpoint(&endpoint("we_a2", "alice", false, &[E::BatchFailed]), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .insert_endpoint(&endpoint("we_a3", "alice", false, &[E::BatchFailed]), 2)
+            .await
+            .unwrap(),
+        "an owner's limit holds"
+    );
+    let mut following: Vec<String> = store
+        .endpoints_following(&["alice"])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    following.sort();
+    assert_eq!(following, ["we_a", "we_a2", "we_all"]);
+    assert_eq!(
+        store.get_endpoint("we_a").await.unwrap(),
+        Some(alices.clone())
+    );
+    let listed: Vec<String> = store
+        .list_endpoints(Some("alice"), None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(listed, ["we_a2", "we_a"], "newest first");
+    let after: Vec<String> = store
+        .list_endpoints(None, Some("we_all"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(after, ["we_b", "we_a"]);
+
+    // The dispatcher's position: created once, moved only from where it is.
+    let start = store.dispatch_position(cursor(0)).await.unwrap();
+    assert_eq!(store.dispatch_position(cursor(99)).await.unwrap(), start);
+    let queued = [delivery("we_a", "evt_1"), delivery("we_a", "evt_2")];
+    assert!(
+        store
+            .queue_deliveries(start, cursor(5), &queued)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .queue_deliveries(start, cursor(6), &[delivery("we_a", "evt_3")])
+            .await
+            .unwrap(),
+        "a stale position queues nothing"
+    );
+    assert!(
+        store
+            .queue_deliveries(cursor(5), cursor(7), &[delivery("we_a", "evt_1")])
+            .await
+            .unwrap(),
+        "an event queued again for its endpoint is left out"
+    );
+    assert_eq!(store.dispatch_position(cursor(0)).await.unwrap(), cursor(7));
+    assert_eq!(store.list_deliveries("we_a", 10).await.unwrap().len(), 2);
+    assert_eq!(store.delivery_queue().await.unwrap().pending, 2);
+
+    // One replica at a time, until its lease runs out.
+    let now = 1_000_000;
+    let claim = |replica: &'static str, now_ms: i64, busy: &'static [String]| DeliveryClaim {
+        replica,
+        now_ms,
+        lease_until_ms: now_ms + 1_000,
+        busy_endpoints: busy,
+        limit: 10,
+    };
+    let first = store
+        .claim_deliveries(&claim("r1", now, &[]))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(
+        store
+            .claim_deliveries(&claim("r2", now + 500, &[]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let taken = store
+        .claim_deliveries(&claim("r2", now + 1_001, &[]))
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 2, "an expired lease is taken over");
+    let delivered = AttemptRecord {
+        report: AttemptReport {
+            at_ms: now + 1_001,
+            duration_ms: 5,
+            status_code: Some(200),
+            error: None,
+        },
+        after: AfterAttempt::Delivered,
+        endpoint: EndpointHealth::Healthy,
+    };
+    let id = taken[0].queued.id.clone();
+    assert!(
+        !store
+            .record_attempt("r1", "we_a", &id, &delivered)
+            .await
+            .unwrap(),
+        "the replica that lost its lease records nothing"
+    );
+    assert!(
+        store
+            .record_attempt("r2", "we_a", &id, &delivered)
+            .await
+            .unwrap()
+    );
+    let failing = AttemptRecord {
+        report: AttemptReport {
+            at_ms: now + 1_002,
+            duration_ms: 5,
+            status_code: Some(503),
+            error: Some("the receiver answered 503".into()),
+        },
+        after: AfterAttempt::RetryAt(now + 5_000),
+        endpoint: EndpointHealth::Failing(T0 + 10),
+    };
+    let other = taken[1].queued.id.clone();
+    assert!(
+        store
+            .record_attempt("r2", "we_a", &other, &failing)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .get_endpoint("we_a")
+            .await
+            .unwrap()
+            .unwrap()
+            .failing_since,
+        Some(T0 + 10)
+    );
+    assert!(
+        store
+            .claim_deliveries(&claim("r1", now + 4_999, &[]))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a retry waits for its time"
+    );
+    static BUSY: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| vec!["we_a".to_owned()]);
+    assert!(
+        store
+            .claim_deliveries(&claim("r1", now + 5_000, &BUSY))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a busy endpoint's deliveries are left to others"
+    );
+    let retried = store
+        .claim_deliveries(&claim("r1", now + 5_000, &[]))
+        .await
+        .unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].attempts, 1);
+    assert_eq!(
+        retried[0].last_attempt.as_ref().unwrap().status_code,
+        Some(503)
+    );
+    store
+        .release_deliveries("r1", std::slice::from_ref(&other))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .claim_deliveries(&claim("r2", now + 5_001, &[]))
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "a released lease is free at once"
+    );
+    let gone = AttemptRecord {
+        after: AfterAttempt::GiveUp,
+        endpoint: EndpointHealth::Disable {
+            at: T0 + 20,
+            reason: "the receiver answered 410 Gone".into(),
+        },
+        ..failing.clone()
+    };
+    assert!(
+        store
+            .record_attempt("r2", "we_a", &other, &gone)
+            .await
+            .unwrap()
+    );
+    let disabled = store.get_endpoint("we_a").await.unwrap().unwrap();
+    assert_eq!(
+        disabled.disabled,
+        Some((T0 + 20, "the receiver answered 410 Gone".into()))
+    );
+    assert!(
+        !store
+            .endpoints_following(&["alice"])
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.id == "we_a")
+    );
+    let states: Vec<DeliveryState> = store
+        .list_deliveries("we_a", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.state)
+        .collect();
+    assert_eq!(states.len(), 2);
+    assert!(states.contains(&DeliveryState::Delivered) && states.contains(&DeliveryState::Failed));
+    assert_eq!(store.delivery_queue().await.unwrap().pending, 0);
+
+    // Enabled again (the service does this on update); a finished delivery retried.
+    let enabled = batchd::webhooks::WebhookEndpoint {
+        disabled: None,
+        failing_since: None,
+        ..disabled.clone()
+    };
+    assert!(
+        !store
+            .update_endpoint(
+                &enabled,
+                &batchd::webhooks::SealedSecret("plain:stale".into())
+            )
+            .await
+            .unwrap(),
+        "an update from a stale secret is refused"
+    );
+    assert!(
+        store
+            .update_endpoint(&enabled, &disabled.secret)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .retry_delivery("we_a", &other, now + 6_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .retry_delivery("we_b", &other, now + 6_000)
+            .await
+            .unwrap(),
+        "not another endpoint's"
+    );
+    let again = store
+        .claim_deliveries(&claim("r1", now + 6_000, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.len(), again[0].attempts),
+        (1, 0),
+        "a fresh count of attempts"
+    );
+    let delivered_later = AttemptRecord {
+        report: AttemptReport {
+            at_ms: now + 6_000,
+            ..delivered.report.clone()
+        },
+        ..delivered.clone()
+    };
+    assert!(
+        store
+            .record_attempt("r1", "we_a", &other, &delivered_later)
+            .await
+            .unwrap()
+    );
+
+    // Finished deliveries are forgotten after their retention (the first finished at
+    // now + 1,006 ms, the other at now + 6,005); deleting an endpoint deletes its
+    // deliveries.
+    assert_eq!(store.forget_deliveries(now + 1_006, 10).await.unwrap(), 0);
+    assert_eq!(store.forget_deliveries(now + 1_007, 10).await.unwrap(), 1);
+    assert_eq!(store.list_deliveries("we_a", 10).await.unwrap().len(), 1);
+    assert!(store.delete_endpoint("we_a").await.unwrap());
+    assert!(!store.delete_endpoint("we_a").await.unwrap());
+    assert!(store.list_deliveries("we_a", 10).await.unwrap().is_empty());
+    store.close().await;
+}
+
+async fn compaction_keeps_what_the_webhook_dispatcher_has_not_read(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let start = store
+        .dispatch_position(FeedCursor::default())
+        .await
+        .unwrap();
+    let busy = with_versions(&*store, "alice", T0, 4).await;
+    let changes = readable_changes(&*store, 4).await;
+    assert_eq!(
+        store.compact_events(i64::MAX, 10).await.unwrap(),
+        0,
+        "nothing the dispatcher has not read"
+    );
+    // Read through version 2: version 1 is read and so is the one after it.
+    assert!(
+        store
+            .queue_deliveries(start, changes[1].cursor, &[])
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.compact_events(i64::MAX, 10).await.unwrap(), 1);
+    assert_eq!(logged_versions(&*store, &busy.id).await, vec![2, 3, 4]);
+    assert!(
+        store
+            .queue_deliveries(changes[1].cursor, changes[3].cursor, &[])
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.compact_events(i64::MAX, 10).await.unwrap(), 2);
+    assert_eq!(logged_versions(&*store, &busy.id).await, vec![4]);
     store.close().await;
 }

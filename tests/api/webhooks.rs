@@ -18,7 +18,8 @@ use batchd::webhooks::{DestinationPolicy, RetrySchedule, SigningSecret};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Backend, ManualClock, Rest, TestApp, TestDb, create, eventually, move_through, on_both_stores,
+    Backend, ManualClock, Rest, TestApp, TestDb, create, eventually, metric_value, metrics_text,
+    move_through, on_both_stores,
 };
 use crate::process::Server;
 
@@ -358,6 +359,21 @@ async fn a_receiver_that_was_down_gets_every_event_with_one_id_and_410_disables_
         state["failing_since"].is_null(),
         "a success ends the failing"
     );
+    let metrics = metrics_text(&app).await;
+    let counted = |outcome: &str| {
+        metric_value(
+            &metrics,
+            &format!(
+                "batchd_webhook_attempts_total{{event_type=\"batch.created\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(counted("delivered"), 3.0);
+    assert!(
+        counted("retrying") >= 6.0,
+        "two failed attempts of each at least"
+    );
+    assert!(metrics.contains("batchd_webhook_queue_depth "), "{metrics}");
 
     // 410 Gone: the receiver does not want webhooks any more.
     receiver.answer(Answer::Status(410));
