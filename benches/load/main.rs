@@ -232,7 +232,9 @@ async fn run(
     // (figure 6), the change feed (figure 8), webhooks (figure 9, on batches of its
     // own), then writes with watchers (figure 5),
     // whose pgbench anchor must come last: it writes rows behind batchd's back.
-    let server = Batchd::start(&postgres.url, &[]).await?;
+    // Webhooks (figure 9) go to a receiver in this process: every replica that may send
+    // them must be allowed to reach it.
+    let server = Batchd::start(&postgres.url, webhooks::REACH_THIS_PROCESS).await?;
     let seeded = Seeded::create(plan, &server, &postgres.url).await?;
     setup::pgbench_initialize(&postgres.url).await?;
     if plan.runs("reads") {
@@ -245,7 +247,7 @@ async fn run(
         feed::run(plan, &server, &seeded, &postgres.url, report).await?;
     }
     if plan.runs("webhooks") {
-        webhooks::run(plan, &postgres.url, &server.key, report).await?;
+        webhooks::run(plan, &server, report).await?;
     }
     if plan.runs("writes") {
         writes::run(plan, &server, &seeded, &postgres.url, report).await?;

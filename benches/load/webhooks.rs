@@ -1,4 +1,5 @@
-//! Figure 9: webhooks on PostgreSQL, to a receiver in this process.
+//! Figure 9: webhooks on PostgreSQL, to a receiver in this process, on the server of
+//! figures 1-8 (10 endpoints, deleted at the end).
 //!
 //! - Commit-to-delivery: `batches` batches (1,000; 200 quick) waiting in `finalizing`
 //!   complete at once (16 writers), with 10 endpoints subscribed to `batch.completed`:
@@ -52,19 +53,12 @@ async fn arrive(
     "ok"
 }
 
-/// Runs figure 9 on its own batchd, over the database of the others.
-pub async fn run(
-    plan: &Plan,
-    database_url: &str,
-    key: &str,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let server = Batchd::start_with_key(
-        database_url,
-        &["--webhook-allow-http", "--webhook-allow-private-networks"],
-        Some(key),
-    )
-    .await?;
+/// The flags that let batchd send webhooks to a receiver in this process.
+pub const REACH_THIS_PROCESS: &[&str] =
+    &["--webhook-allow-http", "--webhook-allow-private-networks"];
+
+/// Runs figure 9 on `server`, started with [`REACH_THIS_PROCESS`].
+pub async fn run(plan: &Plan, server: &Batchd, report: &mut Report) -> anyhow::Result<()> {
     let arrivals = Arc::new(Arrivals::default());
     let router = axum::Router::new()
         .route("/hook/{endpoint}", post(arrive))
@@ -95,7 +89,7 @@ pub async fn run(
         endpoint_ids.push(id.to_owned());
     }
 
-    let latencies = completing_at_once(plan, &server, &arrivals).await?;
+    let latencies = completing_at_once(plan, server, &arrivals).await?;
     report.latencies("webhook_commit_to_delivery", &latencies.0);
     report.add(
         "webhook_all_delivered_after",
@@ -106,7 +100,7 @@ pub async fn run(
 
     // Throughput of creates, without and with subscribed endpoints.
     let subscribe = |types: Value| {
-        let (rest, server, endpoint_ids) = (&rest, &server, &endpoint_ids);
+        let (rest, endpoint_ids) = (&rest, &endpoint_ids);
         async move {
             for id in endpoint_ids {
                 rest.post(format!(
@@ -124,11 +118,11 @@ pub async fn run(
     };
     // "Off": subscribed only to an event these creates never make.
     subscribe(json!(["batch.expired"])).await?;
-    let off_before = creates(plan, &server).await?;
+    let off_before = creates(plan, server).await?;
     subscribe(json!(["batch.created"])).await?;
-    let on = creates(plan, &server).await?;
+    let on = creates(plan, server).await?;
     subscribe(json!(["batch.expired"])).await?;
-    let off_after = creates(plan, &server).await?;
+    let off_after = creates(plan, server).await?;
     let off = (off_before + off_after) / 2.0;
     let off_name = "webhook_create_grpc_c16_off";
     report.add(off_name, off, "tx/s", None);
@@ -138,8 +132,15 @@ pub async fn run(
         "tx/s",
         Some((off_name, off)),
     );
+    // The endpoints go, so that no later figure pays for them.
+    for id in &endpoint_ids {
+        rest.delete(format!("{endpoints_api}/{id}"))
+            .bearer_auth(&server.key)
+            .send()
+            .await?
+            .error_for_status()?;
+    }
     receiving.abort();
-    server.stop().await;
     Ok(())
 }
 

@@ -447,23 +447,29 @@ where
             AfterAttempt::RetryAt(at) => (DeliveryState::Pending, at, None),
             AfterAttempt::GiveUp => (DeliveryState::Failed, finished_at, Some(finished_at)),
         };
+        let record = || {
+            sqlx::query(RECORD_DELIVERY_ATTEMPT)
+                .bind(state.as_str())
+                .bind(next_attempt_at)
+                .bind(report.at_ms)
+                .bind(report.duration_ms)
+                .bind(report.status_code.map(i64::from))
+                .bind(report.error.clone())
+                .bind(finished)
+                .bind(id)
+                .bind(replica)
+        };
+        if attempt.endpoint == EndpointHealth::Unchanged {
+            let recorded = record().execute(&self.pool).await?;
+            return Ok(B::Db::rows_affected(&recorded) == 1);
+        }
         let mut tx = B::begin_write(&self.pool).await?;
-        let recorded = sqlx::query(RECORD_DELIVERY_ATTEMPT)
-            .bind(state.as_str())
-            .bind(next_attempt_at)
-            .bind(report.at_ms)
-            .bind(report.duration_ms)
-            .bind(report.status_code.map(i64::from))
-            .bind(report.error.clone())
-            .bind(finished)
-            .bind(id)
-            .bind(replica)
-            .execute(&mut *tx)
-            .await?;
+        let recorded = record().execute(&mut *tx).await?;
         if B::Db::rows_affected(&recorded) != 1 {
             return Ok(false);
         }
         match &attempt.endpoint {
+            EndpointHealth::Unchanged => {}
             EndpointHealth::Healthy => {
                 sqlx::query(ENDPOINT_HEALTHY)
                     .bind(endpoint_id)

@@ -23,6 +23,9 @@ use crate::error::Result;
 use crate::shutdown;
 use crate::store::{DeliveryClaim, Store};
 
+/// How long a woken deliverer waits for more attempts to finish before it claims.
+const CLAIM_GATHER: Duration = Duration::from_millis(2);
+
 /// Most deliveries claimed by one query.
 const MAX_CLAIM: usize = 100;
 
@@ -76,7 +79,8 @@ impl Deliverer {
                 tracing::warn!(%error, "claiming webhook deliveries failed");
             }
             tokio::select! {
-                _ = self.wake.notified() => {}
+                // Attempts finish close together under load: one claim for several.
+                _ = self.wake.notified() => tokio::time::sleep(CLAIM_GATHER).await,
                 _ = tokio::time::sleep(self.options.poll) => {}
                 _ = gauges.tick() => self.measure_queue().await,
                 _ = shutdown::requested(&mut stopping) => return,
@@ -105,21 +109,37 @@ impl Deliverer {
                 .await?;
             let count = claimed.len();
             let mut extra = Vec::new();
+            let mut kept = Vec::new();
             for delivery in claimed {
-                let endpoint_id = delivery.queued.endpoint_id.clone();
-                let Some(slot) = self.take_slot(&endpoint_id) else {
-                    extra.push(delivery.queued.id);
-                    continue;
-                };
+                match self.take_slot(&delivery.queued.endpoint_id) {
+                    Some(slot) => kept.push((delivery, slot)),
+                    None => extra.push(delivery.queued.id),
+                }
+            }
+            // Claimed beyond an endpoint's share: back for another replica or later.
+            self.store.release_deliveries(&self.replica, &extra).await?;
+            // Each endpoint is read once per claim, as it is now (its secrets, whether
+            // it is still enabled), for all of its deliveries in the claim.
+            let mut endpoints: HashMap<String, Option<Arc<WebhookEndpoint>>> = HashMap::new();
+            for (delivery, _) in &kept {
+                let id = &delivery.queued.endpoint_id;
+                if !endpoints.contains_key(id) {
+                    let endpoint = self.store.get_endpoint(id).await?.map(Arc::new);
+                    endpoints.insert(id.clone(), endpoint);
+                }
+            }
+            for (delivery, slot) in kept {
+                let endpoint = endpoints
+                    .get(&delivery.queued.endpoint_id)
+                    .cloned()
+                    .flatten();
                 let deliverer = self.clone();
                 tokio::spawn(async move {
-                    deliverer.attempt(delivery).await;
+                    deliverer.attempt(delivery, endpoint).await;
                     drop(slot);
                     deliverer.wake.notify_one();
                 });
             }
-            // Claimed beyond an endpoint's share: back for another replica or later.
-            self.store.release_deliveries(&self.replica, &extra).await?;
             if count < free || !extra.is_empty() {
                 return Ok(());
             }
@@ -162,8 +182,8 @@ impl Deliverer {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One attempt of `delivery`, recorded.
-    async fn attempt(&self, delivery: Delivery) {
+    /// One attempt of `delivery` to `endpoint` (`None`: deleted), recorded.
+    async fn attempt(&self, delivery: Delivery, endpoint: Option<Arc<WebhookEndpoint>>) {
         let span = tracing::info_span!(
             "webhook.attempt",
             webhook.endpoint_id = %delivery.queued.endpoint_id,
@@ -173,7 +193,7 @@ impl Deliverer {
             http.response.status_code = tracing::field::Empty,
         );
         async {
-            if let Err(error) = self.attempt_recorded(&delivery).await {
+            if let Err(error) = self.attempt_recorded(&delivery, endpoint).await {
                 tracing::warn!(%error, delivery_id = %delivery.queued.id, "a webhook attempt could not be made or recorded; its lease will run out and it is tried again");
             }
         }
@@ -181,9 +201,13 @@ impl Deliverer {
         .await
     }
 
-    async fn attempt_recorded(&self, delivery: &Delivery) -> Result<()> {
+    async fn attempt_recorded(
+        &self,
+        delivery: &Delivery,
+        endpoint: Option<Arc<WebhookEndpoint>>,
+    ) -> Result<()> {
         let queued = &delivery.queued;
-        let Some(endpoint) = self.store.get_endpoint(&queued.endpoint_id).await? else {
+        let Some(endpoint) = endpoint else {
             return Ok(()); // deleted, with its deliveries
         };
         if endpoint.disabled.is_some() {
@@ -252,7 +276,11 @@ impl Deliverer {
             return AttemptRecord {
                 report,
                 after: AfterAttempt::Delivered,
-                endpoint: EndpointHealth::Healthy,
+                endpoint: if endpoint.failing_since.is_some() {
+                    EndpointHealth::Healthy
+                } else {
+                    EndpointHealth::Unchanged
+                },
             };
         }
         if outcome.status == Some(410) {
@@ -284,6 +312,8 @@ impl Deliverer {
                     humantime::format_duration(self.options.disable_after)
                 ),
             }
+        } else if endpoint.failing_since.is_some() {
+            EndpointHealth::Unchanged
         } else {
             EndpointHealth::Failing(now)
         };

@@ -110,6 +110,9 @@ pub enum AfterAttempt {
 /// What an attempt says about its endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndpointHealth {
+    /// Nothing changes: it succeeded and was not failing, or failed and was failing
+    /// already. (The common case, recorded in one statement.)
+    Unchanged,
     /// It answered 2xx: not failing.
     Healthy,
     /// It failed; it has been failing since then unless it already was.

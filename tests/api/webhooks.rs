@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
 use axum::routing::post;
 use batchd::app::ServeOptions;
 use batchd::domain::Scope;
@@ -30,6 +31,7 @@ on_both_stores!(
     an_endpoint_never_receives_another_owners_batches,
     bad_endpoint_requests_are_refused_naming_the_problem,
     a_replica_killed_mid_delivery_loses_nothing,
+    retry_after_is_honoured_redirects_are_not_followed_and_long_failure_disables,
 );
 
 /// Flags that let webhooks reach the test's receiver, with retries compressed.
@@ -79,6 +81,10 @@ enum Answer {
     Status(u16),
     /// 200, after this long.
     Slowly(Duration),
+    /// 503 asking for this many seconds before the next attempt.
+    RetryAfter(u64),
+    /// 307 to the receiver's `/elsewhere`.
+    Redirect,
 }
 
 #[derive(Debug)]
@@ -135,7 +141,7 @@ async fn receive(
     uri: Uri,
     headers: HeaderMap,
     body: String,
-) -> StatusCode {
+) -> axum::response::Response {
     let answer = *state.answer.lock().unwrap();
     let header = |name: &str| {
         headers
@@ -149,6 +155,8 @@ async fn receive(
         // 200 after a while, if the sender still waits; recorded as it arrives, with
         // no answer, since a sender that gives up first cuts this handler short.
         Answer::Slowly(_) => 0,
+        Answer::RetryAfter(_) => 503,
+        Answer::Redirect => 307,
     };
     state.received.lock().unwrap().push(Received {
         path: uri.path().trim_start_matches('/').to_owned(),
@@ -158,11 +166,23 @@ async fn receive(
         body,
         answered: status,
     });
-    if let Answer::Slowly(wait) = answer {
-        tokio::time::sleep(wait).await;
-        return StatusCode::OK;
+    match answer {
+        Answer::Slowly(wait) => {
+            tokio::time::sleep(wait).await;
+            StatusCode::OK.into_response()
+        }
+        Answer::RetryAfter(seconds) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", seconds.to_string())],
+        )
+            .into_response(),
+        Answer::Redirect => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [("location", "/elsewhere".to_owned())],
+        )
+            .into_response(),
+        Answer::Status(_) => StatusCode::from_u16(status).unwrap().into_response(),
     }
-    StatusCode::from_u16(status).unwrap()
 }
 
 /// Creates an endpoint; returns its id and secret.
@@ -921,4 +941,88 @@ async fn the_cli_manages_endpoints_and_lists_deliveries() {
     assert_eq!(code, 0, "{out}");
     let (_, out, _) = cli(&["list"]).await;
     assert!(out.trim().is_empty(), "{out}");
+}
+
+async fn retry_after_is_honoured_redirects_are_not_followed_and_long_failure_disables(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_with(backend, |options| {
+        reach_local_receivers(options);
+        options.webhooks.disable_after = Duration::from_secs(2);
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    let alice = app.key("alice", Scope::Batches).await;
+    let rest = app.rest(Some(&alice));
+    let (endpoint, _) = create_endpoint(&rest, &receiver.url("hook"), &["batch.created"]).await;
+    let mut client = app.client(&alice);
+
+    // Retry-After: 2 outweighs the schedule's 100 ms.
+    receiver.answer(Answer::RetryAfter(2));
+    create(&mut client).await;
+    eventually(Duration::from_secs(20), "the first attempt", || async {
+        !receiver.received().is_empty()
+    })
+    .await;
+    receiver.answer(Answer::Status(200));
+    let first = std::time::Instant::now();
+    eventually(Duration::from_secs(20), "the retry", || async {
+        receiver.delivered("hook").len() == 1
+    })
+    .await;
+    assert!(
+        first.elapsed() >= Duration::from_millis(1_500),
+        "the retry came {:?} after the first attempt",
+        first.elapsed()
+    );
+
+    // A redirect is an answer like any other, not followed.
+    receiver.answer(Answer::Redirect);
+    create(&mut client).await;
+    eventually(
+        Duration::from_secs(20),
+        "two redirected attempts",
+        || async {
+            receiver
+                .received()
+                .iter()
+                .filter(|r| r.answered == 307)
+                .count()
+                >= 2
+        },
+    )
+    .await;
+    assert!(
+        receiver.received().iter().all(|r| r.path != "elsewhere"),
+        "no redirect was followed"
+    );
+    let (_, log) = rest
+        .get(&format!("/v1/webhook_endpoints/{endpoint}/deliveries"))
+        .await;
+    assert_eq!(log["data"][0]["last_attempt"]["status_code"], 307, "{log}");
+
+    // Failing for longer than --webhook-disable-after (2 s here) disables it.
+    // New events keep attempts coming after the first delivery's retries run out.
+    receiver.answer(Answer::Status(500));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, state) = rest.get(&format!("/v1/webhook_endpoints/{endpoint}")).await;
+        if state["status"] == "disabled" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not disabled: {state}"
+        );
+        create(&mut client).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, state) = rest.get(&format!("/v1/webhook_endpoints/{endpoint}")).await;
+    assert!(
+        state["disabled_reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed for more than 2s"),
+        "{state}"
+    );
 }
