@@ -268,7 +268,7 @@ impl Backend for PostgresBackend {
         Some(self.wakeups.clone())
     }
 
-    const CLAIM_LOCK: &'static str = " FOR UPDATE OF d SKIP LOCKED";
+    const CLAIM_LOCK: &'static str = " FOR UPDATE SKIP LOCKED";
 }
 
 /// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata

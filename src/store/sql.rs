@@ -114,8 +114,8 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// See [`Store::notifier`].
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>>;
 
-    /// Ends the subquery that picks the deliveries a replica claims: PostgreSQL locks
-    /// them and skips rows other replicas are claiming; SQLite has one writer anyway.
+    /// Ends the subquery that picks the deliveries a replica may claim: PostgreSQL
+    /// locks them and skips rows other replicas are claiming; SQLite has one writer.
     const CLAIM_LOCK: &'static str;
 }
 

@@ -23,6 +23,8 @@ pub struct DeliveryClaim<'a> {
     pub lease_until_ms: i64,
     /// Endpoints not to claim for (the replica sends to them all it may at once).
     pub busy_endpoints: &'a [String],
+    /// Most deliveries of one endpoint to claim.
+    pub per_endpoint: i64,
     /// Most deliveries to claim.
     pub limit: i64,
 }
@@ -84,7 +86,8 @@ pub trait WebhookStore: Send + Sync {
         deliveries: &[NewDelivery],
     ) -> Result<bool>;
 
-    /// Leases due deliveries to a replica, the longest due first.
+    /// Leases due deliveries to a replica, the longest due first, at most
+    /// `per_endpoint` of any one endpoint.
     async fn claim_deliveries(&self, claim: &DeliveryClaim<'_>) -> Result<Vec<Delivery>>;
 
     /// Gives back leases a replica took but will not use.
@@ -161,6 +164,9 @@ const DELIVERY_QUEUE: &str =
 
 const FORGET_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE seq IN \
      (SELECT seq FROM webhook_deliveries WHERE state <> 'pending' AND finished_at < $1 LIMIT $2)";
+
+/// Due deliveries a claim chooses from, oldest first.
+const CLAIM_WINDOW: i64 = 1_000;
 
 /// Rows per multi-row insert of deliveries: 8 values each stays far below both
 /// databases' limit on bound values.
@@ -385,19 +391,28 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.claim_deliveries", skip_all, fields(db.system = B::SYSTEM))]
     async fn claim_deliveries(&self, claim: &DeliveryClaim<'_>) -> Result<Vec<Delivery>> {
+        // The oldest due deliveries (a bounded window, through the index of due
+        // deliveries), at most `per_endpoint` of each endpoint, at most `limit` in all:
+        // one endpoint's backlog does not fill a claim. The outer conditions are
+        // checked again on the row as it is when updated, so two replicas never lease
+        // one delivery.
         let mut sql = QueryBuilder::<B::Db>::new("UPDATE webhook_deliveries SET lease_owner = ");
         sql.push_bind(claim.replica.to_owned())
             .push(", lease_until = ")
             .push_bind(claim.lease_until_ms)
             .push(
-                " WHERE seq IN (SELECT d.seq FROM webhook_deliveries d \
-                 JOIN webhook_endpoints e ON e.id = d.endpoint_id \
-                 WHERE d.state = 'pending' AND e.disabled_at IS NULL AND d.next_attempt_at <= ",
+                " WHERE seq IN (SELECT seq FROM (SELECT c.seq, c.next_attempt_at, \
+                 row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at, c.seq) \
+                 AS endpoint_rank FROM (SELECT d.seq, d.endpoint_id, d.next_attempt_at \
+                 FROM webhook_deliveries d WHERE d.state = 'pending' AND d.next_attempt_at <= ",
             )
             .push_bind(claim.now_ms)
             .push(" AND (d.lease_until IS NULL OR d.lease_until < ")
             .push_bind(claim.now_ms)
-            .push(")");
+            .push(
+                ") AND d.endpoint_id IN (SELECT id FROM webhook_endpoints \
+                 WHERE disabled_at IS NULL)",
+            );
         if !claim.busy_endpoints.is_empty() {
             sql.push(" AND d.endpoint_id NOT IN (");
             let mut list = sql.separated(", ");
@@ -406,9 +421,15 @@ where
             }
             sql.push(")");
         }
-        sql.push(" ORDER BY d.next_attempt_at LIMIT ")
-            .push_bind(claim.limit)
+        sql.push(" ORDER BY d.next_attempt_at, d.seq LIMIT ")
+            .push_bind(CLAIM_WINDOW)
             .push(B::CLAIM_LOCK)
+            .push(") c) ranked WHERE endpoint_rank <= ")
+            .push_bind(claim.per_endpoint)
+            .push(" ORDER BY next_attempt_at, seq LIMIT ")
+            .push_bind(claim.limit)
+            .push(") AND state = 'pending' AND (lease_until IS NULL OR lease_until < ")
+            .push_bind(claim.now_ms)
             .push(format!(") RETURNING {DELIVERY_COLUMNS}"));
         let rows: Vec<DeliveryRow> = sql.build_query_as().fetch_all(&self.pool).await?;
         convert_all(rows)

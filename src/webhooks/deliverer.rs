@@ -104,6 +104,7 @@ impl Deliverer {
                     now_ms: now,
                     lease_until_ms: now + self.lease().as_millis() as i64,
                     busy_endpoints: &busy,
+                    per_endpoint: self.options.concurrency_per_endpoint.max(1) as i64,
                     limit: free as i64,
                 })
                 .await?;

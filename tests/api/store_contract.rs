@@ -1316,8 +1316,21 @@ async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(
         now_ms,
         lease_until_ms: now_ms + 1_000,
         busy_endpoints: busy,
+        per_endpoint: 10,
         limit: 10,
     };
+    let one_each = store
+        .claim_deliveries(&DeliveryClaim {
+            per_endpoint: 1,
+            ..claim("r1", now, &[])
+        })
+        .await
+        .unwrap();
+    assert_eq!(one_each.len(), 1, "at most per_endpoint of one endpoint");
+    store
+        .release_deliveries("r1", std::slice::from_ref(&one_each[0].queued.id))
+        .await
+        .unwrap();
     let first = store
         .claim_deliveries(&claim("r1", now, &[]))
         .await
