@@ -480,9 +480,26 @@ where
                 .bind(id)
                 .bind(replica)
         };
-        if attempt.endpoint == EndpointHealth::Unchanged {
-            let recorded = record().execute(&self.pool).await?;
-            return Ok(B::Db::rows_affected(&recorded) == 1);
+        match attempt.endpoint {
+            EndpointHealth::Unchanged => {
+                let recorded = record().execute(&self.pool).await?;
+                return Ok(B::Db::rows_affected(&recorded) == 1);
+            }
+            // The common case after a success: two statements, no transaction. Clearing
+            // is idempotent (and writes nothing when the endpoint was not failing); a
+            // crash between the two leaves a `failing_since` the next success clears.
+            EndpointHealth::Healthy => {
+                let recorded = record().execute(&self.pool).await?;
+                if B::Db::rows_affected(&recorded) != 1 {
+                    return Ok(false);
+                }
+                sqlx::query(ENDPOINT_HEALTHY)
+                    .bind(endpoint_id)
+                    .execute(&self.pool)
+                    .await?;
+                return Ok(true);
+            }
+            EndpointHealth::Failing(_) | EndpointHealth::Disable { .. } => {}
         }
         let mut tx = B::begin_write(&self.pool).await?;
         let recorded = record().execute(&mut *tx).await?;
@@ -490,13 +507,7 @@ where
             return Ok(false);
         }
         match &attempt.endpoint {
-            EndpointHealth::Unchanged => {}
-            EndpointHealth::Healthy => {
-                sqlx::query(ENDPOINT_HEALTHY)
-                    .bind(endpoint_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            EndpointHealth::Unchanged | EndpointHealth::Healthy => {}
             EndpointHealth::Failing(at) => {
                 sqlx::query(ENDPOINT_FAILING)
                     .bind(*at)

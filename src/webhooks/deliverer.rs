@@ -277,11 +277,9 @@ impl Deliverer {
             return AttemptRecord {
                 report,
                 after: AfterAttempt::Delivered,
-                endpoint: if endpoint.failing_since.is_some() {
-                    EndpointHealth::Healthy
-                } else {
-                    EndpointHealth::Unchanged
-                },
+                // Always: the endpoint read at claim time may not show a failure
+                // recorded since by another attempt, which this success must clear.
+                endpoint: EndpointHealth::Healthy,
             };
         }
         if outcome.status == Some(410) {

@@ -110,8 +110,7 @@ pub enum AfterAttempt {
 /// What an attempt says about its endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndpointHealth {
-    /// Nothing changes: it succeeded and was not failing, or failed and was failing
-    /// already. (The common case, recorded in one statement.)
+    /// Nothing changes: it failed and was failing already.
     Unchanged,
     /// It answered 2xx: not failing.
     Healthy,
