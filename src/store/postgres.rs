@@ -269,6 +269,9 @@ impl Backend for PostgresBackend {
     }
 
     const CLAIM_LOCK: &'static str = " FOR UPDATE SKIP LOCKED";
+
+    const LOCK_OWNER_ENDPOINTS: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(hashtext('webhook_endpoints'), hashtext($1))");
 }
 
 /// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata

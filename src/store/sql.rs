@@ -114,6 +114,12 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// See [`Store::notifier`].
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>>;
 
+    /// A statement that makes a write transaction the only one counting and inserting
+    /// the endpoints of owner $1 until it ends (PostgreSQL: an advisory lock per owner),
+    /// so concurrent creates cannot pass the per-owner limit together; `None` where a
+    /// write transaction is alone anyway (SQLite).
+    const LOCK_OWNER_ENDPOINTS: Option<&'static str>;
+
     /// Ends the subquery that picks the deliveries a replica may claim: PostgreSQL
     /// locks them and skips rows other replicas are claiming; SQLite has one writer.
     const CLAIM_LOCK: &'static str;

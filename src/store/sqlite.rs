@@ -200,6 +200,8 @@ impl Backend for SqliteBackend {
     }
 
     const CLAIM_LOCK: &'static str = "";
+
+    const LOCK_OWNER_ENDPOINTS: Option<&'static str> = None;
 }
 
 /// The batches whose ids are in the JSON array $1.

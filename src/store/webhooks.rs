@@ -196,6 +196,12 @@ where
         max_per_owner: i64,
     ) -> Result<bool> {
         let mut tx = B::begin_write(&self.pool).await?;
+        if let Some(lock) = B::LOCK_OWNER_ENDPOINTS {
+            sqlx::query(lock)
+                .bind(endpoint.owner.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         let (owned,): (i64,) = sqlx::query_as(COUNT_OWNED_ENDPOINTS)
             .bind(endpoint.owner.as_str())
             .fetch_one(&mut *tx)

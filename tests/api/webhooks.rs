@@ -659,16 +659,28 @@ async fn bad_endpoint_requests_are_refused_naming_the_problem(backend: Backend) 
     .await;
     assert_eq!(status, 401);
 
-    for _ in 0..2 {
-        let (status, body) = rest.post("/v1/webhook_endpoints", good.clone()).await;
-        assert_eq!(status, 200, "{body}");
+    // The per-owner limit holds under concurrent creates too.
+    let creates: Vec<_> = (0..12)
+        .map(|_| {
+            let (rest, good) = (rest.clone(), good.clone());
+            tokio::spawn(async move { rest.post("/v1/webhook_endpoints", good).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for create in creates {
+        let (status, body) = create.await.unwrap();
+        if status == 409 {
+            assert!(
+                body["error"]["message"].as_str().unwrap().contains("most"),
+                "{body}"
+            );
+        }
+        statuses.push(status);
     }
-    let (status, body) = rest.post("/v1/webhook_endpoints", good.clone()).await;
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("most"),
-        "{body}"
-    );
+    statuses.sort();
+    assert_eq!(statuses, [[200; 2].as_slice(), &[409; 10]].concat());
+    let (_, listed) = rest.get("/v1/webhook_endpoints").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2);
 
     for (path, status_wanted) in [
         ("/v1/webhook_endpoints?limit=0", 400),
