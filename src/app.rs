@@ -19,7 +19,9 @@ use crate::clock::{Clock, SystemClock};
 use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy};
 use crate::health::{HealthChecker, Readiness};
 use crate::service::{BatchService, ServiceOptions, key_lookups_for};
-use crate::store::{self, DatabaseStatus, PointReadOptions, Store, StoreOptions};
+use crate::store::{
+    self, DatabaseStatus, GroupCommitOptions, PointReadOptions, Store, StoreOptions,
+};
 use crate::telemetry::grpc::ObserveLayer;
 use crate::watch::{WatchHub, WatchOptions};
 use crate::webhooks::deliverer::Deliverer;
@@ -162,6 +164,12 @@ impl Parts {
                 caches: options.caches.clone(),
                 point_reads: PointReadOptions {
                     concurrent_queries: options.store.point_read_queries,
+                    max_wait: options.store.call_deadline(),
+                    database: database.clone(),
+                },
+                commits: GroupCommitOptions {
+                    concurrent_rounds: options.store.commit_rounds,
+                    max_round: options.store.commit_round_size,
                     max_wait: options.store.call_deadline(),
                     database: database.clone(),
                 },

@@ -20,8 +20,8 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::{
-    BatchPageQuery, EarlierClaim, IdempotencyClaim, PointReadOptions, PointReads, Store,
-    StoreOptions,
+    BatchPageQuery, EarlierClaim, GroupCommitOptions, GroupCommits, IdempotencyClaim,
+    PointReadOptions, PointReads, Store, StoreOptions,
 };
 use crate::watch::{FeedEvent, WatchEvent, WatchHub};
 
@@ -119,6 +119,8 @@ pub struct ServiceOptions {
     pub caches: CacheOptions,
     /// How reads of batches by id are coalesced and bounded (see [`PointReads`]).
     pub point_reads: PointReadOptions,
+    /// How commits of batch changes are grouped and bounded (see [`GroupCommits`]).
+    pub commits: GroupCommitOptions,
     /// Most API key lookups in the database at once, in each of two lanes (keys seen
     /// valid before, and all others): made-up keys, which anyone can send, never take
     /// more than these connections.
@@ -131,6 +133,7 @@ impl Default for ServiceOptions {
             policy: BatchPolicy::default(),
             caches: CacheOptions::default(),
             point_reads: PointReadOptions::default(),
+            commits: GroupCommitOptions::default(),
             key_lookups: key_lookups_for(StoreOptions::default().max_connections),
         }
     }
@@ -150,6 +153,7 @@ pub struct BatchService {
     hub: Arc<WatchHub>,
     caches: Caches,
     reads: Arc<PointReads>,
+    commits: Arc<GroupCommits>,
     /// Lookups of keys seen valid before, and of all other keys (see `look_up_api_key`).
     known_key_lookups: Semaphore,
     unknown_key_lookups: Semaphore,
@@ -176,6 +180,7 @@ impl BatchService {
             unknown_key_lookups: Semaphore::new(options.key_lookups.max(1)),
             key_lookup_wait: options.point_reads.max_wait,
             reads: PointReads::new(store.clone(), options.point_reads),
+            commits: GroupCommits::new(store.clone(), options.commits),
             store,
             clock,
             policy: options.policy,
@@ -448,26 +453,49 @@ impl BatchService {
                 .store
                 .due_batches(now, now.saturating_sub(grace), PAGE)
                 .await?;
-            let mut moved = 0;
+            // The page's moves are committed together: group commit puts them in
+            // rounds of their own instead of one commit each.
+            let mut commits = tokio::task::JoinSet::new();
             for batch in &due {
                 let Some(next) = batch.on_timer(now, grace) else {
                     continue;
                 };
+                let (group, from) = (self.commits.clone(), batch.status);
+                commits.spawn(async move {
+                    let next = Arc::new(next);
+                    let written = group.commit(next.clone()).await;
+                    (next, from, written)
+                });
+            }
+            let mut moved = 0;
+            let mut failed = None;
+            while let Some(joined) = commits.join_next().await {
+                let (next, from, written) = joined
+                    .map_err(|e| Error::Internal(format!("a sweeper commit panicked: {e}")))?;
                 // `false`: another writer (a worker, another replica's sweeper) changed
                 // the batch first; the next sweep sees its new state.
-                if self.store.commit_change(&next).await? {
-                    let committed = Arc::new(next.clone());
-                    self.hub.committed(&committed);
-                    self.caches.remember(committed);
-                    moved += 1;
-                    match next.status {
-                        BatchStatus::Expired => outcome.expired += 1,
-                        _ => outcome.cancelled += 1,
+                match written {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(error) => {
+                        failed = Some(error);
+                        continue;
                     }
-                    metrics::counter!("batchd_sweeper_transitions_total", "to" => next.status.as_str())
-                        .increment(1);
-                    tracing::info!(batch_id = %next.id, from = %batch.status, to = %next.status, "lifecycle timer moved batch");
                 }
+                self.hub.committed(&next);
+                self.caches.remember(next.clone());
+                moved += 1;
+                match next.status {
+                    BatchStatus::Expired => outcome.expired += 1,
+                    _ => outcome.cancelled += 1,
+                }
+                metrics::counter!("batchd_sweeper_transitions_total", "to" => next.status.as_str())
+                    .increment(1);
+                tracing::info!(batch_id = %next.id, from = %from, to = %next.status, "lifecycle timer moved batch");
+            }
+            // Every commit that succeeded was announced before an error is returned.
+            if let Some(error) = failed {
+                return Err(error);
             }
             if (due.len() as i64) < PAGE || moved == 0 {
                 return Ok(outcome);
@@ -620,14 +648,14 @@ impl BatchService {
                 Ok(None) => return Ok(Arc::unwrap_or_clone(current)),
                 Err(error) => return Err(error),
             };
-            if self.store.commit_change(&next).await? {
-                if next.status != current.status {
-                    tracing::info!(batch_id = %id, from = %current.status, to = %next.status, version = next.version, "batch status changed");
+            let committed = Arc::new(next);
+            if self.commits.commit(committed.clone()).await? {
+                if committed.status != current.status {
+                    tracing::info!(batch_id = %id, from = %current.status, to = %committed.status, version = committed.version, "batch status changed");
                 }
-                let committed = Arc::new(next.clone());
                 self.hub.committed(&committed);
-                self.caches.remember(committed);
-                return Ok(next);
+                self.caches.remember(committed.clone());
+                return Ok(Arc::unwrap_or_clone(committed));
             }
             self.caches.forget(id);
             tokio::task::yield_now().await;

@@ -234,9 +234,10 @@ async fn many_tenants(
     }
     store.close().await;
 
-    let without_before = updates_on_own_shares(plan, server, seeded.running)
-        .await?
-        .per_second;
+    let without_before =
+        updates_on_own_shares(plan, server, seeded.running, plan.write_concurrency)
+            .await?
+            .per_second;
 
     let before = server.rss_kib()?;
     let deliveries = Deliveries::default();
@@ -250,14 +251,14 @@ async fn many_tenants(
     }
     deliveries.wait_ready(tenants).await?;
     let after = server.rss_kib()?;
-    let with = updates_on_own_shares(plan, server, seeded.running)
+    let with = updates_on_own_shares(plan, server, seeded.running, plan.write_concurrency)
         .await?
         .per_second;
     for task in tasks {
         task.abort();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let without_after = updates_on_own_shares(plan, server, seeded.running)
+    let without_after = updates_on_own_shares(plan, server, seeded.running, plan.write_concurrency)
         .await?
         .per_second;
 

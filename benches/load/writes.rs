@@ -1,6 +1,8 @@
 //! Figure 5: worker progress updates on random running batches with watchers connected,
 //! against pgbench running the same statement (row update + event insert, no NOTIFY),
-//! and, for reference, the same with a NOTIFY in each transaction.
+//! and, for reference, the same with a NOTIFY in each transaction; the same updates
+//! through REST (`PATCH /v1/batches/{id}`, driven by `wrk`); and a lone writer's
+//! latency against pgbench's single client.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -80,18 +82,18 @@ fn update_script(notify_in_transaction: bool) -> String {
     }
 }
 
-/// UpdateBatch in a closed loop at the plan's write concurrency, each task on its own
-/// share of the running batches `1..=running` (no two updates of one batch race).
+/// UpdateBatch in a closed loop from `clients` tasks, each on its own share of the
+/// running batches `1..=running` (no two updates of one batch race).
 pub async fn updates_on_own_shares(
     plan: &Plan,
     server: &Batchd,
     running: u64,
+    clients: usize,
 ) -> anyhow::Result<Throughput> {
     let mut workers = Vec::new();
     for _ in 0..4 {
         workers.push(server.worker(server.channel().await?));
     }
-    let clients = plan.write_concurrency;
     closed_loop(plan, clients, move |task, rng| {
         let mut worker = workers[task % workers.len()].clone();
         let mine = (running / clients as u64).max(1);
@@ -124,10 +126,14 @@ pub async fn run(
     // Each task writes only the batches n with n % clients == task, so that no two
     // updates of one batch race and none is refused.
     let cpu_before = server.cpu_seconds()?;
-    let updates = updates_on_own_shares(plan, server, seeded.running).await?;
+    let updates = updates_on_own_shares(plan, server, seeded.running, clients).await?;
     let cpu_per_update =
         (server.cpu_seconds()? - cpu_before) * 1e6 / updates.completed.max(1) as f64;
+    // The same load through REST, with the same watchers open.
+    let rest = rest_updates(plan, server, seeded.running, clients).await?;
     let delivered = watchers.stop();
+    // A lone writer: nothing to group, so this is the write path's own latency.
+    let lone = updates_on_own_shares(plan, server, seeded.running, 1).await?;
 
     let variables = [
         ("nbatches", seeded.running.to_string()),
@@ -171,6 +177,38 @@ pub async fn run(
         "us/req",
         None,
     );
+    let rest_name = format!("update_rest_c{clients}_{}_watchers", plan.write_watchers);
+    report.add(
+        &rest_name,
+        rest.per_second,
+        "req/s",
+        Some((&name, updates.per_second)),
+    );
+    report.add(
+        &format!("{rest_name}_refused"),
+        rest.refused as f64,
+        "req",
+        None,
+    );
+
+    let lone_anchor = pgbench(
+        database_url,
+        Some(&update_script(false)),
+        &variables,
+        1,
+        plan,
+    )
+    .await?;
+    // A closed loop of one: the mean latency is the inverse of the rate.
+    let lone_anchor_ms = 1_000.0 / lone_anchor.max(f64::MIN_POSITIVE);
+    report.add("update_pgbench_c1_latency", lone_anchor_ms, "ms", None);
+    report.add(
+        "update_grpc_c1_latency",
+        1_000.0 / lone.per_second.max(f64::MIN_POSITIVE),
+        "ms",
+        Some(("update_pgbench_c1_latency", lone_anchor_ms)),
+    );
+    report.latencies("update_grpc_c1", &lone.latencies);
     report.add(
         "update_watch_events_delivered",
         delivered as f64,
@@ -178,4 +216,85 @@ pub async fn run(
         None,
     );
     Ok(())
+}
+
+/// What `wrk` measured.
+struct WrkRun {
+    per_second: f64,
+    /// Answers other than 2xx (an update refused because two of them for one batch
+    /// crossed, which the script makes rare).
+    refused: u64,
+}
+
+/// `PATCH /v1/batches/{id}` from `wrk` (2 threads, `clients` connections), each thread on
+/// its own half of the running batches, with counts that grow across the whole run.
+async fn rest_updates(
+    plan: &Plan,
+    server: &Batchd,
+    running: u64,
+    clients: usize,
+) -> anyhow::Result<WrkRun> {
+    const SCRIPT: &str = r#"
+-- Each thread updates its own half of the running batches (ids batch_%032x, 1..running)
+-- with counts above every count batchd wrote before this run.
+local threads = 0
+function setup(thread)
+  thread:set("index", threads)
+  threads = threads + 1
+end
+function init(args)
+  running = tonumber(args[1])
+  key = args[2]
+  counter = (os.time() + 1) * 1000000
+  headers = { ["Authorization"] = "Bearer " .. key, ["Content-Type"] = "application/json" }
+end
+function request()
+  counter = counter + 1
+  local n = math.random(0, math.floor(running / 2) - 1) * 2 + index + 1
+  local body = '{"request_counts":{"total":4000000000000000000,"completed":'
+    .. string.format("%d", counter) .. ',"failed":0}}'
+  return wrk.format("PATCH", string.format("/v1/batches/batch_%032x", n), headers, body)
+end
+"#;
+    let file = std::env::temp_dir().join(format!("batchd-bench-{}.lua", std::process::id()));
+    std::fs::write(&file, SCRIPT)?;
+    let url = format!("http://{}", server.http_addr);
+    let run = |seconds: u64| {
+        tokio::process::Command::new("wrk")
+            .args(["-t", "2", "-c", &clients.to_string(), "-d"])
+            .arg(format!("{seconds}s"))
+            .arg("-s")
+            .arg(&file)
+            .arg(&url)
+            .arg("--")
+            .arg(running.to_string())
+            .arg(&server.key)
+            .output()
+    };
+    // wrk has no warm-up of its own: a short run first.
+    run(plan.warm_up.as_secs().max(1)).await?;
+    let output = run(plan.window.as_secs().max(1)).await?;
+    let _ = std::fs::remove_file(&file);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "wrk failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let number_after = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse::<f64>().ok())
+    };
+    let per_second = number_after("Requests/sec:")
+        .ok_or_else(|| anyhow::anyhow!("wrk gave no rate: {stdout}"))?;
+    let refused = number_after("Non-2xx or 3xx responses:").unwrap_or(0.0) as u64;
+    let errors = number_after("Socket errors:");
+    anyhow::ensure!(errors.is_none(), "wrk saw socket errors: {stdout}");
+    Ok(WrkRun {
+        per_second,
+        refused,
+    })
 }

@@ -219,6 +219,10 @@ impl Store for DeadlineStore {
         self.within(self.inner.commit_change(next)).await
     }
 
+    async fn commit_changes(&self, nexts: &[Arc<Batch>]) -> Result<Vec<bool>> {
+        self.within(self.inner.commit_changes(nexts)).await
+    }
+
     async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
         self.within(self.inner.compact_events(before_at, limit))
             .await

@@ -9,10 +9,13 @@
 //! through the narrower [`EventLog`] and hears other replicas' commits through the
 //! store's [`ChangeNotifier`]. Every query both backends share is written once, in
 //! [`sql`]; each backend says only what differs; [`stored_batch`] is the one mapping
-//! of a batch to its columns and to its event-log snapshots.
+//! of a batch to its columns and to its event-log snapshots. In front of the store, on
+//! the service's side, reads by id are coalesced ([`PointReads`]) and commits of batch
+//! changes grouped ([`GroupCommits`]).
 
 mod coalesce;
 mod deadline;
+mod group_commit;
 mod postgres;
 mod postgres_wakeups;
 mod sql;
@@ -30,6 +33,7 @@ use crate::error::{Error, Result};
 
 pub use coalesce::{DatabaseStatus, MAX_WAITING_READS, PointReadOptions, PointReads};
 pub use deadline::DeadlineStore;
+pub use group_commit::{CommitMany, GroupCommitOptions, GroupCommits, MAX_WAITING_WRITES};
 use postgres::PostgresStore;
 use sqlite::SqliteStore;
 pub use webhooks::{DeliveryClaim, DeliveryQueue, WebhookStore};
@@ -225,6 +229,11 @@ pub trait Store: EventLog + WebhookStore {
     /// metadata, whose index is written only on insert) is as stored.
     async fn commit_change(&self, next: &Batch) -> Result<bool>;
 
+    /// [`Store::commit_change`] of each of `nexts` (distinct batches) in one commit:
+    /// `true` at each index whose change was written. Each change is a compare-and-set
+    /// of its own: a version race fails that one alone.
+    async fn commit_changes(&self, nexts: &[Arc<Batch>]) -> Result<Vec<bool>>;
+
     /// Deletes at most `limit` of the events committed before `before_at`, never the
     /// latest version of a batch, and raises the feed's oldest resumable cursor past
     /// them in the same transaction. Returns how many were deleted. Callers delete in
@@ -310,6 +319,35 @@ pub struct StoreOptions {
         )
     )]
     pub point_read_queries: usize,
+
+    /// Most rounds of batch changes committing at once. Changes that arrive while they
+    /// run are committed together by the next round, in one transaction (one statement
+    /// on PostgreSQL), which spares the database a commit per change under load.
+    // The concurrency of `GroupCommits`.
+    #[arg(
+        long = "database-commit-rounds",
+        value_name = "DATABASE_COMMIT_ROUNDS",
+        env = "BATCHD_DATABASE_COMMIT_ROUNDS",
+        default_value_t = 2,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::value_parser!(u32).range(1..),
+            |rounds| rounds as usize
+        )
+    )]
+    pub commit_rounds: usize,
+
+    /// Most batch changes committed by one round.
+    #[arg(
+        long = "database-commit-round-size",
+        value_name = "DATABASE_COMMIT_ROUND_SIZE",
+        env = "BATCHD_DATABASE_COMMIT_ROUND_SIZE",
+        default_value_t = 64,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::value_parser!(u32).range(1..=1_000),
+            |changes| changes as usize
+        )
+    )]
+    pub commit_round_size: usize,
 }
 
 impl StoreOptions {

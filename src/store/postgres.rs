@@ -28,6 +28,34 @@ static SELECT_BATCHES: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// Commits a round of changes, given as the JSON array $1 of their snapshots (distinct
+/// batches), in one statement: the rows are locked in id order (so two rounds that
+/// share batches cannot deadlock), each row is replaced if it is still at the version
+/// before its snapshot's, and each replaced row's snapshot is appended to the event
+/// log in the round's order. Returns the 1-based index of every change written.
+/// `batches` is reached only through its id index (`= ANY (ARRAY(...))`): joined to
+/// the input instead, a table without statistics yet (just seeded, not analyzed) was
+/// planned as two sequential scans, 5 ms for 5,000 rows.
+static COMMIT_ROUND: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH input AS (SELECT t.s, t.ord FROM jsonb_array_elements($1) \
+         WITH ORDINALITY AS t(s, ord)), \
+         locked AS (SELECT id FROM batches \
+         WHERE id = ANY (ARRAY(SELECT s ->> 'id' FROM input)) ORDER BY id FOR UPDATE), \
+         written AS (UPDATE batches SET ({columns}) = ({values}) FROM input \
+         WHERE batches.id = ANY (ARRAY(SELECT id FROM locked)) \
+         AND batches.id = input.s ->> 'id' \
+         AND batches.version = (input.s ->> 'version')::bigint - 1 \
+         RETURNING batches.id, batches.version, input.s, input.ord, \
+         COALESCE(batches.updated_at, batches.created_at) AS at), \
+         logged AS (INSERT INTO batch_events (batch_id, version, snapshot, at) \
+         SELECT id, version, s, at FROM written ORDER BY ord) \
+         SELECT ord FROM written",
+        columns = *sql::BATCH_COLUMNS,
+        values = StoredBatchV1::POSTGRES_FROM_JSON.join(", "),
+    )
+});
+
 /// The oldest transaction still running (the next to start when none is): every
 /// transaction below it has ended, so no event below it can appear any more.
 const FEED_HORIZON: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
@@ -187,6 +215,23 @@ impl Backend for PostgresBackend {
         push_event_of_written(&mut sql, next);
         let inserted = sql.build().execute(pool).await?.rows_affected();
         Ok(inserted == 1)
+    }
+
+    async fn commit_changes(pool: &PgPool, nexts: &[StoredBatchV1]) -> Result<Vec<bool>> {
+        let written: Vec<(i64,)> = sqlx::query_as(COMMIT_ROUND.as_str())
+            .bind(Json(nexts))
+            .fetch_all(pool)
+            .await?;
+        let mut committed = vec![false; nexts.len()];
+        for (ordinal,) in written {
+            if let Some(slot) = usize::try_from(ordinal - 1)
+                .ok()
+                .and_then(|index| committed.get_mut(index))
+            {
+                *slot = true;
+            }
+        }
+        Ok(committed)
     }
 
     async fn batches_by_id(pool: &PgPool, ids: &[BatchId]) -> Result<Vec<StoredBatchV1>> {

@@ -85,6 +85,11 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// `next` to the event log, atomically; `false`, writing nothing, otherwise.
     async fn commit_change(pool: &Pool<Self::Db>, next: &StoredBatchV1) -> Result<bool>;
 
+    /// [`Backend::commit_change`] of each of `nexts` (distinct batches), all in one
+    /// transaction: `true` at each index whose change was written. One change's version
+    /// race writes nothing of it and leaves the others alone.
+    async fn commit_changes(pool: &Pool<Self::Db>, nexts: &[StoredBatchV1]) -> Result<Vec<bool>>;
+
     /// The batches with these ids (at least two).
     async fn batches_by_id(pool: &Pool<Self::Db>, ids: &[BatchId]) -> Result<Vec<StoredBatchV1>>;
 
@@ -524,6 +529,22 @@ where
     #[tracing::instrument(level = "debug", name = "store.commit_change", skip_all, fields(db.system = B::SYSTEM, batch_id = %next.id, version = next.version))]
     async fn commit_change(&self, next: &Batch) -> Result<bool> {
         B::commit_change(&self.pool, &StoredBatchV1::from(next)).await
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.commit_changes", skip_all, fields(db.system = B::SYSTEM, batches = nexts.len()))]
+    async fn commit_changes(&self, nexts: &[Arc<Batch>]) -> Result<Vec<bool>> {
+        let stored: Vec<StoredBatchV1> = nexts
+            .iter()
+            .map(|next| StoredBatchV1::from(next.as_ref()))
+            .collect();
+        let mut ids: Vec<&str> = stored.iter().map(StoredBatchV1::id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|pair| pair[0] == pair[1]) {
+            return Err(Error::Internal(
+                "one round of commits changes a batch twice".into(),
+            ));
+        }
+        B::commit_changes(&self.pool, &stored).await
     }
 
     #[tracing::instrument(level = "debug", name = "store.compact_events", skip_all, fields(db.system = B::SYSTEM))]

@@ -146,6 +146,24 @@ impl Backend for SqliteBackend {
         Ok(true)
     }
 
+    /// One write transaction, one statement pair per change: SQLite's cost is the
+    /// commit (a sync of the WAL), which the changes share.
+    async fn commit_changes(pool: &SqlitePool, nexts: &[StoredBatchV1]) -> Result<Vec<bool>> {
+        let mut tx = Self::begin_write(pool).await?;
+        let mut written = Vec::with_capacity(nexts.len());
+        for next in nexts {
+            let mut update = sqlx::QueryBuilder::new("");
+            sql::push_update_if_current::<Sqlite>(&mut update, next);
+            let updated = update.build().execute(&mut *tx).await?.rows_affected() == 1;
+            if updated {
+                append_event(&mut tx, next).await?;
+            }
+            written.push(updated);
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+
     async fn batches_by_id(pool: &SqlitePool, ids: &[BatchId]) -> Result<Vec<StoredBatchV1>> {
         let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
         Ok(sqlx::query_as(SELECT_BATCHES.as_str())

@@ -9,7 +9,8 @@
 //! `StoredBatchV2` and a reader of both.
 //!
 //! Adding a field to a batch touches, here: the field of [`StoredBatchV1`], its line in
-//! [`StoredBatchV1::COLUMNS`] and [`push_values`], and the two conversions.
+//! [`StoredBatchV1::COLUMNS`], [`StoredBatchV1::POSTGRES_FROM_JSON`] and [`push_values`],
+//! and the two conversions.
 
 use std::collections::BTreeMap;
 
@@ -143,6 +144,44 @@ impl StoredBatchV1 {
         "api_key_id",
         "version",
         "updated_at",
+    ];
+
+    /// Each of [`StoredBatchV1::COLUMNS`], in order, as a PostgreSQL expression over
+    /// `s`, this type's JSON (`jsonb`): a round of changes is sent as one array of
+    /// snapshots, each of which sets a row and is its event. Exactly the values
+    /// [`push_values`] binds: no errors are `NULL` (the JSON has `[]`), an absent
+    /// object is `NULL` (the JSON has `null`).
+    pub(super) const POSTGRES_FROM_JSON: [&'static str; 30] = [
+        "s ->> 'id'",
+        "s ->> 'endpoint'",
+        "NULLIF(s -> 'errors', '[]'::jsonb)",
+        "s ->> 'input_file_id'",
+        "s ->> 'completion_window'",
+        "s ->> 'status'",
+        "s ->> 'output_file_id'",
+        "s ->> 'error_file_id'",
+        "(s ->> 'created_at')::bigint",
+        "(s ->> 'in_progress_at')::bigint",
+        "(s ->> 'expires_at')::bigint",
+        "(s ->> 'finalizing_at')::bigint",
+        "(s ->> 'completed_at')::bigint",
+        "(s ->> 'failed_at')::bigint",
+        "(s ->> 'expired_at')::bigint",
+        "(s ->> 'cancelling_at')::bigint",
+        "(s ->> 'cancelled_at')::bigint",
+        "(s -> 'request_counts' ->> 'total')::bigint",
+        "(s -> 'request_counts' ->> 'completed')::bigint",
+        "(s -> 'request_counts' ->> 'failed')::bigint",
+        "NULLIF(s -> 'metadata', 'null'::jsonb)",
+        "s ->> 'model'",
+        "NULLIF(s -> 'usage', 'null'::jsonb)",
+        "s ->> 'job_id'",
+        "s ->> 'remark'",
+        "NULLIF(s -> 'output_expires_after', 'null'::jsonb)",
+        "s ->> 'user_id'",
+        "s ->> 'api_key_id'",
+        "(s ->> 'version')::bigint",
+        "(s ->> 'updated_at')::bigint",
     ];
 
     /// The batch's id.

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use batchd::domain::{
-    ApiKey, ApiKeySecret, Batch, BatchEvent, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
-    BatchUpdateInput, Caller, CreateBatchInput, NewBatch, RequestCounts, Scope,
+    ApiKey, ApiKeySecret, Batch, BatchErrorEntry, BatchEvent, BatchId, BatchPolicy, BatchStatus,
+    BatchUpdate, BatchUpdateInput, Caller, CreateBatchInput, NewBatch, RequestCounts, Scope, Usage,
 };
 use batchd::store::{
     BatchPageQuery, EarlierClaim, FeedChange, FeedCursor, IdempotencyClaim, Store,
@@ -306,6 +306,106 @@ async fn a_commit_from_a_stale_version_writes_nothing(backend: Backend) {
     assert!(!store.commit_change(&skipping).await.unwrap());
     assert_eq!(store.get_batch(&first.id).await.unwrap(), Some(winner));
     assert_eq!(logged_versions(&*store, &first.id).await, vec![1, 2]);
+    store.close().await;
+}
+
+async fn a_round_of_commits_writes_each_change_as_its_own_commit_would(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let full = created("alice", T0, |input| {
+        input.metadata = Some(BTreeMap::from([("team".into(), "search".into())]));
+        input.job_id = Some("job-42".into());
+        input.remark = Some("nightly eval".into());
+        input.output_expires_after = Some(("created_at".into(), 7 * DAY));
+    });
+    let (raced, plain_one) = (plain("bob", T0 + 1), plain("carol", T0 + 2));
+    for batch in [&full, &raced, &plain_one] {
+        store.insert_batch(batch).await.unwrap();
+    }
+    // Every column set: status, counts, files, model, usage, errors.
+    let running = updated(
+        &full,
+        BatchUpdateInput {
+            status: Some(BatchStatus::InProgress),
+            request_counts: Some(RequestCounts {
+                total: 10,
+                completed: 3,
+                failed: 1,
+            }),
+            output_file_id: Some("file-out".into()),
+            error_file_id: Some("file-err".into()),
+            errors: vec![BatchErrorEntry {
+                code: "invalid_request".into(),
+                line: Some(7),
+                message: "bad <line>".into(),
+                param: Some("body".into()),
+            }],
+            usage: Some(Usage {
+                input_tokens: 100,
+                cached_tokens: 10,
+                output_tokens: 50,
+                reasoning_tokens: 5,
+                total_tokens: 150,
+            }),
+            model: Some("gpt-4o-mini".into()),
+            ..Default::default()
+        },
+        T0 + 60,
+    );
+    // Another writer moves `raced` first: the round's change from version 1 is stale.
+    commit(&*store, &moved(&raced, BatchStatus::InProgress, T0 + 61)).await;
+    let stale = raced.cancel(T0 + 62).unwrap().expect("a change");
+    let progressed_one = progressed(&plain_one, 1, T0 + 63);
+
+    let written = store
+        .commit_changes(&[
+            Arc::new(running.clone()),
+            Arc::new(stale),
+            Arc::new(progressed_one.clone()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        written,
+        vec![true, false, true],
+        "the stale change fails alone"
+    );
+    assert_eq!(
+        store.get_batch(&full.id).await.unwrap(),
+        Some(running.clone())
+    );
+    assert_eq!(
+        events(&*store, &full.id, 1, 10).await,
+        vec![BatchEvent {
+            version: 2,
+            batch: running.clone(),
+        }]
+    );
+    assert_eq!(logged_versions(&*store, &raced.id).await, vec![1, 2]);
+    assert_eq!(
+        store.get_batch(&raced.id).await.unwrap().unwrap().status,
+        BatchStatus::InProgress
+    );
+    assert_eq!(
+        store.get_batch(&plain_one.id).await.unwrap(),
+        Some(progressed_one.clone())
+    );
+
+    // A round's row is the same as one commit's: the next change of each applies on
+    // it, and the same change through either path reads back the same.
+    let completed = moved(&running, BatchStatus::Finalizing, T0 + 120);
+    assert!(store.commit_change(&completed).await.unwrap());
+    let finished = moved(&completed, BatchStatus::Completed, T0 + 121);
+    let more = progressed(&progressed_one, 2, T0 + 122);
+    assert_eq!(
+        store
+            .commit_changes(&[Arc::new(more.clone()), Arc::new(finished.clone())])
+            .await
+            .unwrap(),
+        vec![true, true]
+    );
+    assert_eq!(store.get_batch(&full.id).await.unwrap(), Some(finished));
+    assert_eq!(store.get_batch(&plain_one.id).await.unwrap(), Some(more));
+    assert_eq!(logged_versions(&*store, &full.id).await, vec![1, 2, 3, 4]);
     store.close().await;
 }
 
@@ -1069,6 +1169,7 @@ on_both_stores!(
     an_inserted_batch_is_read_back_whole_alone_and_among_others,
     a_commit_from_the_stored_version_replaces_the_batch_and_logs_it,
     a_commit_from_a_stale_version_writes_nothing,
+    a_round_of_commits_writes_each_change_as_its_own_commit_would,
     events_after_a_version_are_the_committed_ones_oldest_first_within_the_limit,
     compaction_deletes_old_versions_in_chunks_and_never_a_latest_version,
     latest_versions_are_the_stored_ones_leaving_out_unknown_ids,
