@@ -27,6 +27,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Written by hand, so that one encoding of a version can go to every stream
+        // of its batch (src/proto/watch_response.rs).
+        .extern_path(
+            ".batchd.v1.WatchBatchResponse",
+            "crate::proto::watch_response::WatchBatchResponse",
+        )
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -23,7 +23,7 @@ pub mod domain; // the batch, its state machine, validated input, API key rules;
 pub mod error; // the one error type; each transport maps every variant exhaustively
 pub mod grpc; // tonic handlers: proto <-> domain, call the service, map errors
 pub mod health; // background database checks feeding gRPC health and /readyz
-pub mod proto; // code generated from proto/batchd/v1/batch.proto
+pub mod proto; // code generated from proto/batchd/v1/*.proto, and WatchBatchResponse by hand (one encoding shared by many streams)
 pub mod rest; // axum handlers of the HTTP port: OpenAI JSON, SSE, probes, metrics, OpenAPI
 pub mod service; // the use cases; the only reader and writer of batches and keys
 pub mod shutdown; // the stop signal shared by every background task

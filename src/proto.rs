@@ -7,8 +7,11 @@ pub mod batchd {
     pub mod v1 {
         #![allow(missing_docs)]
         tonic::include_proto!("batchd.v1");
+        pub use crate::proto::watch_response::WatchBatchResponse;
     }
 }
+
+pub mod watch_response;
 
 /// The descriptor set of `batchd.v1` and its imports, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("batchd_descriptor");

@@ -67,7 +67,7 @@ where
 }
 
 /// GetBatch over gRPC for ids from `pick`, on a few shared HTTP/2 connections.
-async fn grpc_gets(
+pub async fn grpc_gets(
     server: &Batchd,
     plan: &Plan,
     concurrency: usize,

@@ -132,8 +132,12 @@ pub async fn run(
     // The same load through REST, with the same watchers open.
     let rest = rest_updates(plan, server, seeded.running, clients).await?;
     let delivered = watchers.stop();
-    // A lone writer: nothing to group, so this is the write path's own latency.
+    // A lone writer: nothing to group, so this is the write path's own latency; and a
+    // lone reader of terminal batches (answered from memory, no database): the floor
+    // that gRPC, tokio and the load generator put under any call.
     let lone = updates_on_own_shares(plan, server, seeded.running, 1).await?;
+    let terminal = seeded.batches - seeded.running;
+    let floor = crate::reads::grpc_gets(server, plan, 1, seeded.running + 1, terminal).await?;
 
     let variables = [
         ("nbatches", seeded.running.to_string()),
@@ -209,6 +213,12 @@ pub async fn run(
         Some(("update_pgbench_c1_latency", lone_anchor_ms)),
     );
     report.latencies("update_grpc_c1", &lone.latencies);
+    report.add(
+        "get_grpc_c1_terminal_latency",
+        1_000.0 / floor.per_second.max(f64::MIN_POSITIVE),
+        "ms",
+        None,
+    );
     report.add(
         "update_watch_events_delivered",
         delivered as f64,

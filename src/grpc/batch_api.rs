@@ -8,6 +8,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::caller;
+use super::shared_encoding::SharedEncodings;
 use crate::domain::IdempotencyKey;
 use crate::proto::batchd::v1 as pb;
 use crate::service::BatchService;
@@ -15,12 +16,16 @@ use crate::service::BatchService;
 /// The tonic handler of `BatchService`.
 pub struct BatchApi {
     service: Arc<BatchService>,
+    encodings: Arc<SharedEncodings>,
 }
 
 impl BatchApi {
     /// A handler over the service.
     pub fn new(service: Arc<BatchService>) -> Self {
-        BatchApi { service }
+        BatchApi {
+            service,
+            encodings: Arc::default(),
+        }
     }
 }
 
@@ -64,9 +69,10 @@ impl pb::batch_service_server::BatchService for BatchApi {
             .service
             .watch_batch(&caller, &request.batch_id, request.after_version)
             .await?;
-        let responses = events.map(|event| {
+        let encodings = self.encodings.clone();
+        let responses = events.map(move |event| {
             event
-                .map(pb::WatchBatchResponse::from)
+                .map(|event| encodings.response(event))
                 .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(responses)))

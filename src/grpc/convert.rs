@@ -263,10 +263,7 @@ impl From<WatchEvent> for pb::WatchBatchResponse {
             WatchEventKind::Change => pb::EventType::Change,
             WatchEventKind::Heartbeat => pb::EventType::Heartbeat,
         };
-        pb::WatchBatchResponse {
-            r#type: kind.into(),
-            batch: Some(Arc::unwrap_or_clone(event.batch).into()),
-        }
+        pb::WatchBatchResponse::new(kind, Arc::unwrap_or_clone(event.batch).into())
     }
 }
 

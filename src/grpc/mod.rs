@@ -4,6 +4,7 @@
 
 mod batch_api;
 mod convert;
+mod shared_encoding;
 mod webhook_api;
 mod worker_api;
 

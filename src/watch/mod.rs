@@ -58,7 +58,7 @@ pub struct WatchEvent {
 }
 
 /// The kinds of watch messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WatchEventKind {
     /// The current state: first, when no version to resume after was given or the
     /// history after it is no longer retained.
