@@ -17,7 +17,8 @@
 //! round, in arrival order. Versions and the event log are then exactly what one
 //! commit per change would have made.
 //!
-//! Bounds: a round holds at most `max_round` changes; at most [`MAX_WAITING_WRITES`]
+//! Bounds: a round holds at most `max_round` changes and [`MAX_ROUND_BYTES`] of batch
+//! text (the first change of a round always fits); at most [`MAX_WAITING_WRITES`]
 //! wait; a change that has waited past its deadline without being sent fails with
 //! UNAVAILABLE, unwritten; a change whose caller went away before it was sent is never
 //! sent. A round that fails for any reason but an unavailable database is retried one
@@ -40,6 +41,9 @@ use crate::error::{Error, Result};
 
 /// Most changes waiting for a round at once.
 pub const MAX_WAITING_WRITES: usize = 4_096;
+/// Most bytes of batch text one round carries (a batch holds up to 1 MiB): a change
+/// that would pass it waits for the next round, unless it is the round's first.
+const MAX_ROUND_BYTES: usize = 4 << 20;
 
 /// What group commit needs of a store.
 #[async_trait]
@@ -207,6 +211,7 @@ impl GroupCommits {
         };
         let mut expired = Vec::new();
         let mut in_round: HashMap<BatchId, usize> = HashMap::new();
+        let mut round_bytes = 0;
         let mut later = VecDeque::new();
         while let Some(change) = waiting.pop_front() {
             if change.answer.is_closed() {
@@ -221,7 +226,11 @@ impl GroupCommits {
                     round.shadowed.push((index, change));
                 }
                 Some(_) => later.push_back(change),
-                None if round.changes.len() < self.max_round => {
+                None if round.changes.len() < self.max_round
+                    && (round.changes.is_empty()
+                        || round_bytes + change.next.text_bytes() <= MAX_ROUND_BYTES) =>
+                {
+                    round_bytes += change.next.text_bytes();
                     in_round.insert(change.next.id.clone(), round.changes.len());
                     round.changes.push(change);
                 }
@@ -564,6 +573,40 @@ mod tests {
         assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
         assert_eq!(store.version(2), 1);
         assert_eq!(store.calls().len(), 1, "the late change was never sent");
+    }
+
+    #[tokio::test]
+    async fn a_round_carries_at_most_its_bytes_of_batch_text() {
+        let store = GatedVersions::new(4, None);
+        let commits = GroupCommits::over(store.clone(), one_round());
+        let first = spawn_commit(&commits, 1, 2);
+        until("the first round", || store.calls().len() == 1).await;
+        // Three changes of 1.5 MiB each: two fit in 4 MiB, the third waits.
+        let mut queued = Vec::new();
+        for n in 2..=4 {
+            let group = commits.clone();
+            let mut next = crate::domain::fixtures::batch();
+            next.id = id(n);
+            next.version = 2;
+            next.remark = Some("x".repeat(1_500_000));
+            queued.push(tokio::spawn(
+                async move { group.commit(Arc::new(next)).await },
+            ));
+            until("queued", || commits.lock().len() == n as usize - 1).await;
+        }
+        store.gate.add_permits(3);
+        assert!(first.await.unwrap().unwrap());
+        for change in queued {
+            assert!(change.await.unwrap().unwrap());
+        }
+        assert_eq!(
+            store.calls(),
+            vec![
+                vec![(id(1), 2)],
+                vec![(id(2), 2), (id(3), 2)],
+                vec![(id(4), 2)]
+            ]
+        );
     }
 
     #[tokio::test]
