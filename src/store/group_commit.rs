@@ -226,15 +226,19 @@ impl GroupCommits {
                     round.shadowed.push((index, change));
                 }
                 Some(_) => later.push_back(change),
-                None if round.changes.len() < self.max_round
-                    && (round.changes.is_empty()
-                        || round_bytes + change.next.text_bytes() <= MAX_ROUND_BYTES) =>
-                {
-                    round_bytes += change.next.text_bytes();
-                    in_round.insert(change.next.id.clone(), round.changes.len());
-                    round.changes.push(change);
+                None => {
+                    let bytes = change.next.text_bytes();
+                    let fits = round.changes.is_empty()
+                        || (round.changes.len() < self.max_round
+                            && round_bytes + bytes <= MAX_ROUND_BYTES);
+                    if fits {
+                        round_bytes += bytes;
+                        in_round.insert(change.next.id.clone(), round.changes.len());
+                        round.changes.push(change);
+                    } else {
+                        later.push_back(change);
+                    }
                 }
-                None => later.push_back(change),
             }
         }
         *waiting = later;
@@ -573,6 +577,43 @@ mod tests {
         assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
         assert_eq!(store.version(2), 1);
         assert_eq!(store.calls().len(), 1, "the late change was never sent");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_every_queued_change_is_still_committed() {
+        let store = GatedVersions::new(MAX_WAITING_WRITES as u32 + 2, None);
+        let commits = GroupCommits::over(
+            store.clone(),
+            GroupCommitOptions {
+                concurrent_rounds: 1,
+                max_round: 1_000,
+                ..GroupCommitOptions::default()
+            },
+        );
+        let first = spawn_commit(&commits, 1, 2);
+        until("the first round", || store.calls().len() == 1).await;
+        let queued: Vec<_> = (2..MAX_WAITING_WRITES as u32 + 2)
+            .map(|n| spawn_commit(&commits, n, 2))
+            .collect();
+        until("the queue to fill", || {
+            commits.lock().len() == MAX_WAITING_WRITES
+        })
+        .await;
+        let mut refused = crate::domain::fixtures::batch();
+        refused.id = id(MAX_WAITING_WRITES as u32 + 2);
+        refused.version = 2;
+        let result = commits.commit(Arc::new(refused)).await;
+        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+        store.gate.add_permits(100);
+        assert!(first.await.unwrap().unwrap());
+        for change in queued {
+            assert!(change.await.unwrap().unwrap());
+        }
+        assert_eq!(
+            store.version(MAX_WAITING_WRITES as u32 + 2),
+            1,
+            "the refused change was never written"
+        );
     }
 
     #[tokio::test]
