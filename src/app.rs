@@ -92,6 +92,12 @@ pub struct ServeOptions {
     #[arg(long, env = "BATCHD_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Serve the web console at `/console/` of the HTTP port (`/` redirects there).
+    /// It is static files calling the REST API with the key the operator enters; off,
+    /// both paths are 404.
+    #[arg(long, env = "BATCHD_CONSOLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub console: bool,
+
     /// Create an admin key, printed once on stdout, when the database has no key at
     /// all (the quick start). Deployments that create keys on purpose turn it off.
     #[arg(long, env = "BATCHD_CREATE_FIRST_KEY", default_value_t = true, action = clap::ArgAction::Set)]
@@ -307,6 +313,11 @@ impl App {
             readiness.clone(),
             Arc::new(move || pool.pool_usage()),
         );
+        let router = if options.console {
+            router.merge(crate::console::routes())
+        } else {
+            router
+        };
         tasks.spawn(async move {
             let outcome = axum::serve(http_listener, router)
                 .with_graceful_shutdown(http_stopped)

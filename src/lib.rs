@@ -8,9 +8,10 @@
 //! The watch hub reads committed versions through the store's read-only event log; the
 //! webhook dispatcher follows the same log into the store's delivery queue, which each
 //! replica's deliverer drains; `app` builds these parts and hands the store to the
-//! health checks and metrics as well. Dependencies point down this list's layers:
-//! `domain` and `error` depend on nothing of batchd's but each other (`domain` on
-//! `error`).
+//! health checks and metrics as well. The web console (`console`) is static files on the
+//! HTTP port that call the REST API like any client. Dependencies point down this list's
+//! layers: `domain` and `error` depend on nothing of batchd's but each other (`domain`
+//! on `error`).
 
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod cache; // API keys (valid and unknown), terminal and latest batches, bou
 pub mod cli; // the client commands, apart from the server: watch, health, migrate, keys
 pub mod clock; // the injectable source of "now"
 pub mod config; // clap flags, each with a BATCHD_* environment variable; defaults on the options structs
+pub mod console; // the web console: console/'s static files, embedded, hashed, compressed, served with a strict CSP
 pub mod domain; // the batch, its state machine, validated input, API key rules; no I/O
 pub mod error; // the one error type; each transport maps every variant exhaustively
 pub mod grpc; // tonic handlers: proto <-> domain, call the service, map errors

@@ -56,7 +56,20 @@ async fn run() -> ExitCode {
 }
 
 async fn serve(options: ServeOptions) -> anyhow::Result<()> {
+    let console_enabled = options.console;
     let mut app = App::start(options).await?;
+    // First: the first key's secret stays the line before the "serving" line, which is
+    // the last one (supervisors and tests read up to it and may close stdout after).
+    if console_enabled {
+        let mut console = app.http_addr();
+        if console.ip().is_unspecified() {
+            console.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        println!(
+            "The console is at http://{console}{}",
+            batchd::console::PATH
+        );
+    }
     if let Some((key, secret)) = app.take_first_api_key() {
         println!(
             "The database had no API key, so batchd created {} (user {}, scope {}).",

@@ -13,10 +13,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cache::{CacheOptions, CachedKey, Caches};
 use crate::clock::Clock;
 use crate::domain::{
-    Action, ApiKey, ApiKeySecret, Batch, BatchId, BatchPolicy, BatchStatus, BatchUpdate,
-    BatchUpdateInput, Caller, CreateBatchInput, IDEMPOTENCY_WINDOW_SECONDS, IdempotencyKey,
-    ListBatches, ListBatchesInput, ListOrder, NewBatch, Scope, WatchBatches, WatchBatchesInput,
-    digest_of,
+    Action, ApiKey, ApiKeySecret, Batch, BatchFilter, BatchId, BatchPolicy, BatchStatus,
+    BatchUpdate, BatchUpdateInput, Caller, CreateBatchInput, IDEMPOTENCY_WINDOW_SECONDS,
+    IdempotencyKey, ListBatches, ListBatchesInput, ListOrder, NewBatch, Scope, WatchBatches,
+    WatchBatchesInput, digest_of,
 };
 use crate::error::{Error, Result};
 use crate::store::{
@@ -420,6 +420,34 @@ impl BatchService {
             }
         }
         self.hub.watch(caller, &id, after_version).await
+    }
+
+    /// How many of the batches the caller can see match the filters, per status (every
+    /// status present, zero when none): what the console's header shows. The filters
+    /// are a list's; its paging fields are refused.
+    #[tracing::instrument(level = "debug", skip_all, fields(user_id = %caller.user_id))]
+    pub async fn count_batches(
+        &self,
+        caller: &Caller,
+        input: ListBatchesInput,
+    ) -> Result<Vec<(BatchStatus, i64)>> {
+        caller.authorize(Action::ReadBatches)?;
+        let mut filter = BatchFilter::parse_unpaged(
+            input,
+            "is a parameter of a list, not of the counts; counts cover every matching batch",
+        )?;
+        filter.owner = caller.owner_filter().map(str::to_owned);
+        let stored = self.store.count_batches(&filter).await?;
+        Ok(BatchStatus::ALL
+            .into_iter()
+            .map(|status| {
+                let count = stored
+                    .iter()
+                    .find(|(counted, _)| *counted == status)
+                    .map_or(0, |(_, count)| *count);
+                (status, count)
+            })
+            .collect())
     }
 
     /// Streams the change feed of every batch the caller can see that matches the

@@ -161,6 +161,26 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action, in the order `GET /v1/me` lists them.
+    pub const ALL: [Action; 5] = [
+        Action::CreateBatch,
+        Action::ReadBatches,
+        Action::CancelBatch,
+        Action::UpdateBatch,
+        Action::ManageWebhooks,
+    ];
+
+    /// The action's name in `GET /v1/me`'s `permissions`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::CreateBatch => "create_batches",
+            Action::ReadBatches => "read_batches",
+            Action::CancelBatch => "cancel_batches",
+            Action::UpdateBatch => "update_batches",
+            Action::ManageWebhooks => "manage_webhooks",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Action::CreateBatch => "create batches",
@@ -208,6 +228,11 @@ impl Caller {
                 action: action.describe(),
             })
         }
+    }
+
+    /// Whether the scope allows `action`.
+    pub fn may(&self, action: Action) -> bool {
+        self.authorize(action).is_ok()
     }
 
     /// The owner to restrict listings to, `None` for every owner.

@@ -82,6 +82,29 @@ pub struct BatchFilter {
 }
 
 impl BatchFilter {
+    /// Validates the filters of a list request that is not a page (the change feed,
+    /// the counts): its paging fields (`after`, `limit`, `order`) are refused with
+    /// `refusal`. The owner is left unset, for the service to scope.
+    pub fn parse_unpaged(input: ListBatchesInput, refusal: &str) -> Result<BatchFilter> {
+        let paging = [
+            ("after", input.after.is_some()),
+            ("limit", input.limit.is_some()),
+            ("order", input.order.is_some()),
+        ];
+        if let Some((name, _)) = paging.iter().find(|(_, given)| *given) {
+            return Err(Error::invalid(*name, refusal));
+        }
+        let list = ListBatches::parse(input)?;
+        Ok(BatchFilter {
+            owner: None,
+            statuses: list.statuses,
+            job_id: list.job_id,
+            created_after: list.created_after,
+            created_before: list.created_before,
+            metadata: list.metadata,
+        })
+    }
+
     /// Whether `batch` (at any version) matches the filter.
     pub fn matches(&self, batch: &Batch) -> bool {
         self.matches_fixed(batch) && self.matches_status(batch.status)
@@ -146,18 +169,10 @@ impl WatchBatches {
     /// Validates a collection watch request: the filters exactly as a list checks
     /// them, the cursor's form, and that the request asks for one start.
     pub fn parse(input: WatchBatchesInput) -> Result<WatchBatches> {
-        let paging = [
-            ("after", input.filter.after.is_some()),
-            ("limit", input.filter.limit.is_some()),
-            ("order", input.filter.order.is_some()),
-        ];
-        if let Some((name, _)) = paging.iter().find(|(_, given)| *given) {
-            return Err(Error::invalid(
-                *name,
-                "is a parameter of a list, not of the change feed; resume with after_cursor",
-            ));
-        }
-        let list = ListBatches::parse(input.filter)?;
+        let filter = BatchFilter::parse_unpaged(
+            input.filter,
+            "is a parameter of a list, not of the change feed; resume with after_cursor",
+        )?;
         let start = match (input.after_cursor, input.send_initial_state) {
             (Some(_), true) => {
                 return Err(Error::invalid(
@@ -169,17 +184,7 @@ impl WatchBatches {
             (None, true) => FeedStart::InitialState,
             (None, false) => FeedStart::Now,
         };
-        Ok(WatchBatches {
-            filter: BatchFilter {
-                owner: None,
-                statuses: list.statuses,
-                job_id: list.job_id,
-                created_after: list.created_after,
-                created_before: list.created_before,
-                metadata: list.metadata,
-            },
-            start,
-        })
+        Ok(WatchBatches { filter, start })
     }
 }
 

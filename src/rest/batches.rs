@@ -5,7 +5,10 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 
 use super::RestState;
-use super::dto::{BatchJson, BatchListJson, CreateBatchBody, ListParams, UpdateBatchBody};
+use super::dto::{
+    BatchCountsJson, BatchJson, BatchListJson, CreateBatchBody, CurrentKeyJson, FilterParams,
+    ListParams, UpdateBatchBody,
+};
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, JsonBody};
 use crate::domain::{CreateBatchInput, IdempotencyKey};
@@ -83,7 +86,7 @@ pub async fn update_batch(
     path = "/v1/batches",
     tag = TAG,
     operation_id = "listBatches",
-    params(ListParams),
+    params(ListParams, FilterParams),
     responses((status = 200, description = "A page of batches", body = BatchListJson), ErrorResponses),
     security(("bearer" = []), ("portkey" = []))
 )]
@@ -95,6 +98,41 @@ pub async fn list_batches(
     let input = ListParams::parse(query.as_deref().unwrap_or_default())?;
     let page = state.service.list_batches(&caller, input).await?;
     Ok(Json(page.into()))
+}
+
+/// Counts the caller's batches that match the filters, per status (a list's filters,
+/// without its paging): what a dashboard shows above a list.
+#[utoipa::path(
+    get,
+    path = "/v1/batch_counts",
+    tag = TAG,
+    operation_id = "countBatches",
+    params(FilterParams),
+    responses((status = 200, description = "How many batches match, per status", body = BatchCountsJson), ErrorResponses),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn count_batches(
+    State(state): State<RestState>,
+    Authenticated(caller): Authenticated,
+    RawQuery(query): RawQuery,
+) -> Result<Json<BatchCountsJson>, ApiError> {
+    let input = ListParams::parse(query.as_deref().unwrap_or_default())?;
+    let counts = state.service.count_batches(&caller, input).await?;
+    Ok(Json(counts.into()))
+}
+
+/// The API key of the request: its id, owner, scope and what it may do (the console
+/// shows only the actions a key may take).
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = TAG,
+    operation_id = "currentApiKey",
+    responses((status = 200, description = "The key of the request", body = CurrentKeyJson), ErrorResponses),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn current_key(Authenticated(caller): Authenticated) -> Json<CurrentKeyJson> {
+    Json(CurrentKeyJson::from(&caller))
 }
 
 /// Retrieves a batch.

@@ -510,17 +510,72 @@ impl TryFrom<CreateBatchBody> for CreateBatchInput {
     }
 }
 
-/// The query of `GET /v1/batches`, as the OpenAPI document describes it. It is parsed
-/// by [`ListParams::parse`], since `status` may repeat and `metadata[key]` names a key.
+/// `GET /v1/batch_counts`: how many batches match, per status.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = BatchCounts)]
+pub struct BatchCountsJson {
+    /// Always `batch_counts`.
+    #[schema(pattern = "^batch_counts$")]
+    pub object: &'static str,
+    /// Every matching batch.
+    pub total: i64,
+    /// The matching batches in each status (every status present).
+    pub counts: StatusCountsJson,
+}
+
+/// A count per status.
+#[derive(Debug, Default, Serialize, ToSchema)]
+#[schema(as = StatusCounts)]
+pub struct StatusCountsJson {
+    #[allow(missing_docs)]
+    pub validating: i64,
+    #[allow(missing_docs)]
+    pub failed: i64,
+    #[allow(missing_docs)]
+    pub in_progress: i64,
+    #[allow(missing_docs)]
+    pub finalizing: i64,
+    #[allow(missing_docs)]
+    pub completed: i64,
+    #[allow(missing_docs)]
+    pub expired: i64,
+    #[allow(missing_docs)]
+    pub cancelling: i64,
+    #[allow(missing_docs)]
+    pub cancelled: i64,
+}
+
+impl From<Vec<(BatchStatus, i64)>> for BatchCountsJson {
+    fn from(counts: Vec<(BatchStatus, i64)>) -> BatchCountsJson {
+        let mut json = StatusCountsJson::default();
+        for &(status, count) in &counts {
+            let field = match status {
+                BatchStatus::Validating => &mut json.validating,
+                BatchStatus::Failed => &mut json.failed,
+                BatchStatus::InProgress => &mut json.in_progress,
+                BatchStatus::Finalizing => &mut json.finalizing,
+                BatchStatus::Completed => &mut json.completed,
+                BatchStatus::Expired => &mut json.expired,
+                BatchStatus::Cancelling => &mut json.cancelling,
+                BatchStatus::Cancelled => &mut json.cancelled,
+            };
+            *field += count;
+        }
+        BatchCountsJson {
+            object: "batch_counts",
+            total: counts.iter().map(|(_, count)| count).sum(),
+            counts: json,
+        }
+    }
+}
+
+/// The filters of a list, as the OpenAPI document describes them: shared by the list,
+/// the counts and the change feed, and parsed by [`ListParams::parse`] (`status` may
+/// repeat, `metadata[key]` names a key).
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
-#[allow(dead_code)] // documentation only: the fields are read by `parse`
-pub struct ListParams {
-    /// A batch id: the page starts after it (the previous page's `last_id`).
-    pub after: Option<String>,
-    /// Page size, 1 to 100; 20 when absent.
-    #[param(minimum = 1, maximum = 100)]
-    pub limit: Option<i64>,
+#[allow(dead_code)] // documentation only: the fields are read by `ListParams::parse`
+pub struct FilterParams {
     /// Only batches in one of these statuses: repeat the parameter
     /// (`status=in_progress&status=finalizing`) or separate them with commas.
     #[param(style = Form, explode)]
@@ -536,6 +591,57 @@ pub struct ListParams {
     /// Only batches whose metadata has each pair: `metadata[team]=search` (at most 4).
     #[param(style = DeepObject, explode, value_type = Option<Object>)]
     pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// `GET /v1/me`: the API key of the request, and what it may do.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CurrentApiKey)]
+pub struct CurrentKeyJson {
+    /// Always `api_key`.
+    #[schema(pattern = "^api_key$")]
+    pub object: &'static str,
+    /// The key's id (never its secret).
+    pub id: String,
+    /// The key's owner.
+    pub user_id: String,
+    /// `batches`, `worker` or `admin`.
+    #[schema(pattern = "^(batches|worker|admin)$")]
+    pub scope: &'static str,
+    /// Whether the key sees every owner's batches (`worker`, `admin`) or its owner's.
+    pub sees_all_owners: bool,
+    /// What the key may do: `create_batches`, `read_batches`, `cancel_batches`,
+    /// `update_batches`, `manage_webhooks`.
+    pub permissions: Vec<&'static str>,
+}
+
+impl From<&crate::domain::Caller> for CurrentKeyJson {
+    fn from(caller: &crate::domain::Caller) -> CurrentKeyJson {
+        CurrentKeyJson {
+            object: "api_key",
+            id: caller.key_id.clone(),
+            user_id: caller.user_id.clone(),
+            scope: caller.scope.as_str(),
+            sees_all_owners: caller.owner_filter().is_none(),
+            permissions: crate::domain::Action::ALL
+                .into_iter()
+                .filter(|&action| caller.may(action))
+                .map(crate::domain::Action::as_str)
+                .collect(),
+        }
+    }
+}
+
+/// The paging of `GET /v1/batches`, as the OpenAPI document describes it (its filters
+/// are [`FilterParams`]). Both are parsed by [`ListParams::parse`].
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: the fields are read by `parse`
+pub struct ListParams {
+    /// A batch id: the page starts after it (the previous page's `last_id`).
+    pub after: Option<String>,
+    /// Page size, 1 to 100; 20 when absent.
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<i64>,
     /// `desc` (newest first, the default) or `asc`.
     #[param(pattern = "^(asc|desc)$")]
     pub order: Option<String>,

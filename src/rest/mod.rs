@@ -92,6 +92,8 @@ pub fn router(
         .routes(routes!(batches::create_batch, batches::list_batches))
         .routes(routes!(batches::get_batch, batches::update_batch))
         .routes(routes!(batches::cancel_batch))
+        .routes(routes!(batches::count_batches))
+        .routes(routes!(batches::current_key))
         .routes(routes!(watch::watch_batch))
         .routes(routes!(watch::watch_batches))
         .routes(routes!(webhooks::create_endpoint, webhooks::list_endpoints))

@@ -15,7 +15,7 @@ use utoipa::IntoParams;
 
 use super::RestState;
 use super::batches::TAG;
-use super::dto::{BatchJson, ListParams};
+use super::dto::{BatchJson, FilterParams, ListParams};
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, QueryParams};
 use crate::domain::WatchBatchesInput;
@@ -110,27 +110,12 @@ fn error_event(error: Error) -> Event {
         .unwrap_or_else(|_| Event::default().event("error"))
 }
 
-/// The query of the change feed route, as the OpenAPI document describes it; parsed by
-/// [`parse_watch_batches`] (the filters exactly as a list's).
+/// The query of the change feed route beyond a list's filters ([`FilterParams`]), as
+/// the OpenAPI document describes it; parsed by [`parse_watch_batches`].
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)] // documentation only: the fields are read by `parse_watch_batches`
 pub struct WatchBatchesParams {
-    /// Only batches in one of these statuses: repeat the parameter or separate them
-    /// with commas. A batch whose status leaves the set gets one `left_filter` event.
-    #[param(style = Form, explode)]
-    pub status: Option<Vec<crate::domain::BatchStatus>>,
-    /// Only batches of this job.
-    pub job_id: Option<String>,
-    /// Only batches created at or after this Unix second.
-    #[param(minimum = 0)]
-    pub created_after: Option<i64>,
-    /// Only batches created before this Unix second.
-    #[param(minimum = 0)]
-    pub created_before: Option<i64>,
-    /// Only batches whose metadata has each pair: `metadata[team]=search` (at most 4).
-    #[param(style = DeepObject, explode, value_type = Option<Object>)]
-    pub metadata: Option<std::collections::BTreeMap<String, String>>,
     /// Resume after this cursor (the `id` of an event). `Last-Event-ID` takes
     /// precedence.
     pub after_cursor: Option<String>,
@@ -188,6 +173,7 @@ fn parse_watch_batches(query: &str) -> Result<WatchBatchesInput, Error> {
     tag = TAG,
     operation_id = "watchBatches",
     params(
+        FilterParams,
         WatchBatchesParams,
         ("Last-Event-ID" = Option<String>, Header, description = "The cursor of the last event received; resumes after it"),
     ),

@@ -17,7 +17,7 @@ use super::{
     BatchPageQuery, ChangeNotifier, DeliveryClaim, DeliveryQueue, EarlierClaim, EventLog,
     FeedBounds, FeedCursor, FeedPage, IdempotencyClaim, Store, WebhookStore,
 };
-use crate::domain::{ApiKey, Batch, BatchEvent, BatchId};
+use crate::domain::{ApiKey, Batch, BatchEvent, BatchFilter, BatchId, BatchStatus};
 use crate::error::{Error, Result};
 use crate::webhooks::{AttemptRecord, Delivery, NewDelivery, SealedSecret, WebhookEndpoint};
 
@@ -213,6 +213,10 @@ impl Store for DeadlineStore {
 
     async fn list_batches(&self, query: BatchPageQuery<'_>) -> Result<Vec<Batch>> {
         self.within(self.inner.list_batches(query)).await
+    }
+
+    async fn count_batches(&self, filter: &BatchFilter) -> Result<Vec<(BatchStatus, i64)>> {
+        self.within(self.inner.count_batches(filter)).await
     }
 
     async fn commit_change(&self, next: &Batch) -> Result<bool> {

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus};
+use crate::domain::{ApiKey, Batch, BatchEvent, BatchFilter, BatchId, BatchStatus};
 use crate::error::{Error, Result};
 
 pub use coalesce::{DatabaseStatus, MAX_WAITING_READS, PointReadOptions, PointReads};
@@ -220,6 +220,9 @@ pub trait Store: EventLog + WebhookStore {
     /// first, or first stored first with `oldest_first`. That is creation order as long
     /// as the replicas' clocks agree; a cursor is exact either way.
     async fn list_batches(&self, query: BatchPageQuery<'_>) -> Result<Vec<Batch>>;
+
+    /// How many batches match `filter`, per status; statuses without any are left out.
+    async fn count_batches(&self, filter: &BatchFilter) -> Result<Vec<(BatchStatus, i64)>>;
 
     /// Replaces the batch by `next`, whose version must be one more than the stored
     /// one, and appends `next` to the event log, atomically. Returns `false`, writing

@@ -19,7 +19,7 @@ use super::{
     BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedBounds, FeedChange, FeedCursor,
     FeedPage, IdempotencyClaim, Store,
 };
-use crate::domain::{ApiKey, Batch, BatchEvent, BatchId, BatchStatus, Scope};
+use crate::domain::{ApiKey, Batch, BatchEvent, BatchFilter, BatchId, BatchStatus, Scope};
 use crate::error::{Error, Result};
 
 /// What the shared code needs of a sqlx database beyond what sqlx's traits say; both
@@ -441,6 +441,7 @@ where
     (String, Vec<u8>): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (bool,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (String,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    (String, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     SqlStore<B>: super::WebhookStore,
 {
     #[tracing::instrument(level = "debug", name = "store.migrate", skip_all, fields(db.system = B::SYSTEM))]
@@ -524,6 +525,35 @@ where
             .fetch_all(&self.pool)
             .await?;
         convert_all(rows)
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.count_batches", skip_all, fields(db.system = B::SYSTEM))]
+    async fn count_batches(&self, filter: &BatchFilter) -> Result<Vec<(BatchStatus, i64)>> {
+        let query = BatchPageQuery {
+            owner: filter.owner.as_deref(),
+            after: None,
+            statuses: &filter.statuses,
+            job_id: filter.job_id.as_deref(),
+            created_after: filter.created_after,
+            created_before: filter.created_before,
+            metadata: &filter.metadata,
+            oldest_first: false,
+            limit: 0,
+        };
+        let rows: Vec<(String, i64)> = count_query::<B::Db>(query)
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|(status, count)| {
+                let known = BatchStatus::from_name(&status).ok_or_else(|| {
+                    Error::Internal(format!(
+                        "a stored batch has the unknown status `{status:.40}`"
+                    ))
+                })?;
+                Ok((known, count))
+            })
+            .collect()
     }
 
     #[tracing::instrument(level = "debug", name = "store.commit_change", skip_all, fields(db.system = B::SYSTEM, batch_id = %next.id, version = next.version))]
@@ -762,9 +792,6 @@ fn push_page<'a, DB>(
         "SELECT seq, {} FROM batches WHERE TRUE",
         *BATCH_COLUMNS
     ));
-    if let Some(owner) = query.owner {
-        sql.push(" AND user_id = ").push_bind(owner);
-    }
     let (before_or_after, direction) = if query.oldest_first {
         (">", "ASC")
     } else {
@@ -779,6 +806,44 @@ fn push_page<'a, DB>(
     }
     if let Some(status) = status {
         sql.push(" AND status = ").push_bind(status.as_str());
+    }
+    push_filters(sql, query);
+    sql.push(format_args!(" ORDER BY seq {direction} LIMIT "))
+        .push_bind(query.limit);
+}
+
+/// Counts the batches matching `query`'s filters (its paging fields are not used):
+/// `SELECT status, COUNT(*) ... GROUP BY status`.
+fn count_query<'a, DB>(query: super::BatchPageQuery<'a>) -> QueryBuilder<DB>
+where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut sql = QueryBuilder::new("SELECT status, COUNT(*) FROM batches WHERE TRUE");
+    if !query.statuses.is_empty() {
+        sql.push(" AND status IN (");
+        let mut statuses = sql.separated(", ");
+        for status in query.statuses {
+            statuses.push_bind(status.as_str());
+        }
+        sql.push(")");
+    }
+    push_filters(&mut sql, &query);
+    sql.push(" GROUP BY status");
+    sql
+}
+
+/// The conditions of every filter but status and paging: ` AND ...` for the owner,
+/// the job, the creation range and each metadata pair.
+fn push_filters<'a, DB>(sql: &mut QueryBuilder<DB>, query: &super::BatchPageQuery<'a>)
+where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    if let Some(owner) = query.owner {
+        sql.push(" AND user_id = ").push_bind(owner);
     }
     if let Some(job_id) = query.job_id {
         sql.push(" AND job_id = ").push_bind(job_id);
@@ -800,8 +865,6 @@ fn push_page<'a, DB>(
             .push_bind(value.as_str())
             .push(")");
     }
-    sql.push(format_args!(" ORDER BY seq {direction} LIMIT "))
-        .push_bind(query.limit);
 }
 
 /// A row of `batch_events`: one committed version.

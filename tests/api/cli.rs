@@ -7,6 +7,17 @@ use tonic::Code;
 use crate::helpers::*;
 use crate::process::{Server, run};
 
+/// What `serve` prints when it creates no key: where the console is, then where it
+/// serves, and nothing else.
+fn assert_prints_no_key(stdout: &[String]) {
+    assert_eq!(stdout.len(), 2, "{stdout:?}");
+    assert!(
+        stdout[0].starts_with("The console is at http://"),
+        "{stdout:?}"
+    );
+    assert!(stdout[1].starts_with("batchd is serving"), "{stdout:?}");
+}
+
 async fn the_quick_start_prints_a_working_admin_key_once(backend: Backend) {
     let db = TestDb::fresh(backend).await;
     let mut first = Server::start(&db.url, &[]).await;
@@ -29,7 +40,7 @@ async fn the_quick_start_prints_a_working_admin_key_once(backend: Backend) {
 
     // A restart on the same database creates no new key; the old one still works.
     let second = Server::start(&db.url, &[]).await;
-    assert_eq!(second.stdout.len(), 1, "{:?}", second.stdout);
+    assert_prints_no_key(&second.stdout);
     let mut admin = second.client(&key).await;
     let fetched = get(&mut admin, &batch.id).await;
     assert_eq!(fetched, batch);
@@ -38,7 +49,7 @@ async fn the_quick_start_prints_a_working_admin_key_once(backend: Backend) {
 async fn deployments_can_turn_the_first_key_off(backend: Backend) {
     let db = TestDb::fresh(backend).await;
     let server = Server::start(&db.url, &["--create-first-key", "false"]).await;
-    assert_eq!(server.stdout.len(), 1, "{:?}", server.stdout);
+    assert_prints_no_key(&server.stdout);
     let (code, listed, _) = run(&["keys", "list"], &db.url).await;
     assert_eq!(code, 0);
     assert_eq!(listed.lines().count(), 1, "only the header: {listed}");
@@ -71,12 +82,7 @@ async fn keys_are_created_listed_and_revoked_from_the_command_line(backend: Back
     assert!(!listed.contains(&secret), "secrets are never listed");
 
     let server = Server::start(&db.url, &[]).await;
-    assert_eq!(
-        server.stdout.len(),
-        1,
-        "keys exist, so no first key: {:?}",
-        server.stdout
-    );
+    assert_prints_no_key(&server.stdout);
     let mut alice = server.client(&secret).await;
     let batch = create(&mut alice).await;
     assert_eq!(batch.user_id, "alice");

@@ -12,6 +12,7 @@ mod cache;
 mod change_feed;
 mod cli;
 mod concurrency;
+mod console;
 mod hardening;
 mod health;
 mod idempotency;

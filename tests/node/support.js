@@ -14,10 +14,11 @@ const POSTGRES_URL =
   process.env.BATCHD_TEST_POSTGRES_URL ?? "postgres://postgres@127.0.0.1:5432/postgres";
 const SKIP_POSTGRES = process.env.BATCHD_TEST_SKIP_POSTGRES === "1";
 
-/** Starts `batchd serve` on random ports, with `env` added to its environment;
- * resolves once it says where it serves. */
-export function serve(databaseUrl, env = {}) {
-  const child = spawn(BATCHD, ["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"], {
+/** Starts `batchd serve` on random ports (HTTP on `httpAddr` when given, to restart
+ * on the same one), with `env` added to its environment; resolves once it says where
+ * it serves. */
+export function serve(databaseUrl, env = {}, httpAddr = "127.0.0.1:0") {
+  const child = spawn(BATCHD, ["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", httpAddr], {
     env: { ...process.env, ...env, BATCHD_DATABASE_URL: databaseUrl, RUST_LOG: "warn" },
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -32,6 +33,7 @@ export function serve(databaseUrl, env = {}) {
           child,
           databaseUrl,
           baseURL: `http://${serving[1]}/v1`,
+          httpAddr: serving[1],
           adminKey: lines.find((l) => l.startsWith("bd_sk_")),
         });
       }

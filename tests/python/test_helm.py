@@ -236,6 +236,16 @@ def test_opentelemetry_settings_become_the_standard_variables():
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in only(render(DEFAULT), "ConfigMap")["data"]
 
 
+def test_the_console_is_served_only_when_asked():
+    ingress_paths = lambda objects: [p["path"] for p in only(objects, "Ingress")["spec"]["rules"][0]["http"]["paths"]]
+    default = render(DEFAULT)
+    assert only(default, "ConfigMap")["data"]["BATCHD_CONSOLE"] == "false"
+    assert ingress_paths(render(HIGH_AVAILABILITY)) == ["/v1"]
+    asked = render({**HIGH_AVAILABILITY, "console": {"enabled": True}})
+    assert only(asked, "ConfigMap")["data"]["BATCHD_CONSOLE"] == "true"
+    assert ingress_paths(asked) == ["/v1", "/console"]
+
+
 def test_helm_test_checks_health_with_batchd_itself():
     pod = only(render(DEFAULT), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"

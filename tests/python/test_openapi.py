@@ -18,6 +18,8 @@ ROUTES = {
     ("/v1/batches/{batch_id}/cancel", "post"),
     ("/v1/batches/{batch_id}/watch", "get"),
     ("/v1/batch_events", "get"),
+    ("/v1/batch_counts", "get"),
+    ("/v1/me", "get"),
     ("/v1/webhook_endpoints", "post"),
     ("/v1/webhook_endpoints", "get"),
     ("/v1/webhook_endpoints/{webhook_endpoint_id}", "get"),
