@@ -83,8 +83,10 @@ export function batchesView(root, context, search) {
       if (event.event === "error") return showError(errorText(event.data));
       if (!listed) {
         // Until the page is on screen, changes wait (the page may already hold them).
-        if (event.event === "synced") loadPage();
-        else pending.push(event);
+        if (event.event === "synced") {
+          if (loading) showError("Live updates are connected; changes made before this may be missing, reload to be sure.");
+          loadPage();
+        } else pending.push(event);
         return;
       }
       applyEvent(event);

@@ -183,6 +183,21 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
         .enumerate()
         .map(|(i, id)| (id.as_str(), i % 2 == 1))
         .collect();
+    // The initial states below must hold every creation, so the watchers start once
+    // the feed can read all of them: on PostgreSQL its horizon is the server's, which
+    // another test's open transaction may hold back for a moment.
+    let probe = batchd::store::connect(&db.url, &Default::default())
+        .await
+        .unwrap();
+    eventually(PATIENCE, "the feed to read every creation", || async {
+        let page = probe
+            .changes_after(batchd::domain::FeedCursor::default(), BATCHES as i64 + 1)
+            .await
+            .unwrap();
+        page.changes.len() >= BATCHES
+    })
+    .await;
+    probe.close().await;
 
     // Watchers: a third follow everything, a third in_progress only, a third group 1.
     let filter_of = |w: u64| -> pb::WatchBatchesRequest {
