@@ -576,7 +576,7 @@ test("with 10,000 batches the first page renders fast (measured, reported, not a
     }
     assert.equal(await page.locator("table.batches tbody tr").count(), 20);
     await assertClean(page, watch);
-    const report = `first render of the list with ${total} batches (navigation start to rows on screen, debug build, SQLite): ${timings.map((t) => `${t} ms`).join(", ")}; seeding took ${(seeded / 1000).toFixed(1)} s`;
+    const report = `first render of the list with ${total} batches (navigation start to rows on screen, ${process.env.BATCHD_BIN ?? "target/debug/batchd"}, SQLite): ${timings.map((t) => `${t} ms`).join(", ")}; seeding took ${(seeded / 1000).toFixed(1)} s`;
     console.log(`# ${report}`);
     mkdirSync(SCREENSHOTS, { recursive: true });
     writeFileSync(join(SCREENSHOTS, "first-render.txt"), `${report}\n`);
