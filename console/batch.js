@@ -5,8 +5,7 @@
 import { call } from "./api.js";
 import { h, replace, badge, progressBar } from "./dom.js";
 import { age, count, expiresIn, timestamp } from "./format.js";
-import { EventStream } from "./stream.js";
-import { errorText } from "./batches.js";
+import { EventStream, errorText } from "./stream.js";
 
 const CANCELLABLE = new Set(["validating", "in_progress", "finalizing"]);
 const TERMINAL = new Set(["completed", "failed", "expired", "cancelled"]);

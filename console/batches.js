@@ -6,7 +6,7 @@
 import { call, filterQuery, parseFilters } from "./api.js";
 import { h, replace, badge, progressBar } from "./dom.js";
 import { age, batchRate, count, expiresIn, Rate, rateText, timeLeft, timestamp } from "./format.js";
-import { EventStream } from "./stream.js";
+import { EventStream, errorText } from "./stream.js";
 
 export const STATUSES = [
   "validating",
@@ -370,15 +370,6 @@ export function batchesView(root, context, search) {
     clearTimeout(countsRefresh);
     clearInterval(ticker);
   };
-}
-
-/** The text of an `error` event's data (OpenAI's error envelope). */
-export function errorText(data) {
-  try {
-    return JSON.parse(data).error.message;
-  } catch {
-    return "the stream reported an error";
-  }
 }
 
 /** The filter form; applying it changes the URL, which re-renders the list. */

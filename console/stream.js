@@ -141,3 +141,12 @@ export class EventStream {
     }
   }
 }
+
+/** The text of an `error` event's data (OpenAI's error envelope). */
+export function errorText(data) {
+  try {
+    return JSON.parse(data).error.message;
+  } catch {
+    return "the stream reported an error";
+  }
+}

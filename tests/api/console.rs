@@ -240,11 +240,23 @@ async fn counts_refuse_paging_and_bad_filters_by_name(backend: Backend) {
         ("order=asc", "order"),
         ("status=running", "status"),
         ("created_after=soon", "created_after"),
+        ("created_after=9223372036854775808", "created_after"),
+        ("metadata[k]=%00", "metadata.k"),
+        (
+            "metadata[a]=1&metadata[b]=2&metadata[c]=3&metadata[d]=4&metadata[e]=5",
+            "metadata",
+        ),
     ] {
         let (status, body) = rest.get(&format!("/v1/batch_counts?{query}")).await;
         assert_eq!(status, 400, "{query}: {body}");
         assert_eq!(body["error"]["param"], param, "{query}: {body}");
     }
+    let long_job = "j".repeat(60_000);
+    let (status, body) = rest
+        .get(&format!("/v1/batch_counts?job_id={long_job}"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "job_id", "{body}");
     let (status, body) = app.rest(None).get("/v1/batch_counts").await;
     assert_eq!(status, 401, "{body}");
 }
