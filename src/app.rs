@@ -16,7 +16,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::cache::CacheOptions;
 use crate::clock::{Clock, SystemClock};
-use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy};
+use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy, CursorSealer};
 use crate::health::{HealthChecker, Readiness};
 use crate::service::{BatchService, ServiceOptions, key_lookups_for};
 use crate::store::{
@@ -160,7 +160,15 @@ impl Parts {
             .await
             .context("cannot migrate the database")?;
         let database = DatabaseStatus::default();
-        let hub = WatchHub::new(store.clone(), options.watch.clone());
+        // Every replica seals change feed cursors with one key, kept in the database,
+        // so a client resumes on any of them.
+        let cursor_key = store
+            .server_key(CURSOR_KEY_NAME, &CursorSealer::generate_key_text())
+            .await
+            .context("cannot read the change feed cursor key")?;
+        let cursors = CursorSealer::from_key_text(&cursor_key)
+            .context("cannot use the change feed cursor key")?;
+        let hub = WatchHub::new(store.clone(), options.watch.clone(), cursors);
         let service = Arc::new(BatchService::new(
             store.clone(),
             hub.clone(),
@@ -433,6 +441,9 @@ impl App {
 }
 
 /// Revocations are checked at most this often, even with the API key cache off.
+/// The name of the change feed cursor key among the server's keys.
+const CURSOR_KEY_NAME: &str = "change_feed_cursors";
+
 const MIN_REVOCATION_CHECK: Duration = Duration::from_millis(100);
 
 /// The background work of a replica: the lifecycle timers, the event log's
@@ -537,13 +548,7 @@ fn spawn_webhook_work(
         dispatch.await;
         ("webhook dispatcher", Ok(()))
     });
-    let deliverer = Deliverer::new(
-        store.clone(),
-        options.clock.clone(),
-        options.webhooks.clone(),
-        queued,
-    )
-    .context("cannot set up the webhook deliverer")?;
+    let deliverer = Deliverer::new(webhooks, store.clone(), options.clock.clone(), queued);
     let stopping = shutdown.subscribe();
     tasks.spawn(async move {
         deliverer.run(stopping).await;

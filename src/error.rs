@@ -75,15 +75,25 @@ pub enum Error {
         /// The limit (`--max-watches-per-key`).
         limit: usize,
     },
+    /// A bounded resource is in use as much as it may be; the caller retries later.
+    #[error("{reason}")]
+    RateLimited {
+        /// What is busy.
+        reason: String,
+        /// When to retry, in seconds (`Retry-After`).
+        retry_after_seconds: u64,
+    },
     /// The change feed no longer holds every change after the client's cursor:
-    /// compaction removed some. The client lists again (an initial state).
+    /// compaction removed some. The client lists again (an initial state). The
+    /// positions are for the log: the feed's positions are every tenant's, so the
+    /// message names neither.
     #[error(
-        "the change feed no longer holds every change after cursor `{after}`: the oldest cursor still available is `{oldest}`; start again with send_initial_state and continue from its SYNCED cursor"
+        "the change feed no longer holds every change after this cursor; start again with send_initial_state and continue from its SYNCED cursor"
     )]
     FeedCompacted {
-        /// The client's cursor, in its text form.
+        /// The client's cursor, in its internal text form (never sent).
         after: String,
-        /// The oldest cursor still resumable, in its text form.
+        /// The oldest cursor still resumable, in its internal text form (never sent).
         oldest: String,
     },
     /// This replica is shutting down; the client should resume on another one.
@@ -140,6 +150,9 @@ impl Error {
         match self {
             Error::Unavailable(detail) => tracing::warn!(%detail, "database unavailable"),
             Error::Internal(detail) => tracing::error!(%detail, "internal error"),
+            Error::FeedCompacted { after, oldest } => {
+                tracing::debug!(%after, %oldest, "a change feed cursor was compacted away")
+            }
             _ => {}
         }
     }

@@ -460,8 +460,10 @@ impl BatchService {
         input: WatchBatchesInput,
     ) -> Result<FeedStream> {
         caller.authorize(Action::ReadBatches)?;
-        let WatchBatches { mut filter, start } = WatchBatches::parse(input)?;
-        filter.owner = caller.owner_filter().map(str::to_owned);
+        let owner = caller.owner_filter();
+        let WatchBatches { mut filter, start } =
+            WatchBatches::parse(input, self.hub.cursor_sealer(), owner)?;
+        filter.owner = owner.map(str::to_owned);
         self.hub.watch_all(caller, filter, start).await
     }
 

@@ -21,7 +21,12 @@ pub async fn run(command: KeysCommand) -> Result<()> {
     };
     let store = open_store(&database).await?;
     // No watch streams are opened by this command: the hub is only there to wire.
-    let hub = WatchHub::new(store.clone(), Default::default());
+    // This hub serves no stream: its cursor key is never used.
+    let hub = WatchHub::new(
+        store.clone(),
+        Default::default(),
+        crate::domain::CursorSealer::with_random_key(),
+    );
     let service = BatchService::new(
         store.clone(),
         hub,

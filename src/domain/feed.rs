@@ -4,56 +4,21 @@
 use std::fmt;
 
 use super::batch::Batch;
+use super::cursor_seal::CursorSealer;
 use super::input::{ListBatches, ListBatchesInput};
 use super::status::BatchStatus;
 use crate::error::{Error, Result};
 
 /// A position in the change feed: the writing transaction's id and the event's order
 /// of writing. On SQLite, whose one writer at a time commits in writing order, the
-/// transaction part is always 0. Clients see it as the text `<transaction>.<position>`.
+/// transaction part is always 0. It is every tenant's position, so clients never see
+/// it: they get it sealed ([`super::CursorSealer`]). Logs show `<transaction>.<position>`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FeedCursor {
     /// The writing transaction (PostgreSQL's `xid8`), or 0.
     pub transaction: i64,
     /// The event's order of writing.
     pub position: i64,
-}
-
-/// Most digits of either part of a cursor: an `i64` has 19.
-const MAX_CURSOR_DIGITS: usize = 19;
-
-impl FeedCursor {
-    /// Parses the text form, `<transaction>.<position>` in decimal digits; `field`
-    /// names the input in the error.
-    pub fn parse(field: &str, text: &str) -> Result<FeedCursor> {
-        let refuse = |why: &str| {
-            Error::invalid(
-                field,
-                format!(
-                    "`{}` is not a change feed cursor ({why}); send the `cursor` of an event the feed sent",
-                    text.chars().take(40).collect::<String>().escape_debug()
-                ),
-            )
-        };
-        let (transaction, position) = text
-            .split_once('.')
-            .ok_or_else(|| refuse("expected <transaction>.<position>"))?;
-        let part = |digits: &str| {
-            if digits.is_empty()
-                || digits.len() > MAX_CURSOR_DIGITS
-                || !digits.bytes().all(|b| b.is_ascii_digit())
-            {
-                return Err(refuse("each part is 1 to 19 decimal digits"));
-            }
-            digits
-                .parse::<i64>()
-                .map_err(|_| refuse("a part is out of range"))
-        };
-        Ok(FeedCursor {
-            transaction: part(transaction)?,
-            position: part(position)?,
-        })
-    }
 }
 
 impl fmt::Display for FeedCursor {
@@ -139,7 +104,7 @@ pub struct WatchBatchesInput {
     /// The filters, as a list takes them; a list's paging fields (`after`, `limit`,
     /// `order`) mean nothing to a feed and are refused.
     pub filter: ListBatchesInput,
-    /// Resume after this cursor (the text form).
+    /// Resume after this cursor (sealed, as the feed sent it).
     pub after_cursor: Option<String>,
     /// Start with every matching batch (`INITIAL`), then `SYNCED`.
     pub send_initial_state: bool,
@@ -167,8 +132,13 @@ pub struct WatchBatches {
 
 impl WatchBatches {
     /// Validates a collection watch request: the filters exactly as a list checks
-    /// them, the cursor's form, and that the request asks for one start.
-    pub fn parse(input: WatchBatchesInput) -> Result<WatchBatches> {
+    /// them, that the request asks for one start, and that a cursor opens with
+    /// `sealer` for the scope `owner` it will be followed in (`None`: every owner).
+    pub fn parse(
+        input: WatchBatchesInput,
+        sealer: &CursorSealer,
+        owner: Option<&str>,
+    ) -> Result<WatchBatches> {
         let filter = BatchFilter::parse_unpaged(
             input.filter,
             "is a parameter of a list, not of the change feed; resume with after_cursor",
@@ -180,7 +150,7 @@ impl WatchBatches {
                     "cannot be combined with after_cursor: a resumed stream continues after its cursor, an initial state starts over",
                 ));
             }
-            (Some(text), false) => FeedStart::After(FeedCursor::parse("after_cursor", &text)?),
+            (Some(text), false) => FeedStart::After(sealer.open("after_cursor", &text, owner)?),
             (None, true) => FeedStart::InitialState,
             (None, false) => FeedStart::Now,
         };
@@ -198,57 +168,6 @@ mod tests {
             Error::InvalidArgument { field, .. } => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn a_cursor_reads_back_what_it_prints() {
-        for cursor in [
-            FeedCursor::default(),
-            FeedCursor {
-                transaction: 0,
-                position: 17,
-            },
-            FeedCursor {
-                transaction: 9_223_372_036_854_775_807,
-                position: 3,
-            },
-        ] {
-            assert_eq!(FeedCursor::parse("c", &cursor.to_string()).unwrap(), cursor);
-        }
-    }
-
-    #[test]
-    fn malformed_cursors_are_refused_naming_the_field() {
-        let too_big = "9".repeat(20);
-        let huge = "1".repeat(100_000);
-        for bad in [
-            "",
-            ".",
-            "1.",
-            ".1",
-            "1",
-            "1.2.3",
-            "-1.2",
-            "+1.2",
-            "1.-2",
-            " 1.2",
-            "1.2\0",
-            "1\u{0}.2",
-            "١.٢",
-            "9223372036854775808.0",
-            &format!("{too_big}.1"),
-            &huge,
-        ] {
-            assert_eq!(
-                field_of(FeedCursor::parse("after_cursor", bad)),
-                "after_cursor",
-                "{bad:.30}"
-            );
-        }
-        let message = FeedCursor::parse("after_cursor", &huge)
-            .unwrap_err()
-            .to_string();
-        assert!(message.len() < 300, "the message quotes a bounded part");
     }
 
     #[test]
@@ -344,51 +263,67 @@ mod tests {
 
     #[test]
     fn a_watch_request_names_what_is_wrong() {
-        let watch = |edit: fn(&mut WatchBatchesInput)| {
+        let sealer = CursorSealer::with_random_key();
+        let five = FeedCursor {
+            transaction: 0,
+            position: 5,
+        };
+        let alices_five = sealer.seal(five, Some("alice"));
+        let watch = |edit: &dyn Fn(&mut WatchBatchesInput)| {
             let mut input = WatchBatchesInput::default();
             edit(&mut input);
-            WatchBatches::parse(input)
+            WatchBatches::parse(input, &sealer, Some("alice"))
         };
-        assert_eq!(watch(|_| {}).unwrap().start, FeedStart::Now);
+        assert_eq!(watch(&|_| {}).unwrap().start, FeedStart::Now);
         assert_eq!(
-            watch(|i| i.send_initial_state = true).unwrap().start,
+            watch(&|i| i.send_initial_state = true).unwrap().start,
             FeedStart::InitialState
         );
         assert_eq!(
-            watch(|i| i.after_cursor = Some("0.5".into()))
+            watch(&|i| i.after_cursor = Some(alices_five.clone()))
                 .unwrap()
                 .start,
-            FeedStart::After(FeedCursor {
-                transaction: 0,
-                position: 5
-            })
+            FeedStart::After(five)
         );
         assert_eq!(
-            field_of(watch(|i| {
-                i.after_cursor = Some("0.5".into());
+            field_of(watch(&|i| {
+                i.after_cursor = Some(alices_five.clone());
                 i.send_initial_state = true;
             })),
             "send_initial_state"
         );
-        assert_eq!(field_of(watch(|i| i.filter.limit = Some(5))), "limit");
+        let bobs_five = sealer.seal(five, Some("bob"));
         assert_eq!(
-            field_of(watch(|i| i.filter.after = Some("batch_x".into()))),
+            field_of(watch(&|i| i.after_cursor = Some(bobs_five.clone()))),
+            "after_cursor",
+            "another owner's cursor"
+        );
+        assert!(
+            matches!(
+                watch(&|i| i.after_cursor = Some("0.5".into())),
+                Err(Error::FeedCompacted { .. })
+            ),
+            "an unsealed cursor of an earlier release starts over"
+        );
+        assert_eq!(field_of(watch(&|i| i.filter.limit = Some(5))), "limit");
+        assert_eq!(
+            field_of(watch(&|i| i.filter.after = Some("batch_x".into()))),
             "after"
         );
         assert_eq!(
-            field_of(watch(|i| i.filter.order = Some("asc".into()))),
+            field_of(watch(&|i| i.filter.order = Some("asc".into()))),
             "order"
         );
         assert_eq!(
-            field_of(watch(|i| i.filter.created_after = Some(-1))),
+            field_of(watch(&|i| i.filter.created_after = Some(-1))),
             "created_after"
         );
         assert_eq!(
-            field_of(watch(|i| i.filter.job_id = Some("bad job\0".into()))),
+            field_of(watch(&|i| i.filter.job_id = Some("bad job\0".into()))),
             "job_id"
         );
         assert_eq!(
-            field_of(watch(|i| i.after_cursor = Some("latest".into()))),
+            field_of(watch(&|i| i.after_cursor = Some("latest".into()))),
             "after_cursor"
         );
     }

@@ -4,10 +4,11 @@
 //! Layered, each module using only those before it (and `crate::error`): `ids`,
 //! `status` and `values` (what a batch is made of), then `api_key` (who may do what)
 //! and `input` (validation), then `batch`, then `feed` (the change feed's cursor and
-//! filter) on top.
+//! filter) and `cursor_seal` (the cursor as clients see it) on top.
 
 mod api_key;
 mod batch;
+mod cursor_seal;
 mod feed;
 mod ids;
 mod input;
@@ -16,6 +17,7 @@ mod values;
 
 pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_of};
 pub use batch::{Batch, BatchEvent, MAX_BATCH_BYTES};
+pub use cursor_seal::{CURSOR_KEY_BYTES, CursorSealer};
 pub use feed::{BatchFilter, FeedCursor, FeedStart, WatchBatches, WatchBatchesInput};
 pub use ids::BatchId;
 pub use input::{

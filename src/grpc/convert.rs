@@ -32,11 +32,21 @@ impl From<Error> for Status {
             | Error::FeedCompacted { .. } => Code::FailedPrecondition,
             Error::VersionMismatch { .. } | Error::Contended(_) => Code::Aborted,
             Error::IdempotencyKeyReused(_) => Code::AlreadyExists,
-            Error::TooManyWatches { .. } => Code::ResourceExhausted,
+            Error::TooManyWatches { .. } | Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
         };
-        Status::new(code, error.to_string())
+        let mut status = Status::new(code, error.to_string());
+        if let Error::RateLimited {
+            retry_after_seconds,
+            ..
+        } = &error
+        {
+            status
+                .metadata_mut()
+                .insert("retry-after", (*retry_after_seconds).into());
+        }
+        status
     }
 }
 
@@ -279,7 +289,7 @@ impl From<FeedEvent> for pb::WatchBatchesResponse {
         pb::WatchBatchesResponse {
             r#type: kind.into(),
             batch: event.batch.map(|batch| Arc::unwrap_or_clone(batch).into()),
-            cursor: event.cursor.map(|c| c.to_string()).unwrap_or_default(),
+            cursor: event.cursor.unwrap_or_default(),
         }
     }
 }

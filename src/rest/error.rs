@@ -38,6 +38,8 @@ pub struct ErrorDetail {
 pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
+    /// Seconds for `Retry-After`, on a 429 that knows when to come back.
+    retry_after: Option<u64>,
 }
 
 const CLIENT_ERROR: &str = "invalid_request_error";
@@ -61,6 +63,7 @@ impl ApiError {
                     code: Some(code),
                 },
             },
+            retry_after: None,
         }
     }
 
@@ -106,7 +109,7 @@ impl From<Error> for ApiError {
                 (StatusCode::CONFLICT, CLIENT_ERROR, "idempotency_key_reused")
             }
             Error::FeedCompacted { .. } => (StatusCode::GONE, CLIENT_ERROR, "cursor_expired"),
-            Error::TooManyWatches { .. } => (
+            Error::TooManyWatches { .. } | Error::RateLimited { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 CLIENT_ERROR,
                 "rate_limit_exceeded",
@@ -122,6 +125,13 @@ impl From<Error> for ApiError {
                 "internal_error",
             ),
         };
+        let retry_after = match &error {
+            Error::RateLimited {
+                retry_after_seconds,
+                ..
+            } => Some(*retry_after_seconds),
+            _ => None,
+        };
         ApiError {
             status,
             body: ErrorBody {
@@ -132,13 +142,20 @@ impl From<Error> for ApiError {
                     code: Some(code),
                 },
             },
+            retry_after,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -170,7 +187,8 @@ pub enum ErrorResponses {
     /// The change feed cursor is older than the retained log; list again.
     #[response(status = 410)]
     Gone(ErrorBody),
-    /// A limit was reached (open watch streams per key).
+    /// A limit was reached (open watch streams per key; webhook requests in flight,
+    /// with `Retry-After`).
     #[response(status = 429)]
     TooManyRequests(ErrorBody),
     /// A bug; nothing internal is disclosed.
@@ -271,6 +289,14 @@ mod tests {
             ),
             (
                 Error::TooManyWatches { limit: 1 },
+                Code::ResourceExhausted,
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (
+                Error::RateLimited {
+                    reason: "busy".into(),
+                    retry_after_seconds: 2,
+                },
                 Code::ResourceExhausted,
                 StatusCode::TOO_MANY_REQUESTS,
             ),

@@ -222,8 +222,8 @@ fn cursor_field(headers: &HeaderMap) -> &'static str {
 fn feed_sse_event(event: FeedEvent) -> Event {
     let name = event.kind.as_str();
     let mut data = serde_json::json!({ "type": name });
-    if let Some(cursor) = event.cursor {
-        data["cursor"] = cursor.to_string().into();
+    if let Some(cursor) = &event.cursor {
+        data["cursor"] = cursor.as_str().into();
     }
     if let Some(batch) = event.batch {
         match serde_json::to_value(BatchJson::from(Arc::unwrap_or_clone(batch))) {
@@ -237,7 +237,7 @@ fn feed_sse_event(event: FeedEvent) -> Event {
     }
     let mut sse = Event::default().event(name);
     if let Some(cursor) = event.cursor {
-        sse = sse.id(cursor.to_string());
+        sse = sse.id(cursor);
     }
     match sse.json_data(data) {
         Ok(event) => event,

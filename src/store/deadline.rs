@@ -145,8 +145,14 @@ impl WebhookStore for DeadlineStore {
 
 #[async_trait]
 impl EventLog for DeadlineStore {
-    async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
-        self.within(self.inner.changes_after(after, limit)).await
+    async fn changes_after(
+        &self,
+        after: FeedCursor,
+        owner: Option<&str>,
+        limit: i64,
+    ) -> Result<FeedPage> {
+        self.within(self.inner.changes_after(after, owner, limit))
+            .await
     }
 
     async fn feed_bounds(&self) -> Result<FeedBounds> {
@@ -275,6 +281,10 @@ impl Store for DeadlineStore {
 
     async fn revoked_api_keys(&self, ids: &[String]) -> Result<Vec<String>> {
         self.within(self.inner.revoked_api_keys(ids)).await
+    }
+
+    async fn server_key(&self, name: &str, candidate: &str) -> Result<String> {
+        self.within(self.inner.server_key(name, candidate)).await
     }
 
     async fn close(&self) {

@@ -94,13 +94,20 @@ pub trait EventLog: Send + Sync + 'static {
     /// The batch with this id, whoever owns it.
     async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
 
-    /// Up to `limit` (at least 1) versions of any batch, in feed order, after `after`.
+    /// Up to `limit` (at least 1) versions of any batch, or of `owner`'s batches only
+    /// (read through an index of each owner's changes, so that the read costs what the
+    /// owner changed, not what every tenant did), in feed order, after `after`.
     /// Each batch's versions come in version order. Never skips one: on PostgreSQL,
     /// where the order is the writing transactions' ids rather than their commits, the
     /// versions of every transaction still running are held back, with everything
     /// after them, until it has ended; SQLite's order is commit order. Fails with
     /// [`Error::FeedCompacted`] when compaction removed changes after `after`.
-    async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage>;
+    async fn changes_after(
+        &self,
+        after: FeedCursor,
+        owner: Option<&str>,
+        limit: i64,
+    ) -> Result<FeedPage>;
 
     /// The cursors the feed can resume from now.
     async fn feed_bounds(&self) -> Result<FeedBounds>;
@@ -271,12 +278,18 @@ pub trait Store: EventLog + WebhookStore {
     /// Every API key, oldest first.
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
 
-    /// Marks the key revoked at `at`; `false` if there is no such key. Revoking a
-    /// revoked key keeps its first revocation time.
+    /// Marks the key revoked at `at` and, in the same transaction, disables the
+    /// all-owners webhook endpoints it configured (reason `key revoked`); `false` if
+    /// there is no such key. Revoking a revoked key keeps its first revocation time.
     async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool>;
 
     /// Which of the keys with these ids are revoked; unknown ids are left out.
     async fn revoked_api_keys(&self, ids: &[String]) -> Result<Vec<String>>;
+
+    /// The server's own key named `name`, which every replica shares: `candidate` is
+    /// stored and returned if there is none yet, else the stored one (whichever
+    /// replica stored first).
+    async fn server_key(&self, name: &str, candidate: &str) -> Result<String>;
 
     /// Closes the connection pool, waiting for connections in use to be returned.
     async fn close(&self);

@@ -46,10 +46,10 @@ static COMMIT_ROUND: LazyLock<String> = LazyLock::new(|| {
          WHERE batches.id = ANY (ARRAY(SELECT id FROM locked)) \
          AND batches.id = input.s ->> 'id' \
          AND batches.version = (input.s ->> 'version')::bigint - 1 \
-         RETURNING batches.id, batches.version, input.s, input.ord, \
+         RETURNING batches.id, batches.version, batches.user_id, input.s, input.ord, \
          COALESCE(batches.updated_at, batches.created_at) AS at), \
-         logged AS (INSERT INTO batch_events (batch_id, version, snapshot, at) \
-         SELECT id, version, s, at FROM written ORDER BY ord) \
+         logged AS (INSERT INTO batch_events (batch_id, version, snapshot, at, owner) \
+         SELECT id, version, s, at, user_id FROM written ORDER BY ord) \
          SELECT ord FROM written",
         columns = *sql::BATCH_COLUMNS,
         values = StoredBatchV1::POSTGRES_FROM_JSON.join(", "),
@@ -69,32 +69,46 @@ const FEED_HORIZON_AND_HELD_BACK: &str = "SELECT horizon::text::bigint, \
 /// [`SELECT_CHANGES`] below the horizon of its own snapshot, in one statement, each row
 /// with that horizon and when the first event above it was written: the statement's
 /// snapshot is what `pg_current_snapshot()` returns, so every transaction below its
-/// oldest running one has ended and is seen. $1 transaction, $2 order, $3 limit. An
-/// empty result carries no horizon; the caller then reads in two statements.
-const SELECT_CHANGES_BELOW_OWN_HORIZON: &str = "SELECT e.xid::text::bigint AS \"transaction\", \
-     e.position, e.version, e.snapshot, p.snapshot ->> 'status' AS previous_status, \
-     w.through_transaction AS compacted_transaction, \
-     w.through_position AS compacted_position, \
-     h.horizon::text::bigint AS horizon, h.held_back_since \
-     FROM (SELECT now.horizon, (SELECT at FROM batch_events \
-           WHERE xid >= now.horizon ORDER BY xid, position LIMIT 1) AS held_back_since \
-           FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now) AS h \
-     CROSS JOIN feed_compaction w \
-     JOIN batch_events e ON (e.xid, e.position) > ($1::text::xid8, $2) AND e.xid < h.horizon \
-     LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
-     ORDER BY e.xid, e.position LIMIT $3";
+/// oldest running one has ended and is seen. $1 transaction, $2 order, $3 limit, and
+/// in the second form $4 the owner. An empty result carries no horizon; the caller
+/// then reads in two statements.
+static SELECT_CHANGES_BELOW_OWN_HORIZON: LazyLock<[String; 2]> = LazyLock::new(|| {
+    ["", " AND e.owner = $4"].map(|owner| {
+        format!(
+            "SELECT e.xid::text::bigint AS \"transaction\", \
+             e.position, e.version, e.snapshot, p.snapshot ->> 'status' AS previous_status, \
+             w.through_transaction AS compacted_transaction, \
+             w.through_position AS compacted_position, \
+             h.horizon::text::bigint AS horizon, h.held_back_since \
+             FROM (SELECT now.horizon, (SELECT at FROM batch_events \
+                   WHERE xid >= now.horizon ORDER BY xid, position LIMIT 1) AS held_back_since \
+                   FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now) AS h \
+             CROSS JOIN feed_compaction w \
+             JOIN batch_events e ON (e.xid, e.position) > ($1::text::xid8, $2) AND e.xid < h.horizon{owner} \
+             LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+             ORDER BY e.xid, e.position LIMIT $3"
+        )
+    })
+});
 
 /// Events after position ($1 transaction, $2 order) of transactions below $3, in
-/// transaction id order, at most $4; each with the status of the version before it and
-/// the compaction watermark.
-const SELECT_CHANGES: &str = "SELECT e.xid::text::bigint AS \"transaction\", e.position, \
-     e.version, e.snapshot, p.snapshot ->> 'status' AS previous_status, \
-     w.through_transaction AS compacted_transaction, \
-     w.through_position AS compacted_position \
-     FROM batch_events e CROSS JOIN feed_compaction w \
-     LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
-     WHERE (e.xid, e.position) > ($1::text::xid8, $2) \
-     AND e.xid < $3::text::xid8 ORDER BY e.xid, e.position LIMIT $4";
+/// transaction id order, at most $4, and in the second form of owner $5 only (through
+/// the index of each owner's changes); each with the status of the version before it
+/// and the compaction watermark.
+static SELECT_CHANGES: LazyLock<[String; 2]> = LazyLock::new(|| {
+    ["", " AND e.owner = $5"].map(|owner| {
+        format!(
+            "SELECT e.xid::text::bigint AS \"transaction\", e.position, \
+             e.version, e.snapshot, p.snapshot ->> 'status' AS previous_status, \
+             w.through_transaction AS compacted_transaction, \
+             w.through_position AS compacted_position \
+             FROM batch_events e CROSS JOIN feed_compaction w \
+             LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+             WHERE (e.xid, e.position) > ($1::text::xid8, $2) \
+             AND e.xid < $3::text::xid8{owner} ORDER BY e.xid, e.position LIMIT $4"
+        )
+    })
+});
 
 /// Batches in a PostgreSQL database.
 pub(super) type PostgresStore = SqlStore<PostgresBackend>;
@@ -147,15 +161,15 @@ impl PostgresStore {
     }
 }
 
-/// Appends the event of the batch a `WITH written AS (... RETURNING id, version,
-/// created_at, updated_at)` wrote, with `snapshot` as its content.
+/// Appends the event of the batch a `WITH written AS (... RETURNING id, user_id,
+/// version, created_at, updated_at)` wrote, with `snapshot` as its content.
 fn push_event_of_written(sql: &mut sqlx::QueryBuilder<Postgres>, snapshot: &StoredBatchV1) {
     sql.push(
-        " INSERT INTO batch_events (batch_id, version, snapshot, at) \
+        " INSERT INTO batch_events (batch_id, version, snapshot, at, owner) \
          SELECT id, version, ",
     )
     .push_bind(Json(snapshot))
-    .push(", COALESCE(updated_at, created_at) FROM written");
+    .push(", COALESCE(updated_at, created_at), user_id FROM written");
 }
 
 #[async_trait]
@@ -211,7 +225,7 @@ impl Backend for PostgresBackend {
     async fn commit_change(pool: &PgPool, next: &StoredBatchV1) -> Result<bool> {
         let mut sql = sqlx::QueryBuilder::new("WITH written AS (");
         sql::push_update_if_current(&mut sql, next);
-        sql.push(" RETURNING id, version, created_at, updated_at)");
+        sql.push(" RETURNING id, user_id, version, created_at, updated_at)");
         push_event_of_written(&mut sql, next);
         let inserted = sql.build().execute(pool).await?.rows_affected();
         Ok(inserted == 1)
@@ -257,15 +271,21 @@ impl Backend for PostgresBackend {
     async fn changes_after(
         pool: &PgPool,
         after: FeedCursor,
+        owner: Option<&str>,
         limit: i64,
     ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)> {
+        let form = usize::from(owner.is_some());
         // Under load there is something to read: one statement, one round trip.
-        let rows: Vec<FeedRow> = sqlx::query_as(SELECT_CHANGES_BELOW_OWN_HORIZON)
-            .bind(after.transaction.to_string())
-            .bind(after.position)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+        let mut read = sqlx::query_as(sqlx::AssertSqlSafe(
+            &*SELECT_CHANGES_BELOW_OWN_HORIZON[form],
+        ))
+        .bind(after.transaction.to_string())
+        .bind(after.position)
+        .bind(limit);
+        if let Some(owner) = owner {
+            read = read.bind(owner);
+        }
+        let rows: Vec<FeedRow> = read.fetch_all(pool).await?;
         if let Some((horizon, held_back_since)) = rows.first().and_then(FeedRow::own_horizon) {
             let horizon = FeedCursor {
                 transaction: horizon,
@@ -279,13 +299,15 @@ impl Backend for PostgresBackend {
             sqlx::query_as(FEED_HORIZON_AND_HELD_BACK)
                 .fetch_one(pool)
                 .await?;
-        let rows: Vec<FeedRow> = sqlx::query_as(SELECT_CHANGES)
+        let mut read = sqlx::query_as(sqlx::AssertSqlSafe(&*SELECT_CHANGES[form]))
             .bind(after.transaction.to_string())
             .bind(after.position)
             .bind(oldest_running.to_string())
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+            .bind(limit);
+        if let Some(owner) = owner {
+            read = read.bind(owner);
+        }
+        let rows: Vec<FeedRow> = read.fetch_all(pool).await?;
         // Below every event still to come: those have a transaction id of at least
         // `oldest_running` and a position of at least 1.
         let horizon = FeedCursor {
@@ -313,7 +335,7 @@ impl Backend for PostgresBackend {
         Some(self.wakeups.clone())
     }
 
-    const CLAIM_LOCK: &'static str = " FOR UPDATE SKIP LOCKED";
+    const CLAIM_LOCK: &'static str = " FOR UPDATE OF d SKIP LOCKED";
 
     const LOCK_OWNER_ENDPOINTS: Option<&'static str> =
         Some("SELECT pg_advisory_xact_lock(hashtext('webhook_endpoints'), hashtext($1))");

@@ -110,6 +110,7 @@ pub(super) trait Backend: Send + Sync + 'static {
     async fn changes_after(
         pool: &Pool<Self::Db>,
         after: FeedCursor,
+        owner: Option<&str>,
         limit: i64,
     ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)>;
 
@@ -252,6 +253,17 @@ const SELECT_API_KEYS: &str = "SELECT id, user_id, scope, created_at, revoked_at
      FROM api_keys ORDER BY created_at, id";
 
 /// Revokes key $1 at $2, keeping an earlier revocation.
+/// With a key's revocation, in its transaction: the all-owners webhook endpoints it
+/// configured stop (an owner's own endpoints belong to the owner and go on).
+const DISABLE_ENDPOINTS_OF_REVOKED_KEY: &str = "UPDATE webhook_endpoints \
+     SET disabled_at = $2, disabled_reason = 'key revoked' \
+     WHERE key_id = $1 AND all_owners = TRUE AND disabled_at IS NULL";
+
+const INSERT_SERVER_KEY: &str =
+    "INSERT INTO server_keys (name, secret) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+
+const SELECT_SERVER_KEY: &str = "SELECT secret FROM server_keys WHERE name = $1";
+
 const REVOKE_API_KEY: &str =
     "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1";
 
@@ -335,7 +347,12 @@ where
     }
 
     #[tracing::instrument(level = "debug", name = "store.changes_after", skip_all, fields(db.system = B::SYSTEM, after = ?after))]
-    async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+    async fn changes_after(
+        &self,
+        after: FeedCursor,
+        owner: Option<&str>,
+        limit: i64,
+    ) -> Result<FeedPage> {
         // An empty page must not count as full: the next read would skip to the horizon.
         if limit < 1 {
             return Err(Error::invalid(
@@ -343,7 +360,8 @@ where
                 format!("{limit}: the change feed is read at least one change at a time"),
             ));
         }
-        let (rows, horizon, held_back_since) = B::changes_after(&self.pool, after, limit).await?;
+        let (rows, horizon, held_back_since) =
+            B::changes_after(&self.pool, after, owner, limit).await?;
         // Read with the rows, in the same statement, when there are any; an empty read
         // reads it afterwards, so that changes deleted before it are still noticed.
         let compacted_through = match rows.first() {
@@ -669,12 +687,33 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.revoke_api_key", skip_all, fields(db.system = B::SYSTEM))]
     async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool> {
+        let mut tx = B::begin_write(&self.pool).await?;
         let result = sqlx::query(REVOKE_API_KEY)
             .bind(id)
             .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(DISABLE_ENDPOINTS_OF_REVOKED_KEY)
+            .bind(id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(B::Db::rows_affected(&result) == 1)
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.server_key", skip_all, fields(db.system = B::SYSTEM))]
+    async fn server_key(&self, name: &str, candidate: &str) -> Result<String> {
+        sqlx::query(INSERT_SERVER_KEY)
+            .bind(name)
+            .bind(candidate)
             .execute(&self.pool)
             .await?;
-        Ok(B::Db::rows_affected(&result) == 1)
+        let (secret,): (String,) = sqlx::query_as(SELECT_SERVER_KEY)
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(secret)
     }
 
     #[tracing::instrument(level = "debug", name = "store.revoked_api_keys", skip_all, fields(db.system = B::SYSTEM, keys = ids.len()))]

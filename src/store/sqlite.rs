@@ -28,21 +28,28 @@ const SELECT_VERSIONS: &str =
 
 /// Appends one version to the event log: batch id, version, snapshot, commit time, and
 /// the next feed position (the write lock makes it the order of commit).
-const INSERT_EVENT: &str = "INSERT INTO batch_events (batch_id, version, snapshot, at, position) \
-     VALUES ($1, $2, $3, $4, (SELECT COALESCE(MAX(position), 0) + 1 FROM batch_events))";
+const INSERT_EVENT: &str = "INSERT INTO batch_events (batch_id, version, snapshot, at, owner, position) \
+     VALUES ($1, $2, $3, $4, $5, (SELECT COALESCE(MAX(position), 0) + 1 FROM batch_events))";
 
 /// The highest feed position written.
 const FEED_HORIZON: &str = "SELECT COALESCE(MAX(position), 0) FROM batch_events";
 
-/// Events at positions after $1 up to $2, in order, at most $3; each with the status of
-/// the version before it and the compaction watermark.
-const SELECT_CHANGES: &str = "SELECT 0 AS \"transaction\", e.position, e.version, e.snapshot, \
-     p.snapshot ->> '$.status' AS previous_status, \
-     w.through_transaction AS compacted_transaction, \
-     w.through_position AS compacted_position \
-     FROM batch_events e CROSS JOIN feed_compaction w \
-     LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
-     WHERE e.position > $1 AND e.position <= $2 ORDER BY e.position LIMIT $3";
+/// Events at positions after $1 up to $2, in order, at most $3, and in the second form
+/// of owner $4 only (through the index of each owner's changes); each with the status
+/// of the version before it and the compaction watermark.
+static SELECT_CHANGES: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
+    ["", " AND e.owner = $4"].map(|owner| {
+        format!(
+            "SELECT 0 AS \"transaction\", e.position, e.version, e.snapshot, \
+             p.snapshot ->> '$.status' AS previous_status, \
+             w.through_transaction AS compacted_transaction, \
+             w.through_position AS compacted_position \
+             FROM batch_events e CROSS JOIN feed_compaction w \
+             LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+             WHERE e.position > $1 AND e.position <= $2{owner} ORDER BY e.position LIMIT $3"
+        )
+    })
+});
 
 /// Batches in a SQLite database file.
 pub(super) type SqliteStore = SqlStore<SqliteBackend>;
@@ -185,15 +192,20 @@ impl Backend for SqliteBackend {
     async fn changes_after(
         pool: &SqlitePool,
         after: FeedCursor,
+        owner: Option<&str>,
         limit: i64,
     ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)> {
         let horizon = Self::feed_head(pool).await?;
-        let rows: Vec<FeedRow> = sqlx::query_as(SELECT_CHANGES)
-            .bind(after.position)
-            .bind(horizon.position)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+        let mut read = sqlx::query_as(sqlx::AssertSqlSafe(
+            &*SELECT_CHANGES[usize::from(owner.is_some())],
+        ))
+        .bind(after.position)
+        .bind(horizon.position)
+        .bind(limit);
+        if let Some(owner) = owner {
+            read = read.bind(owner);
+        }
+        let rows: Vec<FeedRow> = read.fetch_all(pool).await?;
         // Commit order is writing order: nothing committed is ever held back.
         Ok((rows, horizon, None))
     }
@@ -237,6 +249,7 @@ async fn append_event(tx: &mut Transaction<'static, Sqlite>, batch: &StoredBatch
         .bind(batch.version())
         .bind(Json(batch))
         .bind(batch.committed_at())
+        .bind(batch.owner())
         .execute(&mut **tx)
         .await?;
     Ok(())

@@ -189,6 +189,11 @@ impl StoredBatchV1 {
         &self.id
     }
 
+    /// The batch's owner.
+    pub(super) fn owner(&self) -> &str {
+        &self.user_id
+    }
+
     /// The version this is.
     pub(super) fn version(&self) -> i64 {
         self.version

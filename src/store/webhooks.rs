@@ -7,6 +7,9 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, QueryBuilder, Typ
 use super::FeedCursor;
 use super::sql::{Backend, SqlDatabase, SqlStore, convert_all};
 use crate::error::{Error, Result};
+
+/// Why a revoked key's change of an endpoint is refused.
+const KEY_REVOKED: &str = "the API key was revoked";
 use crate::webhooks::{
     AfterAttempt, AttemptRecord, AttemptReport, Delivery, DeliveryState, EndpointHealth,
     EndpointSettings, NewDelivery, SealedSecret, WebhookEndpoint, WebhookEventType,
@@ -23,8 +26,12 @@ pub struct DeliveryClaim<'a> {
     pub lease_until_ms: i64,
     /// Endpoints not to claim for (the replica sends to them all it may at once).
     pub busy_endpoints: &'a [String],
+    /// Owners whose endpoints not to claim for, likewise.
+    pub busy_owners: &'a [String],
     /// Most deliveries of one endpoint to claim.
     pub per_endpoint: i64,
+    /// Most deliveries of one owner's endpoints to claim.
+    pub per_owner: i64,
     /// Most deliveries to claim.
     pub limit: i64,
 }
@@ -43,14 +50,16 @@ pub struct DeliveryQueue {
 pub trait WebhookStore: Send + Sync {
     /// Inserts `endpoint` unless its owner already has `max_per_owner`; also creates
     /// the dispatcher's position (at the endpoint's start) if there is none yet.
+    /// Fails with [`Error::Unauthenticated`] if its configuring key is revoked.
     async fn insert_endpoint(&self, endpoint: &WebhookEndpoint, max_per_owner: i64)
     -> Result<bool>;
 
     /// The endpoint with this id.
     async fn get_endpoint(&self, id: &str) -> Result<Option<WebhookEndpoint>>;
 
-    /// Endpoints newest first: `owner`'s (every owner's for `None`), created before
-    /// endpoint `before` if given; at most `limit`.
+    /// Endpoints newest first: `owner`'s own, which leaves out its all-owners ones
+    /// (every endpoint for `None`), created before endpoint `before` if given; at
+    /// most `limit`.
     async fn list_endpoints(
         &self,
         owner: Option<&str>,
@@ -58,8 +67,9 @@ pub trait WebhookStore: Send + Sync {
         limit: i64,
     ) -> Result<Vec<WebhookEndpoint>>;
 
-    /// Replaces the endpoint's settings, secrets and state, if its current secret is
-    /// still `expected_secret` (no other change got in between); `false` otherwise.
+    /// Replaces the endpoint's settings, secrets, state and configuring key, if its
+    /// current secret is still `expected_secret` (no other change got in between) and
+    /// that key is not revoked; `false` otherwise.
     async fn update_endpoint(
         &self,
         endpoint: &WebhookEndpoint,
@@ -69,7 +79,8 @@ pub trait WebhookStore: Send + Sync {
     /// Deletes the endpoint and its deliveries.
     async fn delete_endpoint(&self, id: &str) -> Result<bool>;
 
-    /// The enabled endpoints that follow any of `owners`' batches.
+    /// The enabled endpoints that follow any of `owners`' batches (an all-owners
+    /// endpoint only while its key is not revoked).
     async fn endpoints_following(&self, owners: &[&str]) -> Result<Vec<WebhookEndpoint>>;
 
     /// Where the dispatcher is; `start` when it has no position yet (which is then
@@ -86,8 +97,9 @@ pub trait WebhookStore: Send + Sync {
         deliveries: &[NewDelivery],
     ) -> Result<bool>;
 
-    /// Leases due deliveries to a replica, the longest due first, at most
-    /// `per_endpoint` of any one endpoint.
+    /// Leases due deliveries to a replica, at most `per_endpoint` of any one endpoint
+    /// and `per_owner` of any one owner, taking the owners in turn (each owner's
+    /// longest due first).
     async fn claim_deliveries(&self, claim: &DeliveryClaim<'_>) -> Result<Vec<Delivery>>;
 
     /// Gives back leases a replica took but will not use.
@@ -119,7 +131,18 @@ pub trait WebhookStore: Send + Sync {
 
 const ENDPOINT_COLUMNS: &str = "id, owner, all_owners, name, url, event_types, secret, \
      previous_secret, previous_secret_until, created_at, updated_at, \
-     starts_after_transaction, starts_after_position, failing_since, disabled_at, disabled_reason";
+     starts_after_transaction, starts_after_position, failing_since, disabled_at, disabled_reason, \
+     key_id";
+
+/// A condition on an endpoint `e`: its key, if it is an all-owners endpoint, is not
+/// revoked. Deliveries and the dispatcher check it, so that nothing goes to such an
+/// endpoint once its key is revoked, even before the revocation has disabled it.
+const KEY_NOT_REVOKED: &str = "(e.all_owners = FALSE OR e.key_id IS NULL OR NOT EXISTS \
+     (SELECT 1 FROM api_keys k WHERE k.id = e.key_id AND k.revoked_at IS NOT NULL))";
+
+/// How many usable (known and not revoked) API keys have id $1, 0 or 1: only a usable
+/// key configures an endpoint.
+const COUNT_USABLE_KEY: &str = "SELECT COUNT(*) FROM api_keys WHERE id = $1 AND revoked_at IS NULL";
 
 const DELIVERY_COLUMNS: &str = "id, endpoint_id, event_id, event_type, batch_id, payload, \
      created_at, state, attempts, next_attempt_at, last_attempt_at, last_duration_ms, \
@@ -136,9 +159,13 @@ const SELECT_DISPATCH: &str =
 const MOVE_DISPATCH: &str = "UPDATE webhook_dispatch SET after_transaction = $1, after_position = $2 \
      WHERE id = 1 AND after_transaction = $3 AND after_position = $4";
 
+/// Refused (no row changed) when the configuring key $13 is revoked, as for a stale
+/// secret: a revoked key still remembered by a replica's cache re-enables nothing.
 const UPDATE_ENDPOINT: &str = "UPDATE webhook_endpoints SET name = $1, url = $2, event_types = $3, \
      secret = $4, previous_secret = $5, previous_secret_until = $6, updated_at = $7, \
-     failing_since = $8, disabled_at = $9, disabled_reason = $10 WHERE id = $11 AND secret = $12";
+     failing_since = $8, disabled_at = $9, disabled_reason = $10, key_id = $13 \
+     WHERE id = $11 AND secret = $12 \
+     AND ($13 IS NULL OR NOT EXISTS (SELECT 1 FROM api_keys WHERE id = $13 AND revoked_at IS NOT NULL))";
 
 const RECORD_DELIVERY_ATTEMPT: &str = "UPDATE webhook_deliveries SET state = $1, \
      attempts = attempts + 1, next_attempt_at = $2, lease_owner = NULL, lease_until = NULL, \
@@ -202,6 +229,15 @@ where
                 .execute(&mut *tx)
                 .await?;
         }
+        if let Some(key_id) = &endpoint.key_id {
+            let (usable,): (i64,) = sqlx::query_as(COUNT_USABLE_KEY)
+                .bind(key_id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            if usable == 0 {
+                return Err(Error::Unauthenticated(KEY_REVOKED));
+            }
+        }
         let (owned,): (i64,) = sqlx::query_as(COUNT_OWNED_ENDPOINTS)
             .bind(endpoint.owner.as_str())
             .fetch_one(&mut *tx)
@@ -231,7 +267,8 @@ where
             .push_bind(endpoint.starts_after.position)
             .push_bind(endpoint.failing_since)
             .push_bind(disabled_at)
-            .push_bind(disabled_reason);
+            .push_bind(disabled_reason)
+            .push_bind(endpoint.key_id.clone());
         insert.push(")");
         insert.build().execute(&mut *tx).await?;
         sqlx::query(START_DISPATCH)
@@ -265,7 +302,8 @@ where
             "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE TRUE"
         ));
         if let Some(owner) = owner {
-            sql.push(" AND owner = ").push_bind(owner.to_owned());
+            sql.push(" AND all_owners = FALSE AND owner = ")
+                .push_bind(owner.to_owned());
         }
         if let Some(before) = before {
             sql.push(" AND seq < (SELECT seq FROM webhook_endpoints WHERE id = ")
@@ -298,6 +336,7 @@ where
             .bind(disabled_reason)
             .bind(endpoint.id.as_str())
             .bind(expected_secret.0.as_str())
+            .bind(endpoint.key_id.clone())
             .execute(&self.pool)
             .await?;
         Ok(B::Db::rows_affected(&result) == 1)
@@ -321,8 +360,8 @@ where
     #[tracing::instrument(level = "debug", name = "store.endpoints_following", skip_all, fields(db.system = B::SYSTEM, owners = owners.len()))]
     async fn endpoints_following(&self, owners: &[&str]) -> Result<Vec<WebhookEndpoint>> {
         let mut sql = QueryBuilder::<B::Db>::new(format!(
-            "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints \
-             WHERE disabled_at IS NULL AND (all_owners = TRUE"
+            "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints e \
+             WHERE disabled_at IS NULL AND {KEY_NOT_REVOKED} AND (all_owners = TRUE"
         ));
         if !owners.is_empty() {
             sql.push(" OR owner IN (");
@@ -398,41 +437,51 @@ where
     #[tracing::instrument(level = "debug", name = "store.claim_deliveries", skip_all, fields(db.system = B::SYSTEM))]
     async fn claim_deliveries(&self, claim: &DeliveryClaim<'_>) -> Result<Vec<Delivery>> {
         // The oldest due deliveries (a bounded window, through the index of due
-        // deliveries), at most `per_endpoint` of each endpoint, at most `limit` in all:
-        // one endpoint's backlog does not fill a claim. The outer conditions are
-        // checked again on the row as it is when updated, so two replicas never lease
-        // one delivery.
+        // deliveries) of enabled endpoints whose endpoint and owner have room, at most
+        // `per_endpoint` of each endpoint and `per_owner` of each owner, taken round
+        // robin between owners (each owner's first, then each owner's second, ...) up
+        // to `limit`: neither one endpoint's nor one tenant's backlog fills a claim.
+        // The outer conditions are checked again on the row as it is when updated, so
+        // two replicas never lease one delivery.
         let mut sql = QueryBuilder::<B::Db>::new("UPDATE webhook_deliveries SET lease_owner = ");
         sql.push_bind(claim.replica.to_owned())
             .push(", lease_until = ")
             .push_bind(claim.lease_until_ms)
             .push(
-                " WHERE seq IN (SELECT seq FROM (SELECT c.seq, c.next_attempt_at, \
+                " WHERE seq IN (SELECT seq FROM (SELECT seq, next_attempt_at, \
+                 row_number() OVER (PARTITION BY owner ORDER BY next_attempt_at, seq) AS owner_rank \
+                 FROM (SELECT c.seq, c.owner, c.next_attempt_at, \
                  row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at, c.seq) \
-                 AS endpoint_rank FROM (SELECT d.seq, d.endpoint_id, d.next_attempt_at \
-                 FROM webhook_deliveries d WHERE d.state = 'pending' AND d.next_attempt_at <= ",
+                 AS endpoint_rank FROM (SELECT d.seq, d.endpoint_id, e.owner, d.next_attempt_at \
+                 FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
+                 WHERE d.state = 'pending' AND d.next_attempt_at <= ",
             )
             .push_bind(claim.now_ms)
             .push(" AND (d.lease_until IS NULL OR d.lease_until < ")
             .push_bind(claim.now_ms)
-            .push(
-                ") AND d.endpoint_id IN (SELECT id FROM webhook_endpoints \
-                 WHERE disabled_at IS NULL)",
-            );
-        if !claim.busy_endpoints.is_empty() {
-            sql.push(" AND d.endpoint_id NOT IN (");
-            let mut list = sql.separated(", ");
-            for id in claim.busy_endpoints {
-                list.push_bind(id.clone());
+            .push(") AND e.disabled_at IS NULL AND ")
+            .push(KEY_NOT_REVOKED);
+        for (column, busy) in [
+            ("d.endpoint_id", claim.busy_endpoints),
+            ("e.owner", claim.busy_owners),
+        ] {
+            if !busy.is_empty() {
+                sql.push(format_args!(" AND {column} NOT IN ("));
+                let mut list = sql.separated(", ");
+                for id in busy {
+                    list.push_bind(id.clone());
+                }
+                sql.push(")");
             }
-            sql.push(")");
         }
         sql.push(" ORDER BY d.next_attempt_at, d.seq LIMIT ")
             .push_bind(CLAIM_WINDOW)
             .push(B::CLAIM_LOCK)
-            .push(") c) ranked WHERE endpoint_rank <= ")
+            .push(") c) by_endpoint WHERE endpoint_rank <= ")
             .push_bind(claim.per_endpoint)
-            .push(" ORDER BY next_attempt_at, seq LIMIT ")
+            .push(") by_owner WHERE owner_rank <= ")
+            .push_bind(claim.per_owner)
+            .push(" ORDER BY owner_rank, next_attempt_at, seq LIMIT ")
             .push_bind(claim.limit)
             .push(") AND state = 'pending' AND (lease_until IS NULL OR lease_until < ")
             .push_bind(claim.now_ms)
@@ -621,6 +670,7 @@ pub(super) struct EndpointRow {
     failing_since: Option<i64>,
     disabled_at: Option<i64>,
     disabled_reason: Option<String>,
+    key_id: Option<String>,
 }
 
 impl TryFrom<EndpointRow> for WebhookEndpoint {
@@ -660,6 +710,7 @@ impl TryFrom<EndpointRow> for WebhookEndpoint {
             },
             failing_since: row.failing_since,
             disabled,
+            key_id: row.key_id,
             id: row.id,
         })
     }

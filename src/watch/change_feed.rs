@@ -270,7 +270,7 @@ impl ChangeFeed {
             }
         };
         loop {
-            let page = match self.log.changes_after(cursor, FEED_PAGE).await {
+            let page = match self.log.changes_after(cursor, None, FEED_PAGE).await {
                 Ok(page) => page,
                 Err(Error::FeedCompacted { oldest, .. }) => {
                     // Only a reader far behind (the database was away for longer than

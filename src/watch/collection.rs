@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::change_feed::{ChangeFeed, FEED_PAGE, FeedSlice, SharedChange};
 use super::{FeedEvent, FeedEventKind, KEY_REVOKED, Stop};
-use crate::domain::{Batch, BatchFilter, BatchId, FeedCursor, FeedStart};
+use crate::domain::{Batch, BatchFilter, BatchId, CursorSealer, FeedCursor, FeedStart};
 use crate::error::{Error, Result};
 use crate::store::{BatchPageQuery, EventLog};
 
@@ -34,6 +34,8 @@ pub(super) struct CollectionContext {
     pub(super) filter: BatchFilter,
     /// A cursor has been checked against the feed's bounds.
     pub(super) start: FeedStart,
+    /// Seals each message's cursor for the filter's owner scope.
+    pub(super) cursors: CursorSealer,
     pub(super) heartbeat: Duration,
     pub(super) stopping: watch::Receiver<bool>,
     pub(super) revoked: watch::Receiver<bool>,
@@ -164,9 +166,11 @@ impl CollectionWatcher {
                 let _turn = self.context.feed.catch_up_turn().await?;
                 // The turn may have been long in coming.
                 self.still_wanted()?;
+                // The owner's changes only, read as such: a tenant's catch-up costs
+                // what it changed, not what every tenant did since its cursor.
                 self.context
                     .log
-                    .changes_after(self.cursor, FEED_PAGE)
+                    .changes_after(self.cursor, self.context.filter.owner.as_deref(), FEED_PAGE)
                     .await?
             };
             let complete = (page.changes.len() as i64) < FEED_PAGE;
@@ -220,7 +224,11 @@ impl CollectionWatcher {
         if *self.context.revoked.borrow() {
             return Err(Error::Unauthenticated(KEY_REVOKED).into());
         }
-        let cursor = (kind != FeedEventKind::Initial).then_some(self.cursor);
+        let cursor = (kind != FeedEventKind::Initial).then(|| {
+            self.context
+                .cursors
+                .seal(self.cursor, self.context.filter.owner.as_deref())
+        });
         self.last_sent = Instant::now();
         let mut stopping = self.context.stopping.clone();
         let mut revoked = self.context.revoked.clone();

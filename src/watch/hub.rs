@@ -22,7 +22,7 @@ use super::change_feed::ChangeFeed;
 use super::collection::{self, CollectionContext};
 use super::subscriber::{self, WatcherContext};
 use super::{FeedEvent, KEY_REVOKED, LOG_PAGE, WatchEvent, WatchOptions};
-use crate::domain::{Batch, BatchFilter, BatchId, Caller, FeedStart};
+use crate::domain::{Batch, BatchFilter, BatchId, Caller, CursorSealer, FeedStart};
 use crate::error::{Error, Result};
 use crate::store::{ChangeNotifier, CommitListener, EventLog};
 
@@ -122,6 +122,8 @@ pub struct WatchHub {
     /// dispatcher (a stored permit, so no commit between two reads goes unnoticed).
     commits: Arc<Notify>,
     stopping: watch::Sender<bool>,
+    /// Seals the change feed's cursors for clients and opens what they send back.
+    cursors: CursorSealer,
 }
 
 /// A watcher's hold on a feed, counted in the feed map; dropping it lets the feed go
@@ -142,8 +144,13 @@ struct StreamPermit {
 
 impl WatchHub {
     /// A hub reading committed versions from `log`.
-    pub fn new(log: Arc<dyn EventLog>, options: WatchOptions) -> Arc<WatchHub> {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        options: WatchOptions,
+        cursors: CursorSealer,
+    ) -> Arc<WatchHub> {
         Arc::new(WatchHub {
+            cursors,
             change_feed: ChangeFeed::new(log.clone(), options.safety_poll),
             options,
             feeds: Mutex::default(),
@@ -153,6 +160,11 @@ impl WatchHub {
             commits: Arc::new(Notify::new()),
             stopping: watch::channel(false).0,
         })
+    }
+
+    /// What seals the change feed's cursors for clients.
+    pub fn cursor_sealer(&self) -> &CursorSealer {
+        &self.cursors
     }
 
     /// The signal of every commit, here or (when the store announces them) on another
@@ -348,13 +360,12 @@ impl WatchHub {
         let permit = self.open_stream(&caller.key_id)?;
         if let FeedStart::After(cursor) = start {
             let bounds = self.log.feed_bounds().await?;
+            // Sealed here, so only a database restored to an older state gets here.
+            // Neither refusal names a position: the feed's are every tenant's.
             if cursor > bounds.head {
                 return Err(Error::invalid(
                     "after_cursor",
-                    format!(
-                        "`{cursor}` is ahead of the change feed (at `{}`); send the cursor of an event the feed sent",
-                        bounds.head
-                    ),
+                    "is ahead of the change feed (was the database restored from an older copy?); start again with send_initial_state",
                 ));
             }
             if cursor < bounds.oldest {
@@ -373,6 +384,7 @@ impl WatchHub {
             feed: self.change_feed.clone(),
             filter,
             start,
+            cursors: self.cursors.clone(),
             heartbeat: self.options.heartbeat,
             stopping: self.stopping.subscribe(),
             revoked: permit.revoked.clone(),
@@ -627,7 +639,11 @@ mod tests {
             .await
             .expect("an in-memory database");
         store.migrate().await.expect("migrations");
-        WatchHub::new(store, WatchOptions::default())
+        WatchHub::new(
+            store,
+            WatchOptions::default(),
+            crate::domain::CursorSealer::with_random_key(),
+        )
     }
 
     /// Watchers join while the last one leaves, on several threads at once: none ever

@@ -38,7 +38,7 @@ mod subscriber;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::{Batch, FeedCursor};
+use crate::domain::Batch;
 
 pub use hub::WatchHub;
 
@@ -95,8 +95,9 @@ pub struct FeedEvent {
     /// The batch (`INITIAL`, `CHANGE`, `LEFT_FILTER`); `None` for `SYNCED` and
     /// `BOOKMARK`.
     pub batch: Option<Arc<Batch>>,
-    /// Where a resumed stream continues: after this message. `None` for `INITIAL`.
-    pub cursor: Option<FeedCursor>,
+    /// Where a resumed stream continues: after this message, sealed for the stream's
+    /// owner scope. `None` for `INITIAL`.
+    pub cursor: Option<String>,
 }
 
 /// The kinds of collection watch messages.

@@ -220,8 +220,13 @@ mod tests {
         async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>> {
             self.inner.latest_versions(ids).await
         }
-        async fn changes_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
-            self.inner.changes_after(after, limit).await
+        async fn changes_after(
+            &self,
+            after: FeedCursor,
+            owner: Option<&str>,
+            limit: i64,
+        ) -> Result<FeedPage> {
+            self.inner.changes_after(after, owner, limit).await
         }
         async fn feed_bounds(&self) -> Result<FeedBounds> {
             self.inner.feed_bounds().await
@@ -254,7 +259,11 @@ mod tests {
             next,
             done: AtomicBool::new(false),
         });
-        let hub = WatchHub::new(store, WatchOptions::default());
+        let hub = WatchHub::new(
+            store,
+            WatchOptions::default(),
+            crate::domain::CursorSealer::with_random_key(),
+        );
         let caller = Caller::of(&ApiKey::new("tenant", Scope::Admin, 0).unwrap());
         let mut stream = hub.watch(&caller, &batch.id, Some(1)).await.unwrap();
         use tokio_stream::StreamExt;

@@ -1,22 +1,26 @@
 //! The deliverer of one replica: claims due deliveries under a lease, sends each
-//! signed, and records the outcome, all within bounds: at most `concurrency` attempts
-//! in flight, at most `concurrency_per_endpoint` to any one endpoint (a slow receiver
-//! holds only its own share), each attempt within its timeout and its lease. A replica
-//! that dies mid-attempt leaves a lease that runs out; another replica then takes the
-//! delivery over, with the same `webhook-id`.
+//! signed, and records the outcome, all within the replica's [`DeliveryLimits`]: at
+//! most `concurrency` attempts in flight, at most `concurrency_per_endpoint` to any
+//! one endpoint (a slow receiver holds only its own share) and at most
+//! `concurrency_per_owner` to one owner's endpoints (one tenant's many hanging
+//! receivers hold only that tenant's share), each attempt within its timeout and its
+//! lease. Claims take the owners in turn, so a tenant with a long backlog does not
+//! push another's delivery back. A replica that dies mid-attempt leaves a lease that
+//! runs out; another replica then takes the delivery over, with the same `webhook-id`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
 use super::delivery::{AfterAttempt, AttemptRecord, AttemptReport, Delivery, EndpointHealth};
 use super::dispatcher::event_type_label;
 use super::endpoint::WebhookEndpoint;
+use super::limits::{DeliveryLimits, Place};
 use super::sender::{SendOutcome, Sender};
-use super::service::{WebhookOptions, now_ms, send_signed};
+use super::service::{WebhookOptions, WebhookService, now_ms, send_signed};
 use crate::clock::Clock;
 use crate::domain::random_hex;
 use crate::error::Result;
@@ -45,29 +49,29 @@ pub struct Deliverer {
     clock: Arc<dyn Clock>,
     /// This replica's name on the leases it takes.
     replica: String,
-    slots: Arc<Semaphore>,
-    in_flight: Mutex<HashMap<String, usize>>,
+    /// Shared with the service's test deliveries.
+    limits: Arc<DeliveryLimits>,
     wake: Arc<Notify>,
 }
 
 impl Deliverer {
-    /// A deliverer over `store`; `wake` is signalled when deliveries were queued.
+    /// The deliverer of `webhooks` (its sender, options and limits) over `store`;
+    /// `wake` is signalled when deliveries were queued.
     pub fn new(
+        webhooks: &WebhookService,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
-        options: WebhookOptions,
         wake: Arc<Notify>,
-    ) -> Result<Arc<Deliverer>> {
-        Ok(Arc::new(Deliverer {
-            sender: Sender::new(options.policy, options.attempt_timeout)?,
-            slots: Arc::new(Semaphore::new(options.concurrency.max(1))),
+    ) -> Arc<Deliverer> {
+        Arc::new(Deliverer {
+            sender: webhooks.sender().clone(),
+            limits: webhooks.limits().clone(),
+            options: webhooks.options().clone(),
             replica: format!("replica_{}", random_hex::<8>()),
-            in_flight: Mutex::default(),
             store,
             clock,
-            options,
             wake,
-        }))
+        })
     }
 
     /// Claims and sends until the stop signal; attempts in flight then finish or
@@ -91,11 +95,12 @@ impl Deliverer {
     /// Claims what this replica has room for and starts an attempt for each.
     async fn claim_and_send(self: &Arc<Self>) -> Result<()> {
         loop {
-            let free = self.slots.available_permits().min(MAX_CLAIM);
+            let free = self.limits.free().min(MAX_CLAIM);
             if free == 0 {
                 return Ok(());
             }
-            let busy = self.busy_endpoints();
+            let (full_endpoints, full_owners) = self.limits.full();
+            let bounds = self.limits.bounds();
             let now = now_ms();
             let claimed = self
                 .store
@@ -103,45 +108,56 @@ impl Deliverer {
                     replica: &self.replica,
                     now_ms: now,
                     lease_until_ms: now + self.lease().as_millis() as i64,
-                    busy_endpoints: &busy,
-                    per_endpoint: self.options.concurrency_per_endpoint.max(1) as i64,
+                    busy_endpoints: &full_endpoints,
+                    busy_owners: &full_owners,
+                    per_endpoint: bounds.per_endpoint as i64,
+                    per_owner: bounds.per_owner as i64,
                     limit: free as i64,
                 })
                 .await?;
             let count = claimed.len();
-            let mut extra = Vec::new();
-            let mut kept = Vec::new();
-            for delivery in claimed {
-                match self.take_slot(&delivery.queued.endpoint_id) {
-                    Some(slot) => kept.push((delivery, slot)),
-                    None => extra.push(delivery.queued.id),
-                }
-            }
-            // Claimed beyond an endpoint's share: back for another replica or later.
-            self.store.release_deliveries(&self.replica, &extra).await?;
-            // Each endpoint is read once per claim, as it is now (its secrets, whether
-            // it is still enabled), for all of its deliveries in the claim.
+            // Each endpoint is read once per claim, as it is now (its owner, its
+            // secrets, whether it is still enabled), for all of its deliveries.
             let mut endpoints: HashMap<String, Option<Arc<WebhookEndpoint>>> = HashMap::new();
-            for (delivery, _) in &kept {
+            for delivery in &claimed {
                 let id = &delivery.queued.endpoint_id;
                 if !endpoints.contains_key(id) {
                     let endpoint = self.store.get_endpoint(id).await?.map(Arc::new);
                     endpoints.insert(id.clone(), endpoint);
                 }
             }
-            for (delivery, slot) in kept {
-                let endpoint = endpoints
+            let mut given_back = Vec::new();
+            let mut started = Vec::new();
+            for delivery in claimed {
+                let Some(endpoint) = endpoints
                     .get(&delivery.queued.endpoint_id)
                     .cloned()
-                    .flatten();
+                    .flatten()
+                else {
+                    continue; // deleted, with its deliveries
+                };
+                if endpoint.disabled.is_some() {
+                    given_back.push(delivery.queued.id);
+                    continue;
+                }
+                match self.limits.take(&endpoint.id, &endpoint.owner) {
+                    Ok(place) => started.push((delivery, endpoint, place)),
+                    // Beyond a share (test deliveries took places meanwhile): back for
+                    // another replica or later.
+                    Err(_) => given_back.push(delivery.queued.id),
+                }
+            }
+            self.store
+                .release_deliveries(&self.replica, &given_back)
+                .await?;
+            for (delivery, endpoint, place) in started {
                 let deliverer = self.clone();
                 tokio::spawn(async move {
-                    deliverer.attempt(delivery, endpoint).await;
-                    drop(slot);
+                    deliverer.attempt(delivery, endpoint, place).await;
                     deliverer.wake.notify_one();
                 });
             }
-            if count < free || !extra.is_empty() {
+            if count < free || !given_back.is_empty() {
                 return Ok(());
             }
         }
@@ -152,39 +168,8 @@ impl Deliverer {
         self.options.attempt_timeout * 2 + Duration::from_secs(5)
     }
 
-    fn busy_endpoints(&self) -> Vec<String> {
-        let limit = self.options.concurrency_per_endpoint.max(1);
-        self.lock_in_flight()
-            .iter()
-            .filter(|(_, count)| **count >= limit)
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
-    /// A place for one attempt to `endpoint_id`, if it has one free.
-    fn take_slot(self: &Arc<Self>, endpoint_id: &str) -> Option<Slot> {
-        let permit = self.slots.clone().try_acquire_owned().ok()?;
-        let mut in_flight = self.lock_in_flight();
-        let count = in_flight.entry(endpoint_id.to_owned()).or_default();
-        if *count >= self.options.concurrency_per_endpoint.max(1) {
-            return None;
-        }
-        *count += 1;
-        Some(Slot {
-            deliverer: self.clone(),
-            endpoint_id: endpoint_id.to_owned(),
-            _permit: permit,
-        })
-    }
-
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// One attempt of `delivery` to `endpoint` (`None`: deleted), recorded.
-    async fn attempt(&self, delivery: Delivery, endpoint: Option<Arc<WebhookEndpoint>>) {
+    /// One attempt of `delivery` to `endpoint` in its place, recorded.
+    async fn attempt(&self, delivery: Delivery, endpoint: Arc<WebhookEndpoint>, place: Place) {
         let span = tracing::info_span!(
             "webhook.attempt",
             webhook.endpoint_id = %delivery.queued.endpoint_id,
@@ -194,7 +179,9 @@ impl Deliverer {
             http.response.status_code = tracing::field::Empty,
         );
         async {
-            if let Err(error) = self.attempt_recorded(&delivery, endpoint).await {
+            let recorded = self.attempt_recorded(&delivery, &endpoint).await;
+            drop(place);
+            if let Err(error) = recorded {
                 tracing::warn!(%error, delivery_id = %delivery.queued.id, "a webhook attempt could not be made or recorded; its lease will run out and it is tried again");
             }
         }
@@ -205,24 +192,15 @@ impl Deliverer {
     async fn attempt_recorded(
         &self,
         delivery: &Delivery,
-        endpoint: Option<Arc<WebhookEndpoint>>,
+        endpoint: &WebhookEndpoint,
     ) -> Result<()> {
         let queued = &delivery.queued;
-        let Some(endpoint) = endpoint else {
-            return Ok(()); // deleted, with its deliveries
-        };
-        if endpoint.disabled.is_some() {
-            return self
-                .store
-                .release_deliveries(&self.replica, std::slice::from_ref(&queued.id))
-                .await;
-        }
         let started_ms = now_ms();
         let now = self.clock.now();
         let outcome = send_signed(
             &self.sender,
             &self.options.sealer,
-            &endpoint,
+            endpoint,
             &queued.event_id,
             &queued.payload,
             now,
@@ -231,7 +209,7 @@ impl Deliverer {
         if let Some(status) = outcome.status {
             tracing::Span::current().record("http.response.status_code", status);
         }
-        let record = self.judge(delivery, &endpoint, &outcome, started_ms, now);
+        let record = self.judge(delivery, endpoint, &outcome, started_ms, now);
         let label = match record.after {
             AfterAttempt::Delivered => "delivered",
             AfterAttempt::RetryAt(_) => "retrying",
@@ -333,25 +311,6 @@ impl Deliverer {
                 metrics::gauge!("batchd_webhook_oldest_pending_age_seconds").set(age as f64);
             }
             Err(error) => tracing::debug!(%error, "measuring the webhook queue failed"),
-        }
-    }
-}
-
-/// One attempt's place: a slot of the replica's and of its endpoint's share.
-struct Slot {
-    deliverer: Arc<Deliverer>,
-    endpoint_id: String,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut in_flight = self.deliverer.lock_in_flight();
-        if let Some(count) = in_flight.get_mut(&self.endpoint_id) {
-            *count -= 1;
-            if *count == 0 {
-                in_flight.remove(&self.endpoint_id);
-            }
         }
     }
 }

@@ -83,33 +83,43 @@ impl DestinationPolicy {
         Ok(url)
     }
 
-    /// Refuses an address webhooks may not reach under this policy.
+    /// Refuses an address webhooks may not reach under this policy. The error names
+    /// the rule, never the address: a tenant must not learn from a refusal where a
+    /// name points inside the deployment (callers log the address if they need it).
     pub fn check_address(&self, field: &str, ip: IpAddr) -> Result<()> {
         if self.allow_private_networks || is_public(ip) {
             return Ok(());
         }
-        Err(Error::invalid(
-            field,
-            format!(
-                "reaches {ip}, an address inside a private, loopback, link-local or reserved network; webhooks go to public addresses only"
-            ),
-        ))
+        Err(Error::invalid(field, NOT_PUBLIC))
     }
 }
 
+/// Why an address literal is refused: the rule, not the address.
+pub const NOT_PUBLIC: &str = "is not a public address; webhooks go to public addresses only";
+
+/// Why a name is refused, whether it resolves to no address at all, too slowly, or
+/// only inside the deployment: the three are told apart by nobody outside, so that
+/// refusals map no internal DNS.
+pub const NOT_RESOLVING_TO_PUBLIC: &str =
+    "does not resolve to a public address; webhooks go to public addresses only";
+
 /// Whether `ip` is a public unicast address: not loopback, private, shared (CGNAT),
 /// link-local (which holds the cloud metadata service, 169.254.169.254), unspecified,
-/// broadcast, multicast, documentation or otherwise reserved. IPv4 addresses mapped
-/// into or translated to IPv6 are judged as IPv4.
+/// broadcast, multicast, documentation or otherwise reserved. IPv6 is public only in
+/// global unicast (2000::/3) outside its special-purpose blocks; an IPv4 address
+/// translated by well-known NAT64 (64:ff9b::/96) is judged as that IPv4 address.
+/// Every other form that carries or leads to an IPv4 address is refused whole:
+/// IPv4-mapped (::ffff:0:0/96) and IPv4-translated (::ffff:0:0:0/96) addresses, which
+/// a dual-stack socket or a SIIT translator turns into any IPv4 address, IPv4-compatible
+/// (::/96), local-use NAT64 (64:ff9b:1::/48, whose embedding the operator chooses),
+/// 6to4 (2002::/16) and Teredo (within 2001::/23).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public_v4(v4);
-            }
             let segments = v6.segments();
-            // 64:ff9b::/96, NAT64: the embedded IPv4 address is what is reached.
+            // 64:ff9b::/96, well-known NAT64: the embedded IPv4 address is what is
+            // reached, and a public one is as public as itself.
             if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
                 let [a, b] = segments[6].to_be_bytes();
                 let [c, d] = segments[7].to_be_bytes();
@@ -136,16 +146,25 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a >= 240) // reserved
 }
 
+/// Public IPv6: inside global unicast, 2000::/3, and outside its blocks that are not
+/// globally reachable or that lead to IPv4. Everything outside 2000::/3 (loopback,
+/// unspecified, the IPv4-mapped, -translated and -compatible forms, local-use NAT64,
+/// unique local, link-local, site-local, multicast, discard-only 100::/64, SRv6
+/// 5f00::/16) is refused by the first test.
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || (first & 0xfe00) == 0xfc00 // unique local, fc00::/7
-        || (first & 0xffc0) == 0xfe80 // link-local, fe80::/10
-        || (first & 0xffc0) == 0xfec0 // site-local (deprecated), fec0::/10
-        || first == 0x2001 && ip.segments()[1] == 0x0db8 // documentation
-        || ip.segments()[..6] == [0, 0, 0, 0, 0, 0]) // IPv4-compatible (deprecated)
+    let [first, second, ..] = ip.segments();
+    let global_unicast = (first & 0xe000) == 0x2000;
+    let special = match first {
+        // IETF protocol assignments, 2001::/23 (Teredo, ORCHID, ...), and
+        // documentation, 2001:db8::/32
+        0x2001 => second < 0x0200 || second == 0x0db8,
+        // 6to4, 2002::/16: leads to the IPv4 address inside
+        0x2002 => true,
+        // documentation, 3fff::/20
+        0x3fff => second < 0x1000,
+        _ => false,
+    };
+    global_unicast && !special
 }
 
 #[cfg(test)]
@@ -188,6 +207,27 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "::127.0.0.1",
             "2001:db8::1",
+            // local-use NAT64, 64:ff9b:1::/48: the operator decides what it reaches
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1:ffff::808:808",
+            // 6to4, 2002::/16, with a private and with a public IPv4 address inside
+            "2002:a00:1::1",
+            "2002:808:808::1",
+            // IPv4-mapped, ::ffff:0:0/96, whatever the IPv4 address
+            "::ffff:8.8.8.8",
+            "::ffff:10.0.0.1",
+            // IPv4-translated (SIIT), ::ffff:0:0:0/96
+            "::ffff:0:7f00:1",
+            "::ffff:0:808:808",
+            // Teredo and the rest of 2001::/23; documentation 3fff::/20; discard-only;
+            // SRv6; outside global unicast
+            "2001::1",
+            "2001:1ff::1",
+            "3fff::1",
+            "3fff:fff::1",
+            "100::1",
+            "5f00::1",
+            "4000::1",
         ] {
             let ip: IpAddr = inside.parse().unwrap();
             assert!(!is_public(ip), "{inside} must not be reachable");
@@ -198,6 +238,11 @@ mod tests {
             "172.32.0.1",
             "2606:4700:4700::1111",
             "64:ff9b::808:808",
+            "2001:200::1",
+            "2001:4860:4860::8888",
+            "2003::1",
+            "3ffe::1",
+            "3fff:1000::1",
         ] {
             let ip: IpAddr = outside.parse().unwrap();
             assert!(is_public(ip), "{outside} is public");
@@ -233,6 +278,21 @@ mod tests {
         }
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_CHARS));
         assert_eq!(field_of(policy.check_url("url", &long)), "url");
+    }
+
+    #[test]
+    fn refusals_name_the_rule_never_the_address() {
+        let policy = DestinationPolicy::default();
+        for (url, address) in [
+            ("https://127.0.0.1/", "127.0.0.1"),
+            ("https://[::ffff:a00:1]/", "10.0.0.1"),
+            ("https://[2002:a00:1::1]/", "2002"),
+        ] {
+            let error = policy.check_url("url", url).unwrap_err().to_string();
+            assert!(error.contains("not a public address"), "{url}: {error}");
+            assert!(!error.contains(address), "{url}: {error}");
+            assert!(!error.contains("private"), "{url}: {error}");
+        }
     }
 
     #[test]

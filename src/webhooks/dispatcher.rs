@@ -130,7 +130,7 @@ async fn dispatch_once(
             at
         }
     };
-    let page = match store.changes_after(at.read, PAGE).await {
+    let page = match store.changes_after(at.read, None, PAGE).await {
         Ok(page) => page,
         Err(Error::FeedCompacted { .. }) => {
             // Compaction keeps what the dispatcher has not read, so this means the
@@ -142,7 +142,7 @@ async fn dispatch_once(
                 oldest = %bounds.oldest,
                 "webhook dispatch: the event log no longer holds every change after the dispatcher's position; continuing from the oldest"
             );
-            store.changes_after(bounds.oldest, PAGE).await?
+            store.changes_after(bounds.oldest, None, PAGE).await?
         }
         Err(other) => return Err(other),
     };

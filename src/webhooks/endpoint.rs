@@ -86,8 +86,12 @@ pub struct WebhookEndpoint {
     /// The owner of the key that created it.
     pub owner: String,
     /// It follows every owner's batches (created with an admin key), not only its
-    /// owner's.
+    /// owner's. Only admin keys see and change such an endpoint.
     pub all_owners: bool,
+    /// The API key that last configured it (created it, or changed it since); none for
+    /// an endpoint saved before keys were recorded. While that key is revoked, an
+    /// all-owners endpoint is disabled and receives nothing.
+    pub key_id: Option<String>,
     /// Name, URL and event types.
     pub settings: EndpointSettings,
     /// The current secret, sealed (see [`super::SecretSealer`]).

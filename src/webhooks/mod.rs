@@ -4,7 +4,8 @@
 //! The use cases of endpoints ([`service`]); the [`dispatcher`], which turns committed
 //! status changes into queued deliveries exactly once; the [`deliverer`], which leases
 //! due deliveries and sends them with retries; one signed attempt under the
-//! destination policy ([`sender`]). Beneath them, without I/O: the signing scheme
+//! destination policy ([`sender`]); the bounds on requests in flight that deliveries
+//! and test deliveries share ([`limits`]). Beneath them, without I/O: the signing scheme
 //! ([`signature`]), the event types and event JSON ([`events`]), where webhooks may go
 //! ([`destination`]), endpoints and their settings ([`endpoint`]), signing secrets at
 //! rest ([`secrets`]), deliveries and their retry schedule ([`delivery`]).
@@ -15,6 +16,7 @@ pub mod destination;
 pub mod dispatcher;
 pub mod endpoint;
 pub mod events;
+pub mod limits;
 pub mod secrets;
 pub mod sender;
 pub mod service;

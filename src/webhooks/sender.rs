@@ -1,8 +1,18 @@
 //! One signed HTTP attempt to an endpoint, and only to where [`DestinationPolicy`]
 //! allows: the client resolves names itself and connects only to addresses it checked
 //! (so a name that changed to a private address since the endpoint was saved, DNS
-//! rebinding, is refused at connect time), follows no redirect, gives each attempt a
-//! deadline and reads at most a few bytes of what the receiver answers.
+//! rebinding, is refused at connect time), follows no redirect and gives each attempt
+//! a deadline.
+//!
+//! It never goes through a proxy, whatever `HTTPS_PROXY`, `HTTP_PROXY` or `ALL_PROXY`
+//! say: a proxy resolves the endpoint's name itself, after the check, so the guard
+//! would see only the proxy. A deployment whose egress must pass a proxy sends
+//! webhooks through a transparent one (network policy), not through these variables.
+//!
+//! What it records of a failure is a fixed description (the receiver's status, no
+//! answer in time, no connection, a refused destination): never the receiver's body or
+//! the addresses a name resolved to, which would turn any mistake of the guard into a
+//! way to read internal services. The detail goes to the log.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,11 +20,8 @@ use std::time::{Duration, Instant};
 
 use url::Url;
 
-use super::destination::DestinationPolicy;
+use super::destination::{DestinationPolicy, NOT_RESOLVING_TO_PUBLIC};
 use crate::error::{Error, Result};
-
-/// Bytes of a receiver's answer kept, for the delivery's error.
-const ANSWER_BYTES_KEPT: usize = 256;
 
 /// Longest a name resolution for an endpoint check may take.
 const RESOLVE_DEADLINE: Duration = Duration::from_secs(5);
@@ -26,7 +33,7 @@ pub struct SendOutcome {
     pub status: Option<u16>,
     /// How long the receiver asked to wait (`Retry-After` in seconds).
     pub retry_after: Option<Duration>,
-    /// Why it failed, if it did: the transport's error, or the start of the answer.
+    /// Why it failed, if it did, in words that reveal nothing of the network.
     pub error: Option<String>,
     /// How long the attempt took.
     pub duration: Duration,
@@ -67,6 +74,8 @@ impl Sender {
     pub fn new(policy: DestinationPolicy, timeout: Duration) -> Result<Sender> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // Proxies from the environment would resolve names past the guard.
+            .no_proxy()
             .timeout(timeout)
             .connect_timeout(timeout)
             .dns_resolver(Arc::new(CheckedResolver { policy }))
@@ -104,9 +113,12 @@ impl Sender {
             .body(request.body.to_owned())
             .send()
             .await;
-        let mut response = match sent {
+        let response = match sent {
             Ok(response) => response,
-            Err(error) => return outcome(None, None, Some(describe(&error))),
+            Err(error) => {
+                tracing::info!(url = %request.url, error = %full_chain(&error), "a webhook attempt failed");
+                return outcome(None, None, Some(describe(&error).to_owned()));
+            }
         };
         let status = response.status().as_u16();
         let retry_after = response
@@ -118,52 +130,71 @@ impl Sender {
         if (200..300).contains(&status) {
             return outcome(Some(status), retry_after, None);
         }
-        let mut kept = Vec::new();
-        while kept.len() < ANSWER_BYTES_KEPT {
-            match response.chunk().await {
-                Ok(Some(chunk)) => kept.extend_from_slice(&chunk),
-                _ => break,
-            }
-        }
-        kept.truncate(ANSWER_BYTES_KEPT);
-        let answer = String::from_utf8_lossy(&kept);
-        let error = format!("the receiver answered {status}: {}", answer.trim());
+        // The body is not read: the status is the receiver's whole answer.
+        let error = format!("the receiver answered {status}");
         outcome(Some(status), retry_after, Some(error))
     }
 }
 
 /// Resolves `url`'s host (if it is a name) and refuses it unless every address it
 /// resolves to is one the policy allows: the check of an endpoint URL when it is saved.
+/// A name that does not resolve, resolves too slowly or reaches inside the deployment
+/// gets one answer, [`NOT_RESOLVING_TO_PUBLIC`], so refusals map no internal DNS.
 pub async fn check_resolved(policy: &DestinationPolicy, field: &str, url: &Url) -> Result<()> {
     let Some(url::Host::Domain(name)) = url.host() else {
         return Ok(());
     };
     let port = url.port_or_known_default().unwrap_or(443);
-    let resolved = tokio::time::timeout(RESOLVE_DEADLINE, tokio::net::lookup_host((name, port)))
-        .await
-        .map_err(|_| Error::invalid(field, format!("host `{name}` did not resolve in time")))?
-        .map_err(|_| Error::invalid(field, format!("host `{name}` does not resolve")))?;
-    let mut any = false;
-    for address in resolved {
-        any = true;
-        policy.check_address(field, address.ip())?;
+    let refused = |why: &dyn std::fmt::Display| {
+        tracing::info!(host = name, %why, "a webhook endpoint's host was refused");
+        Error::invalid(field, format!("host `{name}` {NOT_RESOLVING_TO_PUBLIC}"))
+    };
+    let resolved =
+        match tokio::time::timeout(RESOLVE_DEADLINE, tokio::net::lookup_host((name, port))).await {
+            Err(_) => return Err(refused(&"no answer in time")),
+            Ok(Err(error)) => return Err(refused(&error)),
+            Ok(Ok(resolved)) => resolved.collect::<Vec<_>>(),
+        };
+    if resolved.is_empty() {
+        return Err(refused(&"no address"));
     }
-    if !any {
-        return Err(Error::invalid(
-            field,
-            format!("host `{name}` has no address"),
-        ));
+    for address in &resolved {
+        if policy.check_address(field, address.ip()).is_err() {
+            return Err(refused(&format!("resolves to {}", address.ip())));
+        }
     }
     Ok(())
 }
 
-/// The transport error, with its causes, for the delivery's record.
-fn describe(error: &reqwest::Error) -> String {
-    let mut text = if error.is_timeout() {
-        "no answer within the attempt's deadline".to_owned()
+/// What the delivery record says of a transport error: a fixed description, never
+/// the error's text, which can carry resolved addresses or an internal host's words.
+fn describe(error: &reqwest::Error) -> &'static str {
+    if error.is_timeout() {
+        "no answer within the attempt's deadline"
+    } else if chain_has::<RefusedDestination>(error) {
+        "the endpoint's host does not resolve to a public address; webhooks go to public addresses only"
+    } else if error.is_connect() {
+        "could not connect to the receiver"
     } else {
-        error.to_string()
-    };
+        "the request to the receiver failed"
+    }
+}
+
+/// Whether an error of type `E` is among `error`'s causes.
+fn chain_has<E: std::error::Error + 'static>(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<E>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// The transport error with its causes, for the log.
+fn full_chain(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         text.push_str(": ");
@@ -172,6 +203,18 @@ fn describe(error: &reqwest::Error) -> String {
     }
     text
 }
+
+/// The resolver's refusal of a name that resolves to no address the policy allows.
+#[derive(Debug)]
+struct RefusedDestination;
+
+impl std::fmt::Display for RefusedDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(NOT_RESOLVING_TO_PUBLIC)
+    }
+}
+
+impl std::error::Error for RefusedDestination {}
 
 /// The client's resolver: the system's, keeping only the addresses the policy allows.
 struct CheckedResolver {
@@ -183,23 +226,26 @@ impl reqwest::dns::Resolve for CheckedResolver {
         let policy = self.policy;
         Box::pin(async move {
             let host = name.as_str().to_owned();
+            // A name that does not resolve is refused like one that resolves inside:
+            // the record must not tell the two apart.
             let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+                match tokio::net::lookup_host((host.as_str(), 0)).await {
+                    Ok(resolved) => resolved.collect(),
+                    Err(error) => {
+                        tracing::info!(host, %error, "a webhook delivery's host does not resolve");
+                        return Err(Box::new(RefusedDestination)
+                            as Box<dyn std::error::Error + Send + Sync>);
+                    }
+                };
             let allowed: Vec<SocketAddr> = resolved
                 .iter()
                 .copied()
                 .filter(|address| policy.check_address("url", address.ip()).is_ok())
                 .collect();
             if allowed.is_empty() {
-                let refused: Box<dyn std::error::Error + Send + Sync> = format!(
-                    "`{host}` resolves only to addresses webhooks may not reach ({})",
-                    resolved
-                        .iter()
-                        .map(|address| address.ip().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-                .into();
+                tracing::info!(host, resolved = ?resolved, "a webhook delivery's host resolves to no public address");
+                let refused: Box<dyn std::error::Error + Send + Sync> =
+                    Box::new(RefusedDestination);
                 return Err(refused);
             }
             let addresses: reqwest::dns::Addrs = Box::new(allowed.into_iter());

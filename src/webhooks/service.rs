@@ -10,6 +10,7 @@ use super::delivery::{Delivery, RetrySchedule};
 use super::destination::DestinationPolicy;
 use super::endpoint::{EndpointInput, EndpointSettings, WebhookEndpoint};
 use super::events::{WebhookEvent, WebhookEventType};
+use super::limits::{DeliveryBounds, DeliveryLimits, Full};
 use super::secrets::SecretSealer;
 use super::sender::{SendOutcome, Sender, SignedRequest, check_resolved};
 use super::signature::{SigningSecret, signature_header};
@@ -62,6 +63,16 @@ pub struct WebhookOptions {
     )]
     pub concurrency_per_endpoint: usize,
 
+    /// Most delivery attempts in flight to the endpoints of one owner from one
+    /// replica, so that one tenant's hanging receivers hold only its share and other
+    /// tenants' deliveries go on. Test deliveries count too.
+    #[arg(
+        long = "webhook-concurrency-per-owner",
+        env = "BATCHD_WEBHOOK_CONCURRENCY_PER_OWNER",
+        default_value_t = 16
+    )]
+    pub concurrency_per_owner: usize,
+
     /// How often a replica looks for due deliveries besides being woken by its own
     /// dispatcher (retries, and deliveries other replicas queued), and its dispatcher
     /// reads the change feed besides being woken by commits.
@@ -101,6 +112,17 @@ impl Default for WebhookOptions {
     }
 }
 
+impl WebhookOptions {
+    /// The bounds on requests in flight.
+    pub fn bounds(&self) -> DeliveryBounds {
+        DeliveryBounds {
+            concurrency: self.concurrency,
+            per_endpoint: self.concurrency_per_endpoint,
+            per_owner: self.concurrency_per_owner,
+        }
+    }
+}
+
 /// A page of endpoints.
 #[derive(Debug, Clone)]
 pub struct EndpointPage {
@@ -135,6 +157,7 @@ pub struct WebhookService {
     clock: Arc<dyn Clock>,
     options: WebhookOptions,
     sender: Sender,
+    limits: Arc<DeliveryLimits>,
 }
 
 impl WebhookService {
@@ -145,17 +168,29 @@ impl WebhookService {
         options: WebhookOptions,
     ) -> Result<WebhookService> {
         let sender = Sender::new(options.policy, options.attempt_timeout)?;
+        let limits = DeliveryLimits::new(options.bounds());
         Ok(WebhookService {
             store,
             clock,
             options,
             sender,
+            limits,
         })
     }
 
     /// How webhooks behave.
     pub fn options(&self) -> &WebhookOptions {
         &self.options
+    }
+
+    /// The client every webhook request of this replica goes out through.
+    pub fn sender(&self) -> &Sender {
+        &self.sender
+    }
+
+    /// The places for requests in flight on this replica, which the deliverer shares.
+    pub fn limits(&self) -> &Arc<DeliveryLimits> {
+        &self.limits
     }
 
     /// The last four characters of the endpoint's current secret.
@@ -199,6 +234,7 @@ impl WebhookService {
             starts_after,
             failing_since: None,
             disabled: None,
+            key_id: Some(caller.key_id.clone()),
         };
         let limit = self.options.max_endpoints_per_owner;
         if !self.store.insert_endpoint(&endpoint, limit).await? {
@@ -264,6 +300,7 @@ impl WebhookService {
             updated_at: self.clock.now(),
             failing_since: None,
             disabled: None,
+            key_id: Some(caller.key_id.clone()),
             ..current.clone()
         };
         self.replace(&current, &next).await?;
@@ -297,6 +334,7 @@ impl WebhookService {
             previous_secret: keep_old
                 .then(|| (current.secret.clone(), now + ROTATION_OVERLAP_SECONDS)),
             updated_at: now,
+            key_id: Some(caller.key_id.clone()),
             ..current.clone()
         };
         self.replace(&current, &next).await?;
@@ -326,6 +364,12 @@ impl WebhookService {
             )
         })?;
         let endpoint = self.visible_endpoint(caller, id).await?;
+        // Under the deliveries' own bounds: tests in parallel open no more
+        // connections to an endpoint, or to an owner's endpoints, than deliveries may.
+        let _place = self
+            .limits
+            .take(&endpoint.id, &endpoint.owner)
+            .map_err(|full| self.busy(full))?;
         let now = self.clock.now();
         let event = WebhookEvent::sample(kind, now);
         let body = serde_json::to_string(&event)
@@ -410,6 +454,26 @@ impl WebhookService {
         .await
     }
 
+    /// The refusal of a request beyond a bound; a place frees within one attempt's
+    /// timeout at the latest.
+    fn busy(&self, full: Full) -> Error {
+        let what = match full {
+            Full::Replica => "this replica has as many webhook requests in flight as it may",
+            Full::Endpoint => "this endpoint has as many webhook requests in flight as it may",
+            Full::Owner => {
+                "this owner's endpoints have as many webhook requests in flight as they may"
+            }
+        };
+        Error::RateLimited {
+            reason: format!("{what}; retry later"),
+            retry_after_seconds: self.options.attempt_timeout.as_secs_f64().ceil().max(1.0) as u64,
+        }
+    }
+
+    /// The endpoint, if the caller may see it: an admin key sees every endpoint, any
+    /// other key only its owner's own (never an all-owners endpoint, which follows
+    /// other tenants' batches, even one whose owner has the caller's user id). Others
+    /// are NOT_FOUND, exactly like an unknown id.
     async fn visible_endpoint(&self, caller: &Caller, id: &str) -> Result<WebhookEndpoint> {
         check_id("webhook_endpoint_id", id, "we_")?;
         let endpoint = self
@@ -418,14 +482,27 @@ impl WebhookService {
             .await?
             .ok_or_else(|| not_found(id))?;
         match caller.owner_filter() {
-            Some(owner) if owner != endpoint.owner => Err(not_found(id)),
+            Some(owner) if owner != endpoint.owner || endpoint.all_owners => Err(not_found(id)),
             _ => Ok(endpoint),
         }
     }
 
+    /// Writes `next` over `current`. Refused when another change got in between, or
+    /// when the caller's key was revoked since its lookup was cached.
     async fn replace(&self, current: &WebhookEndpoint, next: &WebhookEndpoint) -> Result<()> {
         if self.store.update_endpoint(next, &current.secret).await? {
-            Ok(())
+            return Ok(());
+        }
+        let revoked = match &next.key_id {
+            Some(key_id) => !self
+                .store
+                .revoked_api_keys(std::slice::from_ref(key_id))
+                .await?
+                .is_empty(),
+            None => false,
+        };
+        if revoked {
+            Err(Error::Unauthenticated("the API key was revoked"))
         } else {
             Err(Error::Contended(current.id.clone()))
         }

@@ -191,7 +191,11 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
         .unwrap();
     eventually(PATIENCE, "the feed to read every creation", || async {
         let page = probe
-            .changes_after(batchd::domain::FeedCursor::default(), BATCHES as i64 + 1)
+            .changes_after(
+                batchd::domain::FeedCursor::default(),
+                None,
+                BATCHES as i64 + 1,
+            )
             .await
             .unwrap();
         page.changes.len() >= BATCHES
@@ -357,9 +361,13 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
         );
         assert!(initial.iter().all(|b| b.version == 1));
         let cursors: Vec<&String> = seen.iter().map(|(_, _, c)| c).collect();
+        // Opaque to clients; the test opens them with the replicas' key, for the
+        // scope they were handed out for.
+        let sealer = apps[0].hub().cursor_sealer();
+        let scope = as_tenant(w).then_some("tenant-a");
         let parsed: Vec<batchd::domain::FeedCursor> = cursors
             .iter()
-            .map(|c| batchd::domain::FeedCursor::parse("cursor", c).unwrap())
+            .map(|c| sealer.open("cursor", c, scope).unwrap())
             .collect();
         assert!(
             parsed.windows(2).all(|pair| pair[0] < pair[1]),
@@ -487,11 +495,12 @@ async fn the_initial_state_meets_the_live_part_with_no_gap_and_no_duplicate(back
                 "round {round}: listed once"
             );
         }
-        let mut cursor = batchd::domain::FeedCursor::parse("c", &synced).unwrap();
+        let sealer = app.app.as_ref().unwrap().hub().cursor_sealer();
+        let mut cursor = sealer.open("c", &synced, None).unwrap();
         // Read until the stream's bookmark passes everything committed.
         while cursor < head {
             let message = next(&mut stream).await;
-            cursor = batchd::domain::FeedCursor::parse("c", &message.cursor).unwrap();
+            cursor = sealer.open("c", &message.cursor, None).unwrap();
             if message.r#type() == F::Bookmark {
                 continue;
             }
@@ -747,7 +756,14 @@ async fn hostile_requests_are_refused_and_limits_hold(backend: Backend) {
     .await;
     let mut admin = app.client(&app.admin_key);
     let huge = "7".repeat(1 << 16);
-    let ahead = format!("{}.{}", i64::MAX, i64::MAX);
+    // Sealed with the deployment's key, as if from a later copy of the database.
+    let ahead = app.app.as_ref().unwrap().hub().cursor_sealer().seal(
+        batchd::domain::FeedCursor {
+            transaction: i64::MAX,
+            position: i64::MAX,
+        },
+        None,
+    );
     let cursor = |text: &str| pb::WatchBatchesRequest {
         after_cursor: Some(text.to_owned()),
         ..Default::default()
@@ -757,6 +773,7 @@ async fn hostile_requests_are_refused_and_limits_hold(backend: Backend) {
         (cursor("1.2\0"), "after_cursor"),
         (cursor(&huge), "after_cursor"),
         (cursor("-1.5"), "after_cursor"),
+        (cursor("fc_0.1"), "not a change feed cursor of this API key"),
         (cursor(&ahead), "ahead of the change feed"),
         (
             pb::WatchBatchesRequest {
@@ -863,9 +880,9 @@ async fn hostile_requests_are_refused_and_limits_hold(backend: Backend) {
 }
 
 /// Test 4c: compaction. A cursor older than what the log keeps is refused, gRPC
-/// FAILED_PRECONDITION and HTTP 410, naming the oldest cursor still available, which
-/// itself resumes.
-async fn a_compacted_cursor_is_refused_naming_the_oldest_available(backend: Backend) {
+/// FAILED_PRECONDITION and HTTP 410, naming no position of the feed (they are every
+/// tenant's); an initial state starts over.
+async fn a_compacted_cursor_is_refused_naming_no_position(backend: Backend) {
     let clock = ManualClock::at(1_767_225_600);
     let app_clock: Arc<dyn batchd::clock::Clock> = clock.clone();
     let app = TestApp::spawn_with(backend, |o| o.clock = app_clock).await;
@@ -902,7 +919,7 @@ async fn a_compacted_cursor_is_refused_naming_the_oldest_available(backend: Back
         assert_status(
             refused,
             Code::FailedPrecondition,
-            "oldest cursor still available",
+            "no longer holds every change after this cursor",
         );
     }
     let (status, body) = app
@@ -914,31 +931,40 @@ async fn a_compacted_cursor_is_refused_naming_the_oldest_available(backend: Back
         (410, Some("cursor_expired")),
         "{body}"
     );
+    // The message names no position: the feed's are every tenant's.
     let message = body["error"]["message"].as_str().unwrap();
-    let oldest = message
-        .split('`')
-        .nth(3)
-        .expect("the message names the oldest cursor")
-        .to_owned();
+    assert!(
+        message.contains("send_initial_state") && !message.contains('`'),
+        "{message}"
+    );
+    let internal = app
+        .app
+        .as_ref()
+        .unwrap()
+        .hub()
+        .cursor_sealer()
+        .open("c", &start, None)
+        .unwrap();
+    assert!(!message.contains(&internal.to_string()), "{message}");
+    // Starting over reads the batch as it is, then what comes after.
     let mut resumed = watch_all(
         &mut client,
         pb::WatchBatchesRequest {
-            after_cursor: Some(oldest),
+            send_initial_state: true,
             ..Default::default()
         },
     )
     .await
-    .expect("the oldest available cursor resumes");
+    .expect("an initial state starts over");
+    let (initial, _) = initial_state(&mut resumed).await;
+    assert_eq!(
+        initial.iter().map(|b| b.version).collect::<Vec<_>>(),
+        [5],
+        "the kept version"
+    );
     worker.update_batch(progress(&batch.id, 9)).await.unwrap();
-    // Version 5, kept (the latest), came after the last change deleted; then 6.
-    for version in [5, 6] {
-        let change = next_event(&mut resumed).await;
-        assert_eq!(
-            change.batch.unwrap().version,
-            version,
-            "exactly what came after it"
-        );
-    }
+    let change = next_event(&mut resumed).await;
+    assert_eq!(change.batch.unwrap().version, 6, "then what came after it");
 }
 
 /// Test 4d: a watcher that does not read while 300 versions are committed holds up
@@ -1021,9 +1047,8 @@ async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
     assert_eq!(synced.data["cursor"].as_str(), synced.id.as_deref());
     let bookmark = events.next().await;
     assert_eq!(bookmark.event, "bookmark");
-    let cursor = |id: &Option<String>| {
-        batchd::domain::FeedCursor::parse("id", id.as_deref().unwrap()).unwrap()
-    };
+    let sealer = app.app.as_ref().unwrap().hub().cursor_sealer().clone();
+    let cursor = |id: &Option<String>| sealer.open("id", id.as_deref().unwrap(), None).unwrap();
     // The same, or (PostgreSQL, whose horizon moves with any transaction) further on.
     assert!(
         cursor(&bookmark.id) >= cursor(&synced.id),
@@ -1189,7 +1214,7 @@ on_both_stores!(
     the_initial_state_meets_the_live_part_with_no_gap_and_no_duplicate,
     filters_and_tenancy_decide_what_a_watcher_sees,
     hostile_requests_are_refused_and_limits_hold,
-    a_compacted_cursor_is_refused_naming_the_oldest_available,
+    a_compacted_cursor_is_refused_naming_no_position,
     a_slow_collection_watcher_holds_up_nobody_and_misses_nothing,
     server_sent_events_resume_with_the_cursor,
 );

@@ -26,6 +26,7 @@ mod rest;
 mod shutdown;
 mod store;
 mod store_contract;
+mod tenant_isolation;
 mod traces;
 mod watch;
 mod watch_hardening;

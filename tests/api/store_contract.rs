@@ -130,7 +130,7 @@ async fn readable_changes(store: &dyn Store, count: usize) -> Vec<FeedChange> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let page = store
-            .changes_after(FeedCursor::default(), 1_000)
+            .changes_after(FeedCursor::default(), None, 1_000)
             .await
             .unwrap();
         if page.changes.len() >= count {
@@ -981,7 +981,7 @@ async fn read_feed(
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut seen = Vec::new();
     while seen.len() < count {
-        let read = store.changes_after(after, page).await.unwrap();
+        let read = store.changes_after(after, None, page).await.unwrap();
         assert!(read.changes.len() as i64 <= page, "the limit is kept");
         let mut previous = after;
         for change in &read.changes {
@@ -1004,7 +1004,7 @@ async fn read_feed(
         }
     }
     // Whatever is visible after them is read too, so that a surplus shows.
-    let rest = store.changes_after(after, page).await.unwrap();
+    let rest = store.changes_after(after, None, page).await.unwrap();
     for change in &rest.changes {
         seen.push((change.batch.id.clone(), change.batch.version));
     }
@@ -1044,7 +1044,9 @@ async fn the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywh
     }
     // A read of no changes is refused: an empty "full" page would skip to the end.
     for limit in [0, -1] {
-        let refused = store.changes_after(FeedCursor::default(), limit).await;
+        let refused = store
+            .changes_after(FeedCursor::default(), None, limit)
+            .await;
         assert!(refused.is_err(), "limit {limit} was accepted");
     }
     // A refused commit (a stale version) adds nothing to the feed.
@@ -1060,7 +1062,7 @@ async fn the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywh
     let (seen, end) = read_feed(&*store, nothing, 4, committed.len()).await;
     assert_eq!(seen, committed);
     let all = store
-        .changes_after(FeedCursor::default(), 100)
+        .changes_after(FeedCursor::default(), None, 100)
         .await
         .unwrap();
     assert_eq!(all.changes.len(), committed.len());
@@ -1113,14 +1115,14 @@ async fn compaction_raises_the_oldest_cursor_and_an_older_read_is_refused(backen
     assert_eq!(bounds.oldest, all[2].cursor, "the last change deleted");
     assert!(bounds.head >= bounds.oldest);
     for old in [FeedCursor::default(), all[1].cursor] {
-        match store.changes_after(old, 10).await {
+        match store.changes_after(old, None, 10).await {
             Err(batchd::error::Error::FeedCompacted { oldest, .. }) => {
                 assert_eq!(oldest, bounds.oldest.to_string());
             }
             other => panic!("a read from {old} must be refused, got {other:?}"),
         }
     }
-    let rest = store.changes_after(bounds.oldest, 10).await.unwrap();
+    let rest = store.changes_after(bounds.oldest, None, 10).await.unwrap();
     let versions: Vec<i64> = rest.changes.iter().map(|c| c.batch.version).collect();
     assert_eq!(versions, vec![4]);
     assert_eq!(rest.changes[0].batch, batch);
@@ -1182,6 +1184,8 @@ on_both_stores!(
     api_keys_are_found_by_digest_listed_oldest_first_and_revoked_once,
     webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time,
     compaction_keeps_what_the_webhook_dispatcher_has_not_read,
+    claims_take_owners_in_turn_and_leave_full_owners_out,
+    revoking_a_key_stops_the_all_owners_endpoints_it_configured,
 );
 
 /// PostgreSQL takes transaction ids before commit: a writer that began first can commit
@@ -1285,7 +1289,8 @@ fn endpoint(
         all_owners,
         settings: batchd::webhooks::EndpointSettings {
             name: id.to_owned(),
-            url: url::Url::parse("https://hooks.example.com/b").unwrap(),
+            // Only stored, never called: loopback all the same.
+            url: url::Url::parse("https://127.0.0.1/b").unwrap(),
             event_types: types.to_vec(),
         },
         secret: batchd::webhooks::SealedSecret(format!("plain:secret-of-{id}")),
@@ -1295,6 +1300,7 @@ fn endpoint(
         starts_after: FeedCursor::default(),
         failing_since: None,
         disabled: None,
+        key_id: None,
     }
 }
 
@@ -1417,7 +1423,9 @@ async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(
         now_ms,
         lease_until_ms: now_ms + 1_000,
         busy_endpoints: busy,
+        busy_owners: &[],
         per_endpoint: 10,
+        per_owner: 10,
         limit: 10,
     };
     let one_each = store
@@ -1679,4 +1687,172 @@ async fn compaction_keeps_what_the_webhook_dispatcher_has_not_read(backend: Back
     assert_eq!(store.compact_events(i64::MAX, 10).await.unwrap(), 2);
     assert_eq!(logged_versions(&*store, &busy.id).await, vec![4]);
     store.close().await;
+}
+
+/// One owner's backlog does not fill a claim: owners are taken in turn (each one's
+/// oldest first), at most `per_owner` of one owner, none of an owner that is full.
+async fn claims_take_owners_in_turn_and_leave_full_owners_out(backend: Backend) {
+    use batchd::store::DeliveryClaim;
+    use batchd::webhooks::WebhookEventType as E;
+    let (_db, store) = fresh_store(backend).await;
+    for (id, owner) in [
+        ("we_m1", "mallory"),
+        ("we_m2", "mallory"),
+        ("we_al", "alice"),
+    ] {
+        assert!(
+            store
+                .insert_endpoint(&endpoint(id, owner, false, &[E::BatchCompleted]), 10)
+                .await
+                .unwrap()
+        );
+    }
+    let start = store.dispatch_position(cursor(0)).await.unwrap();
+    // Mallory's six come first, alice's one last.
+    let mut queued = Vec::new();
+    for i in 0..3 {
+        queued.push(delivery("we_m1", &format!("evt_m1_{i}")));
+        queued.push(delivery("we_m2", &format!("evt_m2_{i}")));
+    }
+    queued.push(delivery("we_al", "evt_alice"));
+    assert!(
+        store
+            .queue_deliveries(start, cursor(1), &queued)
+            .await
+            .unwrap()
+    );
+    let claim = |replica: &'static str, limit: i64, per_owner: i64, full: &'static [String]| {
+        DeliveryClaim {
+            replica,
+            now_ms: 1_000,
+            lease_until_ms: 100_000,
+            busy_endpoints: &[],
+            busy_owners: full,
+            per_endpoint: 10,
+            per_owner,
+            limit,
+        }
+    };
+    let endpoints_of = |claimed: &[batchd::webhooks::Delivery]| {
+        let mut ids: Vec<String> = claimed
+            .iter()
+            .map(|d| d.queued.endpoint_id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let first = store
+        .claim_deliveries(&claim("r1", 2, 10, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        endpoints_of(&first),
+        ["we_al", "we_m1"],
+        "alice's one comes with mallory's oldest, not after all of mallory's"
+    );
+    let capped = store
+        .claim_deliveries(&claim("r1", 10, 2, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        endpoints_of(&capped),
+        ["we_m1", "we_m2"],
+        "per_owner of one owner"
+    );
+    static MALLORY: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| vec!["mallory".to_owned()]);
+    assert!(
+        store
+            .claim_deliveries(&claim("r1", 10, 10, &MALLORY))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a full owner's deliveries are left for later"
+    );
+    assert_eq!(
+        store
+            .claim_deliveries(&claim("r1", 10, 10, &[]))
+            .await
+            .unwrap()
+            .len(),
+        3,
+        "the rest"
+    );
+}
+
+/// Revoking a key disables the all-owners endpoints it configured, in the same
+/// transaction, and not its owner's own; a revoked key neither enables nor creates one.
+async fn revoking_a_key_stops_the_all_owners_endpoints_it_configured(backend: Backend) {
+    use batchd::webhooks::{WebhookEndpoint, WebhookEventType as E};
+    let (_db, store) = fresh_store(backend).await;
+    let (ops, ops_digest) = new_key("ops", T0);
+    let (other, other_digest) = new_key("root", T0);
+    store.insert_api_key(&ops, &ops_digest).await.unwrap();
+    store.insert_api_key(&other, &other_digest).await.unwrap();
+    let configured_by = |id: &str, all_owners: bool, key: &ApiKey| WebhookEndpoint {
+        key_id: Some(key.id.clone()),
+        ..endpoint(id, "ops", all_owners, &[E::BatchCompleted])
+    };
+    let everyones = configured_by("we_all", true, &ops);
+    let owners = configured_by("we_own", false, &ops);
+    assert!(store.insert_endpoint(&everyones, 10).await.unwrap());
+    assert!(store.insert_endpoint(&owners, 10).await.unwrap());
+    assert!(store.revoke_api_key(&ops.id, T0 + 5).await.unwrap());
+
+    let stored = store.get_endpoint("we_all").await.unwrap().unwrap();
+    assert_eq!(stored.disabled, Some((T0 + 5, "key revoked".to_owned())));
+    assert_eq!(
+        store
+            .get_endpoint("we_own")
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled,
+        None
+    );
+    let following: Vec<String> = store
+        .endpoints_following(&["ops"])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(following, ["we_own"]);
+
+    // The revoked key enables nothing (as a stale cache would let it try); another key
+    // does, and answers for the endpoint from then on.
+    let enabled = WebhookEndpoint {
+        disabled: None,
+        ..stored.clone()
+    };
+    assert!(
+        !store
+            .update_endpoint(&enabled, &stored.secret)
+            .await
+            .unwrap()
+    );
+    let taken_over = WebhookEndpoint {
+        key_id: Some(other.id.clone()),
+        ..enabled.clone()
+    };
+    assert!(
+        store
+            .update_endpoint(&taken_over, &stored.secret)
+            .await
+            .unwrap()
+    );
+    let mut following: Vec<String> = store
+        .endpoints_following(&["ops"])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    following.sort();
+    assert_eq!(following, ["we_all", "we_own"], "another key's now");
+    let created_by_revoked = configured_by("we_late", true, &ops);
+    assert!(matches!(
+        store.insert_endpoint(&created_by_revoked, 10).await,
+        Err(batchd::error::Error::Unauthenticated(_))
+    ));
 }
