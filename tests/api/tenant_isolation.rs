@@ -410,6 +410,25 @@ async fn revoking_a_key_stops_its_all_owners_endpoints_and_only_those(backend: B
         )
         .await;
     assert_eq!(status, 401, "{body}");
+    // The same over gRPC, where the endpoint shows why it stopped.
+    assert_status(
+        webhooks_client(&app, ops_secret.expose())
+            .rotate_webhook_secret(pb::RotateWebhookSecretRequest {
+                webhook_endpoint_id: everyones.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::Unauthenticated,
+        "revoked",
+    );
+    let shown = webhooks_client(&app, &app.admin_key)
+        .get_webhook_endpoint(pb::GetWebhookEndpointRequest {
+            webhook_endpoint_id: everyones.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.disabled_reason.as_deref(), Some("key revoked"), "{shown:?}");
 
     // Alice's batches, from another key of hers.
     let mut client = app.client(&app.key("alice", Scope::Batches).await);
