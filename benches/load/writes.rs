@@ -69,9 +69,9 @@ fn update_script(notify_in_transaction: bool) -> String {
          cancelling_at = NULL, cancelled_at = NULL, request_total = 4000000000000000000, \
          request_completed = request_completed + 1, request_failed = 0, model = NULL, \
          usage = NULL, version = version + 1, updated_at = 1 \
-         WHERE id = 'batch_' || lpad(to_hex(:n::bigint), 32, '0') RETURNING id, version) \
-         INSERT INTO batch_events (batch_id, version, snapshot, at) \
-         SELECT id, version, :snapshot::jsonb, 1 FROM changed;";
+         WHERE id = 'batch_' || lpad(to_hex(:n::bigint), 32, '0') RETURNING id, version, user_id) \
+         INSERT INTO batch_events (batch_id, version, snapshot, at, owner) \
+         SELECT id, version, :snapshot::jsonb, 1, user_id FROM changed;";
     if notify_in_transaction {
         format!(
             "\\set n random(1, :nbatches)\nBEGIN;\n{change}\n\
