@@ -48,7 +48,8 @@ pub struct DeliveryQueue {
 /// Webhook endpoints and deliveries.
 #[async_trait]
 pub trait WebhookStore: Send + Sync {
-    /// Inserts `endpoint` unless its owner already has `max_per_owner`; also creates
+    /// Inserts `endpoint` unless its owner already has `max_per_owner` of its kind (its
+    /// own, or all-owners ones); also creates
     /// the dispatcher's position (at the endpoint's start) if there is none yet.
     /// Fails with [`Error::Unauthenticated`] if its configuring key is revoked.
     async fn insert_endpoint(&self, endpoint: &WebhookEndpoint, max_per_owner: i64)
@@ -148,7 +149,11 @@ const DELIVERY_COLUMNS: &str = "id, endpoint_id, event_id, event_type, batch_id,
      created_at, state, attempts, next_attempt_at, last_attempt_at, last_duration_ms, \
      last_status_code, last_error, finished_at";
 
-const COUNT_OWNED_ENDPOINTS: &str = "SELECT COUNT(*) FROM webhook_endpoints WHERE owner = $1";
+/// An owner's endpoints of one kind: its own ($2 false) or its all-owners ones ($2
+/// true, an admin key's). Each kind has its own limit, so that a `batches` key whose
+/// user id is an admin key's cannot use up the admin's.
+const COUNT_OWNED_ENDPOINTS: &str =
+    "SELECT COUNT(*) FROM webhook_endpoints WHERE owner = $1 AND all_owners = $2";
 
 const START_DISPATCH: &str = "INSERT INTO webhook_dispatch (id, after_transaction, after_position) \
      VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING";
@@ -240,6 +245,7 @@ where
         }
         let (owned,): (i64,) = sqlx::query_as(COUNT_OWNED_ENDPOINTS)
             .bind(endpoint.owner.as_str())
+            .bind(endpoint.all_owners)
             .fetch_one(&mut *tx)
             .await?;
         if owned >= max_per_owner {

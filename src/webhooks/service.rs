@@ -92,7 +92,8 @@ pub struct WebhookOptions {
     )]
     pub sealer: SecretSealer,
 
-    /// Most endpoints one owner may have.
+    /// Most endpoints one owner may have: its own, and apart from them the all-owners
+    /// endpoints of admin keys with its user id.
     #[arg(
         long = "webhook-max-endpoints-per-owner",
         env = "BATCHD_WEBHOOK_MAX_ENDPOINTS_PER_OWNER",

@@ -280,16 +280,23 @@ fn webhooks_client(
 }
 
 /// Finding 2: a `batches` key whose user id is the admin key's neither sees nor
-/// changes the admin's all-owners endpoint, over REST and gRPC.
+/// changes the admin's all-owners endpoint, over REST and gRPC, nor uses up the
+/// admin's endpoint limit.
 async fn an_all_owners_endpoint_is_invisible_to_every_scope_but_admin(backend: Backend) {
-    let app = TestApp::spawn_with(backend, reach_local_receivers).await;
+    let app = TestApp::spawn_with(backend, |options| {
+        reach_local_receivers(options);
+        // One of each kind: the impostor's own endpoint does not use up the admin's.
+        options.webhooks.max_endpoints_per_owner = 1;
+    })
+    .await;
     let receiver = Receiver::start().await;
-    let admin = app.rest(Some(&app.admin_key));
-    let (everyones, _) = create_endpoint(&admin, &receiver.url("all"), &["batch.completed"]).await;
-    // The first admin key's user is `admin`: the same user id, another scope.
+    // The first admin key's user is `admin`: the same user id, another scope. Its own
+    // endpoint comes first and does not use up the admin's limit.
     let impostor_key = app.key("admin", Scope::Batches).await;
     let impostor = app.rest(Some(&impostor_key));
     let (own, _) = create_endpoint(&impostor, &receiver.url("own"), &["batch.completed"]).await;
+    let admin = app.rest(Some(&app.admin_key));
+    let (everyones, _) = create_endpoint(&admin, &receiver.url("all"), &["batch.completed"]).await;
 
     let (status, page) = impostor.get("/v1/webhook_endpoints").await;
     assert_eq!(status, 200, "{page}");
@@ -428,7 +435,11 @@ async fn revoking_a_key_stops_its_all_owners_endpoints_and_only_those(backend: B
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(shown.disabled_reason.as_deref(), Some("key revoked"), "{shown:?}");
+    assert_eq!(
+        shown.disabled_reason.as_deref(),
+        Some("key revoked"),
+        "{shown:?}"
+    );
 
     // Alice's batches, from another key of hers.
     let mut client = app.client(&app.key("alice", Scope::Batches).await);
