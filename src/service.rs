@@ -461,8 +461,9 @@ impl BatchService {
     ) -> Result<FeedStream> {
         caller.authorize(Action::ReadBatches)?;
         let owner = caller.owner_filter();
+        let sealer = self.hub.cursor_sealer();
         let WatchBatches { mut filter, start } =
-            WatchBatches::parse(input, self.hub.cursor_sealer(), owner)?;
+            WatchBatches::parse(input, |text| sealer.open("after_cursor", text, owner))?;
         filter.owner = owner.map(str::to_owned);
         self.hub.watch_all(caller, filter, start).await
     }
