@@ -603,34 +603,55 @@ async fn an_endpoint_never_receives_another_owners_batches(backend: Backend) {
 }
 
 async fn bad_endpoint_requests_are_refused_naming_the_problem(backend: Backend) {
+    // Destinations inside the deployment's networks (SSRF) are refused by the default
+    // policy; only loopback forms are named here (every other range is a unit test of
+    // the classifier), and nothing is saved.
+    let guarded = TestApp::spawn(backend).await;
+    let guarded_key = guarded.key("alice", Scope::Batches).await;
+    let guarded_rest = guarded.rest(Some(&guarded_key));
+    for url in [
+        "https://127.0.0.1/hook",
+        "https://127.8.9.10/hook",
+        "https://[::1]/hook",
+        "https://[::ffff:127.0.0.1]/hook",
+        "https://localhost/hook",
+        "http://127.0.0.1/hook",
+        "https://user:pw@127.0.0.1/",
+    ] {
+        let body = json!({"name": "n", "url": url, "event_types": ["batch.completed"]});
+        let (status, error) = guarded_rest.post("/v1/webhook_endpoints", body).await;
+        assert_eq!(status, 400, "{url}: {error}");
+        assert_eq!(error["error"]["param"], "url", "{url}: {error}");
+    }
+    drop(guarded);
+
+    // Everything else on a deployment that may reach this machine, where the good
+    // endpoint (a loopback port nothing listens on, never sent to) can be saved.
     let app = TestApp::spawn_with(backend, |options| {
         options.webhooks.max_endpoints_per_owner = 2;
+        options.webhooks.policy = DestinationPolicy {
+            allow_http: true,
+            allow_private_networks: true,
+        };
     })
     .await;
     let alice = app.key("alice", Scope::Batches).await;
     let rest = app.rest(Some(&alice));
-    let good = json!({"name": "n", "url": "https://93.184.215.14/hook", "event_types": ["batch.completed"]});
+    let good =
+        json!({"name": "n", "url": "http://127.0.0.1:9/hook", "event_types": ["batch.completed"]});
     let with = |field: &str, value: Value| {
         let mut body = good.clone();
         body[field] = value;
         body
     };
-    // Destinations inside the deployment's networks (SSRF), each refused by default.
     let cases = [
-        (with("url", json!("https://127.0.0.1/hook")), "url"),
-        (with("url", json!("https://10.1.2.3/hook")), "url"),
-        (
-            with("url", json!("https://169.254.169.254/latest/meta-data")),
-            "url",
-        ),
-        (with("url", json!("https://[::1]/hook")), "url"),
-        (with("url", json!("https://localhost/hook")), "url"),
-        (with("url", json!("http://93.184.215.14/hook")), "url"),
-        (with("url", json!("https://user:pw@93.184.215.14/")), "url"),
+        (with("url", json!("ftp://127.0.0.1/hook")), "url"),
+        (with("url", json!("https://127.0.0.1/#fragment")), "url"),
+        (with("url", json!("not a url")), "url"),
         (
             with(
                 "url",
-                json!(format!("https://a.example/{}", "x".repeat(2100))),
+                json!(format!("https://127.0.0.1/{}", "x".repeat(2100))),
             ),
             "url",
         ),
@@ -722,7 +743,7 @@ async fn bad_endpoint_requests_are_refused_naming_the_problem(backend: Backend) 
     let (status, body) = rest
         .post(
             &format!("/v1/webhook_endpoints/{endpoint}"),
-            json!({"url": "https://192.168.0.1/"}),
+            json!({"url": "ftp://127.0.0.1/"}),
         )
         .await;
     assert_eq!(
