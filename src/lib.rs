@@ -21,7 +21,7 @@ pub mod cli; // the client commands, apart from the server: watch, health, migra
 pub mod clock; // the injectable source of "now"
 pub mod config; // clap flags, each with a BATCHD_* environment variable; defaults on the options structs
 pub mod console; // the web console: console/'s static files, embedded, hashed, compressed, served with a strict CSP
-pub mod domain; // the batch, its state machine, validated input, API key rules; no I/O
+pub mod domain; // the batch, its state machine, validated input, API key rules, change feed cursors (sealed for clients); no I/O
 pub mod error; // the one error type; each transport maps every variant exhaustively
 pub mod grpc; // tonic handlers: proto <-> domain, call the service, map errors
 pub mod health; // background database checks feeding gRPC health and /readyz
@@ -32,4 +32,4 @@ pub mod shutdown; // the stop signal shared by every background task
 pub mod store; // Store and its read-only EventLog; SQLite and PostgreSQL behind one generic SQL store
 pub mod telemetry; // logs, OTLP traces, metrics, the request observers
 pub mod watch; // WatchBatch and WatchBatches: the per-replica hub, its feeds, the change feed reader, one task per stream
-pub mod webhooks; // OpenAI's webhooks: endpoint use cases, the dispatcher from the change feed, the deliverer
+pub mod webhooks; // OpenAI's webhooks: endpoint use cases, the dispatcher from the change feed, the deliverer, the per-replica bounds both sends share

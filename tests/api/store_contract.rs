@@ -1304,6 +1304,19 @@ fn endpoint(
     }
 }
 
+/// The ids of the endpoints that follow `owner`'s batches, sorted.
+async fn following_ids(store: &dyn Store, owner: &str) -> Vec<String> {
+    let mut ids: Vec<String> = store
+        .endpoints_following(&[owner])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// A delivery of event `event` to `endpoint`.
 fn delivery(endpoint: &str, event: &str) -> batchd::webhooks::NewDelivery {
     batchd::webhooks::NewDelivery {
@@ -1358,14 +1371,7 @@ async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(
             .unwrap(),
         "an owner's limit holds"
     );
-    let mut following: Vec<String> = store
-        .endpoints_following(&["alice"])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-    following.sort();
+    let following = following_ids(&*store, "alice").await;
     assert_eq!(following, ["we_a", "we_a2", "we_all"]);
     assert_eq!(
         store.get_endpoint("we_a").await.unwrap(),
@@ -1810,13 +1816,7 @@ async fn revoking_a_key_stops_the_all_owners_endpoints_it_configured(backend: Ba
             .disabled,
         None
     );
-    let following: Vec<String> = store
-        .endpoints_following(&["ops"])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let following = following_ids(&*store, "ops").await;
     assert_eq!(following, ["we_own"]);
 
     // The revoked key enables nothing (as a stale cache would let it try); another key
@@ -1841,14 +1841,7 @@ async fn revoking_a_key_stops_the_all_owners_endpoints_it_configured(backend: Ba
             .await
             .unwrap()
     );
-    let mut following: Vec<String> = store
-        .endpoints_following(&["ops"])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-    following.sort();
+    let following = following_ids(&*store, "ops").await;
     assert_eq!(following, ["we_all", "we_own"], "another key's now");
     let created_by_revoked = configured_by("we_late", true, &ops);
     assert!(matches!(
