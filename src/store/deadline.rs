@@ -155,6 +155,11 @@ impl EventLog for DeadlineStore {
             .await
     }
 
+    async fn status_moves_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+        self.within(self.inner.status_moves_after(after, limit))
+            .await
+    }
+
     async fn feed_bounds(&self) -> Result<FeedBounds> {
         self.within(self.inner.feed_bounds()).await
     }

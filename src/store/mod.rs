@@ -61,6 +61,9 @@ pub struct FeedPage {
     /// full, else a position below every change not yet visible, so that a reader
     /// with nothing to read still moves forward.
     pub next: FeedCursor,
+    /// How many changes the read passed over: those in `changes` and, for a read of
+    /// status moves, those it left out. At the read's limit, more may follow at once.
+    pub read: usize,
     /// When (Unix seconds) the oldest change that is committed but held back was
     /// committed: a transaction that began before it is still running (PostgreSQL).
     /// `None` when nothing committed is held back.
@@ -108,6 +111,13 @@ pub trait EventLog: Send + Sync + 'static {
         owner: Option<&str>,
         limit: i64,
     ) -> Result<FeedPage>;
+
+    /// The same read as [`changes_after`](EventLog::changes_after) over every owner, but
+    /// the page holds only the changes that moved a batch's status (from the version
+    /// before, when that is still in the log) or created it. `next`, and whether the
+    /// page was full, count every change read: a reader that needs only status moves
+    /// (the webhook dispatcher) reads past the others without their snapshots.
+    async fn status_moves_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage>;
 
     /// The cursors the feed can resume from now.
     async fn feed_bounds(&self) -> Result<FeedBounds>;

@@ -9,7 +9,7 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::postgres_wakeups::PostgresWakeups;
-use super::sql::{self, Backend, FeedRow, HealthConnection, SqlStore};
+use super::sql::{self, Backend, FeedRead, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
 use super::{ChangeNotifier, FeedCursor, StoreOptions};
 use crate::domain::BatchId;
@@ -70,45 +70,50 @@ const FEED_HORIZON_AND_HELD_BACK: &str = "SELECT horizon::text::bigint, \
 /// with that horizon and when the first event above it was written: the statement's
 /// snapshot is what `pg_current_snapshot()` returns, so every transaction below its
 /// oldest running one has ended and is seen. $1 transaction, $2 order, $3 limit, and
-/// in the second form $4 the owner. An empty result carries no horizon; the caller
-/// then reads in two statements.
-static SELECT_CHANGES_BELOW_OWN_HORIZON: LazyLock<[String; 2]> = LazyLock::new(|| {
-    ["", " AND e.owner = $4"].map(|owner| {
-        format!(
-            "SELECT e.xid::text::bigint AS \"transaction\", \
-             e.position, e.version, e.snapshot, p.snapshot ->> 'status' AS previous_status, \
-             w.through_transaction AS compacted_transaction, \
-             w.through_position AS compacted_position, \
-             h.horizon::text::bigint AS horizon, h.held_back_since \
-             FROM (SELECT now.horizon, (SELECT at FROM batch_events \
-                   WHERE xid >= now.horizon ORDER BY xid, position LIMIT 1) AS held_back_since \
-                   FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now) AS h \
-             CROSS JOIN feed_compaction w \
-             JOIN batch_events e ON (e.xid, e.position) > ($1::text::xid8, $2) AND e.xid < h.horizon{owner} \
-             LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
-             ORDER BY e.xid, e.position LIMIT $3"
-        )
-    })
+/// in the owner's form $4 the owner. An empty result carries no horizon; the caller
+/// then reads in two statements. One form per [`FeedRead`].
+static SELECT_CHANGES_BELOW_OWN_HORIZON: LazyLock<[String; 3]> = LazyLock::new(|| {
+    sql::feed_forms(
+        "SELECT e.xid::text::bigint AS \"transaction\", \
+         e.position, e.version, {snapshot}, {previous_status} AS previous_status, \
+         w.through_transaction AS compacted_transaction, \
+         w.through_position AS compacted_position, \
+         h.horizon::text::bigint AS horizon, h.held_back_since \
+         FROM (SELECT now.horizon, (SELECT at FROM batch_events \
+               WHERE xid >= now.horizon ORDER BY xid, position LIMIT 1) AS held_back_since \
+               FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now) AS h \
+         CROSS JOIN feed_compaction w \
+         JOIN batch_events e ON (e.xid, e.position) > ($1::text::xid8, $2) AND e.xid < h.horizon{owner} \
+         LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+         ORDER BY e.xid, e.position LIMIT $3",
+        4,
+        status_in,
+    )
 });
 
 /// Events after position ($1 transaction, $2 order) of transactions below $3, in
-/// transaction id order, at most $4, and in the second form of owner $5 only (through
+/// transaction id order, at most $4, and in the owner's form of owner $5 only (through
 /// the index of each owner's changes); each with the status of the version before it
-/// and the compaction watermark.
-static SELECT_CHANGES: LazyLock<[String; 2]> = LazyLock::new(|| {
-    ["", " AND e.owner = $5"].map(|owner| {
-        format!(
-            "SELECT e.xid::text::bigint AS \"transaction\", e.position, \
-             e.version, e.snapshot, p.snapshot ->> 'status' AS previous_status, \
-             w.through_transaction AS compacted_transaction, \
-             w.through_position AS compacted_position \
-             FROM batch_events e CROSS JOIN feed_compaction w \
-             LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
-             WHERE (e.xid, e.position) > ($1::text::xid8, $2) \
-             AND e.xid < $3::text::xid8{owner} ORDER BY e.xid, e.position LIMIT $4"
-        )
-    })
+/// and the compaction watermark. One form per [`FeedRead`].
+static SELECT_CHANGES: LazyLock<[String; 3]> = LazyLock::new(|| {
+    sql::feed_forms(
+        "SELECT e.xid::text::bigint AS \"transaction\", e.position, \
+         e.version, {snapshot}, {previous_status} AS previous_status, \
+         w.through_transaction AS compacted_transaction, \
+         w.through_position AS compacted_position \
+         FROM batch_events e CROSS JOIN feed_compaction w \
+         LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+         WHERE (e.xid, e.position) > ($1::text::xid8, $2) \
+         AND e.xid < $3::text::xid8{owner} ORDER BY e.xid, e.position LIMIT $4",
+        5,
+        status_in,
+    )
 });
+
+/// The status in the snapshot of the event aliased `alias`.
+fn status_in(alias: &str) -> String {
+    format!("({alias}.snapshot ->> 'status')")
+}
 
 /// Batches in a PostgreSQL database.
 pub(super) type PostgresStore = SqlStore<PostgresBackend>;
@@ -271,10 +276,10 @@ impl Backend for PostgresBackend {
     async fn changes_after(
         pool: &PgPool,
         after: FeedCursor,
-        owner: Option<&str>,
+        read: FeedRead<'_>,
         limit: i64,
     ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)> {
-        let form = usize::from(owner.is_some());
+        let (form, owner) = (read.form(), read.owner());
         // Under load there is something to read: one statement, one round trip.
         let mut read = sqlx::query_as(sqlx::AssertSqlSafe(
             &*SELECT_CHANGES_BELOW_OWN_HORIZON[form],

@@ -110,7 +110,7 @@ pub(super) trait Backend: Send + Sync + 'static {
     async fn changes_after(
         pool: &Pool<Self::Db>,
         after: FeedCursor,
-        owner: Option<&str>,
+        read: FeedRead<'_>,
         limit: i64,
     ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)>;
 
@@ -134,6 +134,66 @@ pub(super) trait Backend: Send + Sync + 'static {
 /// The columns of `batches` that make up a batch, comma-separated.
 pub(super) static BATCH_COLUMNS: LazyLock<String> =
     LazyLock::new(|| StoredBatchV1::COLUMNS.join(", "));
+
+/// What a read of the change feed returns. Each backend has one statement per kind,
+/// indexed by [`FeedRead::form`].
+#[derive(Debug, Clone, Copy)]
+pub(super) enum FeedRead<'a> {
+    /// Every change, each with its batch.
+    Every,
+    /// One owner's changes (through the index of each owner's changes), each with its
+    /// batch.
+    OfOwner(&'a str),
+    /// Every change, but only the ones that moved a batch's status (or created it)
+    /// carry their batch: the rest are read past without decoding or sending their
+    /// snapshots, which is most of what a feed read costs both sides.
+    StatusMoves,
+}
+
+impl<'a> FeedRead<'a> {
+    /// The index of its statement among a backend's forms.
+    pub(super) fn form(self) -> usize {
+        match self {
+            FeedRead::Every => 0,
+            FeedRead::OfOwner(_) => 1,
+            FeedRead::StatusMoves => 2,
+        }
+    }
+
+    /// The owner to bind after the statement's other parameters, if any.
+    pub(super) fn owner(self) -> Option<&'a str> {
+        match self {
+            FeedRead::OfOwner(owner) => Some(owner),
+            FeedRead::Every | FeedRead::StatusMoves => None,
+        }
+    }
+}
+
+/// The three forms of a feed statement: `template` with `{snapshot}` (the snapshot
+/// column or, for status moves, the expression that keeps it only where the status
+/// moved) and `{owner}` (nothing, or the owner condition on parameter `owner_param`).
+/// `status_of(alias)` is the backend's expression for the status in a snapshot.
+pub(super) fn feed_forms(
+    template: &str,
+    owner_param: usize,
+    status_of: fn(&str) -> String,
+) -> [String; 3] {
+    let every = "e.snapshot".to_owned();
+    // Compaction may have removed the version before: then the move is unknown, and
+    // the change counts as none (version 1 has no version before and always counts).
+    let moved = format!(
+        "CASE WHEN e.version = 1 OR {} <> {} THEN e.snapshot END AS snapshot",
+        status_of("e"),
+        status_of("p")
+    );
+    let owner = format!(" AND e.owner = ${owner_param}");
+    [(&every, ""), (&every, owner.as_str()), (&moved, "")].map(|(snapshot, owner)| {
+        template
+            .replace("{snapshot}", snapshot)
+            .replace("{previous_status}", &status_of("p"))
+            .replace("{owner}", owner)
+    })
+}
 
 /// `SELECT <the batch columns> FROM batches <rest>`, built once.
 fn select_batches(rest: &str) -> String {
@@ -304,6 +364,52 @@ pub(super) struct SqlStore<B: Backend> {
     pub(super) backend: B,
 }
 
+impl<B: Backend> SqlStore<B>
+where
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    <B::Db as Database>::Arguments: IntoArguments<B::Db>,
+    (i64, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+{
+    /// One read of the change feed: see [`EventLog::changes_after`].
+    async fn read_feed(
+        &self,
+        after: FeedCursor,
+        read: FeedRead<'_>,
+        limit: i64,
+    ) -> Result<FeedPage> {
+        // An empty page must not count as full: the next read would skip to the horizon.
+        if limit < 1 {
+            return Err(Error::invalid(
+                "limit",
+                format!("{limit}: the change feed is read at least one change at a time"),
+            ));
+        }
+        let (rows, horizon, held_back_since) =
+            B::changes_after(&self.pool, after, read, limit).await?;
+        // Read with the rows, in the same statement, when there are any; an empty read
+        // reads it afterwards, so that changes deleted before it are still noticed.
+        let compacted_through = match rows.first() {
+            Some(row) => row.compacted_through(),
+            None => {
+                let (transaction, position) = sqlx::query_as(SELECT_COMPACTION_WATERMARK)
+                    .fetch_one(&self.pool)
+                    .await?;
+                FeedCursor {
+                    transaction,
+                    position,
+                }
+            }
+        };
+        if compacted_through > after {
+            return Err(Error::FeedCompacted {
+                after: after.to_string(),
+                oldest: compacted_through.to_string(),
+            });
+        }
+        feed_page(rows, after, horizon, held_back_since, limit)
+    }
+}
+
 #[async_trait]
 impl<B: Backend> EventLog for SqlStore<B>
 where
@@ -353,36 +459,13 @@ where
         owner: Option<&str>,
         limit: i64,
     ) -> Result<FeedPage> {
-        // An empty page must not count as full: the next read would skip to the horizon.
-        if limit < 1 {
-            return Err(Error::invalid(
-                "limit",
-                format!("{limit}: the change feed is read at least one change at a time"),
-            ));
-        }
-        let (rows, horizon, held_back_since) =
-            B::changes_after(&self.pool, after, owner, limit).await?;
-        // Read with the rows, in the same statement, when there are any; an empty read
-        // reads it afterwards, so that changes deleted before it are still noticed.
-        let compacted_through = match rows.first() {
-            Some(row) => row.compacted_through(),
-            None => {
-                let (transaction, position) = sqlx::query_as(SELECT_COMPACTION_WATERMARK)
-                    .fetch_one(&self.pool)
-                    .await?;
-                FeedCursor {
-                    transaction,
-                    position,
-                }
-            }
-        };
-        if compacted_through > after {
-            return Err(Error::FeedCompacted {
-                after: after.to_string(),
-                oldest: compacted_through.to_string(),
-            });
-        }
-        feed_page(rows, after, horizon, held_back_since, limit)
+        let read = owner.map_or(FeedRead::Every, FeedRead::OfOwner);
+        self.read_feed(after, read, limit).await
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.status_moves_after", skip_all, fields(db.system = B::SYSTEM, after = ?after))]
+    async fn status_moves_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+        self.read_feed(after, FeedRead::StatusMoves, limit).await
     }
 
     #[tracing::instrument(level = "debug", name = "store.feed_bounds", skip_all, fields(db.system = B::SYSTEM))]
@@ -931,8 +1014,9 @@ impl TryFrom<EventRow> for BatchEvent {
 pub(super) struct FeedRow {
     transaction: i64,
     position: i64,
-    #[sqlx(flatten)]
-    event: EventRow,
+    version: i64,
+    /// `None` where a read of status moves passed over a change that moved none.
+    snapshot: Option<sqlx::types::Json<StoredBatchV1>>,
     previous_status: Option<String>,
     compacted_transaction: i64,
     compacted_position: i64,
@@ -977,37 +1061,47 @@ fn feed_page(
     held_back_since: Option<i64>,
     limit: i64,
 ) -> Result<FeedPage> {
-    let full = rows.len() as i64 >= limit;
-    let changes = rows
-        .into_iter()
-        .map(|row| {
-            let cursor = FeedCursor {
+    let read = rows.len();
+    let full = read as i64 >= limit;
+    // A full page continues after its last row, whether or not that row carried its
+    // batch.
+    let last_read = rows.last().map(|row| FeedCursor {
+        transaction: row.transaction,
+        position: row.position,
+    });
+    let mut changes = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Some(snapshot) = row.snapshot else {
+            continue;
+        };
+        let previous_status = row
+            .previous_status
+            .map(|name| {
+                BatchStatus::from_name(&name)
+                    .ok_or_else(|| Error::Internal(format!("event log: `{name}` is not a status")))
+            })
+            .transpose()?;
+        let event = BatchEvent::try_from(EventRow {
+            version: row.version,
+            snapshot: snapshot.0,
+        })?;
+        changes.push(FeedChange {
+            cursor: FeedCursor {
                 transaction: row.transaction,
                 position: row.position,
-            };
-            let previous_status = row
-                .previous_status
-                .map(|name| {
-                    BatchStatus::from_name(&name).ok_or_else(|| {
-                        Error::Internal(format!("event log: `{name}` is not a status"))
-                    })
-                })
-                .transpose()?;
-            let event = BatchEvent::try_from(row.event)?;
-            Ok(FeedChange {
-                cursor,
-                batch: event.batch,
-                previous_status,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let next = match changes.last() {
-        Some(last) if full => last.cursor,
+            },
+            batch: event.batch,
+            previous_status,
+        });
+    }
+    let next = match last_read {
+        Some(last) if full => last,
         _ => horizon.max(after),
     };
     Ok(FeedPage {
         changes,
         next,
+        read,
         held_back_since,
     })
 }

@@ -8,7 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::types::Json;
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
-use super::sql::{self, Backend, FeedRow, HealthConnection, SqlStore};
+use super::sql::{self, Backend, FeedRead, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
 use super::{ChangeNotifier, FeedCursor, StoreOptions};
 use crate::domain::BatchId;
@@ -37,18 +37,18 @@ const FEED_HORIZON: &str = "SELECT COALESCE(MAX(position), 0) FROM batch_events"
 /// Events at positions after $1 up to $2, in order, at most $3, and in the second form
 /// of owner $4 only (through the index of each owner's changes); each with the status
 /// of the version before it and the compaction watermark.
-static SELECT_CHANGES: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
-    ["", " AND e.owner = $4"].map(|owner| {
-        format!(
-            "SELECT 0 AS \"transaction\", e.position, e.version, e.snapshot, \
-             p.snapshot ->> '$.status' AS previous_status, \
-             w.through_transaction AS compacted_transaction, \
-             w.through_position AS compacted_position \
-             FROM batch_events e CROSS JOIN feed_compaction w \
-             LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
-             WHERE e.position > $1 AND e.position <= $2{owner} ORDER BY e.position LIMIT $3"
-        )
-    })
+static SELECT_CHANGES: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+    sql::feed_forms(
+        "SELECT 0 AS \"transaction\", e.position, e.version, {snapshot}, \
+         {previous_status} AS previous_status, \
+         w.through_transaction AS compacted_transaction, \
+         w.through_position AS compacted_position \
+         FROM batch_events e CROSS JOIN feed_compaction w \
+         LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
+         WHERE e.position > $1 AND e.position <= $2{owner} ORDER BY e.position LIMIT $3",
+        4,
+        |alias| format!("({alias}.snapshot ->> '$.status')"),
+    )
 });
 
 /// Batches in a SQLite database file.
@@ -192,16 +192,15 @@ impl Backend for SqliteBackend {
     async fn changes_after(
         pool: &SqlitePool,
         after: FeedCursor,
-        owner: Option<&str>,
+        read: FeedRead<'_>,
         limit: i64,
     ) -> Result<(Vec<FeedRow>, FeedCursor, Option<i64>)> {
+        let (form, owner) = (read.form(), read.owner());
         let horizon = Self::feed_head(pool).await?;
-        let mut read = sqlx::query_as(sqlx::AssertSqlSafe(
-            &*SELECT_CHANGES[usize::from(owner.is_some())],
-        ))
-        .bind(after.position)
-        .bind(horizon.position)
-        .bind(limit);
+        let mut read = sqlx::query_as(sqlx::AssertSqlSafe(&*SELECT_CHANGES[form]))
+            .bind(after.position)
+            .bind(horizon.position)
+            .bind(limit);
         if let Some(owner) = owner {
             read = read.bind(owner);
         }

@@ -282,7 +282,7 @@ impl ChangeFeed {
                 }
                 Err(error) => return Err(error),
             };
-            let full = page.changes.len() as i64 >= FEED_PAGE;
+            let full = page.read as i64 >= FEED_PAGE;
             read += page.changes.len();
             let delay = page
                 .held_back_since

@@ -228,6 +228,9 @@ mod tests {
         ) -> Result<FeedPage> {
             self.inner.changes_after(after, owner, limit).await
         }
+        async fn status_moves_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage> {
+            self.inner.status_moves_after(after, limit).await
+        }
         async fn feed_bounds(&self) -> Result<FeedBounds> {
             self.inner.feed_bounds().await
         }

@@ -130,7 +130,7 @@ async fn dispatch_once(
             at
         }
     };
-    let page = match store.changes_after(at.read, None, PAGE).await {
+    let page = match store.status_moves_after(at.read, PAGE).await {
         Ok(page) => page,
         Err(Error::FeedCompacted { .. }) => {
             // Compaction keeps what the dispatcher has not read, so this means the
@@ -142,17 +142,16 @@ async fn dispatch_once(
                 oldest = %bounds.oldest,
                 "webhook dispatch: the event log no longer holds every change after the dispatcher's position; continuing from the oldest"
             );
-            store.changes_after(bounds.oldest, None, PAGE).await?
+            store.status_moves_after(bounds.oldest, PAGE).await?
         }
         Err(other) => return Err(other),
     };
-    let full = page.changes.len() as i64 >= PAGE;
-    let progress = if full {
+    let progress = if page.read as i64 >= PAGE {
         Progress::More
     } else if page.held_back_since.is_some() {
         Progress::HeldBack
     } else {
-        Progress::CaughtUp(page.changes.len())
+        Progress::CaughtUp(page.read)
     };
     let queued = deliveries_of(store, &page.changes).await?;
     let idle_for_long = at.stored_at.elapsed() >= STORE_IDLE_PROGRESS_EVERY;

@@ -1097,6 +1097,97 @@ async fn each_feed_change_carries_the_status_before_it(backend: Backend) {
     store.close().await;
 }
 
+/// A read of status moves passes over progress reports without their batches, yet
+/// pages through them exactly as the full read does: the same `next` and the same
+/// fullness page after page, and exactly the creations and status moves of the full
+/// read, each whole. A change whose version before was compacted away moves nothing
+/// that can be known, and is left out.
+async fn a_read_of_status_moves_pages_like_the_full_read_and_keeps_only_the_moves(
+    backend: Backend,
+) {
+    let (_db, store) = fresh_store(backend).await;
+    let mut batch = with_versions(&*store, "alice", T0, 5).await; // v1 created, v2 moved, v3-5 progress
+    batch = commit_moves(&*store, &batch, &[BatchStatus::Finalizing], T0 + 600).await; // v6
+    for completed in 7..=9 {
+        batch = progressed(&batch, completed, T0 + 600 + completed);
+        commit(&*store, &batch).await; // v7-9
+    }
+    batch = commit_moves(&*store, &batch, &[BatchStatus::Completed], T0 + 700).await; // v10
+    let other = with_versions(&*store, "bob", T0, 3).await; // v1, v2 moved, v3 progress
+    let all = readable_changes(&*store, 13).await;
+    let expected: Vec<FeedChange> = all
+        .iter()
+        .filter(|change| {
+            change.batch.version == 1
+                || change
+                    .previous_status
+                    .is_some_and(|before| before != change.batch.status)
+        })
+        .cloned()
+        .collect();
+    let versions: Vec<(BatchId, i64)> = expected
+        .iter()
+        .map(|c| (c.batch.id.clone(), c.batch.version))
+        .collect();
+    assert_eq!(
+        versions,
+        vec![
+            (batch.id.clone(), 1),
+            (batch.id.clone(), 2),
+            (batch.id.clone(), 6),
+            (batch.id.clone(), 10),
+            (other.id.clone(), 1),
+            (other.id.clone(), 2),
+        ]
+    );
+    for page in [1, 2, 3, 100] {
+        let (mut full_at, mut moves_at) = (FeedCursor::default(), FeedCursor::default());
+        let mut moves = Vec::new();
+        loop {
+            let full = store.changes_after(full_at, None, page).await.unwrap();
+            let read = store.status_moves_after(moves_at, page).await.unwrap();
+            // A page that is not full ends at the server's horizon, which other
+            // databases' transactions move: only a full page's end is fixed.
+            if (full.read as i64) >= page {
+                assert_eq!(read.next, full.next, "pages of {page}: the same next");
+            }
+            assert_eq!(
+                read.read, full.read,
+                "pages of {page}: as many changes read"
+            );
+            assert_eq!(
+                full.read,
+                full.changes.len(),
+                "the full read keeps every change"
+            );
+            assert!(read.changes.len() <= full.changes.len());
+            moves.extend(read.changes);
+            (full_at, moves_at) = (full.next, read.next);
+            if (full.read as i64) < page {
+                break;
+            }
+        }
+        assert_eq!(moves, expected, "pages of {page}");
+    }
+    // Bob's batch moves once more; then compaction takes every version before the
+    // latest ones, and the read resumes after the last change it deleted: bob's move
+    // is left, but its version before is gone, so nothing says it moved.
+    commit_moves(&*store, &other, &[BatchStatus::Finalizing], T0 + 800).await;
+    readable_changes(&*store, 14).await;
+    assert!(store.compact_events(i64::MAX, 100).await.unwrap() > 0);
+    let oldest = store.feed_bounds().await.unwrap().oldest;
+    let left = store.status_moves_after(oldest, 100).await.unwrap();
+    let everything = store.changes_after(oldest, None, 100).await.unwrap();
+    let kept: Vec<i64> = everything.changes.iter().map(|c| c.batch.version).collect();
+    assert_eq!(kept, vec![4], "bob's move is after the compacted changes");
+    assert!(
+        left.changes.is_empty(),
+        "a change whose version before is gone counts as no move: {:?}",
+        left.changes
+    );
+    store.close().await;
+}
+
 /// Compaction raises the feed's oldest resumable cursor past every change it deleted,
 /// in the same transaction: a read from before it is refused, naming it; a read from
 /// it gets exactly what is left after it. The head never goes below it.
@@ -1165,6 +1256,7 @@ async fn listed_batches_come_with_the_position_of_their_version(backend: Backend
 
 on_both_stores!(
     each_feed_change_carries_the_status_before_it,
+    a_read_of_status_moves_pages_like_the_full_read_and_keeps_only_the_moves,
     compaction_raises_the_oldest_cursor_and_an_older_read_is_refused,
     listed_batches_come_with_the_position_of_their_version,
     the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywhere,
