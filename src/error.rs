@@ -115,6 +115,17 @@ pub const IDEMPOTENCY_KEY_FIELD: &str = "Idempotency-Key";
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// This replica's own queue for `what` is full: batchd's load, not the
+    /// database's health, so it is [`Error::RateLimited`] (gRPC `RESOURCE_EXHAUSTED`,
+    /// REST 429 with `Retry-After`), never [`Error::Unavailable`], whose message blames
+    /// the database.
+    pub fn overloaded(what: impl std::fmt::Display) -> Error {
+        Error::RateLimited {
+            reason: format!("this batchd replica is at its limit: {what}; retry shortly"),
+            retry_after_seconds: 1,
+        }
+    }
+
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
         Error::InvalidArgument {

@@ -190,7 +190,78 @@ async fn measure(
     Ok(())
 }
 
-/// Figure 6 on PostgreSQL: one replica, spread and one batch; then across replicas.
+/// A reconnect storm, as when a replica restarts and its watchers come back together:
+/// `streams` WatchBatch calls on batch `n`, all sent at once over connections already
+/// open (250 streams each). Reports how long until every stream that was accepted had
+/// its snapshot, and how many were refused (and with which code and message).
+async fn reconnect_storm(
+    report: &mut Report,
+    server: &Batchd,
+    n: u64,
+    streams: usize,
+) -> anyhow::Result<()> {
+    let mut channels = Vec::new();
+    for _ in 0..streams.div_ceil(250) {
+        channels.push(server.channel().await?);
+    }
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for s in 0..streams {
+        let client = server.client(channels[s / 250].clone());
+        calls.spawn(async move {
+            let mut client = client;
+            let opened = client
+                .watch_batch(pb::WatchBatchRequest {
+                    batch_id: seeded_id(n),
+                    after_version: None,
+                })
+                .await;
+            let mut stream = match opened {
+                Ok(stream) => stream.into_inner(),
+                Err(status) => return Err(status),
+            };
+            match stream.message().await {
+                Ok(Some(_snapshot)) => Ok((started.elapsed(), stream)),
+                Ok(None) => Err(tonic::Status::unknown(
+                    "the stream ended before its snapshot",
+                )),
+                Err(status) => Err(status),
+            }
+        });
+    }
+    let (mut serving, mut last, mut refused) = (Vec::new(), Duration::ZERO, 0usize);
+    let mut refusal = None;
+    while let Some(joined) = calls.join_next().await {
+        match joined? {
+            Ok((at, stream)) => {
+                last = last.max(at);
+                serving.push(stream);
+            }
+            Err(status) => {
+                refused += 1;
+                refusal.get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
+            }
+        }
+    }
+    let name = format!("watch_storm_{streams}_streams_1_batch");
+    report.add(
+        &format!("{name}_all_serving"),
+        last.as_secs_f64(),
+        "s",
+        None,
+    );
+    report.add(&format!("{name}_refused"), refused as f64, "streams", None);
+    if let Some(refusal) = refusal {
+        eprintln!("bench: {name}: refused with {refusal}");
+    }
+    drop(serving);
+    // Let the closed streams end before the next measurement.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// Figure 6 on PostgreSQL: one replica, spread and one batch, a reconnect storm; then
+/// across replicas.
 pub async fn run(
     plan: &Plan,
     server: &Batchd,
@@ -228,6 +299,7 @@ pub async fn run(
         rate: (plan.fanout_rate / 20).max(2),
     };
     measure(plan, report, one_batch, server, server).await?;
+    reconnect_storm(report, server, one[0], streams).await?;
     let second = Batchd::start_with_key(database_url, &[], Some(&server.key)).await?;
     let cross = spread_shape(format!("{spread_name}_cross_replica"));
     measure(plan, report, cross, server, &second).await?;

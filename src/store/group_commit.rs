@@ -153,7 +153,7 @@ impl GroupCommits {
         {
             let mut waiting = self.lock();
             if waiting.len() >= MAX_WAITING_WRITES {
-                return Err(Error::Unavailable(format!(
+                return Err(Error::overloaded(format_args!(
                     "{MAX_WAITING_WRITES} changes are already waiting for the database"
                 )));
             }
@@ -603,7 +603,13 @@ mod tests {
         refused.id = id(MAX_WAITING_WRITES as u32 + 2);
         refused.version = 2;
         let result = commits.commit(Arc::new(refused)).await;
-        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+        // batchd's own load, said so: not the database's health.
+        match result {
+            Err(Error::RateLimited { reason, .. }) => {
+                assert!(reason.contains("batchd replica"), "{reason}");
+            }
+            other => panic!("a full queue must refuse as batchd's load: {other:?}"),
+        }
         store.gate.add_permits(100);
         assert!(first.await.unwrap().unwrap());
         for change in queued {
