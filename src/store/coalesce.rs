@@ -10,8 +10,9 @@
 //! Consistency is that of a query per read: a read only ever joins a query that has not
 //! been sent yet, so its answer includes every commit that finished before it was asked.
 //!
-//! The queue is bounded in length and in time: a read that finds it full, or that has
-//! waited longer than its deadline, fails with UNAVAILABLE; a read whose caller went away
+//! The queue is bounded in length and in time: a read that finds it full fails with
+//! RESOURCE_EXHAUSTED (this replica's load, not the database's), one that has waited
+//! longer than its deadline with UNAVAILABLE; a read whose caller went away
 //! is dropped from it unasked; and while the database is known to be down (the
 //! readiness check says so) reads fail at once instead of queueing behind queries that
 //! cannot succeed.

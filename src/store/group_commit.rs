@@ -19,7 +19,8 @@
 //!
 //! Bounds: a round holds at most `max_round` changes and [`MAX_ROUND_BYTES`] of batch
 //! text (the first change of a round always fits); at most [`MAX_WAITING_WRITES`]
-//! wait; a change that has waited past its deadline without being sent fails with
+//! wait, and a change that finds them all taken fails at once with RESOURCE_EXHAUSTED
+//! (this replica's load, not the database's); a change that has waited past its deadline without being sent fails with
 //! UNAVAILABLE, unwritten; a change whose caller went away before it was sent is never
 //! sent. A round that fails for any reason but an unavailable database is retried one
 //! change at a time, so that a change the database refuses fails alone.
