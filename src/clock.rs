@@ -20,3 +20,12 @@ impl Clock for SystemClock {
             .map_or(0, |d| d.as_secs() as i64)
     }
 }
+
+/// The wall clock in Unix milliseconds, for what travels between replicas or is
+/// measured against a commit time (lags, retry schedules), which an `Instant` cannot be.
+pub fn wall_clock_ms() -> i64 {
+    // A clock before 1970 is a broken host; 0 keeps the values non-negative.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

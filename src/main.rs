@@ -45,7 +45,7 @@ async fn run() -> ExitCode {
             .await
             .map(success)
             .map_err(Into::into),
-        Command::Watch(args) => cli::watch::run(args).await,
+        Command::Watch(args) => cli::watch(args).await,
         Command::Webhooks { command } => cli::webhooks::run(command).await.map(success),
         Command::Health(args) => cli::health::run(args).await,
     };

@@ -10,6 +10,7 @@ pub mod watch; // `batchd watch BATCH_ID`: a live progress bar over WatchBatch
 pub mod watch_all; // `batchd watch --all`: a progress bar per active batch, over WatchBatches
 pub mod webhooks; // `batchd webhooks`: manage webhook endpoints over WebhookService
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -18,9 +19,18 @@ use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-use crate::config::DatabaseArgs;
+use crate::config::{DatabaseArgs, WatchArgs};
 use crate::error::Result;
 use crate::store::{self, Store};
+
+/// Runs `batchd watch`: one batch (the exit code tells how it ended), or, without a
+/// batch id, every batch the key may see.
+pub async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    match args.batch_id.clone() {
+        Some(batch_id) => watch::run(args, batch_id).await,
+        None => watch_all::run(args).await,
+    }
+}
 
 /// Connects to the database and applies pending migrations.
 pub async fn open_store(database: &DatabaseArgs) -> Result<Arc<dyn Store>> {

@@ -28,12 +28,8 @@ pub fn exit_code(status: pb::BatchStatus) -> ExitCode {
     }
 }
 
-/// Runs `batchd watch`: one batch (the exit code tells how it ended), or, without a
-/// batch id, every batch the key may see.
-pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
-    let Some(batch_id) = args.batch_id.clone() else {
-        return super::watch_all::run(args).await;
-    };
+/// Runs `batchd watch BATCH_ID`: follows one batch; the exit code tells how it ended.
+pub async fn run(args: WatchArgs, batch_id: String) -> anyhow::Result<ExitCode> {
     let mut client = connect(&args).await?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template(

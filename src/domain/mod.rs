@@ -4,7 +4,8 @@
 //! Layered, each module using only those before it (and `crate::error`): `ids`,
 //! `status` and `values` (what a batch is made of), then `api_key` (who may do what)
 //! and `input` (validation), then `batch`, then `feed` (the change feed's cursor and
-//! filter) and `cursor_seal` (the cursor as clients see it) on top.
+//! filter) and `cursor_seal` (the cursor as clients see it) on top; [`webhooks`]
+//! (events, endpoints, deliveries, signatures) beside them, over `ids` and `batch`.
 
 mod api_key;
 mod batch;
@@ -14,6 +15,7 @@ mod ids;
 mod input;
 mod status;
 mod values;
+pub mod webhooks;
 
 pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_of};
 pub use batch::{Batch, BatchEvent, MAX_BATCH_BYTES};

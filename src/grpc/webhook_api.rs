@@ -6,10 +6,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::caller;
+use crate::domain::webhooks::{Delivery, EndpointInput, WebhookEndpoint, WebhookEventType};
 use crate::proto::batchd::v1 as pb;
 use crate::service::BatchService;
 use crate::webhooks::service::WebhookService;
-use crate::webhooks::{Delivery, EndpointInput, WebhookEndpoint, WebhookEventType};
 
 /// The tonic handler of `WebhookService`.
 pub struct WebhookApi {
@@ -52,7 +52,7 @@ impl WebhookApi {
 }
 
 fn delivery(delivery: Delivery) -> pb::WebhookDelivery {
-    let pending = delivery.state == crate::webhooks::DeliveryState::Pending;
+    let pending = delivery.state == crate::domain::webhooks::DeliveryState::Pending;
     let last = delivery.last_attempt;
     pb::WebhookDelivery {
         status: delivery.state.as_str().to_owned(),

@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::RestState;
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, JsonBody, QueryParams};
-use crate::webhooks::{Delivery, EndpointInput, WebhookEndpoint, WebhookEventType};
+use crate::domain::webhooks::{Delivery, EndpointInput, WebhookEndpoint, WebhookEventType};
 
 /// The tag of the webhook routes in the OpenAPI document.
 pub const TAG: &str = "webhooks";
@@ -188,7 +188,7 @@ pub struct AttemptJson {
 
 impl From<Delivery> for DeliveryJson {
     fn from(delivery: Delivery) -> Self {
-        let pending = delivery.state == crate::webhooks::DeliveryState::Pending;
+        let pending = delivery.state == crate::domain::webhooks::DeliveryState::Pending;
         DeliveryJson {
             object: "webhook_delivery",
             status: delivery.state.as_str(),

@@ -27,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::Store;
+use super::{DatabaseStatus, Store};
 use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
 
@@ -44,23 +44,6 @@ struct Waiter {
     id: BatchId,
     answer: oneshot::Sender<Result<Option<Arc<Batch>>>>,
     deadline: Instant,
-}
-
-/// Whether the database is known to be down, as the readiness check last found it.
-/// Shared by the check, which sets it, and the request paths, which fail fast on it.
-#[derive(Debug, Clone, Default)]
-pub struct DatabaseStatus(Arc<AtomicBool>);
-
-impl DatabaseStatus {
-    /// Records what the last check found.
-    pub fn set_down(&self, down: bool) {
-        self.0.store(down, Ordering::Release);
-    }
-
-    /// The last check found the database down.
-    pub fn is_down(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
 }
 
 /// What coalesced reads need of a store: many batches by id in one query.

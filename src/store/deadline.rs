@@ -17,9 +17,11 @@ use super::{
     BatchPageQuery, ChangeNotifier, DeliveryClaim, DeliveryQueue, EarlierClaim, EventLog,
     FeedBounds, FeedCursor, FeedPage, IdempotencyClaim, Store, WebhookStore,
 };
+use crate::domain::webhooks::{
+    AttemptRecord, Delivery, NewDelivery, SealedSecret, WebhookEndpoint,
+};
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchFilter, BatchId, BatchStatus};
 use crate::error::{Error, Result};
-use crate::webhooks::{AttemptRecord, Delivery, NewDelivery, SealedSecret, WebhookEndpoint};
 
 /// A [`Store`] whose calls each end within `deadline`.
 pub struct DeadlineStore {

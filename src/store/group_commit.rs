@@ -35,8 +35,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use super::DatabaseStatus;
 use super::Store;
-use super::coalesce::DatabaseStatus;
 use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
 

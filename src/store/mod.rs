@@ -14,6 +14,7 @@
 //! changes grouped ([`GroupCommits`]).
 
 mod coalesce;
+mod database_status;
 mod deadline;
 mod group_commit;
 mod postgres;
@@ -31,7 +32,8 @@ use async_trait::async_trait;
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchFilter, BatchId, BatchStatus};
 use crate::error::{Error, Result};
 
-pub use coalesce::{DatabaseStatus, MAX_WAITING_READS, PointReadOptions, PointReads};
+pub use coalesce::{MAX_WAITING_READS, PointReadOptions, PointReads};
+pub use database_status::DatabaseStatus;
 pub use deadline::DeadlineStore;
 pub use group_commit::{CommitMany, GroupCommitOptions, GroupCommits, MAX_WAITING_WRITES};
 use postgres::PostgresStore;

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 
 /// Why a revoked key's change of an endpoint is refused.
 const KEY_REVOKED: &str = "the API key was revoked";
-use crate::webhooks::{
+use crate::domain::webhooks::{
     AfterAttempt, AttemptRecord, AttemptReport, Delivery, DeliveryState, EndpointHealth,
     EndpointSettings, NewDelivery, SealedSecret, WebhookEndpoint, WebhookEventType,
 };

@@ -110,7 +110,7 @@ fn register_families() {
     for kind in ["unavailable", "internal"] {
         metrics::counter!("batchd_db_errors_total", "kind" => kind).increment(0);
     }
-    for kind in crate::webhooks::WebhookEventType::ALL {
+    for kind in crate::domain::webhooks::WebhookEventType::ALL {
         let kind = kind.as_str();
         metrics::counter!("batchd_webhook_deliveries_queued_total", "event_type" => kind)
             .increment(0);

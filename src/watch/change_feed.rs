@@ -286,7 +286,7 @@ impl ChangeFeed {
             read += page.changes.len();
             let delay = page
                 .held_back_since
-                .map_or(0, |at| (super::hub::now_ms() / 1_000 - at).max(0));
+                .map_or(0, |at| (crate::clock::wall_clock_ms() / 1_000 - at).max(0));
             metrics::gauge!("batchd_change_feed_delay_seconds").set(delay as f64);
             {
                 let mut position = self.lock_position();

@@ -22,6 +22,7 @@ use super::change_feed::ChangeFeed;
 use super::collection::{self, CollectionContext};
 use super::subscriber::{self, WatcherContext};
 use super::{FeedEvent, KEY_REVOKED, LOG_PAGE, WatchEvent, WatchOptions};
+use crate::clock::wall_clock_ms;
 use crate::domain::{Batch, BatchFilter, BatchId, Caller, CursorSealer, FeedStart};
 use crate::error::{Error, Result};
 use crate::store::{ChangeNotifier, CommitListener, EventLog};
@@ -183,14 +184,14 @@ impl WatchHub {
     /// it is the version right after what they were sent (otherwise the feed reads the
     /// log), and the other replicas are told.
     pub fn committed(&self, batch: &Arc<Batch>) {
-        let at = now_ms();
+        let at = wall_clock_ms();
         self.change_feed.wake();
         self.commits.notify_one();
         let feed = self.feed_of(&batch.id);
         if let Some(feed) = feed {
             if feed.publish_commit(batch) {
                 metrics::histogram!("batchd_watch_notify_lag_seconds")
-                    .record((now_ms() - at).max(0) as f64 / 1_000.0);
+                    .record((wall_clock_ms() - at).max(0) as f64 / 1_000.0);
             } else {
                 self.wake_for_commit(&batch.id, at);
             }
@@ -590,7 +591,7 @@ async fn read_new_versions(log: &dyn EventLog, feed: &Feed) {
                 if !events.is_empty() {
                     let committed = feed.pending_commit_ms.swap(0, Ordering::AcqRel);
                     if committed > 0 {
-                        let lag = (now_ms() - committed).max(0) as f64 / 1_000.0;
+                        let lag = (wall_clock_ms() - committed).max(0) as f64 / 1_000.0;
                         metrics::histogram!("batchd_watch_notify_lag_seconds").record(lag);
                     }
                 }
@@ -611,14 +612,6 @@ async fn read_new_versions(log: &dyn EventLog, feed: &Feed) {
         }
     }
     tracing::Span::current().record("versions", versions);
-}
-
-/// Wall-clock Unix milliseconds: commit times travel between replicas, so they cannot
-/// be `Instant`s.
-pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

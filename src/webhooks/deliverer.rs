@@ -15,14 +15,16 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
-use super::delivery::{AfterAttempt, AttemptRecord, AttemptReport, Delivery, EndpointHealth};
 use super::dispatcher::event_type_label;
-use super::endpoint::WebhookEndpoint;
 use super::limits::{DeliveryLimits, Place};
 use super::sender::{SendOutcome, Sender};
-use super::service::{WebhookOptions, WebhookService, now_ms, send_signed};
-use crate::clock::Clock;
+use super::service::{WebhookOptions, WebhookService, send_signed};
+use crate::clock::{Clock, wall_clock_ms};
 use crate::domain::random_hex;
+use crate::domain::webhooks::delivery::{
+    AfterAttempt, AttemptRecord, AttemptReport, Delivery, EndpointHealth,
+};
+use crate::domain::webhooks::endpoint::WebhookEndpoint;
 use crate::error::Result;
 use crate::shutdown;
 use crate::store::{DeliveryClaim, Store};
@@ -101,7 +103,7 @@ impl Deliverer {
             }
             let (full_endpoints, full_owners) = self.limits.full();
             let bounds = self.limits.bounds();
-            let now = now_ms();
+            let now = wall_clock_ms();
             let claimed = self
                 .store
                 .claim_deliveries(&DeliveryClaim {
@@ -195,7 +197,7 @@ impl Deliverer {
         endpoint: &WebhookEndpoint,
     ) -> Result<()> {
         let queued = &delivery.queued;
-        let started_ms = now_ms();
+        let started_ms = wall_clock_ms();
         let now = self.clock.now();
         let outcome = send_signed(
             &self.sender,
@@ -307,7 +309,7 @@ impl Deliverer {
                 metrics::gauge!("batchd_webhook_queue_depth").set(queue.pending as f64);
                 let age = queue
                     .oldest_created_at
-                    .map_or(0, |at| (now_ms() / 1_000 - at).max(0));
+                    .map_or(0, |at| (wall_clock_ms() / 1_000 - at).max(0));
                 metrics::gauge!("batchd_webhook_oldest_pending_age_seconds").set(age as f64);
             }
             Err(error) => tracing::debug!(%error, "measuring the webhook queue failed"),

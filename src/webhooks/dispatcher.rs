@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
-use super::delivery::NewDelivery;
-use super::endpoint::WebhookEndpoint;
-use super::events::{WebhookEvent, WebhookEventType};
+use crate::domain::webhooks::delivery::NewDelivery;
+use crate::domain::webhooks::endpoint::WebhookEndpoint;
+use crate::domain::webhooks::events::{WebhookEvent, WebhookEventType};
 use crate::error::{Error, Result};
 use crate::shutdown;
 use crate::store::{FeedChange, FeedCursor, Store};

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use url::Url;
 
-use super::destination::{DestinationPolicy, NOT_RESOLVING_TO_PUBLIC};
+use crate::domain::webhooks::destination::{DestinationPolicy, NOT_RESOLVING_TO_PUBLIC};
 use crate::error::{Error, Result};
 
 /// Longest a name resolution for an endpoint check may take.

@@ -4,17 +4,17 @@
 //! to webhook storage.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use super::delivery::{Delivery, RetrySchedule};
-use super::destination::DestinationPolicy;
-use super::endpoint::{EndpointInput, EndpointSettings, WebhookEndpoint};
-use super::events::{WebhookEvent, WebhookEventType};
 use super::limits::{DeliveryBounds, DeliveryLimits, Full};
-use super::secrets::SecretSealer;
 use super::sender::{SendOutcome, Sender, SignedRequest, check_resolved};
-use super::signature::{SigningSecret, signature_header};
-use crate::clock::Clock;
+use crate::clock::{Clock, wall_clock_ms};
+use crate::domain::webhooks::delivery::{Delivery, RetrySchedule};
+use crate::domain::webhooks::destination::DestinationPolicy;
+use crate::domain::webhooks::endpoint::{EndpointInput, EndpointSettings, WebhookEndpoint};
+use crate::domain::webhooks::events::{WebhookEvent, WebhookEventType};
+use crate::domain::webhooks::secrets::SecretSealer;
+use crate::domain::webhooks::signature::{SigningSecret, signature_header};
 use crate::domain::{Action, Caller, random_hex};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -409,7 +409,7 @@ impl WebhookService {
         check_id("delivery_id", delivery_id, "wd_")?;
         if self
             .store
-            .retry_delivery(&endpoint.id, delivery_id, now_ms())
+            .retry_delivery(&endpoint.id, delivery_id, wall_clock_ms())
             .await?
         {
             Ok(())
@@ -425,7 +425,7 @@ impl WebhookService {
     pub async fn forget_finished_deliveries(&self) -> Result<u64> {
         let retention =
             i64::try_from(self.options.delivery_retention.as_millis()).unwrap_or(i64::MAX);
-        let before = now_ms().saturating_sub(retention);
+        let before = wall_clock_ms().saturating_sub(retention);
         let mut forgotten = 0;
         loop {
             let deleted = self.store.forget_deliveries(before, 1_000).await?;
@@ -528,7 +528,7 @@ pub(super) async fn send_signed(
     let secrets: Vec<&SigningSecret> = secrets.iter().collect();
     // Receivers compare the timestamp with their own clock (the SDKs allow 5
     // minutes), so it is the wall clock's, whatever clock the service was given.
-    let timestamp = now_ms() / 1_000;
+    let timestamp = wall_clock_ms() / 1_000;
     let signature = signature_header(&secrets, webhook_id, timestamp, body.as_bytes());
     Ok(sender
         .send(&SignedRequest {
@@ -576,12 +576,4 @@ fn check_id(field: &str, id: &str, prefix: &str) -> Result<()> {
             ),
         ))
     }
-}
-
-/// Now, Unix milliseconds.
-pub(super) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or(0)
 }

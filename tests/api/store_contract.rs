@@ -1373,19 +1373,19 @@ fn endpoint(
     id: &str,
     owner: &str,
     all_owners: bool,
-    types: &[batchd::webhooks::WebhookEventType],
-) -> batchd::webhooks::WebhookEndpoint {
-    batchd::webhooks::WebhookEndpoint {
+    types: &[batchd::domain::webhooks::WebhookEventType],
+) -> batchd::domain::webhooks::WebhookEndpoint {
+    batchd::domain::webhooks::WebhookEndpoint {
         id: id.to_owned(),
         owner: owner.to_owned(),
         all_owners,
-        settings: batchd::webhooks::EndpointSettings {
+        settings: batchd::domain::webhooks::EndpointSettings {
             name: id.to_owned(),
             // Only stored, never called: loopback all the same.
             url: url::Url::parse("https://127.0.0.1/b").unwrap(),
             event_types: types.to_vec(),
         },
-        secret: batchd::webhooks::SealedSecret(format!("plain:secret-of-{id}")),
+        secret: batchd::domain::webhooks::SealedSecret(format!("plain:secret-of-{id}")),
         previous_secret: None,
         created_at: T0,
         updated_at: T0,
@@ -1410,9 +1410,9 @@ async fn following_ids(store: &dyn Store, owner: &str) -> Vec<String> {
 }
 
 /// A delivery of event `event` to `endpoint`.
-fn delivery(endpoint: &str, event: &str) -> batchd::webhooks::NewDelivery {
-    batchd::webhooks::NewDelivery {
-        id: batchd::webhooks::NewDelivery::new_id(),
+fn delivery(endpoint: &str, event: &str) -> batchd::domain::webhooks::NewDelivery {
+    batchd::domain::webhooks::NewDelivery {
+        id: batchd::domain::webhooks::NewDelivery::new_id(),
         endpoint_id: endpoint.to_owned(),
         event_id: event.to_owned(),
         event_type: "batch.completed".to_owned(),
@@ -1430,11 +1430,11 @@ fn cursor(position: i64) -> FeedCursor {
 }
 
 async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(backend: Backend) {
-    use batchd::store::DeliveryClaim;
-    use batchd::webhooks::{
+    use batchd::domain::webhooks::{
         AfterAttempt, AttemptRecord, AttemptReport, DeliveryState, EndpointHealth,
         WebhookEventType as E,
     };
+    use batchd::store::DeliveryClaim;
     let (_db, store) = fresh_store(backend).await;
     let alices = endpoint("we_a", "alice", false, &[E::BatchCompleted]);
     assert!(store.insert_endpoint(&alices, 2).await.unwrap());
@@ -1685,7 +1685,7 @@ async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(
     assert_eq!(store.delivery_queue().await.unwrap().pending, 0);
 
     // Enabled again (the service does this on update); a finished delivery retried.
-    let enabled = batchd::webhooks::WebhookEndpoint {
+    let enabled = batchd::domain::webhooks::WebhookEndpoint {
         disabled: None,
         failing_since: None,
         ..disabled.clone()
@@ -1694,7 +1694,7 @@ async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(
         !store
             .update_endpoint(
                 &enabled,
-                &batchd::webhooks::SealedSecret("plain:stale".into())
+                &batchd::domain::webhooks::SealedSecret("plain:stale".into())
             )
             .await
             .unwrap(),
@@ -1790,8 +1790,8 @@ async fn compaction_keeps_what_the_webhook_dispatcher_has_not_read(backend: Back
 /// One owner's backlog does not fill a claim: owners are taken in turn (each one's
 /// oldest first), at most `per_owner` of one owner, none of an owner that is full.
 async fn claims_take_owners_in_turn_and_leave_full_owners_out(backend: Backend) {
+    use batchd::domain::webhooks::WebhookEventType as E;
     use batchd::store::DeliveryClaim;
-    use batchd::webhooks::WebhookEventType as E;
     let (_db, store) = fresh_store(backend).await;
     for (id, owner) in [
         ("we_m1", "mallory"),
@@ -1831,7 +1831,7 @@ async fn claims_take_owners_in_turn_and_leave_full_owners_out(backend: Backend) 
             limit,
         }
     };
-    let endpoints_of = |claimed: &[batchd::webhooks::Delivery]| {
+    let endpoints_of = |claimed: &[batchd::domain::webhooks::Delivery]| {
         let mut ids: Vec<String> = claimed
             .iter()
             .map(|d| d.queued.endpoint_id.clone())
@@ -1881,7 +1881,7 @@ async fn claims_take_owners_in_turn_and_leave_full_owners_out(backend: Backend) 
 /// Revoking a key disables the all-owners endpoints it configured, in the same
 /// transaction, and not its owner's own; a revoked key neither enables nor creates one.
 async fn revoking_a_key_stops_the_all_owners_endpoints_it_configured(backend: Backend) {
-    use batchd::webhooks::{WebhookEndpoint, WebhookEventType as E};
+    use batchd::domain::webhooks::{WebhookEndpoint, WebhookEventType as E};
     let (_db, store) = fresh_store(backend).await;
     let (ops, ops_digest) = new_key("ops", T0);
     let (other, other_digest) = new_key("root", T0);

@@ -13,9 +13,9 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use batchd::app::ServeOptions;
 use batchd::domain::Scope;
+use batchd::domain::webhooks::{DestinationPolicy, RetrySchedule, SigningSecret};
 use batchd::proto::batchd::v1 as pb;
 use batchd::webhooks::sender::{Sender, SignedRequest};
-use batchd::webhooks::{DestinationPolicy, RetrySchedule, SigningSecret};
 use serde_json::{Value, json};
 
 use crate::helpers::{
