@@ -29,87 +29,106 @@ use crate::webhooks::dispatcher;
 use crate::webhooks::service::{WebhookOptions, WebhookService};
 use crate::{grpc, rest, shutdown};
 
-/// Everything `serve` needs: the flags of `batchd serve`, whose defaults are the
-/// ones written on each field.
-#[derive(Clone, clap::Args)]
+/// Everything `serve` needs. `batchd serve`'s flags (in `config`) fill it; tests and
+/// embedders build it from [`ServeOptions::local`] or [`Default`].
+#[derive(Clone)]
 pub struct ServeOptions {
     /// `sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
-    #[arg(long, env = "BATCHD_DATABASE_URL", default_value = crate::config::DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
     /// Pool settings.
-    #[command(flatten)]
     pub store: StoreOptions,
 
+    /// How reads of batches by id share queries (its `max_wait` and `database` are
+    /// set when the parts are built: the pool's call deadline, the readiness check's
+    /// finding).
+    pub point_reads: PointReadOptions,
+
+    /// How commits of batch changes share rounds (`max_wait` and `database` as for
+    /// `point_reads`).
+    pub commits: GroupCommitOptions,
+
     /// Address of the gRPC listener (port 0 picks a free port).
-    #[arg(long, env = "BATCHD_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
 
     /// Address of the HTTP listener: REST API and probes (port 0 picks a free port).
-    #[arg(long, env = "BATCHD_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
     /// What new batches may ask for (its flags are in `config`).
-    #[command(flatten)]
     pub policy: BatchPolicy,
 
     /// How often the database is checked for the health service and `/readyz`.
-    #[arg(long, env = "BATCHD_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,
 
     /// The source of "now" for every timestamp and timer.
-    #[arg(skip = Arc::new(SystemClock) as Arc<dyn Clock>)]
     pub clock: Arc<dyn Clock>,
 
     /// Watch streams: heartbeats, limits, safety poll.
-    #[command(flatten)]
     pub watch: WatchOptions,
 
     /// How long the event log keeps versions older than each batch's latest; a watch
     /// resuming from before that gets a snapshot.
-    #[arg(long, env = "BATCHD_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub event_retention: Duration,
 
     /// How often the event log is compacted.
-    #[arg(long, env = "BATCHD_EVENT_COMPACTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub event_compaction_interval: Duration,
 
     /// A batch `cancelling` for longer than this moves to `cancelled` by itself.
-    #[arg(long, env = "BATCHD_CANCEL_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
     pub cancel_grace: Duration,
 
     /// How often the lifecycle timers (expiry, cancel grace) are applied.
-    #[arg(long, env = "BATCHD_SWEEP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
 
     /// After SIGTERM/SIGINT, readiness fails at once but requests are still served for
     /// this long, so load balancers stop sending new ones.
-    #[arg(long, env = "BATCHD_SHUTDOWN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_delay: Duration,
 
     /// The process exits within this long after SIGTERM/SIGINT, even if a client never
     /// reads its stream.
-    #[arg(long, env = "BATCHD_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
     /// Serve the web console at `/console/` of the HTTP port (`/` redirects there).
     /// It is static files calling the REST API with the key the operator enters; off,
     /// both paths are 404.
-    #[arg(long, env = "BATCHD_CONSOLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub console: bool,
 
     /// Create an admin key, printed once on stdout, when the database has no key at
     /// all (the quick start). Deployments that create keys on purpose turn it off.
-    #[arg(long, env = "BATCHD_CREATE_FIRST_KEY", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_first_key: bool,
 
     /// In-memory caches: API keys, terminal batches, latest versions.
-    #[command(flatten)]
     pub caches: CacheOptions,
 
     /// Webhooks: where they may go, retries, limits, the secrets key.
-    #[command(flatten)]
     pub webhooks: WebhookOptions,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        const MINUTE: Duration = Duration::from_secs(60);
+        ServeOptions {
+            database_url: store::DEFAULT_DATABASE_URL.to_owned(),
+            store: StoreOptions::default(),
+            point_reads: PointReadOptions::default(),
+            commits: GroupCommitOptions::default(),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            policy: BatchPolicy::default(),
+            health_check_interval: Duration::from_secs(2),
+            clock: Arc::new(SystemClock),
+            watch: WatchOptions::default(),
+            event_retention: 7 * 24 * 60 * MINUTE,
+            event_compaction_interval: 60 * MINUTE,
+            cancel_grace: 10 * MINUTE,
+            sweep_interval: Duration::from_secs(5),
+            shutdown_delay: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            console: true,
+            create_first_key: true,
+            caches: CacheOptions::default(),
+            webhooks: WebhookOptions::default(),
+        }
+    }
 }
 
 impl ServeOptions {
@@ -121,7 +140,7 @@ impl ServeOptions {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             shutdown_delay: Duration::ZERO,
-            ..crate::config::defaults()
+            ..ServeOptions::default()
         }
     }
 }
@@ -177,15 +196,14 @@ impl Parts {
                 policy: options.policy.clone(),
                 caches: options.caches.clone(),
                 point_reads: PointReadOptions {
-                    concurrent_queries: options.store.point_read_queries,
                     max_wait: options.store.call_deadline(),
                     database: database.clone(),
+                    ..options.point_reads.clone()
                 },
                 commits: GroupCommitOptions {
-                    concurrent_rounds: options.store.commit_rounds,
-                    max_round: options.store.commit_round_size,
                     max_wait: options.store.call_deadline(),
                     database: database.clone(),
+                    ..options.commits.clone()
                 },
                 key_lookups: key_lookups_for(options.store.max_connections),
             },

@@ -19,62 +19,36 @@ use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 use crate::domain::{Batch, BatchId, Caller, MAX_BATCH_BYTES};
 
 /// Sizes and lifetimes of the caches: flags of `serve`.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheOptions {
     /// How long an API key lookup is remembered: a revoked key stops working within
     /// this time, and its open watch streams end within it too (each replica checks
     /// the keys of its open streams this often). 0 checks the database on every call.
-    #[arg(
-        long = "api-key-cache-ttl",
-        value_name = "API_KEY_CACHE_TTL",
-        env = "BATCHD_API_KEY_CACHE_TTL",
-        default_value = "2s",
-        value_parser = humantime::parse_duration
-    )]
     pub api_key_ttl: Duration,
 
     /// Terminal batches kept in memory (they never change, so reads need no database).
-    #[arg(
-        long = "terminal-cache-entries",
-        value_name = "TERMINAL_CACHE_ENTRIES",
-        env = "BATCHD_TERMINAL_CACHE_ENTRIES",
-        default_value_t = 20_000
-    )]
     pub terminal_batches: usize,
 
     /// Most bytes of terminal batches kept in memory (batch text counted in bytes).
-    #[arg(
-        long = "terminal-cache-bytes",
-        value_name = "TERMINAL_CACHE_BYTES",
-        env = "BATCHD_TERMINAL_CACHE_BYTES",
-        default_value_t = 64 * 1024 * 1024
-    )]
     pub terminal_bytes: u64,
 
     /// Recently written batches kept in memory, so a write usually needs one database
     /// round trip (a stale entry is caught by the commit's version check).
-    #[arg(
-        long = "latest-cache-entries",
-        value_name = "LATEST_CACHE_ENTRIES",
-        env = "BATCHD_LATEST_CACHE_ENTRIES",
-        default_value_t = 20_000
-    )]
     pub latest_batches: usize,
 
     /// Most bytes of recently written batches kept in memory.
-    #[arg(
-        long = "latest-cache-bytes",
-        value_name = "LATEST_CACHE_BYTES",
-        env = "BATCHD_LATEST_CACHE_BYTES",
-        default_value_t = 64 * 1024 * 1024
-    )]
     pub latest_bytes: u64,
 }
 
 impl Default for CacheOptions {
-    /// The defaults of the flags.
     fn default() -> Self {
-        crate::config::defaults()
+        CacheOptions {
+            api_key_ttl: Duration::from_secs(2),
+            terminal_batches: 20_000,
+            terminal_bytes: 64 * 1024 * 1024,
+            latest_batches: 20_000,
+            latest_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 

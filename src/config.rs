@@ -1,35 +1,62 @@
-//! The command line. Every flag can also be set with the `BATCHD_*` environment
-//! variable shown in `--help`.
+//! The command line, every subcommand and flag of it, and nothing below reads clap:
+//! each flag set converts into the plain options struct of the layer that uses it
+//! ([`ServeArgs`] into [`ServeOptions`], which holds the store's, the watch hub's, the
+//! caches' and the webhooks' options). Every flag can also be set with the `BATCHD_*`
+//! environment variable shown in `--help`.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use humantime::Duration as HumanDuration;
 
 use crate::app::ServeOptions;
+use crate::cache::CacheOptions;
+use crate::domain::webhooks::{DestinationPolicy, RetrySchedule, SecretSealer};
 use crate::domain::{
     BatchPolicy, CompletionWindow, DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, Scope,
 };
-use crate::store::StoreOptions;
+use crate::store::{self, GroupCommitOptions, PointReadOptions, StoreOptions};
 use crate::telemetry::LogFormat;
+use crate::watch::WatchOptions;
+use crate::webhooks::service::WebhookOptions;
 
 /// batchd: batch jobs in the shape of the OpenAI Batch API, over gRPC and REST.
 #[derive(Parser)]
 #[command(name = "batchd", version, about, propagate_version = true)]
 pub struct Cli {
     /// How log lines look (logs go to stderr; filter them with RUST_LOG).
-    #[arg(long, global = true, env = "BATCHD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[arg(long, global = true, env = "BATCHD_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Text)]
+    pub log_format: LogFormatArg,
 
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(format: LogFormatArg) -> LogFormat {
+        match format {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
 /// The subcommands.
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the gRPC and HTTP servers (migrates the database first).
-    Serve(Box<ServeOptions>),
+    Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
     /// Ask a batchd's gRPC health service whether it is SERVING (exit 0) or not (1);
@@ -141,23 +168,243 @@ pub enum WebhooksCommand {
     },
 }
 
-/// Where the database is, for the one-shot commands (`serve` has the same flags in
-/// [`ServeOptions`]).
+/// Where the database is: for `serve` and the one-shot commands alike.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// `sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
-    #[arg(long, env = "BATCHD_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "BATCHD_DATABASE_URL", default_value = store::DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
     /// Pool settings.
     #[command(flatten)]
-    pub store: StoreOptions,
+    pool: PoolArgs,
 }
 
-/// The database of `serve` and the one-shot commands when no flag names one.
-pub const DEFAULT_DATABASE_URL: &str = "sqlite://batchd.db";
+impl DatabaseArgs {
+    /// The pool settings the flags ask for.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            max_connections: self.pool.max_connections,
+            acquire_timeout: self.pool.acquire_timeout.into(),
+        }
+    }
+}
 
-/// The flags of [`BatchPolicy`], which is a domain type and knows nothing of clap.
+/// The `--database-*` pool flags: [`StoreOptions`].
+#[derive(Debug, Clone, Args)]
+struct PoolArgs {
+    /// Most open database connections.
+    #[arg(
+        long = "database-max-connections",
+        value_name = "DATABASE_MAX_CONNECTIONS",
+        env = "BATCHD_DATABASE_MAX_CONNECTIONS",
+        default_value_t = StoreOptions::default().max_connections
+    )]
+    max_connections: u32,
+
+    /// How long a request waits for a database connection before failing with
+    /// UNAVAILABLE.
+    // Also the deadline of each whole database call and PostgreSQL's
+    // `statement_timeout`: see `StoreOptions::call_deadline`.
+    #[arg(
+        long = "database-acquire-timeout",
+        value_name = "DATABASE_ACQUIRE_TIMEOUT",
+        env = "BATCHD_DATABASE_ACQUIRE_TIMEOUT",
+        default_value_t = StoreOptions::default().acquire_timeout.into()
+    )]
+    acquire_timeout: HumanDuration,
+}
+
+/// A count of at least 1 (a `u32` on the command line).
+fn at_least_one() -> impl clap::builder::TypedValueParser<Value = usize> {
+    clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize)
+}
+
+/// The flags of the coalesced reads and grouped commits: [`PointReadOptions`] and
+/// [`GroupCommitOptions`].
+#[derive(Debug, Clone, Args)]
+struct RoundArgs {
+    /// Most queries reading batches by id that run at once. Reads that arrive while
+    /// they run are fetched together by the next one, which spares the database a
+    /// round trip per read under load.
+    #[arg(
+        long = "database-point-read-queries",
+        value_name = "DATABASE_POINT_READ_QUERIES",
+        env = "BATCHD_DATABASE_POINT_READ_QUERIES",
+        default_value_t = PointReadOptions::default().concurrent_queries,
+        value_parser = at_least_one()
+    )]
+    point_read_queries: usize,
+
+    /// Most rounds of batch changes committing at once. Changes that arrive while they
+    /// run are committed together by the next round, in one transaction (one statement
+    /// on PostgreSQL), which spares the database a commit per change under load.
+    #[arg(
+        long = "database-commit-rounds",
+        value_name = "DATABASE_COMMIT_ROUNDS",
+        env = "BATCHD_DATABASE_COMMIT_ROUNDS",
+        default_value_t = GroupCommitOptions::default().concurrent_rounds,
+        value_parser = at_least_one()
+    )]
+    commit_rounds: usize,
+
+    /// Most batch changes committed by one round.
+    #[arg(
+        long = "database-commit-round-size",
+        value_name = "DATABASE_COMMIT_ROUND_SIZE",
+        env = "BATCHD_DATABASE_COMMIT_ROUND_SIZE",
+        default_value_t = GroupCommitOptions::default().max_round,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::value_parser!(u32).range(1..=1_000),
+            |changes| changes as usize
+        )
+    )]
+    commit_round_size: usize,
+}
+
+/// `batchd serve`'s flags, which fill [`ServeOptions`]. Every default is the one the
+/// options structs' `Default` gives, so it is written once, beside the field it sets.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The database.
+    #[command(flatten)]
+    database: DatabaseArgs,
+
+    /// Coalesced reads and grouped commits.
+    #[command(flatten)]
+    rounds: RoundArgs,
+
+    /// Address of the gRPC listener (port 0 picks a free port).
+    #[arg(long, env = "BATCHD_GRPC_ADDR", default_value_t = ServeOptions::default().grpc_addr)]
+    grpc_addr: SocketAddr,
+
+    /// Address of the HTTP listener: REST API and probes (port 0 picks a free port).
+    #[arg(long, env = "BATCHD_HTTP_ADDR", default_value_t = ServeOptions::default().http_addr)]
+    http_addr: SocketAddr,
+
+    /// What new batches may ask for.
+    #[command(flatten)]
+    policy: BatchPolicyArgs,
+
+    /// How often the database is checked for the health service and `/readyz`.
+    #[arg(long, env = "BATCHD_HEALTH_CHECK_INTERVAL", default_value_t = ServeOptions::default().health_check_interval.into())]
+    health_check_interval: HumanDuration,
+
+    /// Watch streams: heartbeats, limits, safety poll.
+    #[command(flatten)]
+    watch: WatchStreamArgs,
+
+    /// How long the event log keeps versions older than each batch's latest; a watch
+    /// resuming from before that gets a snapshot.
+    #[arg(long, env = "BATCHD_EVENT_RETENTION", default_value_t = ServeOptions::default().event_retention.into())]
+    event_retention: HumanDuration,
+
+    /// How often the event log is compacted.
+    #[arg(long, env = "BATCHD_EVENT_COMPACTION_INTERVAL", default_value_t = ServeOptions::default().event_compaction_interval.into())]
+    event_compaction_interval: HumanDuration,
+
+    /// A batch `cancelling` for longer than this moves to `cancelled` by itself.
+    #[arg(long, env = "BATCHD_CANCEL_GRACE", default_value_t = ServeOptions::default().cancel_grace.into())]
+    cancel_grace: HumanDuration,
+
+    /// How often the lifecycle timers (expiry, cancel grace) are applied.
+    #[arg(long, env = "BATCHD_SWEEP_INTERVAL", default_value_t = ServeOptions::default().sweep_interval.into())]
+    sweep_interval: HumanDuration,
+
+    /// After SIGTERM/SIGINT, readiness fails at once but requests are still served for
+    /// this long, so load balancers stop sending new ones.
+    #[arg(long, env = "BATCHD_SHUTDOWN_DELAY", default_value_t = ServeOptions::default().shutdown_delay.into())]
+    shutdown_delay: HumanDuration,
+
+    /// The process exits within this long after SIGTERM/SIGINT, even if a client never
+    /// reads its stream.
+    #[arg(long, env = "BATCHD_SHUTDOWN_TIMEOUT", default_value_t = ServeOptions::default().shutdown_timeout.into())]
+    shutdown_timeout: HumanDuration,
+
+    /// Serve the web console at `/console/` of the HTTP port (`/` redirects there).
+    /// It is static files calling the REST API with the key the operator enters; off,
+    /// both paths are 404.
+    #[arg(long, env = "BATCHD_CONSOLE", default_value_t = ServeOptions::default().console, action = clap::ArgAction::Set)]
+    console: bool,
+
+    /// Create an admin key, printed once on stdout, when the database has no key at
+    /// all (the quick start). Deployments that create keys on purpose turn it off.
+    #[arg(long, env = "BATCHD_CREATE_FIRST_KEY", default_value_t = ServeOptions::default().create_first_key, action = clap::ArgAction::Set)]
+    create_first_key: bool,
+
+    /// In-memory caches: API keys, terminal batches, latest versions.
+    #[command(flatten)]
+    caches: CacheArgs,
+
+    /// Webhooks: where they may go, retries, limits, the secrets key.
+    #[command(flatten)]
+    webhooks: WebhookArgs,
+}
+
+impl From<ServeArgs> for ServeOptions {
+    fn from(args: ServeArgs) -> ServeOptions {
+        ServeOptions {
+            store: args.database.store_options(),
+            database_url: args.database.database_url,
+            point_reads: PointReadOptions {
+                concurrent_queries: args.rounds.point_read_queries,
+                ..PointReadOptions::default()
+            },
+            commits: GroupCommitOptions {
+                concurrent_rounds: args.rounds.commit_rounds,
+                max_round: args.rounds.commit_round_size,
+                ..GroupCommitOptions::default()
+            },
+            grpc_addr: args.grpc_addr,
+            http_addr: args.http_addr,
+            policy: BatchPolicy {
+                endpoints: args.policy.endpoints,
+                completion_windows: args.policy.completion_windows,
+            },
+            health_check_interval: args.health_check_interval.into(),
+            watch: WatchOptions {
+                heartbeat: args.watch.heartbeat.into(),
+                max_watches_per_key: args.watch.max_watches_per_key,
+                safety_poll: args.watch.safety_poll.into(),
+                ..WatchOptions::default()
+            },
+            event_retention: args.event_retention.into(),
+            event_compaction_interval: args.event_compaction_interval.into(),
+            cancel_grace: args.cancel_grace.into(),
+            sweep_interval: args.sweep_interval.into(),
+            shutdown_delay: args.shutdown_delay.into(),
+            shutdown_timeout: args.shutdown_timeout.into(),
+            console: args.console,
+            create_first_key: args.create_first_key,
+            caches: CacheOptions {
+                api_key_ttl: args.caches.api_key_ttl.into(),
+                terminal_batches: args.caches.terminal_batches,
+                terminal_bytes: args.caches.terminal_bytes,
+                latest_batches: args.caches.latest_batches,
+                latest_bytes: args.caches.latest_bytes,
+            },
+            webhooks: WebhookOptions {
+                policy: DestinationPolicy {
+                    allow_http: args.webhooks.allow_http,
+                    allow_private_networks: args.webhooks.allow_private_networks,
+                },
+                retries: args.webhooks.retries,
+                attempt_timeout: args.webhooks.attempt_timeout.into(),
+                disable_after: args.webhooks.disable_after.into(),
+                concurrency: args.webhooks.concurrency,
+                concurrency_per_endpoint: args.webhooks.concurrency_per_endpoint,
+                concurrency_per_owner: args.webhooks.concurrency_per_owner,
+                poll: args.webhooks.poll.into(),
+                sealer: args.webhooks.sealer,
+                max_endpoints_per_owner: args.webhooks.max_endpoints_per_owner,
+                delivery_retention: args.webhooks.delivery_retention.into(),
+            },
+            ..ServeOptions::default()
+        }
+    }
+}
+
+/// The flags of [`BatchPolicy`].
 #[derive(Args)]
 struct BatchPolicyArgs {
     /// Accepted `endpoint` values of new batches, comma-separated.
@@ -169,64 +416,179 @@ struct BatchPolicyArgs {
     completion_windows: Vec<CompletionWindow>,
 }
 
-impl From<BatchPolicyArgs> for BatchPolicy {
-    fn from(args: BatchPolicyArgs) -> BatchPolicy {
-        BatchPolicy {
-            endpoints: args.endpoints,
-            completion_windows: args.completion_windows,
-        }
-    }
+/// The flags of [`WatchOptions`].
+#[derive(Args)]
+struct WatchStreamArgs {
+    /// A watch stream gets a heartbeat after this long without a change.
+    #[arg(
+        long = "watch-heartbeat",
+        value_name = "WATCH_HEARTBEAT",
+        env = "BATCHD_WATCH_HEARTBEAT",
+        default_value_t = WatchOptions::default().heartbeat.into()
+    )]
+    heartbeat: HumanDuration,
+
+    /// Most open watch streams per API key, per replica.
+    #[arg(long, env = "BATCHD_MAX_WATCHES_PER_KEY", default_value_t = WatchOptions::default().max_watches_per_key)]
+    max_watches_per_key: usize,
+
+    /// Every watched batch is re-read at least this often, in case a cross-replica
+    /// notification was lost.
+    #[arg(
+        long = "watch-safety-poll",
+        value_name = "WATCH_SAFETY_POLL",
+        env = "BATCHD_WATCH_SAFETY_POLL",
+        default_value_t = WatchOptions::default().safety_poll.into()
+    )]
+    safety_poll: HumanDuration,
 }
 
-impl From<BatchPolicy> for BatchPolicyArgs {
-    fn from(policy: BatchPolicy) -> BatchPolicyArgs {
-        BatchPolicyArgs {
-            endpoints: policy.endpoints,
-            completion_windows: policy.completion_windows,
-        }
-    }
+/// The flags of [`CacheOptions`].
+#[derive(Args)]
+struct CacheArgs {
+    /// How long an API key lookup is remembered: a revoked key stops working within
+    /// this time, and its open watch streams end within it too (each replica checks
+    /// the keys of its open streams this often). 0 checks the database on every call.
+    #[arg(
+        long = "api-key-cache-ttl",
+        value_name = "API_KEY_CACHE_TTL",
+        env = "BATCHD_API_KEY_CACHE_TTL",
+        default_value_t = CacheOptions::default().api_key_ttl.into()
+    )]
+    api_key_ttl: HumanDuration,
+
+    /// Terminal batches kept in memory (they never change, so reads need no database).
+    #[arg(
+        long = "terminal-cache-entries",
+        value_name = "TERMINAL_CACHE_ENTRIES",
+        env = "BATCHD_TERMINAL_CACHE_ENTRIES",
+        default_value_t = CacheOptions::default().terminal_batches
+    )]
+    terminal_batches: usize,
+
+    /// Most bytes of terminal batches kept in memory (batch text counted in bytes).
+    #[arg(
+        long = "terminal-cache-bytes",
+        value_name = "TERMINAL_CACHE_BYTES",
+        env = "BATCHD_TERMINAL_CACHE_BYTES",
+        default_value_t = CacheOptions::default().terminal_bytes
+    )]
+    terminal_bytes: u64,
+
+    /// Recently written batches kept in memory, so a write usually needs one database
+    /// round trip (a stale entry is caught by the commit's version check).
+    #[arg(
+        long = "latest-cache-entries",
+        value_name = "LATEST_CACHE_ENTRIES",
+        env = "BATCHD_LATEST_CACHE_ENTRIES",
+        default_value_t = CacheOptions::default().latest_batches
+    )]
+    latest_batches: usize,
+
+    /// Most bytes of recently written batches kept in memory.
+    #[arg(
+        long = "latest-cache-bytes",
+        value_name = "LATEST_CACHE_BYTES",
+        env = "BATCHD_LATEST_CACHE_BYTES",
+        default_value_t = CacheOptions::default().latest_bytes
+    )]
+    latest_bytes: u64,
 }
 
-/// So that [`ServeOptions`] flattens the policy it hands to the service as it is.
-impl Args for BatchPolicy {
-    fn group_id() -> Option<clap::Id> {
-        BatchPolicyArgs::group_id()
-    }
+/// The flags of [`WebhookOptions`].
+#[derive(Args)]
+struct WebhookArgs {
+    /// Let webhook endpoints be plain `http://` URLs, not only `https://`.
+    #[arg(long = "webhook-allow-http", env = "BATCHD_WEBHOOK_ALLOW_HTTP")]
+    allow_http: bool,
 
-    fn augment_args(command: clap::Command) -> clap::Command {
-        BatchPolicyArgs::augment_args(command)
-    }
+    /// Let webhooks reach addresses inside private, loopback and link-local networks
+    /// (refused by default, when saved and at every delivery).
+    #[arg(
+        long = "webhook-allow-private-networks",
+        env = "BATCHD_WEBHOOK_ALLOW_PRIVATE_NETWORKS"
+    )]
+    allow_private_networks: bool,
 
-    fn augment_args_for_update(command: clap::Command) -> clap::Command {
-        BatchPolicyArgs::augment_args_for_update(command)
-    }
-}
+    /// Waits before each retry after a failed attempt, comma-separated (Standard
+    /// Webhooks' schedule; each gets up to 10% jitter, and a longer `Retry-After`
+    /// wins). An empty list means one attempt only.
+    #[arg(
+        long = "webhook-retry-schedule",
+        env = "BATCHD_WEBHOOK_RETRY_SCHEDULE",
+        default_value_t = WebhookOptions::default().retries,
+        value_parser = |text: &str| RetrySchedule::parse("--webhook-retry-schedule", text)
+    )]
+    retries: RetrySchedule,
 
-impl FromArgMatches for BatchPolicy {
-    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
-        BatchPolicyArgs::from_arg_matches(matches).map(BatchPolicy::from)
-    }
+    /// Longest one delivery attempt may take.
+    #[arg(long = "webhook-timeout", env = "BATCHD_WEBHOOK_TIMEOUT", default_value_t = WebhookOptions::default().attempt_timeout.into())]
+    attempt_timeout: HumanDuration,
 
-    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
-        let mut args = BatchPolicyArgs::from(self.clone());
-        args.update_from_arg_matches(matches)?;
-        *self = args.into();
-        Ok(())
-    }
-}
+    /// An endpoint whose every delivery failed for longer than this is disabled (an
+    /// update enables it again).
+    #[arg(long = "webhook-disable-after", env = "BATCHD_WEBHOOK_DISABLE_AFTER", default_value_t = WebhookOptions::default().disable_after.into())]
+    disable_after: HumanDuration,
 
-/// The values the flags of `T` take when none is given and no `BATCHD_*` variable is
-/// set: what the options structs' `Default` returns, so each default is written once,
-/// in the flag's `default_value`.
-pub fn defaults<T: Args + FromArgMatches>() -> T {
-    // Without their variables, so the environment of the process does not leak in.
-    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
-    let parsed = command
-        .try_get_matches_from(["defaults"])
-        .and_then(|matches| T::from_arg_matches(&matches));
-    // Every flag of the options structs has a default that parses, which the test
-    // `the_options_defaults_are_what_serve_parses_with_no_flags` checks for each.
-    parsed.unwrap_or_else(|error| panic!("the defaults of the flags do not parse: {error}"))
+    /// Most delivery attempts in flight on one replica.
+    #[arg(
+        long = "webhook-concurrency",
+        env = "BATCHD_WEBHOOK_CONCURRENCY",
+        default_value_t = WebhookOptions::default().concurrency
+    )]
+    concurrency: usize,
+
+    /// Most delivery attempts in flight to one endpoint from one replica, so that one
+    /// slow receiver cannot hold every slot.
+    #[arg(
+        long = "webhook-concurrency-per-endpoint",
+        env = "BATCHD_WEBHOOK_CONCURRENCY_PER_ENDPOINT",
+        default_value_t = WebhookOptions::default().concurrency_per_endpoint
+    )]
+    concurrency_per_endpoint: usize,
+
+    /// Most delivery attempts in flight to the endpoints of one owner from one
+    /// replica, so that one tenant's hanging receivers hold only its share and other
+    /// tenants' deliveries go on. Test deliveries count too.
+    #[arg(
+        long = "webhook-concurrency-per-owner",
+        env = "BATCHD_WEBHOOK_CONCURRENCY_PER_OWNER",
+        default_value_t = WebhookOptions::default().concurrency_per_owner
+    )]
+    concurrency_per_owner: usize,
+
+    /// How often a replica looks for due deliveries besides being woken by its own
+    /// dispatcher (retries, and deliveries other replicas queued), and its dispatcher
+    /// reads the change feed besides being woken by commits.
+    #[arg(long = "webhook-poll", env = "BATCHD_WEBHOOK_POLL", default_value_t = WebhookOptions::default().poll.into())]
+    poll: HumanDuration,
+
+    /// 32 bytes in base64 (`openssl rand -base64 32`) that seal endpoints' signing
+    /// secrets in the database; every replica needs the same. Without it secrets are
+    /// stored as plain text.
+    // No key is the empty text, which the sealer reads as none.
+    #[arg(
+        long = "webhook-secrets-key",
+        env = "BATCHD_WEBHOOK_SECRETS_KEY",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true,
+        value_parser = |text: &str| SecretSealer::new("--webhook-secrets-key", Some(text))
+    )]
+    sealer: SecretSealer,
+
+    /// Most endpoints one owner may have: its own, and apart from them the all-owners
+    /// endpoints of admin keys with its user id.
+    #[arg(
+        long = "webhook-max-endpoints-per-owner",
+        env = "BATCHD_WEBHOOK_MAX_ENDPOINTS_PER_OWNER",
+        default_value_t = WebhookOptions::default().max_endpoints_per_owner
+    )]
+    max_endpoints_per_owner: i64,
+
+    /// How long finished deliveries stay listed.
+    #[arg(long = "webhook-delivery-retention", env = "BATCHD_WEBHOOK_DELIVERY_RETENTION", default_value_t = WebhookOptions::default().delivery_retention.into())]
+    delivery_retention: HumanDuration,
 }
 
 /// `batchd health`.
@@ -350,9 +712,7 @@ impl From<ScopeArg> for Scope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::CacheOptions;
-    use crate::watch::WatchOptions;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, FromArgMatches};
 
     #[test]
     fn the_cli_definition_is_consistent() {
@@ -386,10 +746,10 @@ mod tests {
             .mut_args(|arg| arg.env(None))
             .mut_subcommand("serve", |serve| serve.mut_args(|arg| arg.env(None)));
         let matches = command.try_get_matches_from(["batchd", "serve"]).unwrap();
-        let Command::Serve(options) = Cli::from_arg_matches(&matches).unwrap().command else {
+        let Command::Serve(args) = Cli::from_arg_matches(&matches).unwrap().command else {
             panic!("not serve")
         };
-        *options
+        ServeOptions::from(*args)
     }
 
     #[test]
@@ -408,12 +768,54 @@ mod tests {
     #[test]
     fn the_options_defaults_are_what_serve_parses_with_no_flags() {
         let serve = serve_with_no_flags();
-        assert_eq!(StoreOptions::default(), serve.store);
-        assert_eq!(WatchOptions::default(), serve.watch);
-        assert_eq!(CacheOptions::default(), serve.caches);
+        let defaults = ServeOptions::default();
+        assert_eq!(defaults.database_url, serve.database_url);
+        assert_eq!(defaults.store, serve.store);
+        assert_eq!(
+            defaults.point_reads.concurrent_queries,
+            serve.point_reads.concurrent_queries
+        );
+        assert_eq!(
+            defaults.commits.concurrent_rounds,
+            serve.commits.concurrent_rounds
+        );
+        assert_eq!(defaults.commits.max_round, serve.commits.max_round);
+        assert_eq!(defaults.grpc_addr, serve.grpc_addr);
+        assert_eq!(defaults.http_addr, serve.http_addr);
+        assert_eq!(defaults.watch, serve.watch);
+        assert_eq!(defaults.caches, serve.caches);
         let policy = BatchPolicy::default();
         assert_eq!(policy.endpoints, serve.policy.endpoints);
         assert_eq!(policy.completion_windows, serve.policy.completion_windows);
+        for (default, parsed) in [
+            (defaults.health_check_interval, serve.health_check_interval),
+            (defaults.event_retention, serve.event_retention),
+            (
+                defaults.event_compaction_interval,
+                serve.event_compaction_interval,
+            ),
+            (defaults.cancel_grace, serve.cancel_grace),
+            (defaults.sweep_interval, serve.sweep_interval),
+            (defaults.shutdown_delay, serve.shutdown_delay),
+            (defaults.shutdown_timeout, serve.shutdown_timeout),
+        ] {
+            assert_eq!(default, parsed);
+        }
+        assert_eq!(defaults.console, serve.console);
+        assert_eq!(defaults.create_first_key, serve.create_first_key);
+        let (webhooks, parsed) = (defaults.webhooks, serve.webhooks);
+        assert_eq!(webhooks.policy, parsed.policy);
+        assert_eq!(webhooks.retries, parsed.retries);
+        assert_eq!(webhooks.attempt_timeout, parsed.attempt_timeout);
+        assert_eq!(webhooks.disable_after, parsed.disable_after);
+        assert_eq!(webhooks.bounds(), parsed.bounds());
+        assert_eq!(webhooks.poll, parsed.poll);
+        assert_eq!(webhooks.sealer.is_keyed(), parsed.sealer.is_keyed());
+        assert_eq!(
+            webhooks.max_endpoints_per_owner,
+            parsed.max_endpoints_per_owner
+        );
+        assert_eq!(webhooks.delivery_retention, parsed.delivery_retention);
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
 async fn run() -> ExitCode {
     let cli = Cli::parse();
     // Held to the end of main: dropping it flushes the trace exporter.
-    let _telemetry = match telemetry::init(cli.log_format) {
+    let _telemetry = match telemetry::init(cli.log_format.into()) {
         Ok(telemetry) => telemetry,
         Err(error) => {
             eprintln!("batchd: {error:#}");
@@ -36,7 +36,7 @@ async fn run() -> ExitCode {
     };
     let success = |()| ExitCode::SUCCESS;
     let outcome = match cli.command {
-        Command::Serve(options) => serve(*options).await.map(success),
+        Command::Serve(args) => serve(ServeOptions::from(*args)).await.map(success),
         Command::Migrate(database) => cli::migrate::run(&database)
             .await
             .map(success)

@@ -34,7 +34,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
 
 /// Connects to the database and applies pending migrations.
 pub async fn open_store(database: &DatabaseArgs) -> Result<Arc<dyn Store>> {
-    let store = store::connect(&database.database_url, &database.store).await?;
+    let store = store::connect(&database.database_url, &database.store_options()).await?;
     store.migrate().await?;
     Ok(store)
 }

@@ -307,75 +307,17 @@ pub trait Store: EventLog + WebhookStore {
     async fn close(&self);
 }
 
-/// Connection settings shared by both backends: the `--database-*` flags.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+/// Connection settings shared by both backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreOptions {
     /// Most open database connections.
-    #[arg(
-        long = "database-max-connections",
-        value_name = "DATABASE_MAX_CONNECTIONS",
-        env = "BATCHD_DATABASE_MAX_CONNECTIONS",
-        default_value_t = 16
-    )]
     pub max_connections: u32,
 
     /// How long a request waits for a database connection before failing with
     /// UNAVAILABLE.
     // Also the deadline of each whole database call and PostgreSQL's
     // `statement_timeout`: see `call_deadline`.
-    #[arg(
-        long = "database-acquire-timeout",
-        value_name = "DATABASE_ACQUIRE_TIMEOUT",
-        env = "BATCHD_DATABASE_ACQUIRE_TIMEOUT",
-        default_value = "5s",
-        value_parser = humantime::parse_duration
-    )]
     pub acquire_timeout: Duration,
-
-    /// Most queries reading batches by id that run at once. Reads that arrive while
-    /// they run are fetched together by the next one, which spares the database a
-    /// round trip per read under load.
-    // The concurrency of `PointReads`.
-    #[arg(
-        long = "database-point-read-queries",
-        value_name = "DATABASE_POINT_READ_QUERIES",
-        env = "BATCHD_DATABASE_POINT_READ_QUERIES",
-        default_value_t = 2,
-        value_parser = clap::builder::TypedValueParser::map(
-            clap::value_parser!(u32).range(1..),
-            |queries| queries as usize
-        )
-    )]
-    pub point_read_queries: usize,
-
-    /// Most rounds of batch changes committing at once. Changes that arrive while they
-    /// run are committed together by the next round, in one transaction (one statement
-    /// on PostgreSQL), which spares the database a commit per change under load.
-    // The concurrency of `GroupCommits`.
-    #[arg(
-        long = "database-commit-rounds",
-        value_name = "DATABASE_COMMIT_ROUNDS",
-        env = "BATCHD_DATABASE_COMMIT_ROUNDS",
-        default_value_t = 2,
-        value_parser = clap::builder::TypedValueParser::map(
-            clap::value_parser!(u32).range(1..),
-            |rounds| rounds as usize
-        )
-    )]
-    pub commit_rounds: usize,
-
-    /// Most batch changes committed by one round.
-    #[arg(
-        long = "database-commit-round-size",
-        value_name = "DATABASE_COMMIT_ROUND_SIZE",
-        env = "BATCHD_DATABASE_COMMIT_ROUND_SIZE",
-        default_value_t = 64,
-        value_parser = clap::builder::TypedValueParser::map(
-            clap::value_parser!(u32).range(1..=1_000),
-            |changes| changes as usize
-        )
-    )]
-    pub commit_round_size: usize,
 }
 
 impl StoreOptions {
@@ -387,11 +329,16 @@ impl StoreOptions {
 }
 
 impl Default for StoreOptions {
-    /// The defaults of the flags.
     fn default() -> Self {
-        crate::config::defaults()
+        StoreOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
     }
 }
+
+/// The database of `serve` and the one-shot commands when none is named.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://batchd.db";
 
 /// Opens the store named by `url`: `sqlite://path` (created if missing) or
 /// `postgres://...`, every call of which ends within the acquire timeout (see

@@ -178,41 +178,29 @@ async fn key_revoked(revoked: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 /// Settings of the watch machinery; all but the stream buffer are flags of `serve`.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchOptions {
     /// A watch stream gets a heartbeat after this long without a change.
-    #[arg(
-        long = "watch-heartbeat",
-        value_name = "WATCH_HEARTBEAT",
-        env = "BATCHD_WATCH_HEARTBEAT",
-        default_value = "15s",
-        value_parser = humantime::parse_duration
-    )]
     pub heartbeat: Duration,
 
     /// Most open watch streams per API key, per replica.
-    #[arg(long, env = "BATCHD_MAX_WATCHES_PER_KEY", default_value_t = 100)]
     pub max_watches_per_key: usize,
 
     /// Every watched batch is re-read at least this often, in case a cross-replica
     /// notification was lost.
-    #[arg(
-        long = "watch-safety-poll",
-        value_name = "WATCH_SAFETY_POLL",
-        env = "BATCHD_WATCH_SAFETY_POLL",
-        default_value = "3s",
-        value_parser = humantime::parse_duration
-    )]
     pub safety_poll: Duration,
 
     /// Messages buffered per stream before its watcher waits for the client.
-    #[arg(skip = 16_usize)]
     pub stream_buffer: usize,
 }
 
 impl Default for WatchOptions {
-    /// The defaults of the flags.
     fn default() -> Self {
-        crate::config::defaults()
+        WatchOptions {
+            heartbeat: Duration::from_secs(15),
+            max_watches_per_key: 100,
+            safety_poll: Duration::from_secs(3),
+            stream_buffer: 16,
+        }
     }
 }

@@ -20,96 +20,69 @@ use crate::error::{Error, Result};
 use crate::store::Store;
 
 /// How webhooks behave: the `--webhook-*` flags of `serve`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct WebhookOptions {
     /// Where webhooks may go.
-    #[command(flatten)]
     pub policy: DestinationPolicy,
 
     /// Waits before each retry after a failed attempt, comma-separated (Standard
     /// Webhooks' schedule; each gets up to 10% jitter, and a longer `Retry-After`
     /// wins). An empty list means one attempt only.
-    #[arg(
-        long = "webhook-retry-schedule",
-        env = "BATCHD_WEBHOOK_RETRY_SCHEDULE",
-        default_value = "5s,5m,30m,2h,5h,10h,14h,20h,24h",
-        value_parser = |text: &str| RetrySchedule::parse("--webhook-retry-schedule", text)
-    )]
     pub retries: RetrySchedule,
 
     /// Longest one delivery attempt may take.
-    #[arg(long = "webhook-timeout", env = "BATCHD_WEBHOOK_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub attempt_timeout: Duration,
 
     /// An endpoint whose every delivery failed for longer than this is disabled (an
     /// update enables it again).
-    #[arg(long = "webhook-disable-after", env = "BATCHD_WEBHOOK_DISABLE_AFTER", default_value = "5days", value_parser = humantime::parse_duration)]
     pub disable_after: Duration,
 
     /// Most delivery attempts in flight on one replica.
-    #[arg(
-        long = "webhook-concurrency",
-        env = "BATCHD_WEBHOOK_CONCURRENCY",
-        default_value_t = 64
-    )]
     pub concurrency: usize,
 
     /// Most delivery attempts in flight to one endpoint from one replica, so that one
     /// slow receiver cannot hold every slot.
-    #[arg(
-        long = "webhook-concurrency-per-endpoint",
-        env = "BATCHD_WEBHOOK_CONCURRENCY_PER_ENDPOINT",
-        default_value_t = 4
-    )]
     pub concurrency_per_endpoint: usize,
 
     /// Most delivery attempts in flight to the endpoints of one owner from one
     /// replica, so that one tenant's hanging receivers hold only its share and other
     /// tenants' deliveries go on. Test deliveries count too.
-    #[arg(
-        long = "webhook-concurrency-per-owner",
-        env = "BATCHD_WEBHOOK_CONCURRENCY_PER_OWNER",
-        default_value_t = 16
-    )]
     pub concurrency_per_owner: usize,
 
     /// How often a replica looks for due deliveries besides being woken by its own
     /// dispatcher (retries, and deliveries other replicas queued), and its dispatcher
     /// reads the change feed besides being woken by commits.
-    #[arg(long = "webhook-poll", env = "BATCHD_WEBHOOK_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll: Duration,
 
     /// 32 bytes in base64 (`openssl rand -base64 32`) that seal endpoints' signing
     /// secrets in the database; every replica needs the same. Without it secrets are
     /// stored as plain text.
-    #[arg(
-        long = "webhook-secrets-key",
-        env = "BATCHD_WEBHOOK_SECRETS_KEY",
-        default_value = "",
-        hide_default_value = true,
-        hide_env_values = true,
-        value_parser = |text: &str| SecretSealer::new("--webhook-secrets-key", Some(text))
-    )]
     pub sealer: SecretSealer,
 
     /// Most endpoints one owner may have: its own, and apart from them the all-owners
     /// endpoints of admin keys with its user id.
-    #[arg(
-        long = "webhook-max-endpoints-per-owner",
-        env = "BATCHD_WEBHOOK_MAX_ENDPOINTS_PER_OWNER",
-        default_value_t = 100
-    )]
     pub max_endpoints_per_owner: i64,
 
     /// How long finished deliveries stay listed.
-    #[arg(long = "webhook-delivery-retention", env = "BATCHD_WEBHOOK_DELIVERY_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub delivery_retention: Duration,
 }
 
 impl Default for WebhookOptions {
-    /// The defaults of the flags.
     fn default() -> Self {
-        crate::config::defaults()
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        WebhookOptions {
+            policy: DestinationPolicy::default(),
+            retries: RetrySchedule::default(),
+            attempt_timeout: Duration::from_secs(15),
+            disable_after: 5 * DAY,
+            concurrency: 64,
+            concurrency_per_endpoint: 4,
+            concurrency_per_owner: 16,
+            poll: Duration::from_secs(1),
+            sealer: SecretSealer::unkeyed(),
+            max_endpoints_per_owner: 100,
+            delivery_retention: 7 * DAY,
+        }
     }
 }
 

@@ -169,6 +169,17 @@ impl Default for RetrySchedule {
     }
 }
 
+/// The schedule as [`RetrySchedule::parse`] reads it: `5s,5m,30m` (empty for none).
+impl std::fmt::Display for RetrySchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, wait) in self.waits.iter().enumerate() {
+            let separator = if i == 0 { "" } else { "," };
+            write!(f, "{separator}{}", humantime::format_duration(*wait))?;
+        }
+        Ok(())
+    }
+}
+
 impl RetrySchedule {
     /// Parses a comma-separated list of waits (`5s,5m,30m`); `field` names the
     /// setting in errors. An empty list means no retries.

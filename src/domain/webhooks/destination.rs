@@ -16,17 +16,12 @@ pub const MAX_URL_CHARS: usize = 2_048;
 
 /// What the deployment allows beyond public `https` URLs (the `--webhook-allow-*`
 /// flags; tests use them to reach a local receiver).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DestinationPolicy {
     /// Let webhook endpoints be plain `http://` URLs, not only `https://`.
-    #[arg(long = "webhook-allow-http", env = "BATCHD_WEBHOOK_ALLOW_HTTP")]
     pub allow_http: bool,
     /// Let webhooks reach addresses inside private, loopback and link-local networks
     /// (refused by default, when saved and at every delivery).
-    #[arg(
-        long = "webhook-allow-private-networks",
-        env = "BATCHD_WEBHOOK_ALLOW_PRIVATE_NETWORKS"
-    )]
     pub allow_private_networks: bool,
 }
 

@@ -31,6 +31,11 @@ impl std::fmt::Debug for SecretSealer {
 }
 
 impl SecretSealer {
+    /// A sealer without a key: secrets are stored as plain text (marked so).
+    pub fn unkeyed() -> SecretSealer {
+        SecretSealer { cipher: None }
+    }
+
     /// A sealer with the key in `key_base64` (32 bytes), or one that stores secrets
     /// as plain text when there is none; `field` names the setting in errors, which
     /// never quote the key.
