@@ -1,27 +1,33 @@
 //! batchd keeps and serves batch jobs in the shape of the OpenAI Batch API, over gRPC
 //! and an OpenAI-compatible REST shim, on SQLite or PostgreSQL.
 //!
-//! The architecture, module by module. Requests enter through one of two thin
-//! transports (`grpc`, `rest`), which call the use cases (`service`, and
-//! `webhooks::service` for webhook endpoints) and nothing else; the service applies the
-//! domain's rules and is the only reader and writer of batches and keys in the `store`.
-//! The watch hub reads committed versions through the store's read-only event log; the
-//! webhook dispatcher follows the same log into the store's delivery queue, which each
-//! replica's deliverer drains; `app` builds these parts and hands the store to the
-//! health checks and metrics as well. The web console (`console`) is static files on the
-//! HTTP port that call the REST API like any client. Dependencies point down this list's
-//! layers: `domain` and `error` depend on nothing of batchd's but each other (`domain`
-//! on `error`).
+//! The architecture, in layers from the bottom up; a module uses its own layer and
+//! those below, never one above (the test `layering` in `tests/api` reads every
+//! `crate::` path of `src/` and fails on one that points up):
+//! - **domain**: `domain` (the batch, its state machine, validated input, API keys,
+//!   feed cursors, the webhook types), `error`, `clock`, `shutdown`, `proto`. No I/O.
+//! - **store**: SQL behind narrow traits, SQLite and PostgreSQL; the coalesced reads
+//!   and grouped commits in front of it.
+//! - **use cases**: `service` (batches and keys: the only writer of batches), `watch`
+//!   (the per-replica hub and the change feed readers), `webhooks` (endpoint use
+//!   cases, the dispatcher from the change feed, the deliverer), `cache`, `health`.
+//! - **transports**: `grpc` and `rest`, thin over the use cases; `console` (static
+//!   files calling the REST API); `telemetry` (logs, traces, metrics, the request
+//!   observers).
+//! - **app**: builds the parts from plain options structs, serves them, stops them.
+//! - **command line**: `config` (every flag, converted into the options structs) and
+//!   `cli` (the client commands: watch, webhooks, keys, health, migrate), with
+//!   `main.rs` on top.
 
 #![warn(missing_docs)]
 
 pub mod app; // builds the parts (store, hub, service), serves them on listeners, stops in order
 pub mod cache; // API keys (valid and unknown), terminal and latest batches, bounded in bytes
-pub mod cli; // the client commands, apart from the server: watch, health, migrate, keys
+pub mod cli; // the client commands, apart from the server: watch, webhooks, keys, health, migrate
 pub mod clock; // the injectable source of "now"
-pub mod config; // clap flags, each with a BATCHD_* environment variable; defaults on the options structs
+pub mod config; // the command line: every flag, each with a BATCHD_* variable, converted into the plain options structs below
 pub mod console; // the web console: console/'s static files, embedded, hashed, compressed, served with a strict CSP
-pub mod domain; // the batch, its state machine, validated input, API key rules, change feed cursors (sealed for clients); no I/O
+pub mod domain; // the batch, its state machine, validated input, API key rules, change feed cursors (sealed for clients), webhook types; no I/O
 pub mod error; // the one error type; each transport maps every variant exhaustively
 pub mod grpc; // tonic handlers: proto <-> domain, call the service, map errors
 pub mod health; // background database checks feeding gRPC health and /readyz

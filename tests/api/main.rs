@@ -16,6 +16,7 @@ mod console;
 mod hardening;
 mod health;
 mod idempotency;
+mod layering;
 mod lifecycle_timers;
 mod list_filters;
 mod logs;
