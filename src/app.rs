@@ -557,6 +557,7 @@ fn spawn_webhook_work(
     let queued = Arc::new(tokio::sync::Notify::new());
     let dispatch = dispatcher::run(
         store.clone(),
+        store.clone(),
         hub.commits(),
         queued.clone(),
         options.webhooks.poll,

@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, watch};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::store::{DatabaseStatus, Store};
+use crate::store::{DatabaseStatus, Maintenance};
 
 /// Whether this replica should get traffic, published to gRPC health (`""` and every
 /// service name) and read by `/readyz`.
@@ -86,7 +86,7 @@ impl Readiness {
 /// Pings the database every check interval (on a connection of its own, never the
 /// request pool's) and records the outcome in a [`Readiness`] and a [`DatabaseStatus`].
 pub struct HealthChecker {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Maintenance>,
     readiness: Arc<Readiness>,
     database: DatabaseStatus,
     interval: Duration,
@@ -96,7 +96,7 @@ impl HealthChecker {
     /// A checker that pings every `interval`. A ping not answered within one interval
     /// counts as unreachable, so checks never pile up behind a database that hangs.
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn Maintenance>,
         readiness: Arc<Readiness>,
         database: DatabaseStatus,
         interval: Duration,

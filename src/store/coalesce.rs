@@ -27,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::{DatabaseStatus, Store};
+use super::{BatchStore, DatabaseStatus};
 use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
 
@@ -53,7 +53,7 @@ pub trait ReadMany: Send + Sync + 'static {
     async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>>;
 }
 
-struct StoreReads(Arc<dyn Store>);
+struct StoreReads(Arc<dyn BatchStore>);
 
 #[async_trait]
 impl ReadMany for StoreReads {
@@ -97,7 +97,7 @@ pub struct PointReads {
 
 impl PointReads {
     /// Point reads on `store`.
-    pub fn new(store: Arc<dyn Store>, options: PointReadOptions) -> Arc<PointReads> {
+    pub fn new(store: Arc<dyn BatchStore>, options: PointReadOptions) -> Arc<PointReads> {
         Self::over(Arc::new(StoreReads(store)), options)
     }
 

@@ -4,7 +4,7 @@
 //! per-statement and per-transaction work, and a flush of its log. So at most a few
 //! rounds of commits run at once, and the changes that arrive while they run wait for
 //! the next round, which commits all of them in one transaction
-//! ([`Store::commit_changes`]: one statement on PostgreSQL). A change that finds a round
+//! ([`BatchStore::commit_changes`]: one statement on PostgreSQL). A change that finds a round
 //! free goes out at once, alone, through the one-change statement: no wait is added
 //! when there is nothing to group.
 //!
@@ -35,8 +35,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use super::BatchStore;
 use super::DatabaseStatus;
-use super::Store;
 use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
 
@@ -49,14 +49,14 @@ const MAX_ROUND_BYTES: usize = 4 << 20;
 /// What group commit needs of a store.
 #[async_trait]
 pub trait CommitMany: Send + Sync + 'static {
-    /// Commits one change: see [`Store::commit_change`].
+    /// Commits one change: see [`BatchStore::commit_change`].
     async fn commit_change(&self, next: &Batch) -> Result<bool>;
     /// Commits changes of distinct batches in one transaction: see
-    /// [`Store::commit_changes`].
+    /// [`BatchStore::commit_changes`].
     async fn commit_changes(&self, nexts: &[Arc<Batch>]) -> Result<Vec<bool>>;
 }
 
-struct StoreCommits(Arc<dyn Store>);
+struct StoreCommits(Arc<dyn BatchStore>);
 
 #[async_trait]
 impl CommitMany for StoreCommits {
@@ -123,7 +123,7 @@ pub struct GroupCommits {
 
 impl GroupCommits {
     /// Group commit on `store`.
-    pub fn new(store: Arc<dyn Store>, options: GroupCommitOptions) -> Arc<GroupCommits> {
+    pub fn new(store: Arc<dyn BatchStore>, options: GroupCommitOptions) -> Arc<GroupCommits> {
         Self::over(Arc::new(StoreCommits(store)), options)
     }
 

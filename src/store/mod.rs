@@ -1,17 +1,19 @@
-//! Persistence: one [`Store`] trait, with SQLite (embedded default) and PostgreSQL
-//! (replicated deployments) behind it. [`connect`] picks the backend by URL scheme and
-//! wraps it in a [`DeadlineStore`], so that every call ends within
-//! [`StoreOptions::call_deadline`], whatever the database does.
+//! Persistence: SQLite (embedded default) and PostgreSQL (replicated deployments)
+//! behind narrow traits, one per kind of caller: [`BatchStore`], [`EventLog`] (the
+//! read-only history the watchers and the webhook dispatcher follow), [`KeyStore`],
+//! [`WebhookStore`], [`Maintenance`] and [`Lifecycle`]; [`Store`] is all of them.
+//! [`connect`] picks the backend by URL scheme and wraps it in [`WithinDeadline`], so
+//! that every call ends within [`StoreOptions::call_deadline`], whatever the database
+//! does; the deadline is applied where each trait is declared (`deadline.rs`).
 //!
 //! The store knows rows and transactions, not rules: the state machine lives in the
-//! domain, and the service is the only reader and writer of batches and keys through
-//! [`Store`] (the app also migrates, pings, samples the pool and closes it). The watch side reads
-//! through the narrower [`EventLog`] and hears other replicas' commits through the
-//! store's [`ChangeNotifier`]. Every query both backends share is written once, in
-//! [`sql`]; each backend says only what differs; [`stored_batch`] is the one mapping
-//! of a batch to its columns and to its event-log snapshots. In front of the store, on
-//! the service's side, reads by id are coalesced ([`PointReads`]) and commits of batch
-//! changes grouped ([`GroupCommits`]).
+//! domain, and the service is the only writer of batches and keys. Other replicas'
+//! commits are heard through the store's [`ChangeNotifier`]. Every query both backends
+//! share is written once, in [`sql`]; each backend says only what differs;
+//! [`stored_batch`] is the one mapping of a batch to its columns and to its event-log
+//! snapshots. In front of the store, on the service's side, reads by id are coalesced
+//! ([`PointReads`]) and commits of batch changes grouped ([`GroupCommits`]);
+//! [`DatabaseStatus`] is what the readiness check last found, which both fail fast on.
 
 mod coalesce;
 mod database_status;
@@ -34,7 +36,8 @@ use crate::error::{Error, Result};
 
 pub use coalesce::{MAX_WAITING_READS, PointReadOptions, PointReads};
 pub use database_status::DatabaseStatus;
-pub use deadline::DeadlineStore;
+pub use deadline::WithinDeadline;
+use deadline::store_trait;
 pub use group_commit::{CommitMany, GroupCommitOptions, GroupCommits, MAX_WAITING_WRITES};
 use postgres::PostgresStore;
 use sqlite::SqliteStore;
@@ -82,55 +85,57 @@ pub struct FeedBounds {
     pub head: FeedCursor,
 }
 
-/// The history of every batch, read-only: what watchers read committed versions from.
-#[async_trait]
-pub trait EventLog: Send + Sync + 'static {
-    /// Up to `limit` committed versions of a batch after `after_version`, oldest first.
-    async fn events_after(
-        &self,
-        id: &BatchId,
-        after_version: i64,
-        limit: i64,
-    ) -> Result<Vec<BatchEvent>>;
+store_trait! {
+    /// The history of every batch, read-only: what watchers read committed versions
+    /// from.
+    pub trait EventLog {
+        /// Up to `limit` committed versions of a batch after `after_version`, oldest first.
+        async fn events_after(
+            &self,
+            id: &BatchId,
+            after_version: i64,
+            limit: i64,
+        ) -> Result<Vec<BatchEvent>>;
 
-    /// The current version of each of these batches; unknown ids are left out.
-    async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>>;
+        /// The current version of each of these batches; unknown ids are left out.
+        async fn latest_versions(&self, ids: &[BatchId]) -> Result<Vec<(BatchId, i64)>>;
 
-    /// The batch with this id, whoever owns it.
-    async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
+        /// The batch with this id, whoever owns it.
+        async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>>;
 
-    /// Up to `limit` (at least 1) versions of any batch, or of `owner`'s batches only
-    /// (read through an index of each owner's changes, so that the read costs what the
-    /// owner changed, not what every tenant did), in feed order, after `after`.
-    /// Each batch's versions come in version order. Never skips one: on PostgreSQL,
-    /// where the order is the writing transactions' ids rather than their commits, the
-    /// versions of every transaction still running are held back, with everything
-    /// after them, until it has ended; SQLite's order is commit order. Fails with
-    /// [`Error::FeedCompacted`] when compaction removed changes after `after`.
-    async fn changes_after(
-        &self,
-        after: FeedCursor,
-        owner: Option<&str>,
-        limit: i64,
-    ) -> Result<FeedPage>;
+        /// Up to `limit` (at least 1) versions of any batch, or of `owner`'s batches only
+        /// (read through an index of each owner's changes, so that the read costs what the
+        /// owner changed, not what every tenant did), in feed order, after `after`.
+        /// Each batch's versions come in version order. Never skips one: on PostgreSQL,
+        /// where the order is the writing transactions' ids rather than their commits, the
+        /// versions of every transaction still running are held back, with everything
+        /// after them, until it has ended; SQLite's order is commit order. Fails with
+        /// [`Error::FeedCompacted`] when compaction removed changes after `after`.
+        async fn changes_after(
+            &self,
+            after: FeedCursor,
+            owner: Option<&str>,
+            limit: i64,
+        ) -> Result<FeedPage>;
 
-    /// The same read as [`changes_after`](EventLog::changes_after) over every owner, but
-    /// the page holds only the changes that moved a batch's status (from the version
-    /// before, when that is still in the log) or created it. `next`, and whether the
-    /// page was full, count every change read: a reader that needs only status moves
-    /// (the webhook dispatcher) reads past the others without their snapshots.
-    async fn status_moves_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage>;
+        /// The same read as [`changes_after`](EventLog::changes_after) over every owner, but
+        /// the page holds only the changes that moved a batch's status (from the version
+        /// before, when that is still in the log) or created it. `next`, and whether the
+        /// page was full, count every change read: a reader that needs only status moves
+        /// (the webhook dispatcher) reads past the others without their snapshots.
+        async fn status_moves_after(&self, after: FeedCursor, limit: i64) -> Result<FeedPage>;
 
-    /// The cursors the feed can resume from now.
-    async fn feed_bounds(&self) -> Result<FeedBounds>;
+        /// The cursors the feed can resume from now.
+        async fn feed_bounds(&self) -> Result<FeedBounds>;
 
-    /// A page of the batches matching `query` (whose `after` and order page through
-    /// them), each with the feed position of the version read: the listing part of a
-    /// collection watch.
-    async fn batches_with_positions(
-        &self,
-        query: BatchPageQuery<'_>,
-    ) -> Result<Vec<(FeedCursor, Batch)>>;
+        /// A page of the batches matching `query` (whose `after` and order page through
+        /// them), each with the feed position of the version read: the listing part of a
+        /// collection watch.
+        async fn batches_with_positions(
+            &self,
+            query: BatchPageQuery<'_>,
+        ) -> Result<Vec<(FeedCursor, Batch)>>;
+    }
 }
 
 /// Cross-replica wake-ups: a commit on one replica wakes the watchers of that batch on
@@ -207,104 +212,134 @@ pub struct EarlierClaim {
     pub request_sha256: Vec<u8>,
 }
 
-/// Where batches, their history and API keys are kept.
-#[async_trait]
-pub trait Store: EventLog + WebhookStore {
-    /// Applies pending migrations. Safe when several replicas start at once.
-    async fn migrate(&self) -> Result<()>;
+store_trait! {
+    /// Batches: created, read by id, listed, counted, and changed by compare-and-set (the
+    /// service and its grouped commits and coalesced reads).
+    pub trait BatchStore {
+        /// Inserts a new batch (version 1) and its first event, atomically.
+        async fn insert_batch(&self, batch: &Batch) -> Result<()>;
 
-    /// Succeeds when the database answers a trivial query.
-    async fn ping(&self) -> Result<()>;
-
-    /// Inserts a new batch (version 1) and its first event, atomically.
-    async fn insert_batch(&self, batch: &Batch) -> Result<()>;
-
-    /// Like [`Store::insert_batch`], but only if the idempotency key of `claim` is free
-    /// (or its claim expired), claiming it for `batch` in the same transaction.
-    /// Returns the earlier, live claim instead, writing nothing, when there is one.
-    async fn insert_batch_once(
-        &self,
-        batch: &Batch,
-        claim: IdempotencyClaim<'_>,
-    ) -> Result<Option<EarlierClaim>>;
-
-    /// Deletes at most `limit` idempotency keys claimed before `before_at`; returns
-    /// how many.
-    async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64>;
+    /// Like [`BatchStore::insert_batch`], but only if the idempotency key of `claim` is free
+        /// (or its claim expired), claiming it for `batch` in the same transaction.
+        /// Returns the earlier, live claim instead, writing nothing, when there is one.
+        async fn insert_batch_once(
+            &self,
+            batch: &Batch,
+            claim: IdempotencyClaim<'_>,
+        ) -> Result<Option<EarlierClaim>>;
 
     /// The batches with these ids, in no particular order; unknown ids are left out.
-    async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>>;
+        async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>>;
 
     /// Batches matching `query`, in the order they were stored (`seq`): last stored
-    /// first, or first stored first with `oldest_first`. That is creation order as long
-    /// as the replicas' clocks agree; a cursor is exact either way.
-    async fn list_batches(&self, query: BatchPageQuery<'_>) -> Result<Vec<Batch>>;
+        /// first, or first stored first with `oldest_first`. That is creation order as long
+        /// as the replicas' clocks agree; a cursor is exact either way.
+        async fn list_batches(&self, query: BatchPageQuery<'_>) -> Result<Vec<Batch>>;
 
     /// How many batches match `filter`, per status; statuses without any are left out.
-    async fn count_batches(&self, filter: &BatchFilter) -> Result<Vec<(BatchStatus, i64)>>;
+        async fn count_batches(&self, filter: &BatchFilter) -> Result<Vec<(BatchStatus, i64)>>;
 
     /// Replaces the batch by `next`, whose version must be one more than the stored
-    /// one, and appends `next` to the event log, atomically. Returns `false`, writing
-    /// nothing, when the stored version is no longer `next.version - 1` (another writer
-    /// got there first). Every column is written: `next` must come from the stored
-    /// batch through the domain, so that what is fixed at creation (the owner, the
-    /// metadata, whose index is written only on insert) is as stored.
-    async fn commit_change(&self, next: &Batch) -> Result<bool>;
+        /// one, and appends `next` to the event log, atomically. Returns `false`, writing
+        /// nothing, when the stored version is no longer `next.version - 1` (another writer
+        /// got there first). Every column is written: `next` must come from the stored
+        /// batch through the domain, so that what is fixed at creation (the owner, the
+        /// metadata, whose index is written only on insert) is as stored.
+        async fn commit_change(&self, next: &Batch) -> Result<bool>;
 
-    /// [`Store::commit_change`] of each of `nexts` (distinct batches) in one commit:
-    /// `true` at each index whose change was written. Each change is a compare-and-set
-    /// of its own: a version race fails that one alone.
-    async fn commit_changes(&self, nexts: &[Arc<Batch>]) -> Result<Vec<bool>>;
+    /// [`BatchStore::commit_change`] of each of `nexts` (distinct batches) in one commit:
+        /// `true` at each index whose change was written. Each change is a compare-and-set
+        /// of its own: a version race fails that one alone.
+        async fn commit_changes(&self, nexts: &[Arc<Batch>]) -> Result<Vec<bool>>;
+
+    /// Up to `limit` batches whose lifecycle timer is due: running (validating,
+        /// in_progress, finalizing) with `expires_at <= now`, or cancelling since
+        /// `cancelling_before` or earlier. In the order they were stored, which is not
+        /// necessarily the most overdue first.
+        async fn due_batches(&self, now: i64, cancelling_before: i64, limit: i64)
+        -> Result<Vec<Batch>>;
+    }
+}
+
+store_trait! {
+    /// API keys, the server's own shared keys, and the expiry of idempotency keys.
+    pub trait KeyStore {
+        /// Stores a new API key by the digest of its secret.
+        async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()>;
+
+    /// Stores `key` only if there is no API key at all yet; `true` if it was stored.
+        /// Two replicas starting together on an empty database store exactly one.
+        async fn insert_first_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<bool>;
+
+    /// The key whose secret has this digest, revoked or not.
+        async fn api_key_by_digest(&self, secret_digest: &[u8; 32]) -> Result<Option<ApiKey>>;
+
+    /// Every API key, oldest first.
+        async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
+
+    /// Marks the key revoked at `at` and, in the same transaction, disables the
+        /// all-owners webhook endpoints it configured (reason `key revoked`); `false` if
+        /// there is no such key. Revoking a revoked key keeps its first revocation time.
+        async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool>;
+
+    /// Which of the keys with these ids are revoked; unknown ids are left out.
+        async fn revoked_api_keys(&self, ids: &[String]) -> Result<Vec<String>>;
+
+    /// The server's own key named `name`, which every replica shares: `candidate` is
+        /// stored and returned if there is none yet, else the stored one (whichever
+        /// replica stored first).
+        async fn server_key(&self, name: &str, candidate: &str) -> Result<String>;
+
+    /// Deletes at most `limit` idempotency keys claimed before `before_at`; returns
+        /// how many.
+        async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64>;
+    }
+}
+
+store_trait! {
+    /// What the background work and the health checks ask of the database.
+    pub trait Maintenance {
+        /// Succeeds when the database answers a trivial query.
+        async fn ping(&self) -> Result<()>;
 
     /// Deletes at most `limit` of the events committed before `before_at`, never the
-    /// latest version of a batch, and raises the feed's oldest resumable cursor past
-    /// them in the same transaction. Returns how many were deleted. Callers delete in
-    /// chunks, each its own short transaction, so that writers (SQLite has one write
-    /// lock) never wait behind a whole compaction.
-    async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64>;
+        /// latest version of a batch, and raises the feed's oldest resumable cursor past
+        /// them in the same transaction. Returns how many were deleted. Callers delete in
+        /// chunks, each its own short transaction, so that writers (SQLite has one write
+        /// lock) never wait behind a whole compaction.
+        async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64>;
+    }
+}
+
+/// Opening, closing and watching the store: the calls without a deadline (they run
+/// at start and stop, or do not wait).
+#[async_trait]
+pub trait Lifecycle: Send + Sync + 'static {
+    /// Applies pending migrations. Safe when several replicas start at once.
+    async fn migrate(&self) -> Result<()>;
 
     /// How this replica's commits reach the watchers of other replicas: PostgreSQL's
     /// LISTEN/NOTIFY; `None` for SQLite, whose database one process owns.
     fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>>;
 
-    /// Up to `limit` batches whose lifecycle timer is due: running (validating,
-    /// in_progress, finalizing) with `expires_at <= now`, or cancelling since
-    /// `cancelling_before` or earlier. In the order they were stored, which is not
-    /// necessarily the most overdue first.
-    async fn due_batches(&self, now: i64, cancelling_before: i64, limit: i64)
-    -> Result<Vec<Batch>>;
-
     /// Connections of the pool: (open, idle).
     fn pool_usage(&self) -> (u32, u32);
 
-    /// Stores a new API key by the digest of its secret.
-    async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()>;
-
-    /// Stores `key` only if there is no API key at all yet; `true` if it was stored.
-    /// Two replicas starting together on an empty database store exactly one.
-    async fn insert_first_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<bool>;
-
-    /// The key whose secret has this digest, revoked or not.
-    async fn api_key_by_digest(&self, secret_digest: &[u8; 32]) -> Result<Option<ApiKey>>;
-
-    /// Every API key, oldest first.
-    async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
-
-    /// Marks the key revoked at `at` and, in the same transaction, disables the
-    /// all-owners webhook endpoints it configured (reason `key revoked`); `false` if
-    /// there is no such key. Revoking a revoked key keeps its first revocation time.
-    async fn revoke_api_key(&self, id: &str, at: i64) -> Result<bool>;
-
-    /// Which of the keys with these ids are revoked; unknown ids are left out.
-    async fn revoked_api_keys(&self, ids: &[String]) -> Result<Vec<String>>;
-
-    /// The server's own key named `name`, which every replica shares: `candidate` is
-    /// stored and returned if there is none yet, else the stored one (whichever
-    /// replica stored first).
-    async fn server_key(&self, name: &str, candidate: &str) -> Result<String>;
-
     /// Closes the connection pool, waiting for connections in use to be returned.
     async fn close(&self);
+}
+
+/// Where batches, their history, API keys and webhooks are kept: every seam of the
+/// store, for the parts given the whole of it (the app, and the two services: batches
+/// and keys, and webhook endpoints, which also read the feed's head and revocations).
+/// Other callers take the seams they use: the hub and the dispatcher the
+/// [`EventLog`], the dispatcher and the deliverer the [`WebhookStore`], the health
+/// checks [`Maintenance`], coalesced reads and grouped commits the [`BatchStore`].
+pub trait Store: BatchStore + EventLog + KeyStore + WebhookStore + Maintenance + Lifecycle {}
+
+impl<T> Store for T where
+    T: BatchStore + EventLog + KeyStore + WebhookStore + Maintenance + Lifecycle + ?Sized
+{
 }
 
 /// Connection settings shared by both backends.
@@ -342,12 +377,19 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://batchd.db";
 
 /// Opens the store named by `url`: `sqlite://path` (created if missing) or
 /// `postgres://...`, every call of which ends within the acquire timeout (see
-/// [`DeadlineStore`]). Does not migrate; call [`Store::migrate`].
+/// [`WithinDeadline`]). Does not migrate; call [`Lifecycle::migrate`].
 pub async fn connect(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
     let scheme = url.split(':').next().unwrap_or_default();
+    let deadline = options.call_deadline();
     let store: Arc<dyn Store> = match scheme {
-        "sqlite" => Arc::new(SqliteStore::connect(url, options).await?),
-        "postgres" | "postgresql" => Arc::new(PostgresStore::connect(url, options).await?),
+        "sqlite" => Arc::new(WithinDeadline::new(
+            SqliteStore::connect(url, options).await?,
+            deadline,
+        )),
+        "postgres" | "postgresql" => Arc::new(WithinDeadline::new(
+            PostgresStore::connect(url, options).await?,
+            deadline,
+        )),
         _ => {
             return Err(Error::invalid(
                 "database_url",
@@ -357,7 +399,7 @@ pub async fn connect(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>
             ));
         }
     };
-    Ok(Arc::new(DeadlineStore::new(store, options.call_deadline())))
+    Ok(store)
 }
 
 /// Hides credentials when a URL is logged.

@@ -17,7 +17,7 @@ use sqlx::{
 use super::stored_batch::{self, StoredBatchV1};
 use super::{
     BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedBounds, FeedChange, FeedCursor,
-    FeedPage, IdempotencyClaim, Store,
+    FeedPage, IdempotencyClaim,
 };
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchFilter, BatchId, BatchStatus, Scope};
 use crate::error::{Error, Result};
@@ -527,34 +527,20 @@ where
 }
 
 #[async_trait]
-impl<B: Backend> Store for SqlStore<B>
+impl<B: Backend> super::BatchStore for SqlStore<B>
 where
     for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
     <B::Db as Database>::Arguments: IntoArguments<B::Db>,
     for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
-    for<'q> &'q [u8]: Encode<'q, B::Db> + Type<B::Db>,
     i64: for<'q> Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> &'q [u8]: Encode<'q, B::Db> + Type<B::Db>,
     StoredBatchV1: for<'r> FromRow<'r, <B::Db as Database>::Row>,
     EventRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
-    ApiKeyRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
     PositionedRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (i64, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (String, Vec<u8>): for<'r> FromRow<'r, <B::Db as Database>::Row>,
-    (bool,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
-    (String,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (String, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
-    SqlStore<B>: super::WebhookStore,
 {
-    #[tracing::instrument(level = "debug", name = "store.migrate", skip_all, fields(db.system = B::SYSTEM))]
-    async fn migrate(&self) -> Result<()> {
-        self.backend.migrate(&self.pool).await
-    }
-
-    #[tracing::instrument(level = "debug", name = "store.ping", skip_all, fields(db.system = B::SYSTEM))]
-    async fn ping(&self) -> Result<()> {
-        self.health.ping().await
-    }
-
     #[tracing::instrument(level = "debug", name = "store.insert_batch", skip_all, fields(db.system = B::SYSTEM, batch_id = %batch.id))]
     async fn insert_batch(&self, batch: &Batch) -> Result<()> {
         B::insert_batch(&self.pool, &StoredBatchV1::from(batch)).await
@@ -600,14 +586,6 @@ where
         B::insert_batch_in(&mut tx, &StoredBatchV1::from(batch)).await?;
         tx.commit().await?;
         Ok(None)
-    }
-
-    #[tracing::instrument(level = "debug", name = "store.forget_idempotency_keys", skip_all, fields(db.system = B::SYSTEM))]
-    async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64> {
-        let result = before_and_limit(FORGET_IDEMPOTENCY_KEYS, before_at, limit)
-            .execute(&self.pool)
-            .await?;
-        Ok(B::Db::rows_affected(&result))
     }
 
     #[tracing::instrument(level = "debug", name = "store.get_batches", skip_all, fields(db.system = B::SYSTEM, batches = ids.len()))]
@@ -678,38 +656,6 @@ where
         B::commit_changes(&self.pool, &stored).await
     }
 
-    #[tracing::instrument(level = "debug", name = "store.compact_events", skip_all, fields(db.system = B::SYSTEM))]
-    async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
-        let mut tx = B::begin_write(&self.pool).await?;
-        // Built from constant text only: the backend's column expression.
-        let delete = sqlx::AssertSqlSafe(compact_events(
-            &B::transaction_of(""),
-            &B::transaction_of("e."),
-            &B::transaction_of("n."),
-            B::READABLE_BY_THE_FEED,
-        ));
-        let deleted: Vec<(i64, i64)> = sqlx::query_as(delete)
-            .bind(before_at)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await?;
-        // A reader that has not passed every deleted change yet is refused from now on
-        // (`FeedCompacted`), never served a gap.
-        if let Some(&(transaction, position)) = deleted.iter().max() {
-            sqlx::query(RAISE_COMPACTION_WATERMARK)
-                .bind(transaction)
-                .bind(position)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(deleted.len() as u64)
-    }
-
-    fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
-        self.backend.notifier()
-    }
-
     #[tracing::instrument(level = "debug", name = "store.due_batches", skip_all, fields(db.system = B::SYSTEM))]
     async fn due_batches(
         &self,
@@ -725,11 +671,20 @@ where
             .await?;
         convert_all(rows)
     }
+}
 
-    fn pool_usage(&self) -> (u32, u32) {
-        (self.pool.size(), self.pool.num_idle() as u32)
-    }
-
+#[async_trait]
+impl<B: Backend> super::KeyStore for SqlStore<B>
+where
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    <B::Db as Database>::Arguments: IntoArguments<B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    i64: for<'q> Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> &'q [u8]: Encode<'q, B::Db> + Type<B::Db>,
+    ApiKeyRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    (bool,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    (String,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+{
     #[tracing::instrument(level = "debug", name = "store.insert_api_key", skip_all, fields(db.system = B::SYSTEM))]
     async fn insert_api_key(&self, key: &ApiKey, secret_digest: &[u8; 32]) -> Result<()> {
         insert_api_key(key, secret_digest)
@@ -785,20 +740,6 @@ where
         Ok(B::Db::rows_affected(&result) == 1)
     }
 
-    #[tracing::instrument(level = "debug", name = "store.server_key", skip_all, fields(db.system = B::SYSTEM))]
-    async fn server_key(&self, name: &str, candidate: &str) -> Result<String> {
-        sqlx::query(INSERT_SERVER_KEY)
-            .bind(name)
-            .bind(candidate)
-            .execute(&self.pool)
-            .await?;
-        let (secret,): (String,) = sqlx::query_as(SELECT_SERVER_KEY)
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(secret)
-    }
-
     #[tracing::instrument(level = "debug", name = "store.revoked_api_keys", skip_all, fields(db.system = B::SYSTEM, keys = ids.len()))]
     async fn revoked_api_keys(&self, ids: &[String]) -> Result<Vec<String>> {
         if ids.is_empty() {
@@ -814,6 +755,93 @@ where
         query.push(")");
         let rows: Vec<(String,)> = query.build_query_as().fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.server_key", skip_all, fields(db.system = B::SYSTEM))]
+    async fn server_key(&self, name: &str, candidate: &str) -> Result<String> {
+        sqlx::query(INSERT_SERVER_KEY)
+            .bind(name)
+            .bind(candidate)
+            .execute(&self.pool)
+            .await?;
+        let (secret,): (String,) = sqlx::query_as(SELECT_SERVER_KEY)
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(secret)
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.forget_idempotency_keys", skip_all, fields(db.system = B::SYSTEM))]
+    async fn forget_idempotency_keys(&self, before_at: i64, limit: i64) -> Result<u64> {
+        let result = before_and_limit(FORGET_IDEMPOTENCY_KEYS, before_at, limit)
+            .execute(&self.pool)
+            .await?;
+        Ok(B::Db::rows_affected(&result))
+    }
+}
+
+#[async_trait]
+impl<B: Backend> super::Maintenance for SqlStore<B>
+where
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    <B::Db as Database>::Arguments: IntoArguments<B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    i64: for<'q> Encode<'q, B::Db> + Type<B::Db>,
+    (i64, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+{
+    #[tracing::instrument(level = "debug", name = "store.ping", skip_all, fields(db.system = B::SYSTEM))]
+    async fn ping(&self) -> Result<()> {
+        self.health.ping().await
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.compact_events", skip_all, fields(db.system = B::SYSTEM))]
+    async fn compact_events(&self, before_at: i64, limit: i64) -> Result<u64> {
+        let mut tx = B::begin_write(&self.pool).await?;
+        // Built from constant text only: the backend's column expression.
+        let delete = sqlx::AssertSqlSafe(compact_events(
+            &B::transaction_of(""),
+            &B::transaction_of("e."),
+            &B::transaction_of("n."),
+            B::READABLE_BY_THE_FEED,
+        ));
+        let deleted: Vec<(i64, i64)> = sqlx::query_as(delete)
+            .bind(before_at)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        // A reader that has not passed every deleted change yet is refused from now on
+        // (`FeedCompacted`), never served a gap.
+        if let Some(&(transaction, position)) = deleted.iter().max() {
+            sqlx::query(RAISE_COMPACTION_WATERMARK)
+                .bind(transaction)
+                .bind(position)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(deleted.len() as u64)
+    }
+}
+
+#[async_trait]
+impl<B: Backend> super::Lifecycle for SqlStore<B>
+where
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    <B::Db as Database>::Arguments: IntoArguments<B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    i64: for<'q> Encode<'q, B::Db> + Type<B::Db>,
+{
+    #[tracing::instrument(level = "debug", name = "store.migrate", skip_all, fields(db.system = B::SYSTEM))]
+    async fn migrate(&self) -> Result<()> {
+        self.backend.migrate(&self.pool).await
+    }
+
+    fn notifier(&self) -> Option<Arc<dyn ChangeNotifier>> {
+        self.backend.notifier()
+    }
+
+    fn pool_usage(&self) -> (u32, u32) {
+        (self.pool.size(), self.pool.num_idle() as u32)
     }
 
     async fn close(&self) {

@@ -4,8 +4,8 @@
 use async_trait::async_trait;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, QueryBuilder, Type};
 
-use super::FeedCursor;
 use super::sql::{Backend, SqlDatabase, SqlStore, convert_all};
+use super::{FeedCursor, store_trait};
 use crate::error::{Error, Result};
 
 /// Why a revoked key's change of an endpoint is refused.
@@ -45,89 +45,90 @@ pub struct DeliveryQueue {
     pub oldest_created_at: Option<i64>,
 }
 
-/// Webhook endpoints and deliveries.
-#[async_trait]
-pub trait WebhookStore: Send + Sync {
-    /// Inserts `endpoint` unless its owner already has `max_per_owner` of its kind (its
-    /// own, or all-owners ones); also creates
-    /// the dispatcher's position (at the endpoint's start) if there is none yet.
-    /// Fails with [`Error::Unauthenticated`] if its configuring key is revoked.
-    async fn insert_endpoint(&self, endpoint: &WebhookEndpoint, max_per_owner: i64)
-    -> Result<bool>;
+store_trait! {
+    /// Webhook endpoints and deliveries.
+    pub trait WebhookStore {
+        /// Inserts `endpoint` unless its owner already has `max_per_owner` of its kind (its
+        /// own, or all-owners ones); also creates
+        /// the dispatcher's position (at the endpoint's start) if there is none yet.
+        /// Fails with [`Error::Unauthenticated`] if its configuring key is revoked.
+        async fn insert_endpoint(&self, endpoint: &WebhookEndpoint, max_per_owner: i64)
+        -> Result<bool>;
 
-    /// The endpoint with this id.
-    async fn get_endpoint(&self, id: &str) -> Result<Option<WebhookEndpoint>>;
+        /// The endpoint with this id.
+        async fn get_endpoint(&self, id: &str) -> Result<Option<WebhookEndpoint>>;
 
-    /// Endpoints newest first: `owner`'s own, which leaves out its all-owners ones
-    /// (every endpoint for `None`), created before endpoint `before` if given; at
-    /// most `limit`.
-    async fn list_endpoints(
-        &self,
-        owner: Option<&str>,
-        before: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<WebhookEndpoint>>;
+        /// Endpoints newest first: `owner`'s own, which leaves out its all-owners ones
+        /// (every endpoint for `None`), created before endpoint `before` if given; at
+        /// most `limit`.
+        async fn list_endpoints(
+            &self,
+            owner: Option<&str>,
+            before: Option<&str>,
+            limit: i64,
+        ) -> Result<Vec<WebhookEndpoint>>;
 
-    /// Replaces the endpoint's settings, secrets, state and configuring key, if its
-    /// current secret is still `expected_secret` (no other change got in between) and
-    /// that key is not revoked; `false` otherwise.
-    async fn update_endpoint(
-        &self,
-        endpoint: &WebhookEndpoint,
-        expected_secret: &SealedSecret,
-    ) -> Result<bool>;
+        /// Replaces the endpoint's settings, secrets, state and configuring key, if its
+        /// current secret is still `expected_secret` (no other change got in between) and
+        /// that key is not revoked; `false` otherwise.
+        async fn update_endpoint(
+            &self,
+            endpoint: &WebhookEndpoint,
+            expected_secret: &SealedSecret,
+        ) -> Result<bool>;
 
-    /// Deletes the endpoint and its deliveries.
-    async fn delete_endpoint(&self, id: &str) -> Result<bool>;
+        /// Deletes the endpoint and its deliveries.
+        async fn delete_endpoint(&self, id: &str) -> Result<bool>;
 
-    /// The enabled endpoints that follow any of `owners`' batches (an all-owners
-    /// endpoint only while its key is not revoked).
-    async fn endpoints_following(&self, owners: &[&str]) -> Result<Vec<WebhookEndpoint>>;
+        /// The enabled endpoints that follow any of `owners`' batches (an all-owners
+        /// endpoint only while its key is not revoked).
+        async fn endpoints_following(&self, owners: &[&str]) -> Result<Vec<WebhookEndpoint>>;
 
-    /// Where the dispatcher is; `start` when it has no position yet (which is then
-    /// stored).
-    async fn dispatch_position(&self, start: FeedCursor) -> Result<FeedCursor>;
+        /// Where the dispatcher is; `start` when it has no position yet (which is then
+        /// stored).
+        async fn dispatch_position(&self, start: FeedCursor) -> Result<FeedCursor>;
 
-    /// Moves the dispatcher from `from` to `to` and queues `deliveries`, atomically;
-    /// `false`, writing nothing, if it is no longer at `from` (another replica moved
-    /// it). A delivery of an event already queued for its endpoint is left out.
-    async fn queue_deliveries(
-        &self,
-        from: FeedCursor,
-        to: FeedCursor,
-        deliveries: &[NewDelivery],
-    ) -> Result<bool>;
+        /// Moves the dispatcher from `from` to `to` and queues `deliveries`, atomically;
+        /// `false`, writing nothing, if it is no longer at `from` (another replica moved
+        /// it). A delivery of an event already queued for its endpoint is left out.
+        async fn queue_deliveries(
+            &self,
+            from: FeedCursor,
+            to: FeedCursor,
+            deliveries: &[NewDelivery],
+        ) -> Result<bool>;
 
-    /// Leases due deliveries to a replica, at most `per_endpoint` of any one endpoint
-    /// and `per_owner` of any one owner, taking the owners in turn (each owner's
-    /// longest due first).
-    async fn claim_deliveries(&self, claim: &DeliveryClaim<'_>) -> Result<Vec<Delivery>>;
+        /// Leases due deliveries to a replica, at most `per_endpoint` of any one endpoint
+        /// and `per_owner` of any one owner, taking the owners in turn (each owner's
+        /// longest due first).
+        async fn claim_deliveries(&self, claim: &DeliveryClaim<'_>) -> Result<Vec<Delivery>>;
 
-    /// Gives back leases a replica took but will not use.
-    async fn release_deliveries(&self, replica: &str, ids: &[String]) -> Result<()>;
+        /// Gives back leases a replica took but will not use.
+        async fn release_deliveries(&self, replica: &str, ids: &[String]) -> Result<()>;
 
-    /// Records an attempt on delivery `id` of `endpoint_id` and its consequences, if
-    /// `replica` still holds its lease; `false` otherwise.
-    async fn record_attempt(
-        &self,
-        replica: &str,
-        endpoint_id: &str,
-        id: &str,
-        attempt: &AttemptRecord,
-    ) -> Result<bool>;
+        /// Records an attempt on delivery `id` of `endpoint_id` and its consequences, if
+        /// `replica` still holds its lease; `false` otherwise.
+        async fn record_attempt(
+            &self,
+            replica: &str,
+            endpoint_id: &str,
+            id: &str,
+            attempt: &AttemptRecord,
+        ) -> Result<bool>;
 
-    /// An endpoint's deliveries, newest first, at most `limit`.
-    async fn list_deliveries(&self, endpoint_id: &str, limit: i64) -> Result<Vec<Delivery>>;
+        /// An endpoint's deliveries, newest first, at most `limit`.
+        async fn list_deliveries(&self, endpoint_id: &str, limit: i64) -> Result<Vec<Delivery>>;
 
-    /// Makes delivery `id` of `endpoint_id` due at `now_ms` (again, with a fresh
-    /// count of attempts if it had finished); `false` if there is no such delivery.
-    async fn retry_delivery(&self, endpoint_id: &str, id: &str, now_ms: i64) -> Result<bool>;
+        /// Makes delivery `id` of `endpoint_id` due at `now_ms` (again, with a fresh
+        /// count of attempts if it had finished); `false` if there is no such delivery.
+        async fn retry_delivery(&self, endpoint_id: &str, id: &str, now_ms: i64) -> Result<bool>;
 
-    /// The queue's depth and age.
-    async fn delivery_queue(&self) -> Result<DeliveryQueue>;
+        /// The queue's depth and age.
+        async fn delivery_queue(&self) -> Result<DeliveryQueue>;
 
-    /// Deletes up to `limit` deliveries that finished before `before_ms`.
-    async fn forget_deliveries(&self, before_ms: i64, limit: i64) -> Result<u64>;
+        /// Deletes up to `limit` deliveries that finished before `before_ms`.
+        async fn forget_deliveries(&self, before_ms: i64, limit: i64) -> Result<u64>;
+    }
 }
 
 const ENDPOINT_COLUMNS: &str = "id, owner, all_owners, name, url, event_types, secret, \

@@ -27,7 +27,7 @@ use crate::domain::webhooks::delivery::{
 use crate::domain::webhooks::endpoint::WebhookEndpoint;
 use crate::error::Result;
 use crate::shutdown;
-use crate::store::{DeliveryClaim, Store};
+use crate::store::{DeliveryClaim, WebhookStore};
 
 /// How long a woken deliverer waits for more attempts to finish before it claims.
 const CLAIM_GATHER: Duration = Duration::from_millis(2);
@@ -43,7 +43,7 @@ const QUEUE_GAUGE_PERIOD: Duration = Duration::from_secs(5);
 
 /// Sends the deliveries this replica claims.
 pub struct Deliverer {
-    store: Arc<dyn Store>,
+    store: Arc<dyn WebhookStore>,
     sender: Sender,
     options: WebhookOptions,
     /// The service's clock: when a rotation's overlap ends, how long an endpoint has
@@ -61,7 +61,7 @@ impl Deliverer {
     /// `wake` is signalled when deliveries were queued.
     pub fn new(
         webhooks: &WebhookService,
-        store: Arc<dyn Store>,
+        store: Arc<dyn WebhookStore>,
         clock: Arc<dyn Clock>,
         wake: Arc<Notify>,
     ) -> Arc<Deliverer> {

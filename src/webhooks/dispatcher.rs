@@ -17,7 +17,7 @@ use crate::domain::webhooks::endpoint::WebhookEndpoint;
 use crate::domain::webhooks::events::{WebhookEvent, WebhookEventType};
 use crate::error::{Error, Result};
 use crate::shutdown;
-use crate::store::{FeedChange, FeedCursor, Store};
+use crate::store::{EventLog, FeedChange, FeedCursor, WebhookStore};
 
 /// Changes read per page.
 const PAGE: i64 = 500;
@@ -36,7 +36,8 @@ const STORE_IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Runs the dispatcher until the stop signal: woken by `commits`, or every `poll`;
 /// wakes `deliveries` whenever it queued some.
 pub async fn run(
-    store: Arc<dyn Store>,
+    feed: Arc<dyn EventLog>,
+    queue: Arc<dyn WebhookStore>,
     commits: Arc<Notify>,
     deliveries: Arc<Notify>,
     poll: Duration,
@@ -45,7 +46,7 @@ pub async fn run(
     let mut position: Option<Position> = None;
     let mut held_back_wait = HELD_BACK_RETRY;
     loop {
-        let progress = dispatch_once(&store, &mut position, &deliveries).await;
+        let progress = dispatch_once(&*feed, &*queue, &mut position, &deliveries).await;
         if !matches!(progress, Ok(Progress::HeldBack)) {
             held_back_wait = HELD_BACK_RETRY;
         }
@@ -112,15 +113,16 @@ fn pause_after(changes: usize) -> Duration {
 }
 
 async fn dispatch_once(
-    store: &Arc<dyn Store>,
+    feed: &dyn EventLog,
+    queue: &dyn WebhookStore,
     position: &mut Option<Position>,
     deliveries: &Notify,
 ) -> Result<Progress> {
     let at = match *position {
         Some(at) => at,
         None => {
-            let head = store.feed_bounds().await?.head;
-            let stored = store.dispatch_position(head).await?;
+            let head = feed.feed_bounds().await?.head;
+            let stored = queue.dispatch_position(head).await?;
             let at = Position {
                 stored,
                 read: stored,
@@ -130,19 +132,19 @@ async fn dispatch_once(
             at
         }
     };
-    let page = match store.status_moves_after(at.read, PAGE).await {
+    let page = match feed.status_moves_after(at.read, PAGE).await {
         Ok(page) => page,
         Err(Error::FeedCompacted { .. }) => {
             // Compaction keeps what the dispatcher has not read, so this means the
             // stored position was moved back by hand; the events in between are gone.
             metrics::counter!("batchd_webhook_dispatch_gaps_total").increment(1);
-            let bounds = store.feed_bounds().await?;
+            let bounds = feed.feed_bounds().await?;
             tracing::error!(
                 after = %at.read,
                 oldest = %bounds.oldest,
                 "webhook dispatch: the event log no longer holds every change after the dispatcher's position; continuing from the oldest"
             );
-            store.status_moves_after(bounds.oldest, PAGE).await?
+            feed.status_moves_after(bounds.oldest, PAGE).await?
         }
         Err(other) => return Err(other),
     };
@@ -153,7 +155,7 @@ async fn dispatch_once(
     } else {
         Progress::CaughtUp(page.read)
     };
-    let queued = deliveries_of(store, &page.changes).await?;
+    let queued = deliveries_of(queue, &page.changes).await?;
     let idle_for_long = at.stored_at.elapsed() >= STORE_IDLE_PROGRESS_EVERY;
     if queued.is_empty() && !(idle_for_long && page.next > at.stored) {
         *position = Some(Position {
@@ -162,7 +164,7 @@ async fn dispatch_once(
         });
         return Ok(progress);
     }
-    if !store
+    if !queue
         .queue_deliveries(at.stored, page.next, &queued)
         .await?
     {
@@ -192,7 +194,10 @@ async fn dispatch_once(
 /// The deliveries of `changes`: for each status change, one per enabled endpoint that
 /// follows the batch's owner, subscribes to the event type and was created before the
 /// change.
-async fn deliveries_of(store: &Arc<dyn Store>, changes: &[FeedChange]) -> Result<Vec<NewDelivery>> {
+async fn deliveries_of(
+    queue: &dyn WebhookStore,
+    changes: &[FeedChange],
+) -> Result<Vec<NewDelivery>> {
     let events: Vec<(&FeedChange, WebhookEventType)> = changes
         .iter()
         .filter_map(|change| {
@@ -208,7 +213,7 @@ async fn deliveries_of(store: &Arc<dyn Store>, changes: &[FeedChange]) -> Result
         .map(|(change, _)| change.batch.user_id.as_str())
         .collect();
     let owners: Vec<&str> = owners.into_iter().collect();
-    let endpoints = store.endpoints_following(&owners).await?;
+    let endpoints = queue.endpoints_following(&owners).await?;
     if endpoints.is_empty() {
         return Ok(Vec::new());
     }
