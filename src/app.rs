@@ -314,8 +314,14 @@ impl App {
             ("health checks", Ok(()))
         });
 
-        spawn_background_work(&mut tasks, &store, &hub, &service, options, &shutdown);
-        spawn_webhook_work(&mut tasks, &store, &hub, &webhooks, options, &shutdown)?;
+        spawn_background_work(
+            &mut tasks,
+            &store,
+            &hub,
+            (&service, &webhooks),
+            options,
+            &shutdown,
+        );
 
         let grpc_stopped = stopped(&shutdown);
         tasks.spawn(async move {
@@ -467,47 +473,37 @@ const MIN_REVOCATION_CHECK: Duration = Duration::from_millis(100);
 /// The background work of a replica: the lifecycle timers, the event log's
 /// compaction, the watch hub's safety poll, the revocation checks of open watch
 /// streams and, when the store has one, the cross-replica notifier. Each runs until
-/// the stop signal.
+/// the stop signal. Then the webhooks': the dispatcher (change feed to deliveries),
+/// this replica's deliverer, and the deletion of finished deliveries past their
+/// retention.
 fn spawn_background_work(
     tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
     store: &Arc<dyn Store>,
     hub: &Arc<WatchHub>,
-    service: &Arc<BatchService>,
+    (service, webhooks): (&Arc<BatchService>, &Arc<WebhookService>),
     options: &ServeOptions,
     shutdown: &watch::Sender<bool>,
 ) {
-    let sweeper = service.clone();
     let cancel_grace = options.cancel_grace;
     tasks.spawn(every(
         options.sweep_interval,
         shutdown,
-        "lifecycle timers",
-        move || {
-            let sweeper = sweeper.clone();
-            async move {
-                if let Err(error) = sweeper.sweep_due_batches(cancel_grace).await {
-                    tracing::warn!(%error, "applying the lifecycle timers failed");
-                }
-            }
-        },
+        "applying the lifecycle timers",
+        service.clone(),
+        move |service| async move { service.sweep_due_batches(cancel_grace).await },
     ));
 
-    let compactor = service.clone();
     let retention = options.event_retention;
     tasks.spawn(every(
         options.event_compaction_interval,
         shutdown,
-        "event log compaction",
-        move || {
-            let compactor = compactor.clone();
-            async move {
-                if let Err(error) = compactor.compact_event_log(retention).await {
-                    tracing::warn!(%error, "event log compaction failed");
-                }
-                if let Err(error) = compactor.forget_expired_idempotency_keys().await {
-                    tracing::warn!(%error, "deleting expired idempotency keys failed");
-                }
-            }
+        "event log compaction or deleting expired idempotency keys",
+        service.clone(),
+        move |service| async move {
+            // One after the other, as two writers would contend for SQLite's one lock.
+            let compacted = service.compact_event_log(retention).await;
+            let forgotten = service.forget_expired_idempotency_keys().await;
+            compacted.and(forgotten)
         },
     ));
 
@@ -519,19 +515,12 @@ fn spawn_background_work(
 
     // Open streams of a revoked key end within the time its cached lookup is trusted,
     // the time in which new requests with it are refused.
-    let checker = service.clone();
     tasks.spawn(every(
         options.caches.api_key_ttl.max(MIN_REVOCATION_CHECK),
         shutdown,
-        "watch revocation checks",
-        move || {
-            let checker = checker.clone();
-            async move {
-                if let Err(error) = checker.end_watches_of_revoked_keys().await {
-                    tracing::warn!(%error, "checking watched API keys for revocation failed");
-                }
-            }
-        },
+        "checking watched API keys for revocation",
+        service.clone(),
+        move |service| async move { service.end_watches_of_revoked_keys().await },
     ));
 
     if let Some(notifier) = store.notifier() {
@@ -542,18 +531,8 @@ fn spawn_background_work(
             ("cross-replica wake-ups", Ok(()))
         });
     }
-}
 
-/// The webhook dispatcher (change feed to deliveries), this replica's deliverer, and
-/// the deletion of finished deliveries past their retention.
-fn spawn_webhook_work(
-    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
-    store: &Arc<dyn Store>,
-    hub: &Arc<WatchHub>,
-    webhooks: &Arc<WebhookService>,
-    options: &ServeOptions,
-    shutdown: &watch::Sender<bool>,
-) -> anyhow::Result<()> {
+    // Webhooks.
     let queued = Arc::new(tokio::sync::Notify::new());
     let dispatch = dispatcher::run(
         store.clone(),
@@ -573,39 +552,38 @@ fn spawn_webhook_work(
         deliverer.run(stopping).await;
         ("webhook deliverer", Ok(()))
     });
-    let forgetter = webhooks.clone();
     tasks.spawn(every(
         options.event_compaction_interval,
         shutdown,
-        "webhook delivery retention",
-        move || {
-            let forgetter = forgetter.clone();
-            async move {
-                if let Err(error) = forgetter.forget_finished_deliveries().await {
-                    tracing::warn!(%error, "deleting finished webhook deliveries failed");
-                }
-            }
-        },
+        "deleting finished webhook deliveries",
+        webhooks.clone(),
+        move |webhooks| async move { webhooks.forget_finished_deliveries().await },
     ));
-    Ok(())
 }
 
-/// Runs `work` every `period` until the stop signal.
-fn every<F, Fut>(
+/// Runs `work` on `part` every `period` until the stop signal. A failed run is logged
+/// as `name` failing, and the next run comes a period later.
+fn every<T, W, Fut, R>(
     period: Duration,
     shutdown: &watch::Sender<bool>,
     name: &'static str,
-    mut work: F,
+    part: Arc<T>,
+    work: W,
 ) -> impl Future<Output = (&'static str, anyhow::Result<()>)> + Send + 'static
 where
-    F: FnMut() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
+    T: Send + Sync + 'static,
+    W: Fn(Arc<T>) -> Fut + Send + 'static,
+    Fut: Future<Output = crate::error::Result<R>> + Send,
 {
     let mut stopping = shutdown.subscribe();
     async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(period) => work().await,
+                _ = tokio::time::sleep(period) => {
+                    if let Err(error) = work(part.clone()).await {
+                        tracing::warn!(%error, "{name} failed");
+                    }
+                }
                 _ = shutdown::requested(&mut stopping) => return (name, Ok(())),
             }
         }

@@ -184,8 +184,8 @@ impl DatabaseArgs {
     /// The pool settings the flags ask for.
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
-            max_connections: self.pool.max_connections,
-            acquire_timeout: self.pool.acquire_timeout.into(),
+            max_connections: self.pool.database_max_connections,
+            acquire_timeout: self.pool.database_acquire_timeout.into(),
         }
     }
 }
@@ -195,24 +195,22 @@ impl DatabaseArgs {
 struct PoolArgs {
     /// Most open database connections.
     #[arg(
-        long = "database-max-connections",
-        value_name = "DATABASE_MAX_CONNECTIONS",
+        long,
         env = "BATCHD_DATABASE_MAX_CONNECTIONS",
         default_value_t = StoreOptions::default().max_connections
     )]
-    max_connections: u32,
+    database_max_connections: u32,
 
     /// How long a request waits for a database connection before failing with
     /// UNAVAILABLE.
     // Also the deadline of each whole database call and PostgreSQL's
     // `statement_timeout`: see `StoreOptions::call_deadline`.
     #[arg(
-        long = "database-acquire-timeout",
-        value_name = "DATABASE_ACQUIRE_TIMEOUT",
+        long,
         env = "BATCHD_DATABASE_ACQUIRE_TIMEOUT",
         default_value_t = StoreOptions::default().acquire_timeout.into()
     )]
-    acquire_timeout: HumanDuration,
+    database_acquire_timeout: HumanDuration,
 }
 
 /// A count of at least 1 (a `u32` on the command line).
@@ -228,30 +226,27 @@ struct RoundArgs {
     /// they run are fetched together by the next one, which spares the database a
     /// round trip per read under load.
     #[arg(
-        long = "database-point-read-queries",
-        value_name = "DATABASE_POINT_READ_QUERIES",
+        long,
         env = "BATCHD_DATABASE_POINT_READ_QUERIES",
         default_value_t = PointReadOptions::default().concurrent_queries,
         value_parser = at_least_one()
     )]
-    point_read_queries: usize,
+    database_point_read_queries: usize,
 
     /// Most rounds of batch changes committing at once. Changes that arrive while they
     /// run are committed together by the next round, in one transaction (one statement
     /// on PostgreSQL), which spares the database a commit per change under load.
     #[arg(
-        long = "database-commit-rounds",
-        value_name = "DATABASE_COMMIT_ROUNDS",
+        long,
         env = "BATCHD_DATABASE_COMMIT_ROUNDS",
         default_value_t = GroupCommitOptions::default().concurrent_rounds,
         value_parser = at_least_one()
     )]
-    commit_rounds: usize,
+    database_commit_rounds: usize,
 
     /// Most batch changes committed by one round.
     #[arg(
-        long = "database-commit-round-size",
-        value_name = "DATABASE_COMMIT_ROUND_SIZE",
+        long,
         env = "BATCHD_DATABASE_COMMIT_ROUND_SIZE",
         default_value_t = GroupCommitOptions::default().max_round,
         value_parser = clap::builder::TypedValueParser::map(
@@ -259,7 +254,7 @@ struct RoundArgs {
             |changes| changes as usize
         )
     )]
-    commit_round_size: usize,
+    database_commit_round_size: usize,
 }
 
 /// `batchd serve`'s flags, which fill [`ServeOptions`]. Every default is the one the
@@ -347,12 +342,12 @@ impl From<ServeArgs> for ServeOptions {
             store: args.database.store_options(),
             database_url: args.database.database_url,
             point_reads: PointReadOptions {
-                concurrent_queries: args.rounds.point_read_queries,
+                concurrent_queries: args.rounds.database_point_read_queries,
                 ..PointReadOptions::default()
             },
             commits: GroupCommitOptions {
-                concurrent_rounds: args.rounds.commit_rounds,
-                max_round: args.rounds.commit_round_size,
+                concurrent_rounds: args.rounds.database_commit_rounds,
+                max_round: args.rounds.database_commit_round_size,
                 ..GroupCommitOptions::default()
             },
             grpc_addr: args.grpc_addr,
@@ -363,9 +358,9 @@ impl From<ServeArgs> for ServeOptions {
             },
             health_check_interval: args.health_check_interval.into(),
             watch: WatchOptions {
-                heartbeat: args.watch.heartbeat.into(),
+                heartbeat: args.watch.watch_heartbeat.into(),
                 max_watches_per_key: args.watch.max_watches_per_key,
-                safety_poll: args.watch.safety_poll.into(),
+                safety_poll: args.watch.watch_safety_poll.into(),
                 ..WatchOptions::default()
             },
             event_retention: args.event_retention.into(),
@@ -377,27 +372,27 @@ impl From<ServeArgs> for ServeOptions {
             console: args.console,
             create_first_key: args.create_first_key,
             caches: CacheOptions {
-                api_key_ttl: args.caches.api_key_ttl.into(),
-                terminal_batches: args.caches.terminal_batches,
-                terminal_bytes: args.caches.terminal_bytes,
-                latest_batches: args.caches.latest_batches,
-                latest_bytes: args.caches.latest_bytes,
+                api_key_ttl: args.caches.api_key_cache_ttl.into(),
+                terminal_batches: args.caches.terminal_cache_entries,
+                terminal_bytes: args.caches.terminal_cache_bytes,
+                latest_batches: args.caches.latest_cache_entries,
+                latest_bytes: args.caches.latest_cache_bytes,
             },
             webhooks: WebhookOptions {
                 policy: DestinationPolicy {
-                    allow_http: args.webhooks.allow_http,
-                    allow_private_networks: args.webhooks.allow_private_networks,
+                    allow_http: args.webhooks.webhook_allow_http,
+                    allow_private_networks: args.webhooks.webhook_allow_private_networks,
                 },
-                retries: args.webhooks.retries,
-                attempt_timeout: args.webhooks.attempt_timeout.into(),
-                disable_after: args.webhooks.disable_after.into(),
-                concurrency: args.webhooks.concurrency,
-                concurrency_per_endpoint: args.webhooks.concurrency_per_endpoint,
-                concurrency_per_owner: args.webhooks.concurrency_per_owner,
-                poll: args.webhooks.poll.into(),
-                sealer: args.webhooks.sealer,
-                max_endpoints_per_owner: args.webhooks.max_endpoints_per_owner,
-                delivery_retention: args.webhooks.delivery_retention.into(),
+                retries: args.webhooks.webhook_retry_schedule,
+                attempt_timeout: args.webhooks.webhook_timeout.into(),
+                disable_after: args.webhooks.webhook_disable_after.into(),
+                concurrency: args.webhooks.webhook_concurrency,
+                concurrency_per_endpoint: args.webhooks.webhook_concurrency_per_endpoint,
+                concurrency_per_owner: args.webhooks.webhook_concurrency_per_owner,
+                poll: args.webhooks.webhook_poll.into(),
+                sealer: args.webhooks.webhook_secrets_key,
+                max_endpoints_per_owner: args.webhooks.webhook_max_endpoints_per_owner,
+                delivery_retention: args.webhooks.webhook_delivery_retention.into(),
             },
             ..ServeOptions::default()
         }
@@ -421,12 +416,11 @@ struct BatchPolicyArgs {
 struct WatchStreamArgs {
     /// A watch stream gets a heartbeat after this long without a change.
     #[arg(
-        long = "watch-heartbeat",
-        value_name = "WATCH_HEARTBEAT",
+        long,
         env = "BATCHD_WATCH_HEARTBEAT",
         default_value_t = WatchOptions::default().heartbeat.into()
     )]
-    heartbeat: HumanDuration,
+    watch_heartbeat: HumanDuration,
 
     /// Most open watch streams per API key, per replica.
     #[arg(long, env = "BATCHD_MAX_WATCHES_PER_KEY", default_value_t = WatchOptions::default().max_watches_per_key)]
@@ -435,12 +429,11 @@ struct WatchStreamArgs {
     /// Every watched batch is re-read at least this often, in case a cross-replica
     /// notification was lost.
     #[arg(
-        long = "watch-safety-poll",
-        value_name = "WATCH_SAFETY_POLL",
+        long,
         env = "BATCHD_WATCH_SAFETY_POLL",
         default_value_t = WatchOptions::default().safety_poll.into()
     )]
-    safety_poll: HumanDuration,
+    watch_safety_poll: HumanDuration,
 }
 
 /// The flags of [`CacheOptions`].
@@ -450,145 +443,137 @@ struct CacheArgs {
     /// this time, and its open watch streams end within it too (each replica checks
     /// the keys of its open streams this often). 0 checks the database on every call.
     #[arg(
-        long = "api-key-cache-ttl",
-        value_name = "API_KEY_CACHE_TTL",
+        long,
         env = "BATCHD_API_KEY_CACHE_TTL",
         default_value_t = CacheOptions::default().api_key_ttl.into()
     )]
-    api_key_ttl: HumanDuration,
+    api_key_cache_ttl: HumanDuration,
 
     /// Terminal batches kept in memory (they never change, so reads need no database).
     #[arg(
-        long = "terminal-cache-entries",
-        value_name = "TERMINAL_CACHE_ENTRIES",
+        long,
         env = "BATCHD_TERMINAL_CACHE_ENTRIES",
         default_value_t = CacheOptions::default().terminal_batches
     )]
-    terminal_batches: usize,
+    terminal_cache_entries: usize,
 
     /// Most bytes of terminal batches kept in memory (batch text counted in bytes).
     #[arg(
-        long = "terminal-cache-bytes",
-        value_name = "TERMINAL_CACHE_BYTES",
+        long,
         env = "BATCHD_TERMINAL_CACHE_BYTES",
         default_value_t = CacheOptions::default().terminal_bytes
     )]
-    terminal_bytes: u64,
+    terminal_cache_bytes: u64,
 
     /// Recently written batches kept in memory, so a write usually needs one database
     /// round trip (a stale entry is caught by the commit's version check).
     #[arg(
-        long = "latest-cache-entries",
-        value_name = "LATEST_CACHE_ENTRIES",
+        long,
         env = "BATCHD_LATEST_CACHE_ENTRIES",
         default_value_t = CacheOptions::default().latest_batches
     )]
-    latest_batches: usize,
+    latest_cache_entries: usize,
 
     /// Most bytes of recently written batches kept in memory.
     #[arg(
-        long = "latest-cache-bytes",
-        value_name = "LATEST_CACHE_BYTES",
+        long,
         env = "BATCHD_LATEST_CACHE_BYTES",
         default_value_t = CacheOptions::default().latest_bytes
     )]
-    latest_bytes: u64,
+    latest_cache_bytes: u64,
 }
 
 /// The flags of [`WebhookOptions`].
 #[derive(Args)]
 struct WebhookArgs {
     /// Let webhook endpoints be plain `http://` URLs, not only `https://`.
-    #[arg(long = "webhook-allow-http", env = "BATCHD_WEBHOOK_ALLOW_HTTP")]
-    allow_http: bool,
+    #[arg(long, env = "BATCHD_WEBHOOK_ALLOW_HTTP")]
+    webhook_allow_http: bool,
 
     /// Let webhooks reach addresses inside private, loopback and link-local networks
     /// (refused by default, when saved and at every delivery).
-    #[arg(
-        long = "webhook-allow-private-networks",
-        env = "BATCHD_WEBHOOK_ALLOW_PRIVATE_NETWORKS"
-    )]
-    allow_private_networks: bool,
+    #[arg(long, env = "BATCHD_WEBHOOK_ALLOW_PRIVATE_NETWORKS")]
+    webhook_allow_private_networks: bool,
 
     /// Waits before each retry after a failed attempt, comma-separated (Standard
     /// Webhooks' schedule; each gets up to 10% jitter, and a longer `Retry-After`
     /// wins). An empty list means one attempt only.
     #[arg(
-        long = "webhook-retry-schedule",
+        long,
         env = "BATCHD_WEBHOOK_RETRY_SCHEDULE",
         default_value_t = WebhookOptions::default().retries,
         value_parser = |text: &str| RetrySchedule::parse("--webhook-retry-schedule", text)
     )]
-    retries: RetrySchedule,
+    webhook_retry_schedule: RetrySchedule,
 
     /// Longest one delivery attempt may take.
-    #[arg(long = "webhook-timeout", env = "BATCHD_WEBHOOK_TIMEOUT", default_value_t = WebhookOptions::default().attempt_timeout.into())]
-    attempt_timeout: HumanDuration,
+    #[arg(long, env = "BATCHD_WEBHOOK_TIMEOUT", default_value_t = WebhookOptions::default().attempt_timeout.into())]
+    webhook_timeout: HumanDuration,
 
     /// An endpoint whose every delivery failed for longer than this is disabled (an
     /// update enables it again).
-    #[arg(long = "webhook-disable-after", env = "BATCHD_WEBHOOK_DISABLE_AFTER", default_value_t = WebhookOptions::default().disable_after.into())]
-    disable_after: HumanDuration,
+    #[arg(long, env = "BATCHD_WEBHOOK_DISABLE_AFTER", default_value_t = WebhookOptions::default().disable_after.into())]
+    webhook_disable_after: HumanDuration,
 
     /// Most delivery attempts in flight on one replica.
     #[arg(
-        long = "webhook-concurrency",
+        long,
         env = "BATCHD_WEBHOOK_CONCURRENCY",
         default_value_t = WebhookOptions::default().concurrency
     )]
-    concurrency: usize,
+    webhook_concurrency: usize,
 
     /// Most delivery attempts in flight to one endpoint from one replica, so that one
     /// slow receiver cannot hold every slot.
     #[arg(
-        long = "webhook-concurrency-per-endpoint",
+        long,
         env = "BATCHD_WEBHOOK_CONCURRENCY_PER_ENDPOINT",
         default_value_t = WebhookOptions::default().concurrency_per_endpoint
     )]
-    concurrency_per_endpoint: usize,
+    webhook_concurrency_per_endpoint: usize,
 
     /// Most delivery attempts in flight to the endpoints of one owner from one
     /// replica, so that one tenant's hanging receivers hold only its share and other
     /// tenants' deliveries go on. Test deliveries count too.
     #[arg(
-        long = "webhook-concurrency-per-owner",
+        long,
         env = "BATCHD_WEBHOOK_CONCURRENCY_PER_OWNER",
         default_value_t = WebhookOptions::default().concurrency_per_owner
     )]
-    concurrency_per_owner: usize,
+    webhook_concurrency_per_owner: usize,
 
     /// How often a replica looks for due deliveries besides being woken by its own
     /// dispatcher (retries, and deliveries other replicas queued), and its dispatcher
     /// reads the change feed besides being woken by commits.
-    #[arg(long = "webhook-poll", env = "BATCHD_WEBHOOK_POLL", default_value_t = WebhookOptions::default().poll.into())]
-    poll: HumanDuration,
+    #[arg(long, env = "BATCHD_WEBHOOK_POLL", default_value_t = WebhookOptions::default().poll.into())]
+    webhook_poll: HumanDuration,
 
     /// 32 bytes in base64 (`openssl rand -base64 32`) that seal endpoints' signing
     /// secrets in the database; every replica needs the same. Without it secrets are
     /// stored as plain text.
     // No key is the empty text, which the sealer reads as none.
     #[arg(
-        long = "webhook-secrets-key",
+        long,
         env = "BATCHD_WEBHOOK_SECRETS_KEY",
         default_value = "",
         hide_default_value = true,
         hide_env_values = true,
         value_parser = |text: &str| SecretSealer::new("--webhook-secrets-key", Some(text))
     )]
-    sealer: SecretSealer,
+    webhook_secrets_key: SecretSealer,
 
     /// Most endpoints one owner may have: its own, and apart from them the all-owners
     /// endpoints of admin keys with its user id.
     #[arg(
-        long = "webhook-max-endpoints-per-owner",
+        long,
         env = "BATCHD_WEBHOOK_MAX_ENDPOINTS_PER_OWNER",
         default_value_t = WebhookOptions::default().max_endpoints_per_owner
     )]
-    max_endpoints_per_owner: i64,
+    webhook_max_endpoints_per_owner: i64,
 
     /// How long finished deliveries stay listed.
-    #[arg(long = "webhook-delivery-retention", env = "BATCHD_WEBHOOK_DELIVERY_RETENTION", default_value_t = WebhookOptions::default().delivery_retention.into())]
-    delivery_retention: HumanDuration,
+    #[arg(long, env = "BATCHD_WEBHOOK_DELIVERY_RETENTION", default_value_t = WebhookOptions::default().delivery_retention.into())]
+    webhook_delivery_retention: HumanDuration,
 }
 
 /// `batchd health`.

@@ -85,6 +85,52 @@ pub struct Batch {
     pub updated_at: Option<UnixSeconds>,
 }
 
+/// Builds `Target { fields... }` with the fields that every layer's flat batch struct
+/// (proto, REST JSON, stored row) shares with [`Batch`] by name and type copied from
+/// `source`: the lifecycle timestamps, the version, and the ids and texts. The one
+/// list of them, so that no conversion spells them out by hand; `cloned from` clones
+/// the texts of a borrowed source instead of moving them.
+macro_rules! with_batch_fields {
+    ($($target:ident)::+ { $($fields:tt)* }, from $source:ident) => {
+        with_batch_fields!(@build [] $($target)::+ { $($fields)* } $source)
+    };
+    ($($target:ident)::+ { $($fields:tt)* }, cloned from $source:ident) => {
+        with_batch_fields!(@build [cloned] $($target)::+ { $($fields)* } $source)
+    };
+    (
+        @build [$($how:ident)?]
+        $($target:ident)::+ { $($field:ident $(: $value:expr)?),* $(,)? } $source:ident
+    ) => {
+        $($target)::+ {
+            $($field $(: $value)?,)*
+            created_at: $source.created_at,
+            in_progress_at: $source.in_progress_at,
+            expires_at: $source.expires_at,
+            finalizing_at: $source.finalizing_at,
+            completed_at: $source.completed_at,
+            failed_at: $source.failed_at,
+            expired_at: $source.expired_at,
+            cancelling_at: $source.cancelling_at,
+            cancelled_at: $source.cancelled_at,
+            version: $source.version,
+            updated_at: $source.updated_at,
+            endpoint: with_batch_fields!(@text $($how)? $source.endpoint),
+            input_file_id: with_batch_fields!(@text $($how)? $source.input_file_id),
+            completion_window: with_batch_fields!(@text $($how)? $source.completion_window),
+            output_file_id: with_batch_fields!(@text $($how)? $source.output_file_id),
+            error_file_id: with_batch_fields!(@text $($how)? $source.error_file_id),
+            model: with_batch_fields!(@text $($how)? $source.model),
+            job_id: with_batch_fields!(@text $($how)? $source.job_id),
+            remark: with_batch_fields!(@text $($how)? $source.remark),
+            user_id: with_batch_fields!(@text $($how)? $source.user_id),
+            api_key_id: with_batch_fields!(@text $($how)? $source.api_key_id),
+        }
+    };
+    (@text $source:ident . $field:ident) => { $source.$field };
+    (@text cloned $source:ident . $field:ident) => { $source.$field.clone() };
+}
+pub(crate) use with_batch_fields;
+
 /// One committed version of a batch, as its history (the event log) records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchEvent {

@@ -18,6 +18,7 @@ mod values;
 pub mod webhooks;
 
 pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_of};
+pub(crate) use batch::with_batch_fields;
 pub use batch::{Batch, BatchEvent, MAX_BATCH_BYTES};
 pub use cursor_seal::{CURSOR_KEY_BYTES, CursorSealer};
 pub use feed::{BatchFilter, FeedCursor, FeedStart, WatchBatches, WatchBatchesInput};

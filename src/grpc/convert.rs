@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Code, Status};
 
+use crate::domain::with_batch_fields;
 use crate::domain::{
     Batch, BatchErrorEntry, BatchStatus, BatchUpdateInput, CreateBatchInput, ListBatchesInput,
     RequestCounts, Usage, WatchBatchesInput,
@@ -94,43 +95,25 @@ fn status_from_proto(field: &str, value: i32) -> Result<BatchStatus> {
 
 impl From<Batch> for pb::Batch {
     fn from(b: Batch) -> pb::Batch {
-        pb::Batch {
-            id: b.id.to_string(),
-            object: "batch".into(),
-            endpoint: b.endpoint,
-            errors: (!b.errors.is_empty()).then(|| pb::BatchErrors {
-                object: "list".into(),
-                data: b.errors.into_iter().map(pb::BatchError::from).collect(),
-            }),
-            input_file_id: b.input_file_id,
-            completion_window: b.completion_window,
-            status: pb::BatchStatus::from(b.status).into(),
-            output_file_id: b.output_file_id,
-            error_file_id: b.error_file_id,
-            created_at: b.created_at,
-            in_progress_at: b.in_progress_at,
-            expires_at: b.expires_at,
-            finalizing_at: b.finalizing_at,
-            completed_at: b.completed_at,
-            failed_at: b.failed_at,
-            expired_at: b.expired_at,
-            cancelling_at: b.cancelling_at,
-            cancelled_at: b.cancelled_at,
-            request_counts: Some(b.request_counts.into()),
-            metadata: b.metadata.unwrap_or_default().into_iter().collect(),
-            model: b.model,
-            usage: b.usage.map(pb::Usage::from),
-            job_id: b.job_id,
-            remark: b.remark,
-            user_id: b.user_id,
-            api_key_id: b.api_key_id,
-            version: b.version,
-            updated_at: b.updated_at,
-            output_expires_after: b.output_expires_after.map(|e| pb::OutputExpiresAfter {
-                anchor: e.anchor.as_str().to_owned(),
-                seconds: e.seconds,
-            }),
-        }
+        with_batch_fields!(
+            pb::Batch {
+                id: b.id.to_string(),
+                object: "batch".into(),
+                errors: (!b.errors.is_empty()).then(|| pb::BatchErrors {
+                    object: "list".into(),
+                    data: b.errors.into_iter().map(pb::BatchError::from).collect(),
+                }),
+                status: pb::BatchStatus::from(b.status).into(),
+                request_counts: Some(b.request_counts.into()),
+                metadata: b.metadata.unwrap_or_default().into_iter().collect(),
+                usage: b.usage.map(pb::Usage::from),
+                output_expires_after: b.output_expires_after.map(|e| pb::OutputExpiresAfter {
+                    anchor: e.anchor.as_str().to_owned(),
+                    seconds: e.seconds,
+                }),
+            },
+            from b
+        )
     }
 }
 

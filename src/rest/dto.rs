@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::domain::with_batch_fields;
 use crate::domain::{
     Batch, BatchErrorEntry, BatchStatus, BatchUpdateInput, CreateBatchInput, ListBatchesInput,
     RequestCounts, Usage,
@@ -234,43 +235,25 @@ pub struct OutputTokensDetailsJson {
 
 impl From<Batch> for BatchJson {
     fn from(b: Batch) -> BatchJson {
-        BatchJson {
-            id: b.id.to_string(),
-            object: "batch",
-            endpoint: b.endpoint,
-            errors: (!b.errors.is_empty()).then(|| ErrorListJson {
-                object: "list",
-                data: b.errors.into_iter().map(ErrorEntryJson::from).collect(),
-            }),
-            input_file_id: b.input_file_id,
-            completion_window: b.completion_window,
-            status: b.status,
-            output_file_id: b.output_file_id,
-            error_file_id: b.error_file_id,
-            created_at: b.created_at,
-            in_progress_at: b.in_progress_at,
-            expires_at: b.expires_at,
-            finalizing_at: b.finalizing_at,
-            completed_at: b.completed_at,
-            failed_at: b.failed_at,
-            expired_at: b.expired_at,
-            cancelling_at: b.cancelling_at,
-            cancelled_at: b.cancelled_at,
-            request_counts: b.request_counts.into(),
-            metadata: b.metadata,
-            model: b.model,
-            usage: b.usage.map(UsageJson::from),
-            job_id: b.job_id,
-            remark: b.remark,
-            user_id: b.user_id,
-            api_key_id: b.api_key_id,
-            version: b.version,
-            updated_at: b.updated_at,
-            output_expires_after: b.output_expires_after.map(|e| OutputExpiresAfterJson {
-                anchor: e.anchor.as_str().to_owned(),
-                seconds: e.seconds,
-            }),
-        }
+        with_batch_fields!(
+            BatchJson {
+                id: b.id.to_string(),
+                object: "batch",
+                errors: (!b.errors.is_empty()).then(|| ErrorListJson {
+                    object: "list",
+                    data: b.errors.into_iter().map(ErrorEntryJson::from).collect(),
+                }),
+                status: b.status,
+                request_counts: b.request_counts.into(),
+                metadata: b.metadata,
+                usage: b.usage.map(UsageJson::from),
+                output_expires_after: b.output_expires_after.map(|e| OutputExpiresAfterJson {
+                    anchor: e.anchor.as_str().to_owned(),
+                    seconds: e.seconds,
+                }),
+            },
+            from b
+        )
     }
 }
 

@@ -824,13 +824,7 @@ where
 }
 
 #[async_trait]
-impl<B: Backend> super::Lifecycle for SqlStore<B>
-where
-    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
-    <B::Db as Database>::Arguments: IntoArguments<B::Db>,
-    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
-    i64: for<'q> Encode<'q, B::Db> + Type<B::Db>,
-{
+impl<B: Backend> super::Lifecycle for SqlStore<B> {
     #[tracing::instrument(level = "debug", name = "store.migrate", skip_all, fields(db.system = B::SYSTEM))]
     async fn migrate(&self) -> Result<()> {
         self.backend.migrate(&self.pool).await

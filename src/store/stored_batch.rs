@@ -19,6 +19,7 @@ use sqlx::query_builder::Separated;
 use sqlx::types::Json;
 use sqlx::{Database, Encode, FromRow, Type};
 
+use crate::domain::with_batch_fields;
 use crate::domain::{
     Batch, BatchErrorEntry, BatchId, BatchStatus, ExpiryAnchor, OutputExpiresAfter, RequestCounts,
     Usage,
@@ -261,59 +262,41 @@ where
 
 impl From<&Batch> for StoredBatchV1 {
     fn from(b: &Batch) -> StoredBatchV1 {
-        StoredBatchV1 {
-            id: b.id.as_str().to_owned(),
-            endpoint: b.endpoint.clone(),
-            errors: (!b.errors.is_empty()).then(|| {
-                b.errors
-                    .iter()
-                    .map(|e| StoredErrorV1 {
-                        code: e.code.clone(),
-                        line: e.line,
-                        message: e.message.clone(),
-                        param: e.param.clone(),
-                    })
-                    .collect()
-            }),
-            input_file_id: b.input_file_id.clone(),
-            completion_window: b.completion_window.clone(),
-            status: b.status.as_str().to_owned(),
-            output_file_id: b.output_file_id.clone(),
-            error_file_id: b.error_file_id.clone(),
-            created_at: b.created_at,
-            in_progress_at: b.in_progress_at,
-            expires_at: b.expires_at,
-            finalizing_at: b.finalizing_at,
-            completed_at: b.completed_at,
-            failed_at: b.failed_at,
-            expired_at: b.expired_at,
-            cancelling_at: b.cancelling_at,
-            cancelled_at: b.cancelled_at,
-            request_counts: StoredCountsV1 {
-                total: b.request_counts.total,
-                completed: b.request_counts.completed,
-                failed: b.request_counts.failed,
+        with_batch_fields!(
+            StoredBatchV1 {
+                id: b.id.as_str().to_owned(),
+                errors: (!b.errors.is_empty()).then(|| {
+                    b.errors
+                        .iter()
+                        .map(|e| StoredErrorV1 {
+                            code: e.code.clone(),
+                            line: e.line,
+                            message: e.message.clone(),
+                            param: e.param.clone(),
+                        })
+                        .collect()
+                }),
+                status: b.status.as_str().to_owned(),
+                request_counts: StoredCountsV1 {
+                    total: b.request_counts.total,
+                    completed: b.request_counts.completed,
+                    failed: b.request_counts.failed,
+                },
+                metadata: b.metadata.clone(),
+                usage: b.usage.map(|u| StoredUsageV1 {
+                    input_tokens: u.input_tokens,
+                    cached_tokens: u.cached_tokens,
+                    output_tokens: u.output_tokens,
+                    reasoning_tokens: u.reasoning_tokens,
+                    total_tokens: u.total_tokens,
+                }),
+                output_expires_after: b.output_expires_after.map(|e| StoredExpiryV1 {
+                    anchor: e.anchor.as_str().to_owned(),
+                    seconds: e.seconds,
+                }),
             },
-            metadata: b.metadata.clone(),
-            model: b.model.clone(),
-            usage: b.usage.map(|u| StoredUsageV1 {
-                input_tokens: u.input_tokens,
-                cached_tokens: u.cached_tokens,
-                output_tokens: u.output_tokens,
-                reasoning_tokens: u.reasoning_tokens,
-                total_tokens: u.total_tokens,
-            }),
-            job_id: b.job_id.clone(),
-            remark: b.remark.clone(),
-            output_expires_after: b.output_expires_after.map(|e| StoredExpiryV1 {
-                anchor: e.anchor.as_str().to_owned(),
-                seconds: e.seconds,
-            }),
-            user_id: b.user_id.clone(),
-            api_key_id: b.api_key_id.clone(),
-            version: b.version,
-            updated_at: b.updated_at,
-        }
+            cloned from b
+        )
     }
 }
 
@@ -332,56 +315,38 @@ impl TryFrom<StoredBatchV1> for Batch {
                 seconds: e.seconds,
             }),
         };
-        Ok(Batch {
-            id,
-            endpoint: s.endpoint,
-            errors: s
-                .errors
-                .unwrap_or_default()
-                .into_iter()
-                .map(|e| BatchErrorEntry {
-                    code: e.code,
-                    line: e.line,
-                    message: e.message,
-                    param: e.param,
-                })
-                .collect(),
-            input_file_id: s.input_file_id,
-            completion_window: s.completion_window,
-            status,
-            output_file_id: s.output_file_id,
-            error_file_id: s.error_file_id,
-            created_at: s.created_at,
-            in_progress_at: s.in_progress_at,
-            expires_at: s.expires_at,
-            finalizing_at: s.finalizing_at,
-            completed_at: s.completed_at,
-            failed_at: s.failed_at,
-            expired_at: s.expired_at,
-            cancelling_at: s.cancelling_at,
-            cancelled_at: s.cancelled_at,
-            request_counts: RequestCounts {
-                total: s.request_counts.total,
-                completed: s.request_counts.completed,
-                failed: s.request_counts.failed,
+        Ok(with_batch_fields!(
+            Batch {
+                id,
+                errors: s
+                    .errors
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|e| BatchErrorEntry {
+                        code: e.code,
+                        line: e.line,
+                        message: e.message,
+                        param: e.param,
+                    })
+                    .collect(),
+                status,
+                request_counts: RequestCounts {
+                    total: s.request_counts.total,
+                    completed: s.request_counts.completed,
+                    failed: s.request_counts.failed,
+                },
+                metadata: s.metadata,
+                usage: s.usage.map(|u| Usage {
+                    input_tokens: u.input_tokens,
+                    cached_tokens: u.cached_tokens,
+                    output_tokens: u.output_tokens,
+                    reasoning_tokens: u.reasoning_tokens,
+                    total_tokens: u.total_tokens,
+                }),
+                output_expires_after,
             },
-            metadata: s.metadata,
-            model: s.model,
-            usage: s.usage.map(|u| Usage {
-                input_tokens: u.input_tokens,
-                cached_tokens: u.cached_tokens,
-                output_tokens: u.output_tokens,
-                reasoning_tokens: u.reasoning_tokens,
-                total_tokens: u.total_tokens,
-            }),
-            job_id: s.job_id,
-            remark: s.remark,
-            output_expires_after,
-            user_id: s.user_id,
-            api_key_id: s.api_key_id,
-            version: s.version,
-            updated_at: s.updated_at,
-        })
+            from s
+        ))
     }
 }
 
