@@ -6,10 +6,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::caller;
-use crate::domain::webhooks::{Delivery, EndpointInput, WebhookEndpoint, WebhookEventType};
+use crate::domain::webhooks::{Delivery, EndpointInput, WebhookEventType};
 use crate::proto::batchd::v1 as pb;
 use crate::service::BatchService;
-use crate::webhooks::service::WebhookService;
+use crate::webhooks::service::{EndpointView, WebhookService};
 
 /// The tonic handler of `WebhookService`.
 pub struct WebhookApi {
@@ -23,14 +23,12 @@ impl WebhookApi {
     pub fn new(batches: Arc<BatchService>, webhooks: Arc<WebhookService>) -> Self {
         WebhookApi { batches, webhooks }
     }
+}
 
-    fn endpoint(
-        &self,
-        endpoint: WebhookEndpoint,
-        secret: Option<String>,
-    ) -> Result<pb::WebhookEndpoint, Status> {
-        let signing_secret_hint = self.webhooks.secret_hint(&endpoint)?;
-        Ok(pb::WebhookEndpoint {
+impl From<EndpointView> for pb::WebhookEndpoint {
+    fn from(view: EndpointView) -> pb::WebhookEndpoint {
+        let endpoint = view.endpoint;
+        pb::WebhookEndpoint {
             name: endpoint.settings.name,
             url: endpoint.settings.url.to_string(),
             event_types: endpoint
@@ -41,13 +39,13 @@ impl WebhookApi {
                 .collect(),
             created_at: endpoint.created_at,
             updated_at: endpoint.updated_at,
-            signing_secret_hint,
-            signing_secret: secret,
+            signing_secret_hint: view.secret_hint,
+            signing_secret: view.new_secret,
             disabled: endpoint.disabled.is_some(),
             disabled_reason: endpoint.disabled.map(|(_, reason)| reason),
             failing_since: endpoint.failing_since,
             id: endpoint.id,
-        })
+        }
     }
 }
 
@@ -84,10 +82,8 @@ impl pb::webhook_service_server::WebhookService for WebhookApi {
             url: Some(create.url),
             event_types: Some(create.event_types),
         };
-        let (endpoint, secret) = self.webhooks.create_endpoint(&caller, input).await?;
-        Ok(Response::new(
-            self.endpoint(endpoint, Some(secret.expose()))?,
-        ))
+        let created = self.webhooks.create_endpoint(&caller, input).await?;
+        Ok(Response::new(created.into()))
     }
 
     async fn get_webhook_endpoint(
@@ -97,7 +93,7 @@ impl pb::webhook_service_server::WebhookService for WebhookApi {
         let caller = caller(&self.batches, &request).await?;
         let id = request.into_inner().webhook_endpoint_id;
         let endpoint = self.webhooks.get_endpoint(&caller, &id).await?;
-        Ok(Response::new(self.endpoint(endpoint, None)?))
+        Ok(Response::new(endpoint.into()))
     }
 
     async fn list_webhook_endpoints(
@@ -110,13 +106,8 @@ impl pb::webhook_service_server::WebhookService for WebhookApi {
             .webhooks
             .list_endpoints(&caller, list.after.as_deref(), list.limit)
             .await?;
-        let data = page
-            .endpoints
-            .into_iter()
-            .map(|endpoint| self.endpoint(endpoint, None))
-            .collect::<Result<Vec<_>, Status>>()?;
         Ok(Response::new(pb::ListWebhookEndpointsResponse {
-            data,
+            data: page.endpoints.into_iter().map(Into::into).collect(),
             has_more: page.has_more,
         }))
     }
@@ -136,7 +127,7 @@ impl pb::webhook_service_server::WebhookService for WebhookApi {
             .webhooks
             .update_endpoint(&caller, &update.webhook_endpoint_id, input)
             .await?;
-        Ok(Response::new(self.endpoint(endpoint, None)?))
+        Ok(Response::new(endpoint.into()))
     }
 
     async fn delete_webhook_endpoint(
@@ -158,7 +149,7 @@ impl pb::webhook_service_server::WebhookService for WebhookApi {
     ) -> Result<Response<pb::WebhookEndpoint>, Status> {
         let caller = caller(&self.batches, &request).await?;
         let rotate = request.into_inner();
-        let (endpoint, secret) = self
+        let rotated = self
             .webhooks
             .rotate_secret(
                 &caller,
@@ -166,9 +157,7 @@ impl pb::webhook_service_server::WebhookService for WebhookApi {
                 rotate.keep_old_secret_active_for_24_hours,
             )
             .await?;
-        Ok(Response::new(
-            self.endpoint(endpoint, Some(secret.expose()))?,
-        ))
+        Ok(Response::new(rotated.into()))
     }
 
     async fn test_webhook_endpoint(

@@ -11,7 +11,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::RestState;
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, JsonBody, QueryParams};
-use crate::domain::webhooks::{Delivery, EndpointInput, WebhookEndpoint, WebhookEventType};
+use crate::domain::webhooks::{Delivery, EndpointInput, WebhookEventType};
+use crate::webhooks::service::EndpointView;
 
 /// The tag of the webhook routes in the OpenAPI document.
 pub const TAG: &str = "webhooks";
@@ -43,8 +44,9 @@ pub struct WebhookEndpointJson {
     failing_since: Option<i64>,
 }
 
-impl WebhookEndpointJson {
-    fn of(endpoint: WebhookEndpoint, hint: String, secret: Option<String>) -> Self {
+impl From<EndpointView> for WebhookEndpointJson {
+    fn from(view: EndpointView) -> Self {
+        let endpoint = view.endpoint;
         WebhookEndpointJson {
             object: "webhook_endpoint",
             created_at: endpoint.created_at,
@@ -57,8 +59,8 @@ impl WebhookEndpointJson {
                 .iter()
                 .map(|kind| kind.as_str())
                 .collect(),
-            signing_secret_hint: hint,
-            signing_secret: secret,
+            signing_secret_hint: view.secret_hint,
+            signing_secret: view.new_secret,
             status: if endpoint.disabled.is_some() {
                 "disabled"
             } else {
@@ -248,10 +250,6 @@ pub struct DeliveryListParams {
     limit: Option<i64>,
 }
 
-fn hint_of(state: &RestState, endpoint: &WebhookEndpoint) -> Result<String, ApiError> {
-    Ok(state.webhooks.secret_hint(endpoint)?)
-}
-
 /// Creates a webhook endpoint; its signing secret is shown now only.
 #[utoipa::path(
     post,
@@ -267,12 +265,8 @@ pub async fn create_endpoint(
     Authenticated(caller): Authenticated,
     JsonBody(body): JsonBody<EndpointBody>,
 ) -> Result<Json<WebhookEndpointJson>, ApiError> {
-    let (endpoint, secret) = state.webhooks.create_endpoint(&caller, body.into()).await?;
-    Ok(Json(WebhookEndpointJson::of(
-        endpoint,
-        secret.hint(),
-        Some(secret.expose()),
-    )))
+    let created = state.webhooks.create_endpoint(&caller, body.into()).await?;
+    Ok(Json(created.into()))
 }
 
 /// Lists the caller's webhook endpoints, newest first.
@@ -294,14 +288,7 @@ pub async fn list_endpoints(
         .webhooks
         .list_endpoints(&caller, params.after.as_deref(), params.limit)
         .await?;
-    let data = page
-        .endpoints
-        .into_iter()
-        .map(|endpoint| {
-            let hint = hint_of(&state, &endpoint)?;
-            Ok(WebhookEndpointJson::of(endpoint, hint, None))
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+    let data: Vec<WebhookEndpointJson> = page.endpoints.into_iter().map(Into::into).collect();
     Ok(Json(WebhookEndpointListJson {
         object: "list",
         first_id: data.first().map(|e| e.id.clone()),
@@ -327,8 +314,7 @@ pub async fn get_endpoint(
     Path(id): Path<String>,
 ) -> Result<Json<WebhookEndpointJson>, ApiError> {
     let endpoint = state.webhooks.get_endpoint(&caller, &id).await?;
-    let hint = hint_of(&state, &endpoint)?;
-    Ok(Json(WebhookEndpointJson::of(endpoint, hint, None)))
+    Ok(Json(endpoint.into()))
 }
 
 /// Changes an endpoint's name, URL or event types; a disabled endpoint is enabled
@@ -353,8 +339,7 @@ pub async fn update_endpoint(
         .webhooks
         .update_endpoint(&caller, &id, body.into())
         .await?;
-    let hint = hint_of(&state, &endpoint)?;
-    Ok(Json(WebhookEndpointJson::of(endpoint, hint, None)))
+    Ok(Json(endpoint.into()))
 }
 
 /// Deletes an endpoint and its deliveries.
@@ -398,12 +383,8 @@ pub async fn rotate_secret(
     JsonBody(body): JsonBody<RotateBody>,
 ) -> Result<Json<WebhookEndpointJson>, ApiError> {
     let keep_old = body.keep_old_secret_active_for_24_hours.unwrap_or(false);
-    let (endpoint, secret) = state.webhooks.rotate_secret(&caller, &id, keep_old).await?;
-    Ok(Json(WebhookEndpointJson::of(
-        endpoint,
-        secret.hint(),
-        Some(secret.expose()),
-    )))
+    let rotated = state.webhooks.rotate_secret(&caller, &id, keep_old).await?;
+    Ok(Json(rotated.into()))
 }
 
 /// Sends one signed sample event to the endpoint now.

@@ -17,19 +17,16 @@
 //! readiness check says so) reads fail at once instead of queueing behind queries that
 //! cannot succeed.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio::time::Instant;
-use tracing::Instrument as _;
 
+use super::rounds::{RoundKind, Rounds, Waiter};
 use super::{BatchStore, DatabaseStatus};
 use crate::domain::{Batch, BatchId};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Most ids fetched by one query.
 const MAX_GROUP: usize = 128;
@@ -37,14 +34,6 @@ const MAX_GROUP: usize = 128;
 /// reconnect together when a replica restarts (each reads its batch first), a few
 /// hundred bytes each.
 pub const MAX_WAITING_READS: usize = 16_384;
-
-/// A read waiting for its query: the id, where the answer goes, and when the read
-/// gives up.
-struct Waiter {
-    id: BatchId,
-    answer: oneshot::Sender<Result<Option<Arc<Batch>>>>,
-    deadline: Instant,
-}
 
 /// What coalesced reads need of a store: many batches by id in one query.
 #[async_trait]
@@ -84,15 +73,9 @@ impl Default for PointReadOptions {
 }
 
 /// Coalesces point reads of batches on one store.
+#[derive(Debug)]
 pub struct PointReads {
-    store: Arc<dyn ReadMany>,
-    waiting: Mutex<Vec<Waiter>>,
-    /// One permit per query that may run at once.
-    slots: Arc<Semaphore>,
-    max_wait: Duration,
-    database: DatabaseStatus,
-    /// The last query failed for want of the database (`UNAVAILABLE`).
-    last_query_unavailable: AtomicBool,
+    rounds: Arc<Rounds<ReadRound>>,
 }
 
 impl PointReads {
@@ -103,123 +86,78 @@ impl PointReads {
 
     /// Point reads on any source of batches.
     pub fn over(store: Arc<dyn ReadMany>, options: PointReadOptions) -> Arc<PointReads> {
-        Arc::new(PointReads {
-            store,
-            waiting: Mutex::new(Vec::new()),
-            slots: Arc::new(Semaphore::new(options.concurrent_queries.max(1))),
-            max_wait: options.max_wait,
-            database: options.database,
-            last_query_unavailable: AtomicBool::new(false),
-        })
+        let rounds = Rounds::new(
+            ReadRound { store },
+            options.concurrent_queries,
+            options.max_wait,
+            options.database,
+        );
+        Arc::new(PointReads { rounds })
     }
 
-    /// The database is known down: the readiness check fails and so did the last
-    /// query. Both, so that a readiness connection that alone cannot connect (say,
-    /// `too many connections`) does not refuse reads the pool would answer.
+    /// The database is known down: see [`Rounds::database_known_down`].
     pub fn database_known_down(&self) -> bool {
-        self.database.is_down() && self.last_query_unavailable.load(Ordering::Acquire)
+        self.rounds.database_known_down()
+    }
+
+    /// The reads waiting for a query, for tests to look at.
+    #[cfg(test)]
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiter<BatchId, Option<Arc<Batch>>>>> {
+        self.rounds.lock()
     }
 
     /// The batch with this id, whoever owns it, as the database has it now.
     #[tracing::instrument(level = "debug", name = "point_reads.get", skip_all, fields(batch_id = %id))]
     pub async fn get(self: &Arc<Self>, id: &BatchId) -> Result<Option<Arc<Batch>>> {
-        if self.database_known_down() {
-            return Err(Error::Unavailable(
-                "the database is down; not queueing the read".into(),
-            ));
-        }
-        let deadline = Instant::now() + self.max_wait;
-        let (answer, answered) = oneshot::channel();
-        {
-            let mut waiting = self.lock();
-            if waiting.len() >= MAX_WAITING_READS {
-                return Err(Error::overloaded(format_args!(
-                    "{MAX_WAITING_READS} reads are already waiting for the database"
-                )));
-            }
-            waiting.push(Waiter {
-                id: id.clone(),
-                answer,
-                deadline,
-            });
-        }
-        self.start_query();
-        // Dropping `answered` on time-out marks this waiter gone: the next query skips it.
-        match tokio::time::timeout_at(deadline, answered).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(Error::Internal(
-                "a coalesced read ended without an answer".into(),
-            )),
-            Err(_) => Err(Error::Unavailable(format!(
-                "no answer from the database within {:?}",
-                self.max_wait
-            ))),
-        }
+        self.rounds.ask(id.clone()).await
+    }
+}
+
+/// A round of point reads: one query for up to [`MAX_GROUP`] ids.
+struct ReadRound {
+    store: Arc<dyn ReadMany>,
+}
+
+impl RoundKind for ReadRound {
+    type Request = BatchId;
+    type Answer = Option<Arc<Batch>>;
+    type Round = Vec<Waiter<BatchId, Option<Arc<Batch>>>>;
+    type Outcome = Vec<Batch>;
+
+    const WAITERS: &'static str = "reads";
+    const MAX_WAITING: usize = MAX_WAITING_READS;
+    const GIVES_UP_WHEN_SENT: bool = true;
+
+    fn form(&self, waiting: &mut VecDeque<Waiter<BatchId, Self::Answer>>) -> Option<Self::Round> {
+        let take = waiting.len().min(MAX_GROUP);
+        (take > 0).then(|| waiting.drain(..take).collect())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Waiter>> {
-        // The vector stays valid whatever panicked while holding the lock.
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    fn size(round: &Self::Round) -> usize {
+        round.len()
     }
 
-    /// Sends one query for everything waiting, if a slot is free. When none is, the
-    /// query that finishes next calls this again, so no waiter is left behind: a waiter
-    /// is queued before it looks for a slot, and a query frees its slot before it looks
-    /// at the queue.
-    fn start_query(self: &Arc<Self>) {
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            return;
-        };
-        let (group, expired): (Vec<Waiter>, Vec<Waiter>) = {
-            let mut waiting = self.lock();
-            // Callers that went away need no query; callers past their deadline are
-            // told so rather than queried for.
-            let now = Instant::now();
-            let (expired, live): (Vec<Waiter>, Vec<Waiter>) = waiting
-                .drain(..)
-                .filter(|waiter| !waiter.answer.is_closed())
-                .partition(|waiter| waiter.deadline <= now);
-            *waiting = live;
-            let take = waiting.len().min(MAX_GROUP);
-            (waiting.drain(..take).collect(), expired)
-        };
-        for waiter in expired {
-            let _ = waiter.answer.send(Err(Error::Unavailable(
-                "no answer from the database in time".into(),
-            )));
-        }
-        if group.is_empty() {
-            return;
-        }
-        // Its own task: a caller that goes away must not take the others' answers along.
-        let span = tracing::debug_span!("store.get_batches", batches = group.len());
-        tokio::spawn(self.clone().answer(group, slot).instrument(span));
-    }
-
-    async fn answer(self: Arc<Self>, group: Vec<Waiter>, slot: OwnedSemaphorePermit) {
-        let mut ids: Vec<BatchId> = group.iter().map(|waiter| waiter.id.clone()).collect();
+    async fn run(&self, round: &Self::Round) -> Result<Vec<Batch>> {
+        let mut ids: Vec<BatchId> = round.iter().map(|waiter| waiter.request.clone()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let found = self.store.get_batches(&ids).await;
-        self.last_query_unavailable.store(
-            matches!(found, Err(Error::Unavailable(_))),
-            Ordering::Release,
-        );
-        drop(slot);
-        self.start_query();
-        match found {
+        self.store.get_batches(&ids).await
+    }
+
+    fn answer(round: Self::Round, outcome: Result<Vec<Batch>>) {
+        match outcome {
             Ok(batches) => {
                 let by_id: HashMap<BatchId, Arc<Batch>> = batches
                     .into_iter()
                     .map(|batch| (batch.id.clone(), Arc::new(batch)))
                     .collect();
-                for waiter in group {
+                for waiter in round {
                     // A waiter that went away no longer needs its answer.
-                    let _ = waiter.answer.send(Ok(by_id.get(&waiter.id).cloned()));
+                    let _ = waiter.answer.send(Ok(by_id.get(&waiter.request).cloned()));
                 }
             }
             Err(error) => {
-                for waiter in group {
+                for waiter in round {
                     let _ = waiter.answer.send(Err(error.clone()));
                 }
             }
@@ -233,8 +171,11 @@ mod tests {
 
     use tokio::sync::Semaphore;
 
+    use std::sync::Mutex;
+
     use super::*;
     use crate::domain::{Batch, BatchId};
+    use crate::error::Error;
 
     /// Batches in memory whose queries wait for the test to let them through, and
     /// which remember the ids of every query.

@@ -26,17 +26,13 @@
 //! change at a time, so that a change the database refuses fails alone.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio::time::Instant;
-use tracing::Instrument as _;
 
-use super::BatchStore;
-use super::DatabaseStatus;
+use super::rounds::{RoundKind, Rounds, Waiter};
+use super::{BatchStore, DatabaseStatus};
 use crate::domain::{Batch, BatchId};
 use crate::error::{Error, Result};
 
@@ -93,32 +89,18 @@ impl Default for GroupCommitOptions {
     }
 }
 
-/// A change waiting for its round.
-struct Waiting {
-    next: Arc<Batch>,
-    answer: oneshot::Sender<Result<bool>>,
-    deadline: Instant,
-}
-
 /// A round: the changes it commits (distinct batches), and the changes answered with
 /// them, each with the index of the change of the same batch and version that is in
 /// the round (they cannot be written: see the module's notes).
 struct Round {
-    changes: Vec<Waiting>,
-    shadowed: Vec<(usize, Waiting)>,
+    changes: Vec<Waiter<Arc<Batch>, bool>>,
+    shadowed: Vec<(usize, Waiter<Arc<Batch>, bool>)>,
 }
 
 /// Groups the commits of batch changes on one store.
+#[derive(Debug)]
 pub struct GroupCommits {
-    store: Arc<dyn CommitMany>,
-    waiting: Mutex<VecDeque<Waiting>>,
-    /// One permit per round that may run at once.
-    slots: Arc<Semaphore>,
-    max_round: usize,
-    max_wait: Duration,
-    database: DatabaseStatus,
-    /// The last round failed for want of the database (`UNAVAILABLE`).
-    last_round_unavailable: AtomicBool,
+    rounds: Arc<Rounds<CommitRound>>,
 }
 
 impl GroupCommits {
@@ -129,112 +111,73 @@ impl GroupCommits {
 
     /// Group commit on any store of changes.
     pub fn over(store: Arc<dyn CommitMany>, options: GroupCommitOptions) -> Arc<GroupCommits> {
-        Arc::new(GroupCommits {
+        let kind = CommitRound {
             store,
-            waiting: Mutex::new(VecDeque::new()),
-            slots: Arc::new(Semaphore::new(options.concurrent_rounds.max(1))),
             max_round: options.max_round.max(1),
-            max_wait: options.max_wait,
-            database: options.database,
-            last_round_unavailable: AtomicBool::new(false),
-        })
+        };
+        let rounds = Rounds::new(
+            kind,
+            options.concurrent_rounds,
+            options.max_wait,
+            options.database,
+        );
+        Arc::new(GroupCommits { rounds })
     }
 
     /// Commits `next` if its batch is still at the version before it: `true` when
     /// written, `false` (nothing written) when another change came first.
     #[tracing::instrument(level = "debug", name = "group_commit.commit", skip_all, fields(batch_id = %next.id, version = next.version))]
     pub async fn commit(self: &Arc<Self>, next: Arc<Batch>) -> Result<bool> {
-        if self.database.is_down() && self.last_round_unavailable.load(Ordering::Acquire) {
-            return Err(Error::Unavailable(
-                "the database is down; not queueing the change".into(),
-            ));
-        }
-        let deadline = Instant::now() + self.max_wait;
-        let (answer, answered) = oneshot::channel();
-        {
-            let mut waiting = self.lock();
-            if waiting.len() >= MAX_WAITING_WRITES {
-                return Err(Error::overloaded(format_args!(
-                    "{MAX_WAITING_WRITES} changes are already waiting for the database"
-                )));
-            }
-            waiting.push_back(Waiting {
-                next,
-                answer,
-                deadline,
-            });
-        }
-        self.start_round();
-        // A round, once sent, is answered whatever happens to its callers; waiting for
-        // it is bounded by the store's own deadline on every call.
-        match answered.await {
-            Ok(answer) => answer,
-            Err(_) => Err(Error::Internal(
-                "a grouped commit ended without an answer".into(),
-            )),
-        }
+        self.rounds.ask(next).await
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
-        // The queue stays valid whatever panicked while holding the lock.
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    /// The changes waiting for a round, for tests to look at.
+    #[cfg(test)]
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiter<Arc<Batch>, bool>>> {
+        self.rounds.lock()
     }
+}
 
-    /// Sends one round of what waits, if a slot is free. When none is, the round that
-    /// finishes next calls this again, so no change is left behind: a change is queued
-    /// before it looks for a slot, and a round frees its slot before it looks at the
-    /// queue.
-    fn start_round(self: &Arc<Self>) {
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            return;
-        };
-        let (round, expired) = self.take_round();
-        for waiting in expired {
-            let _ = waiting.answer.send(Err(Error::Unavailable(
-                "no turn to commit within the deadline".into(),
-            )));
-        }
-        if round.changes.is_empty() {
-            return;
-        }
-        // Its own task: a caller that goes away must not take its round along.
-        let span = tracing::debug_span!("store.commit_round", changes = round.changes.len());
-        tokio::spawn(self.clone().commit_round(round, slot).instrument(span));
-    }
+/// A round of commits: up to `max_round` changes of distinct batches in one commit.
+struct CommitRound {
+    store: Arc<dyn CommitMany>,
+    max_round: usize,
+}
 
-    /// The next round, and the changes that waited too long.
-    fn take_round(&self) -> (Round, Vec<Waiting>) {
-        let mut waiting = self.lock();
-        let now = Instant::now();
+impl RoundKind for CommitRound {
+    type Request = Arc<Batch>;
+    type Answer = bool;
+    type Round = Round;
+    type Outcome = Vec<Result<bool>>;
+
+    const WAITERS: &'static str = "changes";
+    const MAX_WAITING: usize = MAX_WAITING_WRITES;
+    // A round, once sent, is answered whatever happens to its callers; waiting for it
+    // is bounded by the store's own deadline on every call.
+    const GIVES_UP_WHEN_SENT: bool = false;
+
+    fn form(&self, waiting: &mut VecDeque<Waiter<Arc<Batch>, bool>>) -> Option<Round> {
         let mut round = Round {
             changes: Vec::new(),
             shadowed: Vec::new(),
         };
-        let mut expired = Vec::new();
         let mut in_round: HashMap<BatchId, usize> = HashMap::new();
         let mut round_bytes = 0;
         let mut later = VecDeque::new();
         while let Some(change) = waiting.pop_front() {
-            if change.answer.is_closed() {
-                continue; // Its caller went away: nobody is told it was written.
-            }
-            if change.deadline <= now {
-                expired.push(change);
-                continue;
-            }
-            match in_round.get(&change.next.id) {
-                Some(&index) if round.changes[index].next.version == change.next.version => {
+            match in_round.get(&change.request.id) {
+                Some(&index) if round.changes[index].request.version == change.request.version => {
                     round.shadowed.push((index, change));
                 }
                 Some(_) => later.push_back(change),
                 None => {
-                    let bytes = change.next.text_bytes();
+                    let bytes = change.request.text_bytes();
                     let fits = round.changes.is_empty()
                         || (round.changes.len() < self.max_round
                             && round_bytes + bytes <= MAX_ROUND_BYTES);
                     if fits {
                         round_bytes += bytes;
-                        in_round.insert(change.next.id.clone(), round.changes.len());
+                        in_round.insert(change.request.id.clone(), round.changes.len());
                         round.changes.push(change);
                     } else {
                         later.push_back(change);
@@ -243,20 +186,49 @@ impl GroupCommits {
             }
         }
         *waiting = later;
-        (round, expired)
+        (!round.changes.is_empty()).then_some(round)
     }
 
-    async fn commit_round(self: Arc<Self>, round: Round, slot: OwnedSemaphorePermit) {
-        let written = self.write(&round.changes).await;
-        self.last_round_unavailable.store(
-            matches!(written, Err(Error::Unavailable(_))),
-            Ordering::Release,
-        );
+    fn size(round: &Round) -> usize {
+        round.changes.len()
+    }
+
+    /// Commits the changes of a round: one of each result per change, or the error
+    /// that failed them all.
+    async fn run(&self, round: &Round) -> Result<Vec<Result<bool>>> {
+        if let [change] = &round.changes[..] {
+            return Ok(vec![self.store.commit_change(&change.request).await]);
+        }
+        let nexts: Vec<Arc<Batch>> = round
+            .changes
+            .iter()
+            .map(|change| change.request.clone())
+            .collect();
+        match self.store.commit_changes(&nexts).await {
+            Ok(written) if written.len() == nexts.len() => {
+                Ok(written.into_iter().map(Ok).collect())
+            }
+            Ok(_) => Err(Error::Internal(
+                "a round of commits answered for a different number of changes".into(),
+            )),
+            Err(error @ Error::Unavailable(_)) => Err(error),
+            Err(error) => {
+                // Something in the round was refused: each change on its own, so that
+                // only the one at fault fails.
+                tracing::warn!(%error, changes = nexts.len(), "a round of commits failed; committing its changes one at a time");
+                let mut written = Vec::with_capacity(nexts.len());
+                for next in &nexts {
+                    written.push(self.store.commit_change(next).await);
+                }
+                Ok(written)
+            }
+        }
+    }
+
+    fn answer(round: Round, written: Result<Vec<Result<bool>>>) {
         metrics::counter!("batchd_commit_rounds_total").increment(1);
         metrics::counter!("batchd_commit_round_changes_total")
             .increment(round.changes.len() as u64);
-        drop(slot);
-        self.start_round();
         match written {
             Ok(written) => {
                 for (index, change) in round.shadowed {
@@ -282,38 +254,14 @@ impl GroupCommits {
             }
         }
     }
-
-    /// Commits the changes of a round: one of each result per change, or the error
-    /// that failed them all.
-    async fn write(&self, changes: &[Waiting]) -> Result<Vec<Result<bool>>> {
-        if let [change] = changes {
-            return Ok(vec![self.store.commit_change(&change.next).await]);
-        }
-        let nexts: Vec<Arc<Batch>> = changes.iter().map(|change| change.next.clone()).collect();
-        match self.store.commit_changes(&nexts).await {
-            Ok(written) if written.len() == nexts.len() => {
-                Ok(written.into_iter().map(Ok).collect())
-            }
-            Ok(_) => Err(Error::Internal(
-                "a round of commits answered for a different number of changes".into(),
-            )),
-            Err(error @ Error::Unavailable(_)) => Err(error),
-            Err(error) => {
-                // Something in the round was refused: each change on its own, so that
-                // only the one at fault fails.
-                tracing::warn!(%error, changes = nexts.len(), "a round of commits failed; committing its changes one at a time");
-                let mut written = Vec::with_capacity(nexts.len());
-                for next in &nexts {
-                    written.push(self.store.commit_change(next).await);
-                }
-                Ok(written)
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use tokio::sync::Semaphore;
+
     use super::*;
 
     /// Batch versions in memory whose commits wait for the test to let them through,

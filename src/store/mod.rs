@@ -21,6 +21,7 @@ mod deadline;
 mod group_commit;
 mod postgres;
 mod postgres_wakeups;
+mod rounds;
 mod sql;
 mod sqlite;
 mod stored_batch;

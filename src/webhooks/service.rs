@@ -97,11 +97,24 @@ impl WebhookOptions {
     }
 }
 
+/// An endpoint as the use cases show it: its settings and state, the hint of its
+/// signing secret, and the secret itself only when it was just made (created or
+/// rotated), since it is never shown again.
+#[derive(Debug, Clone)]
+pub struct EndpointView {
+    /// The endpoint.
+    pub endpoint: WebhookEndpoint,
+    /// The last characters of its signing secret, to tell secrets apart.
+    pub secret_hint: String,
+    /// The signing secret, right after it was made; `None` otherwise.
+    pub new_secret: Option<String>,
+}
+
 /// A page of endpoints.
 #[derive(Debug, Clone)]
 pub struct EndpointPage {
     /// The endpoints, newest first.
-    pub endpoints: Vec<WebhookEndpoint>,
+    pub endpoints: Vec<EndpointView>,
     /// Whether more follow.
     pub has_more: bool,
 }
@@ -167,13 +180,14 @@ impl WebhookService {
         &self.limits
     }
 
-    /// The last four characters of the endpoint's current secret.
-    pub fn secret_hint(&self, endpoint: &WebhookEndpoint) -> Result<String> {
-        Ok(self
-            .options
-            .sealer
-            .open(&endpoint.id, &endpoint.secret)?
-            .hint())
+    /// The endpoint as the use cases show it, with the hint of its current secret.
+    fn view(&self, endpoint: WebhookEndpoint) -> Result<EndpointView> {
+        let secret = self.options.sealer.open(&endpoint.id, &endpoint.secret)?;
+        Ok(EndpointView {
+            secret_hint: secret.hint(),
+            new_secret: None,
+            endpoint,
+        })
     }
 
     /// Every event type an endpoint may subscribe to.
@@ -188,7 +202,7 @@ impl WebhookService {
         &self,
         caller: &Caller,
         input: EndpointInput,
-    ) -> Result<(WebhookEndpoint, SigningSecret)> {
+    ) -> Result<EndpointView> {
         caller.authorize(Action::ManageWebhooks)?;
         let settings = EndpointSettings::create(input, &self.options.policy)?;
         check_resolved(&self.options.policy, "url", &settings.url).await?;
@@ -217,13 +231,17 @@ impl WebhookService {
                 caller.user_id
             )));
         }
-        Ok((endpoint, secret))
+        Ok(EndpointView {
+            secret_hint: secret.hint(),
+            new_secret: Some(secret.expose()),
+            endpoint,
+        })
     }
 
     /// An endpoint the caller may see.
-    pub async fn get_endpoint(&self, caller: &Caller, id: &str) -> Result<WebhookEndpoint> {
+    pub async fn get_endpoint(&self, caller: &Caller, id: &str) -> Result<EndpointView> {
         caller.authorize(Action::ManageWebhooks)?;
-        self.visible_endpoint(caller, id).await
+        self.view(self.visible_endpoint(caller, id).await?)
     }
 
     /// A page of the caller's endpoints, newest first, after endpoint `after`.
@@ -246,7 +264,10 @@ impl WebhookService {
         let has_more = endpoints.len() as i64 > limit;
         endpoints.truncate(limit as usize);
         Ok(EndpointPage {
-            endpoints,
+            endpoints: endpoints
+                .into_iter()
+                .map(|endpoint| self.view(endpoint))
+                .collect::<Result<_>>()?,
             has_more,
         })
     }
@@ -258,7 +279,7 @@ impl WebhookService {
         caller: &Caller,
         id: &str,
         input: EndpointInput,
-    ) -> Result<WebhookEndpoint> {
+    ) -> Result<EndpointView> {
         caller.authorize(Action::ManageWebhooks)?;
         let current = self.visible_endpoint(caller, id).await?;
         let url_changed = input.url.is_some();
@@ -278,7 +299,7 @@ impl WebhookService {
             ..current.clone()
         };
         self.replace(&current, &next).await?;
-        Ok(next)
+        self.view(next)
     }
 
     /// Deletes an endpoint and its deliveries.
@@ -298,7 +319,7 @@ impl WebhookService {
         caller: &Caller,
         id: &str,
         keep_old: bool,
-    ) -> Result<(WebhookEndpoint, SigningSecret)> {
+    ) -> Result<EndpointView> {
         caller.authorize(Action::ManageWebhooks)?;
         let current = self.visible_endpoint(caller, id).await?;
         let secret = SigningSecret::generate();
@@ -312,7 +333,11 @@ impl WebhookService {
             ..current.clone()
         };
         self.replace(&current, &next).await?;
-        Ok((next, secret))
+        Ok(EndpointView {
+            secret_hint: secret.hint(),
+            new_secret: Some(secret.expose()),
+            endpoint: next,
+        })
     }
 
     /// Sends one signed sample event of `event_type` to the endpoint now and reports

@@ -363,9 +363,20 @@ async fn a_receiver_that_was_down_gets_every_event_with_one_id_and_410_disables_
             assert_eq!(attempt.body, taken.body);
         }
     }
-    let (status, log) = rest
-        .get(&format!("/v1/webhook_endpoints/{endpoint}/deliveries"))
-        .await;
+    // The receiver has answered; batchd records each outcome just after it.
+    let deliveries_log = format!("/v1/webhook_endpoints/{endpoint}/deliveries");
+    eventually(
+        Duration::from_secs(10),
+        "every outcome recorded",
+        || async {
+            let (_, log) = rest.get(&deliveries_log).await;
+            log["data"]
+                .as_array()
+                .is_some_and(|data| data.iter().all(|delivery| delivery["status"] != "pending"))
+        },
+    )
+    .await;
+    let (status, log) = rest.get(&deliveries_log).await;
     assert_eq!(status, 200, "{log}");
     let deliveries = log["data"].as_array().unwrap();
     assert_eq!(deliveries.len(), 3);
