@@ -278,14 +278,6 @@ impl App {
         http_listener: TcpListener,
         options: &ServeOptions,
     ) -> anyhow::Result<App> {
-        let Parts {
-            store,
-            hub,
-            service,
-            webhooks,
-            database,
-            first_api_key,
-        } = parts;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 
@@ -295,16 +287,17 @@ impl App {
             async move { shutdown::requested(&mut stopping).await }
         };
 
-        let (routes, health_reporter) = grpc::routes(service.clone(), webhooks.clone())?;
+        let (routes, health_reporter) =
+            grpc::routes(parts.service.clone(), parts.webhooks.clone())?;
         let readiness = Readiness::new(health_reporter, &grpc::SERVICE_NAMES, grpc::LIVENESS).await;
         let mut tasks = JoinSet::new();
 
         // The first check runs before the listeners serve, so health is known (and every
         // service registered) from the first probe on.
         let mut checker = HealthChecker::new(
-            store.clone(),
+            parts.store.clone(),
             readiness.clone(),
-            database,
+            parts.database,
             options.health_check_interval,
         );
         checker.check().await;
@@ -316,9 +309,9 @@ impl App {
 
         spawn_background_work(
             &mut tasks,
-            &store,
-            &hub,
-            (&service, &webhooks),
+            &parts.store,
+            &parts.hub,
+            (&parts.service, &parts.webhooks),
             options,
             &shutdown,
         );
@@ -338,10 +331,10 @@ impl App {
         });
 
         let http_stopped = stopped(&shutdown);
-        let pool = store.clone();
+        let pool = parts.store.clone();
         let router = rest::router(
-            service.clone(),
-            webhooks.clone(),
+            parts.service.clone(),
+            parts.webhooks.clone(),
             readiness.clone(),
             Arc::new(move || pool.pool_usage()),
         );
@@ -362,11 +355,11 @@ impl App {
         Ok(App {
             grpc_addr,
             http_addr,
-            store,
-            hub,
-            service,
+            store: parts.store,
+            hub: parts.hub,
+            service: parts.service,
             readiness,
-            first_api_key,
+            first_api_key: parts.first_api_key,
             shutdown,
             tasks,
             shutdown_delay: options.shutdown_delay,

@@ -28,15 +28,15 @@ impl WebhookApi {
 impl From<EndpointView> for pb::WebhookEndpoint {
     fn from(view: EndpointView) -> pb::WebhookEndpoint {
         let endpoint = view.endpoint;
+        let event_types = endpoint
+            .settings
+            .event_type_names()
+            .map(str::to_owned)
+            .collect();
         pb::WebhookEndpoint {
             name: endpoint.settings.name,
             url: endpoint.settings.url.to_string(),
-            event_types: endpoint
-                .settings
-                .event_types
-                .iter()
-                .map(|kind| kind.as_str().to_owned())
-                .collect(),
+            event_types,
             created_at: endpoint.created_at,
             updated_at: endpoint.updated_at,
             signing_secret_hint: view.secret_hint,

@@ -47,18 +47,14 @@ pub struct WebhookEndpointJson {
 impl From<EndpointView> for WebhookEndpointJson {
     fn from(view: EndpointView) -> Self {
         let endpoint = view.endpoint;
+        let event_types = endpoint.settings.event_type_names().collect();
         WebhookEndpointJson {
             object: "webhook_endpoint",
             created_at: endpoint.created_at,
             updated_at: endpoint.updated_at,
             name: endpoint.settings.name,
             url: endpoint.settings.url.to_string(),
-            event_types: endpoint
-                .settings
-                .event_types
-                .iter()
-                .map(|kind| kind.as_str())
-                .collect(),
+            event_types,
             signing_secret_hint: view.secret_hint,
             signing_secret: view.new_secret,
             status: if endpoint.disabled.is_some() {

@@ -36,6 +36,11 @@ pub struct EndpointSettings {
 }
 
 impl EndpointSettings {
+    /// The names of the event types subscribed to, as clients write them.
+    pub fn event_type_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.event_types.iter().map(|kind| kind.as_str())
+    }
+
     /// The settings of a new endpoint: every field is required.
     pub fn create(input: EndpointInput, policy: &DestinationPolicy) -> Result<EndpointSettings> {
         let name = input
