@@ -1,8 +1,11 @@
-//! The use cases of batchd. Both transports call these and nothing else: each one
-//! authorizes the caller, validates the input, applies the state machine and talks to
-//! the store. The service is the only reader and writer of batches and keys; besides
-//! it, the app hands the store to the health checks (ping), the metrics (pool usage)
-//! and the watch hub, which sees only the read-only event log.
+//! The batch and key use cases. Both transports call these (and, for webhook endpoints,
+//! `webhooks::service`) and nothing else: each one authorizes the caller, validates the
+//! input, applies the state machine and talks to the store, reading batches by id
+//! through coalesced reads and committing changes through group commit. The service is
+//! the only writer of batches and keys. Besides it, the store's other seams go to the
+//! webhook use cases, the dispatcher and the deliverer, the health checks
+//! ([`Maintenance`](crate::store::Maintenance)) and the watch hub, which sees only the
+//! read-only [`EventLog`](crate::store::EventLog).
 
 use std::sync::Arc;
 use std::time::Duration;

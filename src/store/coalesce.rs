@@ -10,7 +10,9 @@
 //! Consistency is that of a query per read: a read only ever joins a query that has not
 //! been sent yet, so its answer includes every commit that finished before it was asked.
 //!
-//! The queue is bounded in length and in time: a read that finds it full fails with
+//! The queue, its slots and its bounds are those of every round (`rounds.rs` has the
+//! machinery; this file says what a round of reads is). The queue is bounded in length
+//! and in time: a read that finds it full fails with
 //! RESOURCE_EXHAUSTED (this replica's load, not the database's), one that has waited
 //! longer than its deadline with UNAVAILABLE; a read whose caller went away
 //! is dropped from it unasked; and while the database is known to be down (the
@@ -95,7 +97,9 @@ impl PointReads {
         Arc::new(PointReads { rounds })
     }
 
-    /// The database is known down: see [`Rounds::database_known_down`].
+    /// The database is known down: the readiness check fails and so did the last
+    /// query. Both, so that a readiness connection that alone cannot connect (say,
+    /// `too many connections`) does not refuse reads the pool would answer.
     pub fn database_known_down(&self) -> bool {
         self.rounds.database_known_down()
     }

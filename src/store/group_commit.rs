@@ -17,7 +17,9 @@
 //! round, in arrival order. Versions and the event log are then exactly what one
 //! commit per change would have made.
 //!
-//! Bounds: a round holds at most `max_round` changes and [`MAX_ROUND_BYTES`] of batch
+//! The queue, the slots and the bounds below are those of every round (`rounds.rs`);
+//! this file says what a round of commits is. Bounds: a
+//! round holds at most `max_round` changes and [`MAX_ROUND_BYTES`] of batch
 //! text (the first change of a round always fits); at most [`MAX_WAITING_WRITES`]
 //! wait, and a change that finds them all taken fails at once with RESOURCE_EXHAUSTED
 //! (this replica's load, not the database's); a change that has waited past its deadline without being sent fails with
