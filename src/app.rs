@@ -490,13 +490,16 @@ fn spawn_background_work(
     tasks.spawn(every(
         options.event_compaction_interval,
         shutdown,
-        "event log compaction or deleting expired idempotency keys",
+        "event log compaction",
         service.clone(),
         move |service| async move {
-            // One after the other, as two writers would contend for SQLite's one lock.
+            // One after the other, as two writers would contend for SQLite's one lock;
+            // each failure logged as its own.
             let compacted = service.compact_event_log(retention).await;
-            let forgotten = service.forget_expired_idempotency_keys().await;
-            compacted.and(forgotten)
+            if let Err(error) = service.forget_expired_idempotency_keys().await {
+                tracing::warn!(%error, "deleting expired idempotency keys failed");
+            }
+            compacted
         },
     ));
 
