@@ -16,11 +16,12 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::cache::CacheOptions;
 use crate::clock::{Clock, SystemClock};
-use crate::domain::{ApiKey, ApiKeySecret, BatchPolicy, CursorSealer};
+use crate::domain::{ApiKey, ApiKeySecret, BatchId, BatchPolicy, CursorSealer};
 use crate::health::{HealthChecker, Readiness};
+use crate::request_rates::RequestRateOptions;
 use crate::service::{BatchService, ServiceOptions, key_lookups_for};
 use crate::store::{
-    self, DatabaseStatus, GroupCommitOptions, PointReadOptions, Store, StoreOptions,
+    self, CommitListener, DatabaseStatus, GroupCommitOptions, PointReadOptions, Store, StoreOptions,
 };
 use crate::telemetry::grpc::ObserveLayer;
 use crate::watch::{WatchHub, WatchOptions};
@@ -101,6 +102,18 @@ pub struct ServeOptions {
 
     /// Webhooks: where they may go, retries, limits, the secrets key.
     pub webhooks: WebhookOptions,
+
+    /// Most active (not terminal) batches per owner; 0 for no limit.
+    pub max_active_batches_per_owner: u32,
+
+    /// Each API key's request rate on this replica; `None` for no limit.
+    pub request_rates: Option<RequestRateOptions>,
+
+    /// Batches terminal for longer than this are deleted; `None` keeps them forever.
+    pub retention_terminal: Option<Duration>,
+
+    /// How often batches past `retention_terminal` are looked for.
+    pub retention_sweep_interval: Duration,
 }
 
 impl Default for ServeOptions {
@@ -127,6 +140,10 @@ impl Default for ServeOptions {
             create_first_key: true,
             caches: CacheOptions::default(),
             webhooks: WebhookOptions::default(),
+            max_active_batches_per_owner: 0,
+            request_rates: None,
+            retention_terminal: None,
+            retention_sweep_interval: MINUTE,
         }
     }
 }
@@ -206,6 +223,8 @@ impl Parts {
                     ..options.commits.clone()
                 },
                 key_lookups: key_lookups_for(options.store.max_connections),
+                max_active_batches_per_owner: options.max_active_batches_per_owner,
+                request_rates: options.request_rates,
             },
         ));
         let webhooks = Arc::new(
@@ -469,6 +488,25 @@ const MIN_REVOCATION_CHECK: Duration = Duration::from_millis(100);
 /// the stop signal. Then the webhooks': the dispatcher (change feed to deliveries),
 /// this replica's deliverer, and the deletion of finished deliveries past their
 /// retention.
+/// What other replicas' commits (deletions among them) reach: the hub's watchers, and
+/// the service's caches.
+struct CommitsElsewhere {
+    hub: Arc<WatchHub>,
+    service: Arc<BatchService>,
+}
+
+impl CommitListener for CommitsElsewhere {
+    fn committed_elsewhere(&self, id: &BatchId, committed_at_ms: i64) {
+        self.service.committed_elsewhere(id);
+        self.hub.committed_elsewhere(id, committed_at_ms);
+    }
+
+    fn announcements_lost(&self) {
+        self.service.announcements_lost();
+        self.hub.announcements_lost();
+    }
+}
+
 fn spawn_background_work(
     tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
     store: &Arc<dyn Store>,
@@ -519,9 +557,42 @@ fn spawn_background_work(
         move |service| async move { service.end_watches_of_revoked_keys().await },
     ));
 
+    if let Some(retention) = options.retention_terminal {
+        tasks.spawn(every(
+            options.retention_sweep_interval,
+            shutdown,
+            "deleting batches past their retention",
+            service.clone(),
+            move |service| async move {
+                service
+                    .delete_expired_terminal_batches(retention)
+                    .await
+                    .map(drop)
+            },
+        ));
+    }
+
+    if let Some(period) = service.request_rate_sweep_period() {
+        tasks.spawn(every(
+            period,
+            shutdown,
+            "forgetting idle request rates",
+            service.clone(),
+            move |service| async move {
+                let tracked = service.forget_idle_request_rates();
+                metrics::gauge!("batchd_rate_limited_keys").set(tracked as f64);
+                Ok(())
+            },
+        ));
+    }
+
     if let Some(notifier) = store.notifier() {
         hub.publish_to(notifier.clone());
-        let (listener, stopping) = (hub.clone(), shutdown.subscribe());
+        let listener = Arc::new(CommitsElsewhere {
+            hub: hub.clone(),
+            service: service.clone(),
+        });
+        let stopping = shutdown.subscribe();
         tasks.spawn(async move {
             notifier.run(listener, stopping).await;
             ("cross-replica wake-ups", Ok(()))

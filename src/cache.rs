@@ -1,6 +1,6 @@
 //! What a replica remembers to spare the database work it would answer the same way:
 //! API keys for a few seconds (revocation takes effect within that time), terminal
-//! batches for good (they never change again), and the latest version of recently
+//! batches until they are deleted (they never change again), and the latest version of recently
 //! written batches for the write path, where the version check of every commit catches
 //! a stale entry and the write is retried from the database.
 //!
@@ -234,6 +234,20 @@ impl Caches {
     /// Forgets what the write path knew of a batch (another writer got there first).
     pub fn forget(&self, id: &BatchId) {
         self.latest.remove(id);
+    }
+
+    /// Forgets everything known of a batch, terminal or not: it was deleted (here, or
+    /// by another replica, which announces it like a commit).
+    pub fn forget_batch(&self, id: &BatchId) {
+        self.latest.remove(id);
+        self.terminal.remove(id);
+    }
+
+    /// Forgets every batch: announcements of other replicas' commits (deletions
+    /// among them) may have been lost, so no terminal batch is known to still exist.
+    pub fn forget_all_batches(&self) {
+        self.latest.0.clear();
+        self.terminal.0.clear();
     }
 
     /// Bytes held by the batch caches (terminal, latest), as their weighers count them.

@@ -16,6 +16,7 @@ use crate::domain::webhooks::{DestinationPolicy, RetrySchedule, SecretSealer};
 use crate::domain::{
     BatchPolicy, CompletionWindow, DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, Scope,
 };
+use crate::request_rates::{MAX_RATE, RequestRateOptions};
 use crate::store::{self, GroupCommitOptions, PointReadOptions, StoreOptions};
 use crate::telemetry::LogFormat;
 use crate::watch::WatchOptions;
@@ -334,6 +335,88 @@ pub struct ServeArgs {
     /// Webhooks: where they may go, retries, limits, the secrets key.
     #[command(flatten)]
     webhooks: WebhookArgs,
+
+    /// Many tenants: active-batch quotas, request rates, retention.
+    #[command(flatten)]
+    tenants: TenantArgs,
+}
+
+/// The flags that keep tenants within bounds: how many batches each may hold open,
+/// how fast each key may call, how long finished batches are kept.
+#[derive(Debug, Clone, Args)]
+struct TenantArgs {
+    /// Most active (not terminal) batches one owner may have; a create over it is 429
+    /// `active_batch_limit_reached` (gRPC RESOURCE_EXHAUSTED), exact across replicas.
+    /// 0: no limit.
+    #[arg(
+        long,
+        env = "BATCHD_MAX_ACTIVE_BATCHES_PER_OWNER",
+        value_name = "N",
+        default_value_t = ServeOptions::default().max_active_batches_per_owner,
+        value_parser = clap::value_parser!(u32).range(0..=10_000_000)
+    )]
+    max_active_batches_per_owner: u32,
+
+    /// Requests per second each API key may send to this replica (decimals allowed;
+    /// N replicas allow N times the rate); over it, 429 `rate_limit_exceeded` with
+    /// Retry-After (gRPC RESOURCE_EXHAUSTED with RetryInfo). 0: no limit.
+    #[arg(long, env = "BATCHD_RATE_LIMIT_PER_KEY", value_name = "RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    rate_limit_per_key: f64,
+
+    /// Requests a key may send at once after being idle. 0: the rate rounded up.
+    #[arg(
+        long,
+        env = "BATCHD_RATE_LIMIT_BURST",
+        value_name = "N",
+        default_value_t = 0,
+        requires = "rate_limit_per_key",
+        value_parser = clap::value_parser!(u32).range(0..=MAX_RATE as i64)
+    )]
+    rate_limit_burst: u32,
+
+    /// Batches terminal (completed, failed, expired, cancelled) for longer than this
+    /// are deleted, with a `deleted` change feed event each. Unset: kept forever.
+    #[arg(long, env = "BATCHD_RETENTION_TERMINAL", value_name = "DURATION", value_parser = parse_retention)]
+    retention_terminal: Option<HumanDuration>,
+
+    /// How often batches past --retention-terminal are looked for.
+    #[arg(
+        long,
+        env = "BATCHD_RETENTION_SWEEP_INTERVAL",
+        default_value_t = ServeOptions::default().retention_sweep_interval.into()
+    )]
+    retention_sweep_interval: HumanDuration,
+}
+
+/// A request rate: a number of requests per second from 0 (off) to [`MAX_RATE`].
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of requests per second"))?;
+    // NaN compares false with everything, so the range check below refuses it too.
+    if !(rate.is_finite() && (0.0..=MAX_RATE).contains(&rate)) {
+        return Err(format!(
+            "{rate} is not a rate from 0 (off) to {MAX_RATE} requests per second"
+        ));
+    }
+    Ok(rate)
+}
+
+/// A retention: at least a second, at most 100 years.
+fn parse_retention(text: &str) -> Result<HumanDuration, String> {
+    const MOST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let retention: HumanDuration = text.parse().map_err(|e| format!("{e}"))?;
+    let duration: Duration = retention.into();
+    if duration < Duration::from_secs(1) {
+        return Err(format!(
+            "{retention} is shorter than a second; leave it unset to keep terminal batches forever"
+        ));
+    }
+    if duration > MOST {
+        return Err(format!("{retention} is longer than 100 years"));
+    }
+    Ok(retention)
 }
 
 impl From<ServeArgs> for ServeOptions {
@@ -394,6 +477,13 @@ impl From<ServeArgs> for ServeOptions {
                 max_endpoints_per_owner: args.webhooks.webhook_max_endpoints_per_owner,
                 delivery_retention: args.webhooks.webhook_delivery_retention.into(),
             },
+            max_active_batches_per_owner: args.tenants.max_active_batches_per_owner,
+            request_rates: RequestRateOptions::from_flags(
+                args.tenants.rate_limit_per_key,
+                args.tenants.rate_limit_burst,
+            ),
+            retention_terminal: args.tenants.retention_terminal.map(Into::into),
+            retention_sweep_interval: args.tenants.retention_sweep_interval.into(),
             ..ServeOptions::default()
         }
     }
@@ -801,6 +891,94 @@ mod tests {
             parsed.max_endpoints_per_owner
         );
         assert_eq!(webhooks.delivery_retention, parsed.delivery_retention);
+        assert_eq!(
+            defaults.max_active_batches_per_owner,
+            serve.max_active_batches_per_owner
+        );
+        assert_eq!(defaults.request_rates, serve.request_rates);
+        assert_eq!(defaults.retention_terminal, serve.retention_terminal);
+        assert_eq!(
+            defaults.retention_sweep_interval,
+            serve.retention_sweep_interval
+        );
+    }
+
+    /// `batchd serve` with `flags` and no `BATCHD_*` variable: its options, or clap's
+    /// error text.
+    fn serve_with(flags: &[&str]) -> Result<ServeOptions, String> {
+        let command = Cli::command()
+            .mut_args(|arg| arg.env(None))
+            .mut_subcommand("serve", |serve| serve.mut_args(|arg| arg.env(None)));
+        let matches = command
+            .try_get_matches_from(["batchd", "serve"].iter().chain(flags))
+            .map_err(|e| e.to_string())?;
+        let Command::Serve(args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("not serve")
+        };
+        Ok(ServeOptions::from(*args))
+    }
+
+    #[test]
+    fn tenant_limits_are_off_by_default_and_parse_their_flags() {
+        let off = serve_with(&[]).unwrap();
+        assert_eq!(off.max_active_batches_per_owner, 0);
+        assert_eq!(off.request_rates, None);
+        assert_eq!(off.retention_terminal, None);
+        let on = serve_with(&[
+            "--max-active-batches-per-owner",
+            "100",
+            "--rate-limit-per-key",
+            "0.5",
+            "--retention-terminal",
+            "30d",
+        ])
+        .unwrap();
+        assert_eq!(on.max_active_batches_per_owner, 100);
+        assert_eq!(
+            on.request_rates,
+            Some(RequestRateOptions {
+                per_second: 0.5,
+                burst: 1
+            })
+        );
+        assert_eq!(
+            on.retention_terminal,
+            Some(Duration::from_secs(30 * 24 * 3600))
+        );
+    }
+
+    #[test]
+    fn tenant_limits_out_of_range_are_refused_naming_the_flag() {
+        for (flags, flag) in [
+            (&["--rate-limit-per-key=-1"][..], "--rate-limit-per-key"),
+            (&["--rate-limit-per-key", "NaN"], "--rate-limit-per-key"),
+            (&["--rate-limit-per-key", "2000000"], "--rate-limit-per-key"),
+            (&["--rate-limit-per-key", "many"], "--rate-limit-per-key"),
+            (
+                &["--rate-limit-per-key", "5", "--rate-limit-burst", "2000000"],
+                "--rate-limit-burst",
+            ),
+            (&["--rate-limit-burst", "5"], "--rate-limit-per-key"),
+            (&["--retention-terminal", "0s"], "--retention-terminal"),
+            (
+                &["--retention-terminal", "200years"],
+                "--retention-terminal",
+            ),
+            (&["--retention-terminal", "soon"], "--retention-terminal"),
+            (
+                &["--max-active-batches-per-owner=-1"],
+                "--max-active-batches-per-owner",
+            ),
+            (
+                &["--max-active-batches-per-owner", "20000000"],
+                "--max-active-batches-per-owner",
+            ),
+        ] {
+            let error = serve_with(flags)
+                .err()
+                .unwrap_or_else(|| panic!("{flags:?} accepted"));
+            assert!(error.contains(flag), "{flags:?}: {error}");
+        }
     }
 
     #[test]

@@ -75,13 +75,23 @@ pub enum Error {
         /// The limit (`--max-watches-per-key`).
         limit: usize,
     },
-    /// A bounded resource is in use as much as it may be; the caller retries later.
+    /// A bounded resource is in use as much as it may be, or the caller's API key sent
+    /// more requests than its rate allows; the caller retries later.
     #[error("{reason}")]
     RateLimited {
         /// What is busy.
         reason: String,
-        /// When to retry, in seconds (`Retry-After`).
-        retry_after_seconds: u64,
+        /// When to retry (REST: `Retry-After` in whole seconds, at least 1, and
+        /// `retry-after-ms`; gRPC: a `RetryInfo` detail).
+        retry_after: std::time::Duration,
+    },
+    /// The owner has as many active (not terminal) batches as it may have.
+    #[error(
+        "this owner already has {limit} active batches, the most it may have; wait for one to reach a terminal status, or cancel one"
+    )]
+    ActiveBatchLimit {
+        /// The limit (`--max-active-batches-per-owner`).
+        limit: u32,
     },
     /// The change feed no longer holds every change after the client's cursor:
     /// compaction removed some. The client lists again (an initial state). The
@@ -122,7 +132,7 @@ impl Error {
     pub fn overloaded(what: impl std::fmt::Display) -> Error {
         Error::RateLimited {
             reason: format!("this batchd replica is at its limit: {what}; retry shortly"),
-            retry_after_seconds: 1,
+            retry_after: std::time::Duration::from_secs(1),
         }
     }
 

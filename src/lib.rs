@@ -8,7 +8,8 @@
 //!   feed cursors, the webhook types), `error`, `clock`, `shutdown`, `proto`. No I/O.
 //! - **store**: SQL behind narrow traits, SQLite and PostgreSQL; the coalesced reads
 //!   and grouped commits in front of it.
-//! - **use cases**: `service` (batches and keys: the only writer of batches), `watch`
+//! - **use cases**: `service` (batches and keys: the only writer of batches, with its
+//!   per-key `request_rates`), `watch`
 //!   (the per-replica hub and the change feed readers), `webhooks` (endpoint use
 //!   cases, the dispatcher from the change feed, the deliverer), `cache`, `health`.
 //! - **transports**: `grpc` and `rest`, thin over the use cases; `console` (static
@@ -32,6 +33,7 @@ pub mod error; // the one error type; each transport maps every variant exhausti
 pub mod grpc; // tonic handlers: proto <-> domain, call the service, map errors
 pub mod health; // background database checks feeding gRPC health and /readyz
 pub mod proto; // code generated from proto/batchd/v1/*.proto, and WatchBatchResponse by hand (one encoding shared by many streams)
+pub mod request_rates; // per-API-key request rates: a token bucket per key, idle keys dropped
 pub mod rest; // axum handlers of the HTTP port: OpenAI JSON, SSE, probes, metrics, OpenAPI
 pub mod service; // the use cases; the only reader and writer of batches and keys
 pub mod shutdown; // the stop signal shared by every background task

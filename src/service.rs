@@ -22,6 +22,7 @@ use crate::domain::{
     WatchBatchesInput, digest_of,
 };
 use crate::error::{Error, Result};
+use crate::request_rates::{RequestBudget, RequestRateOptions, RequestRates};
 use crate::store::{
     BatchPageQuery, EarlierClaim, GroupCommitOptions, GroupCommits, IdempotencyClaim,
     PointReadOptions, PointReads, Store, StoreOptions,
@@ -34,6 +35,9 @@ pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 /// Most events one compaction statement deletes.
 pub const COMPACTION_CHUNK: i64 = 1_000;
+
+/// Most batches one statement of the retention sweep deletes.
+pub const RETENTION_CHUNK: i64 = 500;
 
 /// How long compaction pauses between chunks.
 const CHUNK_PAUSE: Duration = Duration::from_millis(10);
@@ -128,6 +132,10 @@ pub struct ServiceOptions {
     /// valid before, and all others): made-up keys, which anyone can send, never take
     /// more than these connections.
     pub key_lookups: usize,
+    /// Most active (not terminal) batches per owner; 0 for no limit.
+    pub max_active_batches_per_owner: u32,
+    /// Each API key's request rate on this replica; `None` for no limit.
+    pub request_rates: Option<RequestRateOptions>,
 }
 
 impl Default for ServiceOptions {
@@ -138,6 +146,8 @@ impl Default for ServiceOptions {
             point_reads: PointReadOptions::default(),
             commits: GroupCommitOptions::default(),
             key_lookups: key_lookups_for(StoreOptions::default().max_connections),
+            max_active_batches_per_owner: 0,
+            request_rates: None,
         }
     }
 }
@@ -162,6 +172,37 @@ pub struct BatchService {
     unknown_key_lookups: Semaphore,
     /// How long an API key lookup may take in all, its turn included.
     key_lookup_wait: Duration,
+    /// See [`ServiceOptions::max_active_batches_per_owner`]; `None` for no limit.
+    active_limit: Option<u32>,
+    request_rates: Option<RequestRates>,
+}
+
+/// An authenticated request: its caller, and what the caller's key may still send
+/// when request rates are limited.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// Who is calling.
+    pub caller: Caller,
+    /// The key's budget after this request; `None` when rates are not limited.
+    pub budget: Option<RequestBudget>,
+}
+
+/// Why a request was not admitted, with the key's budget when it was its rate.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// The error to answer with.
+    pub error: Error,
+    /// Set when the key's rate refused the request.
+    pub budget: Option<RequestBudget>,
+}
+
+impl From<Error> for Refused {
+    fn from(error: Error) -> Refused {
+        Refused {
+            error,
+            budget: None,
+        }
+    }
 }
 
 /// API keys asked about per revocation query, to keep its parameter list bounded.
@@ -187,6 +228,9 @@ impl BatchService {
             store,
             clock,
             policy: options.policy,
+            active_limit: (options.max_active_batches_per_owner > 0)
+                .then_some(options.max_active_batches_per_owner),
+            request_rates: options.request_rates.map(RequestRates::new),
         }
     }
 
@@ -195,9 +239,48 @@ impl BatchService {
         &self.policy
     }
 
+    /// Admits a request: resolves its API key (the bearer token, if one was sent) to
+    /// its caller, then takes a token from the key's request rate, if rates are
+    /// limited. Unknown keys are refused before they reach a bucket.
+    pub async fn admit(&self, token: Option<&str>) -> Result<Admitted, Refused> {
+        let caller = self.authenticate(token).await?;
+        let Some(rates) = &self.request_rates else {
+            return Ok(Admitted {
+                caller,
+                budget: None,
+            });
+        };
+        match rates.admit(&caller.key_id) {
+            Ok(budget) => Ok(Admitted {
+                caller,
+                budget: Some(budget),
+            }),
+            Err(error) => Err(Refused {
+                error,
+                budget: Some(rates.exhausted()),
+            }),
+        }
+    }
+
+    /// Drops the request-rate buckets of keys that went idle; returns how many keys
+    /// are tracked. The period to call it at, `None` when rates are not limited.
+    pub fn forget_idle_request_rates(&self) -> usize {
+        self.request_rates
+            .as_ref()
+            .map_or(0, RequestRates::forget_idle)
+    }
+
+    /// How often [`BatchService::forget_idle_request_rates`] is worth calling; `None`
+    /// when rates are not limited.
+    pub fn request_rate_sweep_period(&self) -> Option<Duration> {
+        self.request_rates
+            .as_ref()
+            .map(RequestRates::idle_sweep_period)
+    }
+
     /// Resolves an API key (the bearer token, if one was sent) to its caller.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller> {
+    async fn authenticate(&self, token: Option<&str>) -> Result<Caller> {
         let token = token.ok_or(Error::Unauthenticated(
             "missing API key: send `authorization: Bearer <API key>`",
         ))?;
@@ -262,7 +345,7 @@ impl BatchService {
         let batch = Batch::create(new, caller, now);
         tracing::Span::current().record("batch_id", tracing::field::display(&batch.id));
         match &idempotency_key {
-            None => self.store.insert_batch(&batch).await?,
+            None => self.store.insert_batch(&batch, self.active_limit).await?,
             Some(key) => {
                 let claim = IdempotencyClaim {
                     user_id: &caller.user_id,
@@ -271,7 +354,11 @@ impl BatchService {
                     at: now,
                     expired_before: now.saturating_sub(IDEMPOTENCY_WINDOW_SECONDS),
                 };
-                if let Some(earlier) = self.store.insert_batch_once(&batch, claim).await? {
+                if let Some(earlier) = self
+                    .store
+                    .insert_batch_once(&batch, claim, self.active_limit)
+                    .await?
+                {
                     return self
                         .repeated_create(caller, key, &fingerprint, earlier)
                         .await;
@@ -374,6 +461,76 @@ impl BatchService {
             .await?;
         tracing::info!(batch_id = %id, status = %batch.status, "batch cancel requested");
         Ok(batch)
+    }
+
+    /// Deletes a terminal batch the caller can see, with everything that belongs to it.
+    /// Another tenant's batch, an unknown one and one already deleted are NOT_FOUND,
+    /// exactly as a read; a batch still running is refused, naming its status.
+    #[tracing::instrument(level = "debug", skip_all, fields(batch_id = %batch_id, user_id = %caller.user_id))]
+    pub async fn delete_batch(&self, caller: &Caller, batch_id: &str) -> Result<BatchId> {
+        caller.authorize(Action::DeleteBatch)?;
+        let id = BatchId::parse("batch_id", batch_id)?;
+        let batch = self.visible_batch(caller, &id).await?;
+        if !batch.status.is_terminal() {
+            return Err(Error::FailedPrecondition(format!(
+                "batch `{id}` is {}; only a completed, failed, expired or cancelled batch can be deleted (cancel it first)",
+                batch.status
+            )));
+        }
+        // Terminal batches never change, so only a deletion can have come between.
+        if !self.store.delete_batch(&id, self.clock.now()).await? {
+            self.caches.forget_batch(&id);
+            return Err(Error::BatchNotFound(id.to_string()));
+        }
+        self.deleted(&id, "request");
+        tracing::info!(batch_id = %id, user_id = %caller.user_id, "batch deleted");
+        Ok(id)
+    }
+
+    /// Deletes every batch that has been terminal for longer than `retention`, in
+    /// chunks of [`RETENTION_CHUNK`], each its own short transaction, with a pause
+    /// between chunks. Returns how many were deleted.
+    pub async fn delete_expired_terminal_batches(&self, retention: Duration) -> Result<u64> {
+        let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        let mut deleted = 0;
+        loop {
+            let now = self.clock.now();
+            let gone = self
+                .store
+                .delete_terminal_batches(now.saturating_sub(retention), now, RETENTION_CHUNK)
+                .await?;
+            for id in &gone {
+                self.deleted(id, "retention");
+            }
+            deleted += gone.len() as u64;
+            if (gone.len() as i64) < RETENTION_CHUNK {
+                if deleted > 0 {
+                    tracing::info!(deleted, "deleted batches past their retention");
+                }
+                return Ok(deleted);
+            }
+            tokio::time::sleep(CHUNK_PAUSE).await;
+        }
+    }
+
+    /// What follows a committed deletion on this replica: the caches forget the batch,
+    /// the change feed and the other replicas hear of it.
+    fn deleted(&self, id: &BatchId, reason: &'static str) {
+        self.caches.forget_batch(id);
+        self.hub.deleted(id);
+        metrics::counter!("batchd_batches_deleted_total", "reason" => reason).increment(1);
+    }
+
+    /// Another replica committed a change of batch `id`, or deleted it: what this one
+    /// remembers of it may be stale.
+    pub fn committed_elsewhere(&self, id: &BatchId) {
+        self.caches.forget_batch(id);
+    }
+
+    /// Other replicas' announcements may have been lost: nothing remembered of a batch
+    /// can be trusted to still exist.
+    pub fn announcements_lost(&self) {
+        self.caches.forget_all_batches();
     }
 
     /// Applies a worker's update atomically: all of it or nothing.

@@ -154,6 +154,8 @@ pub enum Action {
     ReadBatches,
     /// CancelBatch.
     CancelBatch,
+    /// DeleteBatch.
+    DeleteBatch,
     /// UpdateBatch (workers).
     UpdateBatch,
     /// Create, read, change and delete webhook endpoints.
@@ -162,10 +164,11 @@ pub enum Action {
 
 impl Action {
     /// Every action, in the order `GET /v1/me` lists them.
-    pub const ALL: [Action; 5] = [
+    pub const ALL: [Action; 6] = [
         Action::CreateBatch,
         Action::ReadBatches,
         Action::CancelBatch,
+        Action::DeleteBatch,
         Action::UpdateBatch,
         Action::ManageWebhooks,
     ];
@@ -176,6 +179,7 @@ impl Action {
             Action::CreateBatch => "create_batches",
             Action::ReadBatches => "read_batches",
             Action::CancelBatch => "cancel_batches",
+            Action::DeleteBatch => "delete_batches",
             Action::UpdateBatch => "update_batches",
             Action::ManageWebhooks => "manage_webhooks",
         }
@@ -186,6 +190,7 @@ impl Action {
             Action::CreateBatch => "create batches",
             Action::ReadBatches => "read batches",
             Action::CancelBatch => "cancel batches",
+            Action::DeleteBatch => "delete batches",
             Action::UpdateBatch => "update batches (worker scope needed)",
             Action::ManageWebhooks => "manage webhook endpoints (batches or admin scope needed)",
         }

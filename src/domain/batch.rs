@@ -149,6 +149,9 @@ const MAX_BATCH_ERRORS: usize = 1_000;
 /// and keeps each version, in memory and in the event log, small.
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
+/// The `object` of OpenAI's answer to a deletion.
+pub const BATCH_DELETED_OBJECT: &str = "batch.deleted";
+
 impl Batch {
     /// The batch a create request makes for `caller` at `now`: `validating`, version 1,
     /// expiring at the end of its completion window.

@@ -19,7 +19,7 @@ pub mod webhooks;
 
 pub use api_key::{Action, ApiKey, ApiKeySecret, Caller, Scope, digest_of};
 pub(crate) use batch::with_batch_fields;
-pub use batch::{Batch, BatchEvent, MAX_BATCH_BYTES};
+pub use batch::{BATCH_DELETED_OBJECT, Batch, BatchEvent, MAX_BATCH_BYTES};
 pub use cursor_seal::{CURSOR_KEY_BYTES, CursorSealer};
 pub use feed::{BatchFilter, FeedCursor, FeedStart, WatchBatches, WatchBatchesInput};
 pub use ids::BatchId;

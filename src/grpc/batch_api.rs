@@ -115,6 +115,22 @@ impl pb::batch_service_server::BatchService for BatchApi {
         Ok(Response::new(page.into()))
     }
 
+    async fn delete_batch(
+        &self,
+        request: Request<pb::DeleteBatchRequest>,
+    ) -> Result<Response<pb::DeleteBatchResponse>, Status> {
+        let caller = caller(&self.service, &request).await?;
+        let id = self
+            .service
+            .delete_batch(&caller, &request.get_ref().batch_id)
+            .await?;
+        Ok(Response::new(pb::DeleteBatchResponse {
+            id: id.to_string(),
+            object: crate::domain::BATCH_DELETED_OBJECT.to_owned(),
+            deleted: true,
+        }))
+    }
+
     async fn cancel_batch(
         &self,
         request: Request<pb::CancelBatchRequest>,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::with_batch_fields;
 use crate::domain::{
@@ -33,21 +34,24 @@ impl From<Error> for Status {
             | Error::FeedCompacted { .. } => Code::FailedPrecondition,
             Error::VersionMismatch { .. } | Error::Contended(_) => Code::Aborted,
             Error::IdempotencyKeyReused(_) => Code::AlreadyExists,
-            Error::TooManyWatches { .. } | Error::RateLimited { .. } => Code::ResourceExhausted,
+            Error::TooManyWatches { .. }
+            | Error::RateLimited { .. }
+            | Error::ActiveBatchLimit { .. } => Code::ResourceExhausted,
             Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
         };
-        let mut status = Status::new(code, error.to_string());
-        if let Error::RateLimited {
-            retry_after_seconds,
-            ..
-        } = &error
-        {
-            status
-                .metadata_mut()
-                .insert("retry-after", (*retry_after_seconds).into());
+        match &error {
+            // The standard detail gRPC clients read when to retry from (`RetryInfo`),
+            // and the whole seconds as metadata for clients that read only that.
+            Error::RateLimited { retry_after, .. } => {
+                let details = ErrorDetails::with_retry_info(Some(*retry_after));
+                let mut status = Status::with_error_details(code, error.to_string(), details);
+                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                status.metadata_mut().insert("retry-after", seconds.into());
+                status
+            }
+            _ => Status::new(code, error.to_string()),
         }
-        status
     }
 }
 
@@ -268,11 +272,18 @@ impl From<FeedEvent> for pb::WatchBatchesResponse {
             FeedEventKind::Change => pb::FeedEventType::Change,
             FeedEventKind::LeftFilter => pb::FeedEventType::LeftFilter,
             FeedEventKind::Bookmark => pb::FeedEventType::Bookmark,
+            FeedEventKind::Deleted => pb::FeedEventType::Deleted,
+        };
+        // A deletion names the batch; its last version is not sent again.
+        let (batch, batch_id) = match (event.kind, event.batch) {
+            (FeedEventKind::Deleted, Some(batch)) => (None, batch.id.to_string()),
+            (_, batch) => (batch.map(|b| Arc::unwrap_or_clone(b).into()), String::new()),
         };
         pb::WatchBatchesResponse {
             r#type: kind.into(),
-            batch: event.batch.map(|batch| Arc::unwrap_or_clone(batch).into()),
+            batch,
             cursor: event.cursor.unwrap_or_default(),
+            batch_id,
         }
     }
 }

@@ -77,7 +77,8 @@ pub fn routes(
     Ok((routes, health_reporter))
 }
 
-/// Authenticates the `authorization` metadata of a request.
+/// Admits a request by the `authorization` metadata: its caller, if the key is valid
+/// and within its request rate.
 async fn caller<T>(service: &BatchService, request: &Request<T>) -> Result<Caller> {
     let token = match request.metadata().get("authorization") {
         None => None,
@@ -85,5 +86,13 @@ async fn caller<T>(service: &BatchService, request: &Request<T>) -> Result<Calle
             Error::Unauthenticated("malformed authorization: not ASCII")
         })?)?),
     };
-    service.authenticate(token).await
+    match service.admit(token).await {
+        Ok(admitted) => Ok(admitted.caller),
+        Err(refused) => {
+            if refused.budget.is_some() {
+                metrics::counter!("batchd_rate_limited_total", "transport" => "grpc").increment(1);
+            }
+            Err(refused.error)
+        }
+    }
 }

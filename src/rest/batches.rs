@@ -6,8 +6,8 @@ use axum::http::HeaderMap;
 
 use super::RestState;
 use super::dto::{
-    BatchCountsJson, BatchJson, BatchListJson, CreateBatchBody, CurrentKeyJson, FilterParams,
-    ListParams, UpdateBatchBody,
+    BatchCountsJson, BatchDeletedJson, BatchJson, BatchListJson, CreateBatchBody, CurrentKeyJson,
+    FilterParams, ListParams, UpdateBatchBody,
 };
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, JsonBody};
@@ -152,6 +152,27 @@ pub async fn get_batch(
 ) -> Result<Json<BatchJson>, ApiError> {
     let batch = state.service.get_batch(&caller, &batch_id).await?;
     Ok(Json(batch.into()))
+}
+
+/// Deletes a terminal batch (completed, failed, expired, cancelled): reads, lists,
+/// counts and the change feed (`deleted`) no longer show it. A batch in another
+/// status is 409; an unknown, another owner's or an already deleted batch is 404.
+#[utoipa::path(
+    delete,
+    path = "/v1/batches/{batch_id}",
+    tag = TAG,
+    operation_id = "deleteBatch",
+    params(("batch_id" = String, Path, description = "The id of the batch")),
+    responses((status = 200, description = "The batch was deleted", body = BatchDeletedJson), ErrorResponses),
+    security(("bearer" = []), ("portkey" = []))
+)]
+pub async fn delete_batch(
+    State(state): State<RestState>,
+    Authenticated(caller): Authenticated,
+    Path(batch_id): Path<String>,
+) -> Result<Json<BatchDeletedJson>, ApiError> {
+    let id = state.service.delete_batch(&caller, &batch_id).await?;
+    Ok(Json(id.into()))
 }
 
 /// Requests cancellation of a batch; a batch already cancelling or cancelled is

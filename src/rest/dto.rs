@@ -576,6 +576,29 @@ pub struct FilterParams {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// The answer to `DELETE /v1/batches/{batch_id}`, OpenAI's deletion object.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = BatchDeleted)]
+pub struct BatchDeletedJson {
+    /// The deleted batch's id.
+    pub id: String,
+    /// Always `batch.deleted`.
+    #[schema(pattern = "^batch\\.deleted$")]
+    pub object: &'static str,
+    /// Always `true`: a deletion that did not happen is an error.
+    pub deleted: bool,
+}
+
+impl From<crate::domain::BatchId> for BatchDeletedJson {
+    fn from(id: crate::domain::BatchId) -> BatchDeletedJson {
+        BatchDeletedJson {
+            id: id.to_string(),
+            object: crate::domain::BATCH_DELETED_OBJECT,
+            deleted: true,
+        }
+    }
+}
+
 /// `GET /v1/me`: the API key of the request, and what it may do.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = CurrentApiKey)]
@@ -593,7 +616,7 @@ pub struct CurrentKeyJson {
     /// Whether the key sees every owner's batches (`worker`, `admin`) or its owner's.
     pub sees_all_owners: bool,
     /// What the key may do: `create_batches`, `read_batches`, `cancel_batches`,
-    /// `update_batches`, `manage_webhooks`.
+    /// `delete_batches`, `update_batches`, `manage_webhooks`.
     pub permissions: Vec<&'static str>,
 }
 

@@ -38,9 +38,20 @@ pub struct ErrorDetail {
 pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
-    /// Seconds for `Retry-After`, on a 429 that knows when to come back.
-    retry_after: Option<u64>,
+    /// When to come back, on a 429 that knows: `Retry-After` (whole seconds, at least
+    /// 1) and `retry-after-ms`, both read by OpenAI's SDKs.
+    retry_after: Option<std::time::Duration>,
+    /// `x-should-retry`, where the answer is known: OpenAI's SDKs obey it.
+    should_retry: Option<bool>,
 }
+
+/// OpenAI's header for a retry delay in milliseconds, which its SDKs prefer to
+/// `Retry-After`.
+const RETRY_AFTER_MS: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("retry-after-ms");
+
+/// OpenAI's header telling its SDKs whether to retry at all.
+const SHOULD_RETRY: axum::http::HeaderName = axum::http::HeaderName::from_static("x-should-retry");
 
 const CLIENT_ERROR: &str = "invalid_request_error";
 const SERVER_ERROR: &str = "server_error";
@@ -64,6 +75,7 @@ impl ApiError {
                 },
             },
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -114,6 +126,11 @@ impl From<Error> for ApiError {
                 CLIENT_ERROR,
                 "rate_limit_exceeded",
             ),
+            Error::ActiveBatchLimit { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                CLIENT_ERROR,
+                "active_batch_limit_reached",
+            ),
             Error::Unavailable(_) | Error::ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 SERVER_ERROR,
@@ -126,10 +143,13 @@ impl From<Error> for ApiError {
             ),
         };
         let retry_after = match &error {
-            Error::RateLimited {
-                retry_after_seconds,
-                ..
-            } => Some(*retry_after_seconds),
+            Error::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
+        // Retrying cannot help until one of the owner's batches ends: OpenAI's SDKs
+        // honour this header and do not retry.
+        let should_retry = match &error {
+            Error::ActiveBatchLimit { .. } => Some(false),
             _ => None,
         };
         ApiError {
@@ -143,6 +163,7 @@ impl From<Error> for ApiError {
                 },
             },
             retry_after,
+            should_retry,
         }
     }
 }
@@ -150,10 +171,19 @@ impl From<Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body)).into_response();
-        if let Some(seconds) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        let headers = response.headers_mut();
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(axum::http::header::RETRY_AFTER, seconds.into());
+            // Rounded up: a retry at the stated time finds its token there.
+            let millis = u64::try_from(wait.as_micros().div_ceil(1_000))
+                .unwrap_or(u64::MAX)
+                .max(1);
+            headers.insert(RETRY_AFTER_MS, millis.into());
+        }
+        if let Some(retry) = self.should_retry {
+            let value = if retry { "true" } else { "false" };
+            headers.insert(SHOULD_RETRY, axum::http::HeaderValue::from_static(value));
         }
         response
     }
@@ -187,8 +217,10 @@ pub enum ErrorResponses {
     /// The change feed cursor is older than the retained log; list again.
     #[response(status = 410)]
     Gone(ErrorBody),
-    /// A limit was reached (open watch streams per key; webhook requests in flight,
-    /// with `Retry-After`).
+    /// A limit was reached: the API key's request rate (with `Retry-After`,
+    /// `retry-after-ms` and `x-ratelimit-*`), the owner's active batches
+    /// (`active_batch_limit_reached`), open watch streams per key, webhook requests in
+    /// flight.
     #[response(status = 429)]
     TooManyRequests(ErrorBody),
     /// A bug; nothing internal is disclosed.
@@ -295,8 +327,13 @@ mod tests {
             (
                 Error::RateLimited {
                     reason: "busy".into(),
-                    retry_after_seconds: 2,
+                    retry_after: std::time::Duration::from_secs(2),
                 },
+                Code::ResourceExhausted,
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (
+                Error::ActiveBatchLimit { limit: 5 },
                 Code::ResourceExhausted,
                 StatusCode::TOO_MANY_REQUESTS,
             ),

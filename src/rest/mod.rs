@@ -90,7 +90,11 @@ pub fn router(
 ) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(batches::create_batch, batches::list_batches))
-        .routes(routes!(batches::get_batch, batches::update_batch))
+        .routes(routes!(
+            batches::get_batch,
+            batches::update_batch,
+            batches::delete_batch
+        ))
         .routes(routes!(batches::cancel_batch))
         .routes(routes!(batches::count_batches))
         .routes(routes!(batches::current_key))
@@ -113,7 +117,8 @@ pub fn router(
         .split_for_parts();
     let document = Arc::new(openapi_document(&openapi, service.policy()));
     register_route_metrics(&document);
-    api.route_layer(axum::middleware::from_fn(crate::telemetry::http::observe))
+    api.route_layer(axum::middleware::from_fn(extract::request_budget_headers))
+        .route_layer(axum::middleware::from_fn(crate::telemetry::http::observe))
         .route(
             "/openapi.json",
             get(move || async move { Json(document.as_ref().clone()) }),

@@ -20,7 +20,7 @@ use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, QueryParams};
 use crate::domain::WatchBatchesInput;
 use crate::error::Error;
-use crate::watch::{FeedEvent, WatchEvent};
+use crate::watch::{FeedEvent, FeedEventKind, WatchEvent};
 
 /// The standard header an `EventSource` resumes with.
 const LAST_EVENT_ID: &str = "last-event-id";
@@ -164,7 +164,8 @@ fn parse_watch_batches(query: &str) -> Result<WatchBatchesInput, Error> {
 /// batch the key may see that matches the filters, in commit order. With
 /// `send_initial_state=true`, `initial` events (every matching batch) come first, then
 /// `synced`; then `change` per committed version (`left_filter` when it took the batch
-/// out of the status set) and `bookmark` while nothing matches. Every event but
+/// out of the status set, `deleted` with its `batch_id` when it was deleted) and
+/// `bookmark` while nothing matches. Every event but
 /// `initial` has `id: <cursor>`; reconnect with `Last-Event-ID` (or `after_cursor`) to
 /// resume on any replica. A cursor older than the retained log is 410: list again.
 #[utoipa::path(
@@ -178,7 +179,7 @@ fn parse_watch_batches(query: &str) -> Result<WatchBatchesInput, Error> {
         ("Last-Event-ID" = Option<String>, Header, description = "The cursor of the last event received; resumes after it"),
     ),
     responses(
-        (status = 200, description = "Server-Sent Events: `id: <cursor>`, `event: initial|synced|change|left_filter|bookmark|error`, `data: {\"type\", \"cursor\", \"batch\"}`", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-Sent Events: `id: <cursor>`, `event: initial|synced|change|left_filter|bookmark|deleted|error`, `data: {\"type\", \"cursor\", \"batch\"}` (`deleted`: `batch_id` instead of `batch`)", content_type = "text/event-stream", body = String),
         ErrorResponses
     ),
     security(("bearer" = []), ("portkey" = []))
@@ -225,7 +226,10 @@ fn feed_sse_event(event: FeedEvent) -> Event {
     if let Some(cursor) = &event.cursor {
         data["cursor"] = cursor.as_str().into();
     }
-    if let Some(batch) = event.batch {
+    if let (FeedEventKind::Deleted, Some(batch)) = (event.kind, &event.batch) {
+        // A deletion names the batch; its last version is not sent again.
+        data["batch_id"] = batch.id.as_str().into();
+    } else if let Some(batch) = event.batch {
         match serde_json::to_value(BatchJson::from(Arc::unwrap_or_clone(batch))) {
             Ok(json) => data["batch"] = json,
             Err(error) => {

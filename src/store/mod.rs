@@ -56,6 +56,8 @@ pub struct FeedChange {
     /// The status at the version before, when that version is still in the log
     /// (`None` for version 1, and when compaction removed the one before).
     pub previous_status: Option<BatchStatus>,
+    /// The batch was deleted: `batch` is its last version, as it was deleted.
+    pub deleted: bool,
 }
 
 /// What one read of the change feed returns.
@@ -217,17 +219,40 @@ store_trait! {
     /// Batches: created, read by id, listed, counted, and changed by compare-and-set (the
     /// service and its grouped commits and coalesced reads).
     pub trait BatchStore {
-        /// Inserts a new batch (version 1) and its first event, atomically.
-        async fn insert_batch(&self, batch: &Batch) -> Result<()>;
+        /// Inserts a new batch (version 1) and its first event, atomically. With
+        /// `active_limit`, only if its owner has fewer active (not terminal) batches than
+        /// that, decided in the same transaction and exact across replicas: else
+        /// [`Error::ActiveBatchLimit`], writing nothing.
+        async fn insert_batch(&self, batch: &Batch, active_limit: Option<u32>) -> Result<()>;
 
     /// Like [`BatchStore::insert_batch`], but only if the idempotency key of `claim` is free
         /// (or its claim expired), claiming it for `batch` in the same transaction.
-        /// Returns the earlier, live claim instead, writing nothing, when there is one.
+        /// Returns the earlier, live claim instead, writing nothing, when there is one
+        /// (whatever the quota: a repeated create is not a new batch).
         async fn insert_batch_once(
             &self,
             batch: &Batch,
             claim: IdempotencyClaim<'_>,
+            active_limit: Option<u32>,
         ) -> Result<Option<EarlierClaim>>;
+
+    /// Deletes the batch with this id if it is terminal, with what belongs to it (its
+        /// metadata index rows, its idempotency key, its webhook deliveries not yet
+        /// sent), and logs the deletion for the change feed, atomically, at `at` (Unix
+        /// seconds). `false` when there was no such terminal batch (it is not terminal,
+        /// or already gone).
+        async fn delete_batch(&self, id: &BatchId, at: i64) -> Result<bool>;
+
+    /// [`BatchStore::delete_batch`] of up to `limit` batches that became terminal
+        /// before `terminal_before` (Unix seconds), in one short transaction; returns
+        /// their ids. Replicas sweeping together skip the batches another one is
+        /// deleting (PostgreSQL), so no batch is deleted twice.
+        async fn delete_terminal_batches(
+            &self,
+            terminal_before: i64,
+            at: i64,
+            limit: i64,
+        ) -> Result<Vec<BatchId>>;
 
     /// The batches with these ids, in no particular order; unknown ids are left out.
         async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>>;

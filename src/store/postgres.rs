@@ -29,7 +29,9 @@ static SELECT_BATCHES: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// Commits a round of changes, given as the JSON array $1 of their snapshots (distinct
-/// batches), in one statement: the rows are locked in id order (so two rounds that
+/// batches), in one statement: the rows are locked in id order, with the lock an
+/// UPDATE that keeps the key takes (so the webhook dispatcher's key-share lock on a
+/// batch it queues deliveries for does not hold the round up; two rounds that
 /// share batches cannot deadlock), each row is replaced if it is still at the version
 /// before its snapshot's, and each replaced row's snapshot is appended to the event
 /// log in the round's order. Returns the 1-based index of every change written.
@@ -41,7 +43,7 @@ static COMMIT_ROUND: LazyLock<String> = LazyLock::new(|| {
         "WITH input AS (SELECT t.s, t.ord FROM jsonb_array_elements($1) \
          WITH ORDINALITY AS t(s, ord)), \
          locked AS (SELECT id FROM batches \
-         WHERE id = ANY (ARRAY(SELECT s ->> 'id' FROM input)) ORDER BY id FOR UPDATE), \
+         WHERE id = ANY (ARRAY(SELECT s ->> 'id' FROM input)) ORDER BY id FOR NO KEY UPDATE), \
          written AS (UPDATE batches SET ({columns}) = ({values}) FROM input \
          WHERE batches.id = ANY (ARRAY(SELECT id FROM locked)) \
          AND batches.id = input.s ->> 'id' \
@@ -344,7 +346,41 @@ impl Backend for PostgresBackend {
 
     const LOCK_OWNER_ENDPOINTS: Option<&'static str> =
         Some("SELECT pg_advisory_xact_lock(hashtext('webhook_endpoints'), hashtext($1))");
+
+    const LOCK_OWNER_BATCHES: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(hashtext('batches'), hashtext($1))");
+
+    const LOCK_SKIPPING_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+
+    const LOCK_KEY_SHARE: &'static str = " FOR KEY SHARE";
+
+    /// One statement for every deletion: the feed position is an identity column.
+    async fn log_deletions(
+        tx: &mut Transaction<'static, Postgres>,
+        gone: &[(String, i64)],
+        at: i64,
+    ) -> Result<()> {
+        let (ids, versions): (Vec<&str>, Vec<i64>) = gone
+            .iter()
+            .map(|(id, version)| (id.as_str(), *version))
+            .unzip();
+        sqlx::query(LOG_DELETIONS)
+            .bind(ids)
+            .bind(versions)
+            .bind(at)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
 }
+
+/// Logs the deletion of each batch of the array $1 at the version of the array $2 at
+/// $3: the event after that version, with its snapshot, in id order.
+const LOG_DELETIONS: &str = "INSERT INTO batch_events \
+     (batch_id, version, snapshot, at, owner, deleted) \
+     SELECT e.batch_id, e.version + 1, e.snapshot, $3, e.owner, TRUE \
+     FROM batch_events e JOIN UNNEST($1::text[], $2::bigint[]) AS gone (id, version) \
+     ON e.batch_id = gone.id AND e.version = gone.version ORDER BY e.batch_id";
 
 /// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata
 /// filter) and its first event in one statement (one round trip, atomic).

@@ -129,6 +129,28 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// Ends the subquery that picks the deliveries a replica may claim: PostgreSQL
     /// locks them and skips rows other replicas are claiming; SQLite has one writer.
     const CLAIM_LOCK: &'static str;
+
+    /// Like [`Backend::LOCK_OWNER_ENDPOINTS`], for the active batches of owner $1: a
+    /// create under the quota counts and inserts alone.
+    const LOCK_OWNER_BATCHES: Option<&'static str>;
+
+    /// Ends a `SELECT` of batches to delete: PostgreSQL locks them and skips the ones
+    /// another replica is deleting (or changing); SQLite has one writer.
+    const LOCK_SKIPPING_LOCKED: &'static str;
+
+    /// Ends a `SELECT` of batches a transaction relies on existing until it commits:
+    /// PostgreSQL holds a key-share lock, which a deletion waits for; SQLite has one
+    /// writer.
+    const LOCK_KEY_SHARE: &'static str;
+
+    /// Logs the deletion of each `(id, version)` of `gone` (deleted in `tx`, at their
+    /// last version) as the event after that version, carrying its snapshot, marked
+    /// deleted, at `at`.
+    async fn log_deletions(
+        tx: &mut Transaction<'static, Self::Db>,
+        gone: &[(String, i64)],
+        at: i64,
+    ) -> Result<()>;
 }
 
 /// The columns of `batches` that make up a batch, comma-separated.
@@ -178,11 +200,12 @@ pub(super) fn feed_forms(
     owner_param: usize,
     status_of: fn(&str) -> String,
 ) -> [String; 3] {
-    let every = "e.snapshot".to_owned();
+    let every = "e.deleted, e.snapshot".to_owned();
     // Compaction may have removed the version before: then the move is unknown, and
     // the change counts as none (version 1 has no version before and always counts).
+    // A deletion keeps the status of the version before, so it is no move either.
     let moved = format!(
-        "CASE WHEN e.version = 1 OR {} <> {} THEN e.snapshot END AS snapshot",
+        "e.deleted, CASE WHEN e.version = 1 OR {} <> {} THEN e.snapshot END AS snapshot",
         status_of("e"),
         status_of("p")
     );
@@ -259,7 +282,8 @@ const FORGET_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys \
      WHERE (user_id, idempotency_key) IN (SELECT user_id, idempotency_key \
      FROM idempotency_keys WHERE created_at < $1 LIMIT $2)";
 
-/// Deletes at most $2 events older than $1, keeping the latest version of every batch,
+/// Deletes at most $2 events older than $1, keeping the latest version of every batch
+/// that still exists (a deleted batch's events, its deletion included, all go),
 /// every event the feed still holds back, and every event that the webhook dispatcher
 /// has not read or whose next version it has not read (the dispatcher tells a status
 /// change by the version before), so no webhook event is lost to compaction. Returns
@@ -274,7 +298,8 @@ fn compact_events(
     format!(
         "DELETE FROM batch_events \
          WHERE (batch_id, version) IN (SELECT e.batch_id, e.version FROM batch_events e \
-         JOIN batches b ON b.id = e.batch_id WHERE e.at < $1 AND e.version < b.version \
+         LEFT JOIN batches b ON b.id = e.batch_id \
+         WHERE e.at < $1 AND (b.version IS NULL OR e.version < b.version) \
          AND {readable} AND NOT EXISTS (SELECT 1 FROM webhook_dispatch w \
          LEFT JOIN batch_events n ON n.batch_id = e.batch_id AND n.version = e.version + 1 \
          WHERE ({transaction_of_e}, e.position) > (w.after_transaction, w.after_position) \
@@ -293,9 +318,86 @@ const RAISE_COMPACTION_WATERMARK: &str = "UPDATE feed_compaction \
 const SELECT_COMPACTION_WATERMARK: &str =
     "SELECT through_transaction, through_position FROM feed_compaction";
 
-/// Events of batch $1 after version $2, oldest first, at most $3.
+/// Versions of batch $1 after version $2, oldest first, at most $3 (a deletion is not
+/// a version: only the change feed tells of it).
 const SELECT_EVENTS_AFTER: &str = "SELECT version, snapshot FROM batch_events \
-     WHERE batch_id = $1 AND version > $2 ORDER BY version LIMIT $3";
+     WHERE batch_id = $1 AND version > $2 AND NOT deleted ORDER BY version LIMIT $3";
+
+/// The statuses a batch may be deleted in (`BatchStatus::is_terminal`), as SQL; the
+/// migrations' partial indexes name the same.
+const TERMINAL_STATUSES: &str = "('completed', 'failed', 'expired', 'cancelled')";
+
+/// When a terminal batch became terminal: the time stamp of its status. The
+/// expression of the migrations' `batches_terminal_by_time` index, word for word.
+const TERMINAL_TIME: &str = "(CASE status \
+     WHEN 'completed' THEN completed_at WHEN 'failed' THEN failed_at \
+     WHEN 'expired' THEN expired_at WHEN 'cancelled' THEN cancelled_at END)";
+
+/// How many of owner $1's batches are active (not terminal), counted up to $2.
+const COUNT_ACTIVE_BATCHES: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM batches \
+     WHERE user_id = $1 AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling') \
+     LIMIT $2) AS active";
+
+/// Pushes ` (<binds>)`: a parenthesised list of `values`, for `IN`.
+fn push_list<DB: Database>(sql: &mut QueryBuilder<DB>, values: &[String])
+where
+    String: for<'q> Encode<'q, DB> + Type<DB>,
+{
+    sql.push(" (");
+    let mut list = sql.separated(", ");
+    for value in values {
+        list.push_bind(value.clone());
+    }
+    sql.push(")");
+}
+
+/// Deletes the batches among `ids` that are terminal, each with its metadata index
+/// rows, its idempotency key and its webhook deliveries not yet sent, and logs each
+/// deletion, inside `tx`. Returns the ids deleted.
+async fn delete_terminal_in<B: Backend>(
+    tx: &mut Transaction<'static, B::Db>,
+    ids: &[String],
+    at: i64,
+) -> Result<Vec<String>>
+where
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    <B::Db as Database>::Arguments: IntoArguments<B::Db>,
+    String: for<'q> Encode<'q, B::Db> + Type<B::Db>,
+    (String, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+{
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The index rows first: they refer to the batch.
+    let mut sql = QueryBuilder::<B::Db>::new(format!(
+        "DELETE FROM batch_metadata WHERE batch_seq IN (SELECT seq FROM batches \
+         WHERE status IN {TERMINAL_STATUSES} AND id IN"
+    ));
+    push_list(&mut sql, ids);
+    sql.push(")");
+    sql.build().execute(&mut **tx).await?;
+    let mut sql = QueryBuilder::<B::Db>::new(format!(
+        "DELETE FROM batches WHERE status IN {TERMINAL_STATUSES} AND id IN"
+    ));
+    push_list(&mut sql, ids);
+    sql.push(" RETURNING id, version");
+    let gone: Vec<(String, i64)> = sql.build_query_as().fetch_all(&mut **tx).await?;
+    if gone.is_empty() {
+        return Ok(Vec::new());
+    }
+    B::log_deletions(tx, &gone, at).await?;
+    let gone: Vec<String> = gone.into_iter().map(|(id, _)| id).collect();
+    for table in [
+        "DELETE FROM idempotency_keys WHERE batch_id IN",
+        // Delivered and failed ones stay, as the endpoint's history, until they expire.
+        "DELETE FROM webhook_deliveries WHERE state = 'pending' AND batch_id IN",
+    ] {
+        let mut sql = QueryBuilder::<B::Db>::new(table);
+        push_list(&mut sql, &gone);
+        sql.build().execute(&mut **tx).await?;
+    }
+    Ok(gone)
+}
 
 /// Inserts a key: $1 id, $2 digest, $3 user, $4 scope, $5 created_at.
 const INSERT_API_KEY: &str = "INSERT INTO api_keys \
@@ -370,6 +472,30 @@ where
     <B::Db as Database>::Arguments: IntoArguments<B::Db>,
     (i64, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
 {
+    /// Inside a write transaction that is about to insert a batch of `owner`: makes it
+    /// the only one counting and inserting that owner's batches until it ends, and
+    /// fails with [`Error::ActiveBatchLimit`] when the owner has `limit` active batches.
+    async fn hold_quota(tx: &mut Transaction<'static, B::Db>, owner: &str, limit: u32) -> Result<()>
+    where
+        for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+        i64: for<'q> Encode<'q, B::Db> + Type<B::Db>,
+        (i64,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    {
+        if let Some(lock) = B::LOCK_OWNER_BATCHES {
+            sqlx::query(lock).bind(owner).execute(&mut **tx).await?;
+        }
+        let (active,): (i64,) = sqlx::query_as(COUNT_ACTIVE_BATCHES)
+            .bind(owner)
+            .bind(i64::from(limit))
+            .fetch_one(&mut **tx)
+            .await?;
+        if active >= i64::from(limit) {
+            metrics::counter!("batchd_quota_refused_total").increment(1);
+            return Err(Error::ActiveBatchLimit { limit });
+        }
+        Ok(())
+    }
+
     /// One read of the change feed: see [`EventLog::changes_after`].
     async fn read_feed(
         &self,
@@ -540,10 +666,20 @@ where
     (i64, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (String, Vec<u8>): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (String, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    (String,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    (i64,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    String: for<'q> Encode<'q, B::Db> + Type<B::Db>,
 {
     #[tracing::instrument(level = "debug", name = "store.insert_batch", skip_all, fields(db.system = B::SYSTEM, batch_id = %batch.id))]
-    async fn insert_batch(&self, batch: &Batch) -> Result<()> {
-        B::insert_batch(&self.pool, &StoredBatchV1::from(batch)).await
+    async fn insert_batch(&self, batch: &Batch, active_limit: Option<u32>) -> Result<()> {
+        let Some(limit) = active_limit else {
+            return B::insert_batch(&self.pool, &StoredBatchV1::from(batch)).await;
+        };
+        let mut tx = B::begin_write(&self.pool).await?;
+        Self::hold_quota(&mut tx, &batch.user_id, limit).await?;
+        B::insert_batch_in(&mut tx, &StoredBatchV1::from(batch)).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     #[tracing::instrument(level = "debug", name = "store.insert_batch_once", skip_all, fields(db.system = B::SYSTEM, batch_id = %batch.id))]
@@ -551,6 +687,7 @@ where
         &self,
         batch: &Batch,
         claim: IdempotencyClaim<'_>,
+        active_limit: Option<u32>,
     ) -> Result<Option<EarlierClaim>> {
         // On SQLite the write lock, on PostgreSQL the primary key on (owner, key),
         // makes a concurrent claim of the same key wait for this one to end.
@@ -583,9 +720,48 @@ where
                 request_sha256,
             }));
         }
+        // After the claim: a repeated create is answered above and never counted. The
+        // claim is taken before the owner's lock by every create, so they cannot
+        // deadlock.
+        if let Some(limit) = active_limit {
+            Self::hold_quota(&mut tx, &batch.user_id, limit).await?;
+        }
         B::insert_batch_in(&mut tx, &StoredBatchV1::from(batch)).await?;
         tx.commit().await?;
         Ok(None)
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.delete_batch", skip_all, fields(db.system = B::SYSTEM, batch_id = %id))]
+    async fn delete_batch(&self, id: &BatchId, at: i64) -> Result<bool> {
+        let mut tx = B::begin_write(&self.pool).await?;
+        let gone = delete_terminal_in::<B>(&mut tx, &[id.as_str().to_owned()], at).await?;
+        tx.commit().await?;
+        Ok(!gone.is_empty())
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.delete_terminal_batches", skip_all, fields(db.system = B::SYSTEM))]
+    async fn delete_terminal_batches(
+        &self,
+        terminal_before: i64,
+        at: i64,
+        limit: i64,
+    ) -> Result<Vec<BatchId>> {
+        let mut tx = B::begin_write(&self.pool).await?;
+        let doomed: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM batches WHERE status IN {TERMINAL_STATUSES} \
+             AND {TERMINAL_TIME} < $1 ORDER BY {TERMINAL_TIME} LIMIT $2{}",
+            B::LOCK_SKIPPING_LOCKED
+        )))
+        .bind(terminal_before)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let doomed: Vec<String> = doomed.into_iter().map(|(id,)| id).collect();
+        let gone = delete_terminal_in::<B>(&mut tx, &doomed, at).await?;
+        tx.commit().await?;
+        gone.iter()
+            .map(|id| BatchId::parse("id", id).map_err(|e| Error::Internal(e.to_string())))
+            .collect()
     }
 
     #[tracing::instrument(level = "debug", name = "store.get_batches", skip_all, fields(db.system = B::SYSTEM, batches = ids.len()))]
@@ -1037,6 +1213,8 @@ pub(super) struct FeedRow {
     transaction: i64,
     position: i64,
     version: i64,
+    /// The event logs the batch's deletion.
+    deleted: bool,
     /// `None` where a read of status moves passed over a change that moved none.
     snapshot: Option<sqlx::types::Json<StoredBatchV1>>,
     previous_status: Option<String>,
@@ -1114,6 +1292,7 @@ fn feed_page(
             },
             batch: event.batch,
             previous_status,
+            deleted: row.deleted,
         });
     }
     let next = match last_read {

@@ -231,7 +231,38 @@ impl Backend for SqliteBackend {
     const CLAIM_LOCK: &'static str = "";
 
     const LOCK_OWNER_ENDPOINTS: Option<&'static str> = None;
+
+    const LOCK_OWNER_BATCHES: Option<&'static str> = None;
+
+    const LOCK_SKIPPING_LOCKED: &'static str = "";
+
+    const LOCK_KEY_SHARE: &'static str = "";
+
+    /// One statement per deletion: each takes the next feed position.
+    async fn log_deletions(
+        tx: &mut Transaction<'static, Sqlite>,
+        gone: &[(String, i64)],
+        at: i64,
+    ) -> Result<()> {
+        for (id, version) in gone {
+            sqlx::query(LOG_DELETION)
+                .bind(id)
+                .bind(version)
+                .bind(at)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
 }
+
+/// Logs the deletion of batch $1 at version $2 at $3: the event after that version,
+/// with its snapshot, at the next feed position.
+const LOG_DELETION: &str = "INSERT INTO batch_events \
+     (batch_id, version, snapshot, at, owner, deleted, position) \
+     SELECT batch_id, version + 1, snapshot, $3, owner, TRUE, \
+     (SELECT COALESCE(MAX(position), 0) + 1 FROM batch_events) \
+     FROM batch_events WHERE batch_id = $1 AND version = $2";
 
 /// The batches whose ids are in the JSON array $1.
 static SELECT_BATCHES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {

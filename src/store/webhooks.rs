@@ -219,6 +219,7 @@ where
     EndpointRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
     DeliveryRow: for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (i64,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
+    (String,): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (i64, i64): for<'r> FromRow<'r, <B::Db as Database>::Row>,
     (i64, Option<i64>): for<'r> FromRow<'r, <B::Db as Database>::Row>,
 {
@@ -417,6 +418,29 @@ where
         if B::Db::rows_affected(&moved) != 1 {
             return Ok(false);
         }
+        // Only batches that still exist get deliveries, and they stay until this
+        // commits: a deletion (which drops the pending deliveries of its batch) waits
+        // for the lock on PostgreSQL, and SQLite has one writer.
+        let mut batch_ids: Vec<String> = deliveries.iter().map(|d| d.batch_id.clone()).collect();
+        batch_ids.sort_unstable();
+        batch_ids.dedup();
+        let mut existing = Vec::with_capacity(batch_ids.len());
+        for chunk in batch_ids.chunks(DELIVERIES_PER_INSERT) {
+            let mut select = QueryBuilder::<B::Db>::new("SELECT id FROM batches WHERE id IN (");
+            let mut list = select.separated(", ");
+            for id in chunk {
+                list.push_bind(id.clone());
+            }
+            select.push(format_args!(") ORDER BY id{}", B::LOCK_KEY_SHARE));
+            let rows: Vec<(String,)> = select.build_query_as().fetch_all(&mut *tx).await?;
+            existing.extend(rows.into_iter().map(|(id,)| id));
+        }
+        // The database's collation need not be byte order.
+        existing.sort_unstable();
+        let deliveries: Vec<&NewDelivery> = deliveries
+            .iter()
+            .filter(|d| existing.binary_search(&d.batch_id).is_ok())
+            .collect();
         for chunk in deliveries.chunks(DELIVERIES_PER_INSERT) {
             let mut insert = QueryBuilder::<B::Db>::new(
                 "INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event_type, \

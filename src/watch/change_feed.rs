@@ -57,6 +57,8 @@ pub(super) struct SharedChange {
     pub(super) cursor: FeedCursor,
     pub(super) batch: Arc<Batch>,
     pub(super) previous_status: Option<BatchStatus>,
+    /// The batch was deleted; `batch` is its last version.
+    pub(super) deleted: bool,
 }
 
 impl From<FeedChange> for SharedChange {
@@ -65,6 +67,7 @@ impl From<FeedChange> for SharedChange {
             cursor: change.cursor,
             batch: Arc::new(change.batch),
             previous_status: change.previous_status,
+            deleted: change.deleted,
         }
     }
 }
@@ -400,7 +403,7 @@ mod tests {
         store.migrate().await.expect("migrations");
         // Another owner's batch: the head moves past where alice's channel begins.
         let bobs = crate::domain::fixtures::created_by("bob", 1_700_000_000);
-        store.insert_batch(&bobs).await.unwrap();
+        store.insert_batch(&bobs, None).await.unwrap();
         let head = store.feed_bounds().await.unwrap().head;
         assert!(head > FeedCursor::default());
 

@@ -201,14 +201,21 @@ impl CollectionWatcher {
     }
 
     /// Sends `change` as a `CHANGE` when the batch matches the filter, as `LEFT_FILTER`
-    /// when it matched at the version before and no longer does, else not at all.
+    /// when it matched at the version before and no longer does, as `DELETED` when a
+    /// batch that matched (at its last version) was deleted, else not at all.
     async fn judge(&mut self, change: &SharedChange) -> Result<(), Stop> {
         self.cursor = change.cursor;
         let filter = &self.context.filter;
         if !filter.matches_fixed(&change.batch) {
             return Ok(());
         }
-        let kind = if filter.matches_status(change.batch.status) {
+        let kind = if change.deleted {
+            // A batch that had left the filter was already the last message about it.
+            if !filter.matches_status(change.batch.status) {
+                return Ok(());
+            }
+            FeedEventKind::Deleted
+        } else if filter.matches_status(change.batch.status) {
             FeedEventKind::Change
         } else if change_left_filter(filter, change) {
             FeedEventKind::LeftFilter

@@ -201,6 +201,17 @@ impl WatchHub {
         }
     }
 
+    /// Batch `id` was deleted here: the change feed reads the deletion, and the other
+    /// replicas hear of it like a commit (their feeds read it, their caches forget the
+    /// batch). Its per-batch watchers need nothing: only a terminal batch is deleted,
+    /// and their streams ended with its terminal version.
+    pub fn deleted(&self, id: &BatchId) {
+        self.change_feed.wake();
+        if let Some(notifier) = self.notifier.get() {
+            notifier.announce(id, wall_clock_ms());
+        }
+    }
+
     /// Batch `id` changed in a commit at `committed_at_ms` (wall clock): its feed (if
     /// watched) re-reads the log.
     fn wake_for_commit(&self, id: &BatchId, committed_at_ms: i64) {

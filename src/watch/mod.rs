@@ -92,8 +92,8 @@ impl WatchEventKind {
 pub struct FeedEvent {
     /// Which kind of message this is.
     pub kind: FeedEventKind,
-    /// The batch (`INITIAL`, `CHANGE`, `LEFT_FILTER`); `None` for `SYNCED` and
-    /// `BOOKMARK`.
+    /// The batch (`INITIAL`, `CHANGE`, `LEFT_FILTER`; for `DELETED` its last version,
+    /// of which only the id is sent); `None` for `SYNCED` and `BOOKMARK`.
     pub batch: Option<Arc<Batch>>,
     /// Where a resumed stream continues: after this message, sealed for the stream's
     /// owner scope. `None` for `INITIAL`.
@@ -115,16 +115,20 @@ pub enum FeedEventKind {
     LeftFilter,
     /// Nothing matching changed for a while; the cursor is current, for checkpoints.
     Bookmark,
+    /// A batch that matched was deleted: the last message about it. Its `batch` is
+    /// the last version, for the transports to take the id from.
+    Deleted,
 }
 
 impl FeedEventKind {
     /// Every kind.
-    pub const ALL: [FeedEventKind; 5] = [
+    pub const ALL: [FeedEventKind; 6] = [
         FeedEventKind::Initial,
         FeedEventKind::Synced,
         FeedEventKind::Change,
         FeedEventKind::LeftFilter,
         FeedEventKind::Bookmark,
+        FeedEventKind::Deleted,
     ];
 
     /// The name of the kind: the SSE event name and the metrics label.
@@ -135,6 +139,7 @@ impl FeedEventKind {
             FeedEventKind::Change => "change",
             FeedEventKind::LeftFilter => "left_filter",
             FeedEventKind::Bookmark => "bookmark",
+            FeedEventKind::Deleted => "deleted",
         }
     }
 }

@@ -251,7 +251,7 @@ mod tests {
             .expect("an in-memory database");
         inner.migrate().await.expect("migrations");
         let batch = crate::domain::fixtures::batch();
-        inner.insert_batch(&batch).await.unwrap();
+        inner.insert_batch(&batch, None).await.unwrap();
         let mut next = batch.clone();
         next.status = BatchStatus::Failed;
         next.failed_at = Some(batch.created_at + 1);

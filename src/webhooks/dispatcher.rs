@@ -200,6 +200,8 @@ async fn deliveries_of(
 ) -> Result<Vec<NewDelivery>> {
     let events: Vec<(&FeedChange, WebhookEventType)> = changes
         .iter()
+        // OpenAI has no webhook event for a deletion.
+        .filter(|change| !change.deleted)
         .filter_map(|change| {
             WebhookEventType::of_change(change.previous_status, &change.batch)
                 .map(|kind| (change, kind))

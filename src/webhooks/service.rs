@@ -465,7 +465,7 @@ impl WebhookService {
         };
         Error::RateLimited {
             reason: format!("{what}; retry later"),
-            retry_after_seconds: self.options.attempt_timeout.as_secs_f64().ceil().max(1.0) as u64,
+            retry_after: self.options.attempt_timeout,
         }
     }
 

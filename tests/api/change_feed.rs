@@ -22,7 +22,7 @@ fn everything() -> pb::WatchBatchesRequest {
     pb::WatchBatchesRequest::default()
 }
 
-async fn watch_all(
+pub(crate) async fn watch_all(
     client: &mut Client,
     request: pb::WatchBatchesRequest,
 ) -> Result<Streaming<pb::WatchBatchesResponse>, Status> {
@@ -42,7 +42,9 @@ async fn next(stream: &mut Streaming<pb::WatchBatchesResponse>) -> pb::WatchBatc
 }
 
 /// The next message that is not a bookmark.
-async fn next_event(stream: &mut Streaming<pb::WatchBatchesResponse>) -> pb::WatchBatchesResponse {
+pub(crate) async fn next_event(
+    stream: &mut Streaming<pb::WatchBatchesResponse>,
+) -> pb::WatchBatchesResponse {
     loop {
         let message = next(stream).await;
         if message.r#type() != F::Bookmark {
@@ -1083,19 +1085,20 @@ async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
 }
 
 /// A Server-Sent Events message of the feed, whose ids are cursors.
-struct RawEvent {
-    id: Option<String>,
-    event: String,
-    data: serde_json::Value,
+pub(crate) struct RawEvent {
+    pub(crate) id: Option<String>,
+    pub(crate) event: String,
+    pub(crate) data: serde_json::Value,
 }
 
-struct RawSse {
-    response: reqwest::Response,
-    buffer: String,
+/// Reads the feed's Server-Sent Events from a streaming response.
+pub(crate) struct RawSse {
+    pub(crate) response: reqwest::Response,
+    pub(crate) buffer: String,
 }
 
 impl RawSse {
-    async fn next(&mut self) -> RawEvent {
+    pub(crate) async fn next(&mut self) -> RawEvent {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();

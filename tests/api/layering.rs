@@ -12,7 +12,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("store", &["store"]),
     (
         "use cases",
-        &["service", "watch", "webhooks", "cache", "health"],
+        &[
+            "service",
+            "request_rates",
+            "watch",
+            "webhooks",
+            "cache",
+            "health",
+        ],
     ),
     ("transports", &["grpc", "rest", "console", "telemetry"]),
     ("app", &["app"]),

@@ -101,7 +101,12 @@ async fn postgres_two_sweepers_move_each_due_batch_exactly_once() {
     let second = batchd::app::App::start(second_options).await.unwrap();
 
     let creator = service(&first);
-    let caller = creator.authenticate(Some(&first.admin_key)).await.unwrap();
+    let caller = creator
+        .admit(Some(&first.admin_key))
+        .await
+        .map_err(|refused| refused.error)
+        .unwrap()
+        .caller;
     let mut creates = JoinSet::new();
     for _ in 0..1_000 {
         let (creator, caller) = (creator.clone(), caller.clone());

@@ -28,6 +28,7 @@ mod shutdown;
 mod store;
 mod store_contract;
 mod tenant_isolation;
+mod tenants;
 mod traces;
 mod watch;
 mod watch_hardening;

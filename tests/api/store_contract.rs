@@ -110,7 +110,7 @@ async fn commit_moves(
 /// progress reports a minute apart.
 async fn with_versions(store: &dyn Store, owner: &str, now: i64, versions: i64) -> Batch {
     let mut batch = plain(owner, now);
-    store.insert_batch(&batch).await.unwrap();
+    store.insert_batch(&batch, None).await.unwrap();
     for version in 2..=versions {
         let at = now + 60 * (version - 1);
         batch = if version == 2 {
@@ -222,8 +222,8 @@ async fn an_inserted_batch_is_read_back_whole_alone_and_among_others(backend: Ba
     });
     let other = plain("bob", T0 + 1);
     let unknown = BatchId::generate();
-    store.insert_batch(&full).await.unwrap();
-    store.insert_batch(&other).await.unwrap();
+    store.insert_batch(&full, None).await.unwrap();
+    store.insert_batch(&other, None).await.unwrap();
 
     assert_eq!(store.get_batch(&full.id).await.unwrap(), Some(full.clone()));
     assert_eq!(store.get_batch(&unknown).await.unwrap(), None);
@@ -256,7 +256,7 @@ async fn an_inserted_batch_is_read_back_whole_alone_and_among_others(backend: Ba
 async fn a_commit_from_the_stored_version_replaces_the_batch_and_logs_it(backend: Backend) {
     let (_db, store) = fresh_store(backend).await;
     let first = plain("alice", T0);
-    store.insert_batch(&first).await.unwrap();
+    store.insert_batch(&first, None).await.unwrap();
     let running = moved(&first, BatchStatus::InProgress, T0 + 60);
 
     assert!(store.commit_change(&running).await.unwrap());
@@ -277,7 +277,7 @@ async fn a_commit_from_the_stored_version_replaces_the_batch_and_logs_it(backend
 async fn a_commit_from_a_stale_version_writes_nothing(backend: Backend) {
     let (_db, store) = fresh_store(backend).await;
     let first = plain("alice", T0);
-    store.insert_batch(&first).await.unwrap();
+    store.insert_batch(&first, None).await.unwrap();
     // Two writers read version 1 and each commit their own version 2 at once.
     let started = moved(&first, BatchStatus::InProgress, T0 + 60);
     let cancelled = first.cancel(T0 + 61).unwrap().expect("a change");
@@ -319,7 +319,7 @@ async fn a_round_of_commits_writes_each_change_as_its_own_commit_would(backend: 
     });
     let (raced, plain_one) = (plain("bob", T0 + 1), plain("carol", T0 + 2));
     for batch in [&full, &raced, &plain_one] {
-        store.insert_batch(batch).await.unwrap();
+        store.insert_batch(batch, None).await.unwrap();
     }
     // Every column set: status, counts, files, model, usage, errors.
     let running = updated(
@@ -490,11 +490,11 @@ async fn pages_neither_repeat_nor_skip_a_batch_in_either_order_even_when_created
     // Three batches share a second, then two pairs more: ties a cursor must order.
     for created_at in [T0, T0, T0, T0 + 1, T0 + 1, T0 + 2, T0 + 2] {
         let batch = plain("alice", created_at);
-        store.insert_batch(&batch).await.unwrap();
+        store.insert_batch(&batch, None).await.unwrap();
         alices.push(batch.id);
     }
     let bobs = plain("bob", T0 + 1);
-    store.insert_batch(&bobs).await.unwrap();
+    store.insert_batch(&bobs, None).await.unwrap();
 
     for oldest_first in [true, false] {
         let whole = BatchPageQuery {
@@ -572,7 +572,7 @@ async fn each_list_filter_keeps_exactly_the_batches_that_match(backend: Backend)
     });
     let cancelling = plain("alice", T0 + 30);
     for batch in [&validating, &running, &finalizing, &cancelling] {
-        store.insert_batch(batch).await.unwrap();
+        store.insert_batch(batch, None).await.unwrap();
     }
     let running = commit_moves(&*store, &running, &[BatchStatus::InProgress], T0 + 40).await;
     let finalizing = commit_moves(
@@ -741,7 +741,7 @@ async fn due_batches_are_running_past_their_window_or_cancelling_past_the_grace(
     let cancelling = plain("alice", T0);
     let completed = plain("alice", T0);
     for batch in [&validating, &running, &finalizing, &cancelling, &completed] {
-        store.insert_batch(batch).await.unwrap();
+        store.insert_batch(batch, None).await.unwrap();
     }
     let running = commit_moves(&*store, &running, &[BatchStatus::InProgress], T0 + 10).await;
     commit_moves(
@@ -806,7 +806,10 @@ async fn an_idempotency_key_is_claimed_once_while_live_and_again_once_expired(ba
 
     let first = plain("alice", T0);
     let fresh = claim("alice", "retry-1", &first_request, T0);
-    assert_eq!(store.insert_batch_once(&first, fresh).await.unwrap(), None);
+    assert_eq!(
+        store.insert_batch_once(&first, fresh, None).await.unwrap(),
+        None
+    );
     assert_eq!(
         store.get_batch(&first.id).await.unwrap(),
         Some(first.clone())
@@ -817,7 +820,7 @@ async fn an_idempotency_key_is_claimed_once_while_live_and_again_once_expired(ba
     let retry = plain("alice", T0 + DAY - 1);
     let live = claim("alice", "retry-1", &second_request, T0 + DAY - 1);
     assert_eq!(
-        store.insert_batch_once(&retry, live).await.unwrap(),
+        store.insert_batch_once(&retry, live, None).await.unwrap(),
         Some(EarlierClaim {
             batch_id: first.id.to_string(),
             request_sha256: first_request.to_vec(),
@@ -830,7 +833,10 @@ async fn an_idempotency_key_is_claimed_once_while_live_and_again_once_expired(ba
     let bobs = plain("bob", T0 + 1);
     let other_owner = claim("bob", "retry-1", &second_request, T0 + 1);
     assert_eq!(
-        store.insert_batch_once(&bobs, other_owner).await.unwrap(),
+        store
+            .insert_batch_once(&bobs, other_owner, None)
+            .await
+            .unwrap(),
         None
     );
 
@@ -838,7 +844,10 @@ async fn an_idempotency_key_is_claimed_once_while_live_and_again_once_expired(ba
     let later = plain("alice", T0 + DAY + 1);
     let expired = claim("alice", "retry-1", &second_request, T0 + DAY + 1);
     assert_eq!(
-        store.insert_batch_once(&later, expired).await.unwrap(),
+        store
+            .insert_batch_once(&later, expired, None)
+            .await
+            .unwrap(),
         None
     );
     assert_eq!(
@@ -850,7 +859,8 @@ async fn an_idempotency_key_is_claimed_once_while_live_and_again_once_expired(ba
         store
             .insert_batch_once(
                 &again,
-                claim("alice", "retry-1", &first_request, T0 + DAY + 2)
+                claim("alice", "retry-1", &first_request, T0 + DAY + 2),
+                None,
             )
             .await
             .unwrap(),
@@ -873,7 +883,10 @@ async fn forgetting_idempotency_keys_deletes_at_most_the_limit_of_the_old_ones(b
     ] {
         let batch = plain("alice", at);
         let fresh = claim("alice", key, &request, at);
-        assert_eq!(store.insert_batch_once(&batch, fresh).await.unwrap(), None);
+        assert_eq!(
+            store.insert_batch_once(&batch, fresh, None).await.unwrap(),
+            None
+        );
     }
 
     assert_eq!(store.forget_idempotency_keys(T0 + 100, 2).await.unwrap(), 2);
@@ -884,7 +897,7 @@ async fn forgetting_idempotency_keys_deletes_at_most_the_limit_of_the_old_ones(b
     for (key, free) in [("a", true), ("b", true), ("c", true), ("recent", false)] {
         let batch = plain("alice", T0 + 200);
         let outcome = store
-            .insert_batch_once(&batch, claim("alice", key, &request, T0 + 200))
+            .insert_batch_once(&batch, claim("alice", key, &request, T0 + 200), None)
             .await
             .unwrap();
         assert_eq!(outcome.is_none(), free, "key {key}: {outcome:?}");
@@ -1027,7 +1040,7 @@ async fn the_change_feed_has_every_commit_once_in_commit_order_and_resumes_anywh
     let mut batches = Vec::new();
     for owner in ["alice", "bob", "carol"] {
         let batch = plain(owner, T0);
-        store.insert_batch(&batch).await.unwrap();
+        store.insert_batch(&batch, None).await.unwrap();
         committed.push((batch.id.clone(), 1));
         batches.push(batch);
     }
@@ -1278,7 +1291,318 @@ on_both_stores!(
     compaction_keeps_what_the_webhook_dispatcher_has_not_read,
     claims_take_owners_in_turn_and_leave_full_owners_out,
     revoking_a_key_stops_the_all_owners_endpoints_it_configured,
+    deleting_a_terminal_batch_takes_what_belongs_to_it_and_logs_the_deletion,
+    a_batch_still_running_is_not_deleted,
+    the_retention_sweep_deletes_batches_terminal_before_its_time_in_chunks,
+    compaction_removes_every_event_of_a_deleted_batch_once_old,
+    an_owner_at_its_active_limit_inserts_nothing_until_a_batch_ends,
 );
+
+/// A webhook endpoint of `owner` that follows completions, and the dispatcher's
+/// position, so that deliveries can be queued.
+async fn completions_endpoint(store: &dyn Store, owner: &str) -> FeedCursor {
+    use batchd::domain::webhooks::WebhookEventType as E;
+    let id = format!("we_{owner}");
+    assert!(
+        store
+            .insert_endpoint(&endpoint(&id, owner, false, &[E::BatchCompleted]), 10)
+            .await
+            .unwrap()
+    );
+    store.dispatch_position(cursor(0)).await.unwrap()
+}
+
+async fn deleting_a_terminal_batch_takes_what_belongs_to_it_and_logs_the_deletion(
+    backend: Backend,
+) {
+    let (_db, store) = fresh_store(backend).await;
+    let request = [7u8; 32];
+    let batch = created("alice", T0, |input| {
+        input.metadata = Some([("team".to_owned(), "ml".to_owned())].into());
+    });
+    assert_eq!(
+        store
+            .insert_batch_once(&batch, claim("alice", "key-1", &request, T0), None)
+            .await
+            .unwrap(),
+        None
+    );
+    let kept = created("alice", T0, |input| {
+        input.metadata = Some([("team".to_owned(), "ml".to_owned())].into());
+    });
+    store.insert_batch(&kept, None).await.unwrap();
+    let done = commit_moves(
+        &*store,
+        &batch,
+        &[
+            BatchStatus::InProgress,
+            BatchStatus::Finalizing,
+            BatchStatus::Completed,
+        ],
+        T0 + 60,
+    )
+    .await;
+    let start = completions_endpoint(&*store, "alice").await;
+    assert!(
+        store
+            .queue_deliveries(start, cursor(1), &[delivery(&done, "we_alice", "evt_1")])
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.delivery_queue().await.unwrap().pending, 1);
+
+    assert!(store.delete_batch(&done.id, T0 + 120).await.unwrap());
+
+    assert_eq!(store.get_batch(&done.id).await.unwrap(), None);
+    assert_eq!(
+        store
+            .get_batches(&[done.id.clone(), kept.id.clone()])
+            .await
+            .unwrap(),
+        std::slice::from_ref(&kept)
+    );
+    let team = [("team".to_owned(), "ml".to_owned())];
+    let by_metadata = BatchPageQuery {
+        metadata: &team,
+        ..everything()
+    };
+    assert_eq!(
+        listed(&*store, by_metadata).await,
+        std::slice::from_ref(&kept.id)
+    );
+    assert_eq!(
+        store.count_batches(&Default::default()).await.unwrap(),
+        [(BatchStatus::Validating, 1)]
+    );
+    assert_eq!(latest(&*store, std::slice::from_ref(&done.id)).await, []);
+    assert_eq!(
+        store.delivery_queue().await.unwrap().pending,
+        0,
+        "its pending delivery is dropped"
+    );
+    // The idempotency key went with the batch: the same request makes a new one.
+    let again = plain("alice", T0 + 130);
+    assert_eq!(
+        store
+            .insert_batch_once(&again, claim("alice", "key-1", &request, T0 + 130), None)
+            .await
+            .unwrap(),
+        None
+    );
+    // Per-batch reads of the log never return the deletion; the feed ends the batch's
+    // history with it, carrying its last version.
+    assert_eq!(logged_versions(&*store, &done.id).await, [1, 2, 3, 4]);
+    let changes = readable_changes(&*store, 7).await;
+    let of_done: Vec<&FeedChange> = changes.iter().filter(|c| c.batch.id == done.id).collect();
+    assert_eq!(of_done.len(), 5);
+    assert!(of_done[..4].iter().all(|c| !c.deleted));
+    let deletion = of_done[4];
+    assert!(deletion.deleted);
+    assert_eq!(
+        deletion.batch, done,
+        "the deletion carries the last version"
+    );
+    assert_eq!(deletion.previous_status, Some(BatchStatus::Completed));
+    assert!(
+        !store
+            .status_moves_after(FeedCursor::default(), 100)
+            .await
+            .unwrap()
+            .changes
+            .iter()
+            .any(|c| c.deleted),
+        "a deletion is no status move (no webhook)"
+    );
+    assert!(
+        !store.delete_batch(&done.id, T0 + 200).await.unwrap(),
+        "deleted once"
+    );
+}
+
+async fn a_batch_still_running_is_not_deleted(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let batch = plain("alice", T0);
+    store.insert_batch(&batch, None).await.unwrap();
+    let cancelling = commit_moves(&*store, &batch, &[BatchStatus::Cancelling], T0 + 1).await;
+    assert!(!store.delete_batch(&batch.id, T0 + 2).await.unwrap());
+    assert_eq!(store.get_batch(&batch.id).await.unwrap(), Some(cancelling));
+    let unknown = BatchId::parse("id", "batch_0123456789abcdef0123456789abcdef").unwrap();
+    assert!(!store.delete_batch(&unknown, T0 + 2).await.unwrap());
+    assert_eq!(logged_versions(&*store, &batch.id).await, [1, 2]);
+}
+
+async fn the_retention_sweep_deletes_batches_terminal_before_its_time_in_chunks(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let mut old = Vec::new();
+    for i in 0..5 {
+        let batch = plain("alice", T0);
+        store.insert_batch(&batch, None).await.unwrap();
+        let status = [BatchStatus::Failed, BatchStatus::Cancelling][i % 2];
+        let mut ended = commit_moves(&*store, &batch, &[status], T0 + 10 + i as i64).await;
+        if status == BatchStatus::Cancelling {
+            ended = commit_moves(
+                &*store,
+                &ended,
+                &[BatchStatus::Cancelled],
+                T0 + 10 + i as i64,
+            )
+            .await;
+        }
+        old.push(ended.id);
+    }
+    // Ended at the cut-off: kept. Running for long: kept.
+    let recent = plain("alice", T0);
+    store.insert_batch(&recent, None).await.unwrap();
+    commit_moves(&*store, &recent, &[BatchStatus::Failed], T0 + 100).await;
+    let running = plain("alice", T0 - DAY);
+    store.insert_batch(&running, None).await.unwrap();
+    commit_moves(&*store, &running, &[BatchStatus::InProgress], T0 - DAY).await;
+
+    let first = store
+        .delete_terminal_batches(T0 + 100, T0 + 200, 2)
+        .await
+        .unwrap();
+    let second = store
+        .delete_terminal_batches(T0 + 100, T0 + 200, 2)
+        .await
+        .unwrap();
+    let third = store
+        .delete_terminal_batches(T0 + 100, T0 + 200, 2)
+        .await
+        .unwrap();
+    let last = store
+        .delete_terminal_batches(T0 + 100, T0 + 200, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        [first.len(), second.len(), third.len(), last.len()],
+        [2, 2, 1, 0]
+    );
+    let mut deleted: Vec<BatchId> = [first, second, third].concat();
+    deleted.sort();
+    old.sort();
+    assert_eq!(
+        deleted, old,
+        "every batch ended before the cut-off, each once"
+    );
+    let mut left = listed(&*store, everything()).await;
+    left.sort();
+    let mut expected = vec![recent.id.clone(), running.id.clone()];
+    expected.sort();
+    assert_eq!(left, expected);
+    // Failed ones: created, failed; cancelled ones: created, cancelling, cancelled.
+    let deletions = readable_changes(&*store, 3 * 2 + 2 * 3 + 2 + 2 + 5)
+        .await
+        .into_iter()
+        .filter(|c| c.deleted)
+        .count();
+    assert_eq!(deletions, 5, "one feed event per deleted batch");
+}
+
+async fn compaction_removes_every_event_of_a_deleted_batch_once_old(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let batch = plain("alice", T0);
+    store.insert_batch(&batch, None).await.unwrap();
+    let ended = commit_moves(&*store, &batch, &[BatchStatus::Failed], T0 + 1).await;
+    let kept = plain("bob", T0);
+    store.insert_batch(&kept, None).await.unwrap();
+    assert!(store.delete_batch(&ended.id, T0 + 2).await.unwrap());
+    readable_changes(&*store, 4).await;
+    // Older than the deletion's time: its two versions go, the deletion stays.
+    let mut deleted = 0;
+    for _ in 0..100 {
+        deleted += store.compact_events(T0 + 2, 100).await.unwrap();
+        if deleted >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(deleted, 2);
+    let left = store.changes_after(FeedCursor::default(), None, 100).await;
+    assert!(
+        left.is_err(),
+        "a cursor before the compacted versions is refused"
+    );
+    // Once the deletion is old too, it goes; bob's only version stays.
+    let mut deleted = 0;
+    for _ in 0..100 {
+        deleted += store.compact_events(T0 + 3, 100).await.unwrap();
+        if deleted >= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(deleted, 1);
+    assert_eq!(store.compact_events(T0 + 1_000, 100).await.unwrap(), 0);
+    assert_eq!(logged_versions(&*store, &kept.id).await, [1]);
+}
+
+async fn an_owner_at_its_active_limit_inserts_nothing_until_a_batch_ends(backend: Backend) {
+    let (_db, store) = fresh_store(backend).await;
+    let first = plain("alice", T0);
+    let second = plain("alice", T0);
+    store.insert_batch(&first, Some(2)).await.unwrap();
+    store.insert_batch(&second, Some(2)).await.unwrap();
+    let refused = plain("alice", T0);
+    let error = store.insert_batch(&refused, Some(2)).await.unwrap_err();
+    assert!(
+        matches!(error, batchd::error::Error::ActiveBatchLimit { limit: 2 }),
+        "{error:?}"
+    );
+    let request = [1u8; 32];
+    let with_key = plain("alice", T0);
+    assert!(matches!(
+        store
+            .insert_batch_once(&with_key, claim("alice", "k", &request, T0), Some(2))
+            .await
+            .unwrap_err(),
+        batchd::error::Error::ActiveBatchLimit { limit: 2 }
+    ));
+    assert_eq!(
+        store
+            .get_batches(&[refused.id.clone(), with_key.id.clone()])
+            .await
+            .unwrap(),
+        []
+    );
+    // Another owner has its own count; a batch that ends frees its slot at once.
+    store
+        .insert_batch(&plain("bob", T0), Some(2))
+        .await
+        .unwrap();
+    commit_moves(&*store, &first, &[BatchStatus::Cancelling], T0 + 1).await;
+    assert!(
+        store
+            .insert_batch(&plain("alice", T0), Some(2))
+            .await
+            .is_err(),
+        "cancelling is active"
+    );
+    commit_moves(
+        &*store,
+        &moved(&first, BatchStatus::Cancelling, T0 + 1),
+        &[BatchStatus::Cancelled],
+        T0 + 2,
+    )
+    .await;
+    // The key refused above was not kept: the same request now goes through.
+    assert_eq!(
+        store
+            .insert_batch_once(&with_key, claim("alice", "k", &request, T0 + 3), Some(2))
+            .await
+            .unwrap(),
+        None
+    );
+    // And a repeat of it is answered with its batch, whatever the quota.
+    let repeat = plain("alice", T0 + 4);
+    assert!(matches!(
+        store
+            .insert_batch_once(&repeat, claim("alice", "k", &request, T0 + 4), Some(2))
+            .await
+            .unwrap(),
+        Some(EarlierClaim { .. })
+    ));
+}
 
 /// PostgreSQL takes transaction ids before commit: a writer that began first can commit
 /// last, below a position a reader has already passed. The feed holds back everything
@@ -1291,8 +1615,8 @@ async fn a_change_that_began_first_but_committed_last_is_not_skipped() {
     let (db, store) = fresh_store(Backend::Postgres).await;
     let early = plain("alice", T0);
     let late = plain("bob", T0);
-    store.insert_batch(&early).await.unwrap();
-    store.insert_batch(&late).await.unwrap();
+    store.insert_batch(&early, None).await.unwrap();
+    store.insert_batch(&late, None).await.unwrap();
     let (created, cursor) = read_feed(&*store, FeedCursor::default(), 10, 2).await;
     assert_eq!(created.len(), 2);
 
@@ -1410,13 +1734,15 @@ async fn following_ids(store: &dyn Store, owner: &str) -> Vec<String> {
 }
 
 /// A delivery of event `event` to `endpoint`.
-fn delivery(endpoint: &str, event: &str) -> batchd::domain::webhooks::NewDelivery {
+/// A delivery of an event of `batch`, which must exist: deliveries are queued only
+/// for batches that do.
+fn delivery(batch: &Batch, endpoint: &str, event: &str) -> batchd::domain::webhooks::NewDelivery {
     batchd::domain::webhooks::NewDelivery {
         id: batchd::domain::webhooks::NewDelivery::new_id(),
         endpoint_id: endpoint.to_owned(),
         event_id: event.to_owned(),
         event_type: "batch.completed".to_owned(),
-        batch_id: "batch_1".to_owned(),
+        batch_id: batch.id.to_string(),
         payload: format!(r#"{{"id":"{event}"}}"#),
         created_at: T0,
     }
@@ -1436,6 +1762,8 @@ async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(
     };
     use batchd::store::DeliveryClaim;
     let (_db, store) = fresh_store(backend).await;
+    let batch = plain("alice", T0);
+    store.insert_batch(&batch, None).await.unwrap();
     let alices = endpoint("we_a", "alice", false, &[E::BatchCompleted]);
     assert!(store.insert_endpoint(&alices, 2).await.unwrap());
     assert!(
@@ -1489,7 +1817,10 @@ async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(
     // The dispatcher's position: created once, moved only from where it is.
     let start = store.dispatch_position(cursor(0)).await.unwrap();
     assert_eq!(store.dispatch_position(cursor(99)).await.unwrap(), start);
-    let queued = [delivery("we_a", "evt_1"), delivery("we_a", "evt_2")];
+    let queued = [
+        delivery(&batch, "we_a", "evt_1"),
+        delivery(&batch, "we_a", "evt_2"),
+    ];
     assert!(
         store
             .queue_deliveries(start, cursor(5), &queued)
@@ -1498,14 +1829,14 @@ async fn webhook_deliveries_are_queued_once_and_leased_to_one_replica_at_a_time(
     );
     assert!(
         !store
-            .queue_deliveries(start, cursor(6), &[delivery("we_a", "evt_3")])
+            .queue_deliveries(start, cursor(6), &[delivery(&batch, "we_a", "evt_3")])
             .await
             .unwrap(),
         "a stale position queues nothing"
     );
     assert!(
         store
-            .queue_deliveries(cursor(5), cursor(7), &[delivery("we_a", "evt_1")])
+            .queue_deliveries(cursor(5), cursor(7), &[delivery(&batch, "we_a", "evt_1")])
             .await
             .unwrap(),
         "an event queued again for its endpoint is left out"
@@ -1793,6 +2124,8 @@ async fn claims_take_owners_in_turn_and_leave_full_owners_out(backend: Backend) 
     use batchd::domain::webhooks::WebhookEventType as E;
     use batchd::store::DeliveryClaim;
     let (_db, store) = fresh_store(backend).await;
+    let batch = plain("alice", T0);
+    store.insert_batch(&batch, None).await.unwrap();
     for (id, owner) in [
         ("we_m1", "mallory"),
         ("we_m2", "mallory"),
@@ -1809,10 +2142,10 @@ async fn claims_take_owners_in_turn_and_leave_full_owners_out(backend: Backend) 
     // Mallory's six come first, alice's one last.
     let mut queued = Vec::new();
     for i in 0..3 {
-        queued.push(delivery("we_m1", &format!("evt_m1_{i}")));
-        queued.push(delivery("we_m2", &format!("evt_m2_{i}")));
+        queued.push(delivery(&batch, "we_m1", &format!("evt_m1_{i}")));
+        queued.push(delivery(&batch, "we_m2", &format!("evt_m2_{i}")));
     }
-    queued.push(delivery("we_al", "evt_alice"));
+    queued.push(delivery(&batch, "we_al", "evt_alice"));
     assert!(
         store
             .queue_deliveries(start, cursor(1), &queued)
