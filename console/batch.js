@@ -1,11 +1,12 @@
 // One batch: every field, its metadata, errors and usage, its timeline (each version:
-// when, and what changed), live through the batch's own watch stream, and cancel for
-// keys that may cancel.
+// when, and what changed), live through the batch's own watch stream, cancel for keys
+// that may cancel a running batch and delete for keys that may delete a finished one.
+// A batch deleted while the page shows it is said to be gone; its last state stays.
 
-import { call } from "./api.js";
+import { call, filterQuery } from "./api.js";
 import { h, replace, badge, progressBar } from "./dom.js";
 import { age, count, expiresIn, timestamp } from "./format.js";
-import { EventStream, errorText } from "./stream.js";
+import { EventStream, errorCode, errorText } from "./stream.js";
 
 const CANCELLABLE = new Set(["validating", "in_progress", "finalizing"]);
 const TERMINAL = new Set(["completed", "failed", "expired", "cancelled"]);
@@ -30,6 +31,7 @@ const SECTIONS = new Set(["metadata", "errors", "usage", "request_counts"]);
 /** Renders batch `id` into `root`; returns a function that stops it. */
 export function batchView(root, context, id) {
   let current = null;
+  let deleted = false;
   const versions = new Map(); // version -> batch, for the timeline
   const heading = h("h1", { class: "batch-id" }, id);
   const summary = h("div", { class: "summary" });
@@ -55,6 +57,7 @@ export function batchView(root, context, id) {
   );
 
   let stream = null;
+  let deletion = null; // follows the change feed once the watch has ended
   let stopped = false;
   let timelineFrame = null;
   const ticker = setInterval(() => current && renderSummary(), 1000);
@@ -69,7 +72,9 @@ export function batchView(root, context, id) {
         url: () => `/v1/batches/${encodeURIComponent(id)}/watch?after_version=0`,
         onEvent: (event) => {
           if (event.event === "error") {
-            message.textContent = errorText(event.data);
+            // A watch whose batch is deleted ends with not_found.
+            if (errorCode(event.data) === "not_found") showDeleted();
+            else message.textContent = errorText(event.data);
             return;
           }
           if (event.event !== "snapshot" && event.event !== "change") return;
@@ -91,8 +96,13 @@ export function batchView(root, context, id) {
           }
           if (next.version > current.version) show(next);
         },
-        onState: (state) => context.setLive(state),
+        onState: (state) => {
+          context.setLive(state);
+          if (state === "done") followDeletion();
+        },
         onFatal: (error) => {
+          // The batch was read a moment ago: gone now means deleted.
+          if (error.status === 404) return showDeleted();
           context.setLive("off");
           message.textContent = `Live updates stopped: ${error.message}`;
         },
@@ -112,11 +122,55 @@ export function batchView(root, context, id) {
     renderFields();
   }
 
+  /** A watch ends after the terminal status, and only then can a batch be deleted:
+   * from then on the change feed, narrowed to the second the batch was created in,
+   * says when it is. The batch is read once the feed has started, for a deletion
+   * just before (and again if the feed lost its place, 410). */
+  function followDeletion() {
+    if (stopped || deleted) return;
+    const second = current.created_at;
+    const filters = { created_after: second, created_before: second + 1 };
+    deletion = new EventStream({
+      url: () => `/v1/batch_events?${filterQuery(filters, { withStatus: false, withPaging: false })}`,
+      onEvent: (event) => {
+        if (event.event === "synced") {
+          call("GET", `/v1/batches/${encodeURIComponent(id)}`).catch((error) => {
+            if (error.status === 404) showDeleted();
+          });
+        } else if (event.event === "deleted") {
+          let data;
+          try {
+            data = JSON.parse(event.data);
+          } catch {
+            return;
+          }
+          if (data.batch_id === id) showDeleted();
+        }
+      },
+      onFatal: (error) => {
+        if (error.status === 410) followDeletion();
+      },
+    }).start();
+  }
+
+  /** The batch is gone: nothing can be done to it any more, and what the page still
+   * shows is said to be its last state. */
+  function showDeleted() {
+    if (stopped || deleted) return;
+    deleted = true;
+    stream?.stop();
+    deletion?.stop();
+    context.setLive("off");
+    renderSummary();
+    replace(actions);
+    message.textContent = `Batch ${id} was deleted. What this page shows is its last state.`;
+  }
+
   function renderSummary() {
     const counts = current.request_counts;
     replace(
       summary,
-      badge(current.status),
+      badge(deleted ? "deleted" : current.status),
       progressBar(counts),
       h(
         "span",
@@ -128,30 +182,57 @@ export function batchView(root, context, id) {
     );
   }
 
+  /** Cancel while the batch runs, delete once it has finished (never both), each only
+   * for a key that may. */
   function renderActions() {
-    const mayCancel = context.me.permissions.includes("cancel_batches") && CANCELLABLE.has(current.status);
-    if (!mayCancel) return replace(actions);
-    const ask = h("button", { type: "button", class: "danger", onclick: () => confirm() }, "Cancel batch");
+    const permissions = context.me.permissions;
+    if (deleted) replace(actions);
+    else if (permissions.includes("cancel_batches") && CANCELLABLE.has(current.status)) {
+      offer("Cancel batch", `Cancel ${current.id}?`, "Yes, cancel it", cancel);
+    } else if (permissions.includes("delete_batches") && TERMINAL.has(current.status)) {
+      offer("Delete batch", `Delete ${current.id} and everything batchd keeps of it?`, "Yes, delete it", remove);
+    } else replace(actions);
+  }
+
+  /** A button that asks on the page before `act(button)` runs. */
+  function offer(label, question, yesLabel, act) {
+    const ask = h("button", { type: "button", class: "danger", onclick: () => confirm() }, label);
     replace(actions, ask);
     function confirm() {
-      const yes = h("button", { type: "button", class: "danger", onclick: () => cancel(yes) }, "Yes, cancel it");
+      const yes = h("button", { type: "button", class: "danger", onclick: () => act(yes) }, yesLabel);
       const no = h("button", { type: "button", class: "quiet", onclick: () => renderActions() }, "Keep it");
-      replace(actions, h("span", {}, `Cancel ${current.id}?`), yes, no);
+      replace(actions, h("span", {}, question), yes, no);
       yes.focus();
     }
-    async function cancel(button) {
-      button.disabled = true;
-      try {
-        const batch = await call("POST", `/v1/batches/${encodeURIComponent(current.id)}/cancel`);
-        if (batch.version > current.version) show(batch);
-        else renderActions();
-        message.textContent = `Cancellation of ${batch.id} requested.`;
-        message.focus();
-      } catch (error) {
-        message.textContent = `Cancel refused: ${error.message}`;
+  }
+
+  async function cancel(button) {
+    button.disabled = true;
+    try {
+      const batch = await call("POST", `/v1/batches/${encodeURIComponent(current.id)}/cancel`);
+      if (batch.version > current.version) show(batch);
+      else renderActions();
+      message.textContent = `Cancellation of ${batch.id} requested.`;
+      message.focus();
+    } catch (error) {
+      message.textContent = `Cancel refused: ${error.message}`;
+      renderActions();
+    }
+  }
+
+  async function remove(button) {
+    button.disabled = true;
+    try {
+      await call("DELETE", `/v1/batches/${encodeURIComponent(current.id)}`);
+      showDeleted();
+    } catch (error) {
+      if (error.status === 404) showDeleted();
+      else {
+        message.textContent = `Delete refused: ${error.message}`;
         renderActions();
       }
     }
+    message.focus();
   }
 
   function renderFields() {
@@ -239,6 +320,7 @@ export function batchView(root, context, id) {
   return () => {
     stopped = true;
     stream?.stop();
+    deletion?.stop();
     if (timelineFrame !== null) cancelAnimationFrame(timelineFrame);
     clearInterval(ticker);
   };

@@ -1,7 +1,8 @@
 // The list of batches: counts per status, filters kept in the URL, a page of rows, and
 // the change feed keeping all of it live. The feed is opened first and the page read
 // only once it has said where it starts (`synced`), so no change falls between the two;
-// a change the page already shows (same or older version) is ignored.
+// a change the page already shows (same or older version) is ignored, and a deleted
+// batch leaves the rows and the counts.
 
 import { call, filterQuery, parseFilters } from "./api.js";
 import { h, replace, badge, progressBar } from "./dom.js";
@@ -144,13 +145,14 @@ export function batchesView(root, context, search) {
   }
 
   function applyEvent(event) {
-    if (event.event !== "change" && event.event !== "left_filter" && event.event !== "initial") return;
+    if (!["change", "left_filter", "initial", "deleted"].includes(event.event)) return;
     let data;
     try {
       data = JSON.parse(event.data);
     } catch {
       return;
     }
+    if (event.event === "deleted") return applyDeletion(data.batch_id);
     const batch = data.batch;
     if (!batch) return;
     const before = known.get(batch.id);
@@ -162,6 +164,31 @@ export function batchesView(root, context, search) {
     if (row && shown) updateRow(row, batch);
     else if (row) removeRow(batch.id);
     else if (shown && belongsOnPage(batch)) insertRow(batch);
+  }
+
+  /** A deleted batch carries only its id: its last known status says which count
+   * loses it; a batch this page never saw makes the counts be read again. */
+  function applyDeletion(id) {
+    if (typeof id !== "string") return;
+    const before = known.get(id);
+    known.delete(id);
+    if (counts) {
+      if (before) {
+        countsEpoch += 1;
+        counts.counts[before.status] -= 1;
+        counts.total -= 1;
+        renderCounts();
+      } else refreshCounts();
+    }
+    if (!rows.has(id)) return;
+    removeRow(id);
+    if (rows.size > 0) {
+      // The "Older" link pages after the last row shown, which must still exist.
+      renderPager();
+    } else if (hasMore) {
+      // Every row shown is gone but older batches remain: read the page again.
+      context.reload();
+    } else showEmpty();
   }
 
   function remember(batch) {

@@ -142,6 +142,15 @@ export class EventStream {
   }
 }
 
+/** The `code` of an `error` event's data (`not_found`, ...), or null. */
+export function errorCode(data) {
+  try {
+    return JSON.parse(data).error.code ?? null;
+  } catch {
+    return null;
+  }
+}
+
 /** The text of an `error` event's data (OpenAI's error envelope). */
 export function errorText(data) {
   try {

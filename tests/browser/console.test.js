@@ -75,6 +75,15 @@ function newBatch(extra = {}) {
   return { input_file_id: "file-in", endpoint: "/v1/chat/completions", completion_window: "24h", ...extra };
 }
 
+/** A new batch of `owner`, made terminal the way a batch is cancelled: the owner asks
+ * (`cancelling`), a worker confirms (`cancelled`). */
+async function cancelledBatch(owner, worker, extra = {}) {
+  const batch = await owner("POST", "/v1/batches", newBatch(extra));
+  await owner("POST", `/v1/batches/${batch.id}/cancel`);
+  await worker("PATCH", `/v1/batches/${batch.id}`, { status: "cancelled" });
+  return batch;
+}
+
 /** Opens the console at `hash` in a new browser context, enters `apiKey`, and waits
  * until the view is live and rendered. `watch` collects what the page did. */
 async function openConsole(server, apiKey, { viewport = DESKTOP, hash = "" } = {}) {
@@ -260,6 +269,92 @@ for (const store of stores) {
     }
   });
 }
+
+test("a finished batch deleted through the API leaves the list and its count, from the feed alone", async () => {
+  const { server, stop } = await start();
+  try {
+    const aliceKey = key(server, "alice");
+    const alice = restClient(server, aliceKey);
+    const worker = restClient(server, key(server, "executor", "worker"));
+    const kept = await alice("POST", "/v1/batches", newBatch({ job_id: "kept" }));
+    const deleted = await cancelledBatch(alice, worker, { job_id: "deleted" });
+
+    const { context, page, watch } = await openConsole(server, aliceKey);
+    await page.waitForSelector("#live[data-state=live]");
+    await row(page, deleted.id).and(page.locator('[data-status="cancelled"]')).waitFor();
+    assert.equal(await page.locator('[data-count="all"] .count-value').textContent(), "2");
+    assert.equal(await page.locator('[data-count="cancelled"] .count-value').textContent(), "1");
+    const requestsBefore = watch.requests.length;
+
+    const answer = await alice("DELETE", `/v1/batches/${deleted.id}`);
+    assert.deepEqual(answer, { id: deleted.id, object: "batch.deleted", deleted: true });
+    await row(page, deleted.id).waitFor({ state: "detached", timeout: 2000 });
+    const ids = await page.locator("table.batches tbody tr").evaluateAll((rows) => rows.map((r) => r.dataset.batchId));
+    assert.deepEqual(ids, [kept.id]);
+    assert.equal(await page.locator('[data-count="all"] .count-value').textContent(), "1");
+    assert.equal(await page.locator('[data-count="cancelled"] .count-value').textContent(), "0");
+    assert.equal(await page.locator('[data-count="validating"] .count-value').textContent(), "1");
+    // The page knew the batch's status: the counts moved without being read again.
+    const during = watch.requests.slice(requestsBefore).map((r) => `${r.method} ${r.url}`);
+    assert.deepEqual(during, [], "the page made no request to follow the deletion");
+
+    // Read afresh, batchd agrees with what the page worked out.
+    await page.reload();
+    await page.waitForSelector("#live[data-state=live]");
+    await row(page, kept.id).waitFor();
+    assert.equal(await row(page, deleted.id).count(), 0);
+    assert.equal(await page.locator('[data-count="all"] .count-value').textContent(), "1");
+    assert.equal(await page.locator('[data-count="cancelled"] .count-value').textContent(), "0");
+    await assertClean(page, watch);
+    await context.close();
+  } finally {
+    await stop();
+  }
+});
+
+test("a batch's page says the batch was deleted, by another client or by its own button", async () => {
+  const { server, stop } = await start();
+  try {
+    const aliceKey = key(server, "alice");
+    const alice = restClient(server, aliceKey);
+    const worker = restClient(server, key(server, "executor", "worker"));
+    const elsewhere = await cancelledBatch(alice, worker);
+    const here = await cancelledBatch(alice, worker);
+
+    // Deleted by another client while the page shows it: the page's watch has ended
+    // (the batch is terminal), yet the page learns of the deletion.
+    const { context, page, watch } = await openConsole(server, aliceKey, { hash: `#/batches/${elsewhere.id}` });
+    await page.waitForSelector('dd[data-field="id"]');
+    await page.waitForSelector("#live[data-state=done]");
+    await alice("DELETE", `/v1/batches/${elsewhere.id}`);
+    await page.waitForSelector(".summary .badge[data-status=deleted]", { timeout: 5000 });
+    assert.match(await page.locator("main .message").first().textContent(), /was deleted/);
+    assert.equal(await page.getByRole("button", { name: "Delete batch" }).count(), 0, "nothing to delete any more");
+    // The last state stays on the page, said to be that.
+    assert.equal(await page.locator('dd[data-field="status"]').textContent(), "cancelled");
+
+    // Deleted with the page's own button, after an on-page confirmation.
+    await page.goto(`http://${server.httpAddr}/console/#/batches/${here.id}`);
+    await page.waitForSelector(`dd[data-field="id"]:text-is("${here.id}")`);
+    await page.getByRole("button", { name: "Delete batch" }).click();
+    await page.getByRole("button", { name: "Yes, delete it" }).click();
+    await page.waitForSelector(".summary .badge[data-status=deleted]", { timeout: 5000 });
+    assert.match(await page.locator("main .message").first().textContent(), /was deleted/);
+    await assert.rejects(alice("GET", `/v1/batches/${here.id}`), /: 404 /);
+    await assertClean(page, watch, (text) => /404/.test(text));
+    await context.close();
+
+    // A worker key may not delete: its page of a finished batch offers no button.
+    const other = await cancelledBatch(alice, worker);
+    const asWorker = await openConsole(server, key(server, "executor2", "worker"), { hash: `#/batches/${other.id}` });
+    await asWorker.page.waitForSelector('dd[data-field="id"]');
+    assert.equal(await asWorker.page.getByRole("button", { name: "Delete batch" }).count(), 0);
+    await assertClean(asWorker.page, asWorker.watch);
+    await asWorker.context.close();
+  } finally {
+    await stop();
+  }
+});
 
 test("kill and restart batchd while the page is open: it says it is reconnecting, then catches up", async () => {
   const db = await sqlite.open();
