@@ -1,6 +1,7 @@
 // The official openai Node SDK against a real batchd, on SQLite and on PostgreSQL:
 // create, retrieve, list with auto-pagination over several pages, cancel, and the
-// SDK's error classes for another tenant's batch, a bad key and a bad request.
+// SDK's error classes for another tenant's batch, a bad key and a bad request; and its
+// default retries getting through a per-key rate limit by honouring Retry-After.
 
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -82,6 +83,62 @@ for (const store of stores) {
         alice.batches.create({ input_file_id: "f", endpoint: "/v1/audio/speech", completion_window: "24h" }),
         (error) => error instanceof BadRequestError && error.param === "endpoint",
       );
+    });
+  });
+}
+
+// Each API key limited to RATE requests per second with a burst of BURST.
+const RATE = 20;
+const BURST = 20;
+
+for (const store of stores) {
+  describe(`openai Node SDK under a per-key rate limit on ${store.name}`, { skip: store.skip }, () => {
+    let database;
+    let server;
+
+    before(async () => {
+      database = await store.open();
+      server = await serve(database.url, {
+        BATCHD_RATE_LIMIT_PER_KEY: String(RATE),
+        BATCHD_RATE_LIMIT_BURST: String(BURST),
+      });
+    });
+
+    after(async () => {
+      server?.child.kill("SIGTERM");
+      await new Promise((done) => (server ? server.child.once("close", done) : done()));
+      database?.close();
+    });
+
+    test("the SDK's default retries honour Retry-After and get every call through", async () => {
+      const statuses = [];
+      // The SDK's default retries (no maxRetries); every HTTP answer, retries included, counted.
+      const client = new OpenAI({
+        apiKey: key(server, "node-patient"),
+        baseURL: server.baseURL,
+        fetch: async (url, init) => {
+          const response = await fetch(url, init);
+          statuses.push(response.status);
+          return response;
+        },
+      });
+      const batch = await client.batches.create({
+        input_file_id: "file-limited",
+        endpoint: "/v1/chat/completions",
+        completion_window: "24h",
+      });
+      statuses.length = 0;
+      const calls = 60;
+      const started = performance.now();
+      for (let i = 0; i < calls; i++) {
+        assert.equal((await client.batches.retrieve(batch.id)).id, batch.id);
+      }
+      const elapsed = (performance.now() - started) / 1000;
+      // A full bucket holds the burst; the rest of the calls wait for the rate.
+      assert.ok(elapsed >= (calls - BURST) / RATE - 0.5, `${elapsed} s`);
+      assert.equal(statuses.filter((s) => s === 200).length, calls);
+      assert.ok(statuses.includes(429), `no call was limited: ${statuses}`);
+      assert.deepEqual(new Set(statuses), new Set([200, 429]));
     });
   });
 }

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import json
+import urllib.error
+import urllib.request
 
 import jsonschema
 import openai
@@ -84,15 +86,33 @@ class Batchd:
             self.keys[(user, scope)] = out.stdout.strip().splitlines()[-1]
         return self.keys[(user, scope)]
 
-    def client(self, key: str) -> openai.OpenAI:
+    def client(self, key: str, max_retries: int = 0, on_response=None) -> openai.OpenAI:
         """The official SDK, pointed at batchd; every batch or page it receives is
-        checked against OpenAI's published schemas."""
+        checked against OpenAI's published schemas. No retries unless asked for (a test
+        then sees each answer); `on_response` sees every HTTP response, retries included."""
+        hooks = [_check_response] + ([on_response] if on_response else [])
         return openai.OpenAI(
             api_key=key,
             base_url=f"{self.http_url}/v1",
-            max_retries=0,
-            http_client=openai.DefaultHttpxClient(event_hooks={"response": [_check_response]}),
+            max_retries=max_retries,
+            http_client=openai.DefaultHttpxClient(event_hooks={"response": hooks}),
         )
+
+    def http(self, method: str, path: str, key: str, body: dict | None = None):
+        """One raw HTTP call, for what the SDK has no method for or hides (a worker's
+        PATCH, a DELETE, the headers of a 429): (status, headers, JSON body or None)."""
+        request = urllib.request.Request(
+            f"{self.http_url}{path}",
+            method=method,
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+            data=None if body is None else json.dumps(body).encode(),
+        )
+        try:
+            with urllib.request.urlopen(request) as response:
+                status, headers, raw = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            status, headers, raw = error.code, error.headers, error.read()
+        return status, headers, json.loads(raw) if raw else None
 
 
 def _serve(database_url: str, env: dict) -> Batchd:
@@ -157,5 +177,23 @@ def batchd_with_local_webhooks(request):
             "BATCHD_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
             "BATCHD_WEBHOOK_POLL": "100ms",
             "BATCHD_WEBHOOK_RETRY_SCHEDULE": "100ms,200ms,300ms",
+        },
+    )
+
+
+# The per-key rate limit of the rate-limited fixture: requests per second, and burst.
+RATE_LIMIT = 20
+RATE_LIMIT_BURST = 20
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def batchd_rate_limited(request):
+    """batchd on a fresh database of each store, each API key limited to RATE_LIMIT
+    requests per second with a burst of RATE_LIMIT_BURST."""
+    yield from _batchd_on(
+        request.param,
+        {
+            "BATCHD_RATE_LIMIT_PER_KEY": str(RATE_LIMIT),
+            "BATCHD_RATE_LIMIT_BURST": str(RATE_LIMIT_BURST),
         },
     )

@@ -1,8 +1,8 @@
 """The Helm chart, checked the way a platform team would before accepting it, with the
 real Helm v4 library (helm-python-sdk; no helm binary, no cluster): lint, render three
 value sets, validate every object strictly against the Kubernetes 1.30 and newest
-schemas, and assert the probes, security context, ports, secret wiring and the refusals
-of values that cannot work."""
+schemas, and assert the probes, security context, ports, secret wiring, the tenant
+limits and the refusals of values that cannot work."""
 
 from pathlib import Path
 
@@ -33,6 +33,7 @@ HIGH_AVAILABILITY = {
         "tls": [{"secretName": "batchd-tls", "hosts": ["batchd.internal.example.com"]}],
     },
     "otel": {"endpoint": "http://otel-collector.observability:4318", "resourceAttributes": "deployment.environment=prod"},
+    "tenants": {"retentionTerminal": "30d", "maxActiveBatchesPerOwner": 100, "rateLimitPerKey": 20, "rateLimitBurst": 40},
 }
 MINIMAL = {
     "replicaCount": 1,
@@ -246,6 +247,48 @@ def test_the_console_is_served_only_when_asked():
     assert ingress_paths(asked) == ["/v1", "/console"]
 
 
+TENANT_VARIABLES = {
+    "BATCHD_RETENTION_TERMINAL",
+    "BATCHD_MAX_ACTIVE_BATCHES_PER_OWNER",
+    "BATCHD_RATE_LIMIT_PER_KEY",
+    "BATCHD_RATE_LIMIT_BURST",
+}
+
+
+def test_tenant_limits_are_off_unless_set():
+    config = only(render(DEFAULT), "ConfigMap")["data"]
+    assert TENANT_VARIABLES.isdisjoint(config), "batchd's own default (off) applies"
+    off = {"retentionTerminal": None, "maxActiveBatchesPerOwner": 0, "rateLimitPerKey": 0, "rateLimitBurst": 0}
+    assert TENANT_VARIABLES.isdisjoint(only(render({"tenants": off}), "ConfigMap")["data"])
+
+
+def test_tenant_limits_reach_batchd_as_its_variables():
+    objects = render(HIGH_AVAILABILITY)
+    config = only(objects, "ConfigMap")["data"]
+    assert {name: config[name] for name in TENANT_VARIABLES} == {
+        "BATCHD_RETENTION_TERMINAL": "30d",
+        "BATCHD_MAX_ACTIVE_BATCHES_PER_OWNER": "100",
+        "BATCHD_RATE_LIMIT_PER_KEY": "20",
+        "BATCHD_RATE_LIMIT_BURST": "40",
+    }
+    # The container takes its environment from this ConfigMap.
+    assert {"configMapRef": {"name": only(objects, "ConfigMap")["metadata"]["name"]}} in container(objects)["envFrom"]
+
+    # Fractional rates stay exact; large numbers are never printed as 1e+06.
+    config = only(render({"tenants": {"retentionTerminal": "720h", "maxActiveBatchesPerOwner": 1000000, "rateLimitPerKey": 0.5}}), "ConfigMap")["data"]
+    assert config["BATCHD_RETENTION_TERMINAL"] == "720h"
+    assert config["BATCHD_MAX_ACTIVE_BATCHES_PER_OWNER"] == "1000000"
+    assert config["BATCHD_RATE_LIMIT_PER_KEY"] == "0.5"
+    assert "BATCHD_RATE_LIMIT_BURST" not in config, "0: batchd rounds the rate up"
+    config = only(render({"tenants": {"rateLimitPerKey": 1000000, "rateLimitBurst": 1000000}}), "ConfigMap")["data"]
+    assert (config["BATCHD_RATE_LIMIT_PER_KEY"], config["BATCHD_RATE_LIMIT_BURST"]) == ("1000000", "1000000")
+
+
+def test_changing_a_tenant_limit_rolls_the_pods():
+    checksum = lambda values: only(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum({"tenants": {"rateLimitPerKey": 10}}) != checksum({"tenants": {"rateLimitPerKey": 20}})
+
+
 def test_helm_test_checks_health_with_batchd_itself():
     pod = only(render(DEFAULT), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -263,8 +306,23 @@ def test_helm_test_checks_health_with_batchd_itself():
         ({"replicas": 3}, "additional properties 'replicas' not allowed"),
         ({"batchd": {"logFormat": "xml"}}, "/batchd/logFormat"),
         ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "autoscaling.maxReplicas (2) is below autoscaling.minReplicas (5)"),
+        ({"tenants": {"retentionTerminal": "thirty days"}}, "/tenants/retentionTerminal': 'thirty days' does not match pattern"),
+        ({"tenants": {"retentionTerminal": "30"}}, "/tenants/retentionTerminal': '30' does not match pattern"),
+        ({"tenants": {"retentionTerminal": 30}}, "/tenants/retentionTerminal': got number, want null or string"),
+        ({"tenants": {"maxActiveBatchesPerOwner": -1}}, "/tenants/maxActiveBatchesPerOwner': minimum: got -1, want 0"),
+        ({"tenants": {"maxActiveBatchesPerOwner": 2.5}}, "/tenants/maxActiveBatchesPerOwner': got number, want integer"),
+        ({"tenants": {"rateLimitPerKey": -0.5}}, "/tenants/rateLimitPerKey': minimum: got -0.5, want 0"),
+        ({"tenants": {"rateLimitPerKey": "20/s"}}, "/tenants/rateLimitPerKey': got string, want number"),
+        ({"tenants": {"rateLimitPerKey": 2000000}}, "/tenants/rateLimitPerKey': maximum:"),
+        ({"tenants": {"rateLimitBurst": -3}}, "/tenants/rateLimitBurst': minimum: got -3, want 0"),
+        ({"tenants": {"rateLimit": 20}}, "additional properties 'rateLimit' not allowed"),
+        ({"tenants": {"rateLimitBurst": 5}}, "tenants.rateLimitBurst is 5 but tenants.rateLimitPerKey is 0 (no rate limit)"),
     ],
-    ids=["sqlite-replicas", "sqlite-hpa", "no-database", "wrong-type", "unknown-key", "bad-enum", "hpa-bounds"],
+    ids=[
+        "sqlite-replicas", "sqlite-hpa", "no-database", "wrong-type", "unknown-key", "bad-enum", "hpa-bounds",
+        "retention-not-a-duration", "retention-no-unit", "retention-a-number", "quota-negative", "quota-fraction",
+        "rate-negative", "rate-a-string", "rate-too-high", "burst-negative", "tenants-unknown-key", "burst-without-rate",
+    ],
 )
 def test_values_that_cannot_work_fail_with_a_clear_message(values, message):
     with pytest.raises(helm.HelmError) as error:

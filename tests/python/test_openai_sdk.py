@@ -1,13 +1,19 @@
 """The official `openai` SDK, pointed at batchd with `base_url`, works unchanged:
 create, retrieve, list (with pagination) and cancel, and the SDK's exceptions for
-missing keys and other tenants' batches. Every response must parse strictly into the
-SDK's own pydantic model, with no field missing and no warning."""
+missing keys and other tenants' batches; its default retries get it through a per-key
+rate limit; a deleted batch is then not found. Every response must parse strictly into
+the SDK's own pydantic model, with no field missing and no warning."""
 
+import concurrent.futures
+import re
+import time
 import warnings
 
 import openai
 import pytest
 from openai.types import Batch
+
+from conftest import RATE_LIMIT, RATE_LIMIT_BURST
 
 # The fields batchd adds to OpenAI's object (documented by other vendors).
 EXTENSIONS = {
@@ -199,3 +205,105 @@ def test_other_client_errors_map_to_the_sdks_exceptions(batchd):
             metadata={f"k{i}": "v" for i in range(17)},
         )
     assert error.value.param == "metadata"
+
+
+# OpenAI's x-ratelimit-reset-requests: a duration such as "1s", "6m0s", "1.5s" or "250ms".
+RESET_DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+(\.\d+)?(ms|s)$")
+
+
+def test_the_sdk_gets_through_a_rate_limit_by_honouring_retry_after(batchd_rate_limited):
+    server = batchd_rate_limited
+    statuses = []
+    client = server.client(
+        server.key("sdk-patient"),
+        max_retries=openai.DEFAULT_MAX_RETRIES,
+        on_response=lambda response: statuses.append(response.status_code),
+    )
+    batch = create(client)
+    statuses.clear()
+    calls = 60
+    started = time.monotonic()
+    for _ in range(calls):
+        assert client.batches.retrieve(batch.id).id == batch.id
+    elapsed = time.monotonic() - started
+    # A full bucket holds the burst; the rest of the calls wait for the rate.
+    assert elapsed >= (calls - RATE_LIMIT_BURST) / RATE_LIMIT - 0.5, elapsed
+    assert statuses.count(200) == calls
+    assert 429 in statuses and set(statuses) == {200, 429}, statuses
+
+
+def test_a_call_over_the_rate_limit_gets_openais_429(batchd_rate_limited):
+    server = batchd_rate_limited
+    key = server.key("raw-hasty")
+    status, headers, _ = server.http("GET", "/v1/batches?limit=1", key)
+    # Every authenticated answer says where the key stands.
+    assert status == 200
+    assert headers["x-ratelimit-limit-requests"] == str(RATE_LIMIT_BURST)
+    assert 0 <= int(headers["x-ratelimit-remaining-requests"]) < RATE_LIMIT_BURST
+    assert RESET_DURATION.match(headers["x-ratelimit-reset-requests"]), headers["x-ratelimit-reset-requests"]
+
+    # Three times the burst at once: a burst's worth passes, the others are refused.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3 * RATE_LIMIT_BURST) as pool:
+        answers = list(pool.map(lambda _: server.http("GET", "/v1/batches?limit=1", key), range(3 * RATE_LIMIT_BURST)))
+    refused = [(headers, body) for status, headers, body in answers if status == 429]
+    assert refused, [status for status, _, _ in answers]
+    assert all(status in (200, 429) for status, _, _ in answers)
+    headers, body = refused[0]
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["message"]
+    retry_after = int(headers["Retry-After"])
+    retry_after_ms = float(headers["retry-after-ms"])
+    assert retry_after >= 1
+    assert 0 < retry_after_ms <= retry_after * 1000
+    assert headers["x-ratelimit-limit-requests"] == str(RATE_LIMIT_BURST)
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert RESET_DURATION.match(headers["x-ratelimit-reset-requests"]), headers["x-ratelimit-reset-requests"]
+
+    # Each key has its own bucket: another key of the same owner is not held up.
+    assert server.http("GET", "/v1/batches?limit=1", server.key("raw-hasty", "admin"))[0] == 200
+
+
+def cancelled(server, client: openai.OpenAI) -> Batch:
+    """A new batch, cancelled by its owner and confirmed `cancelled` by a worker."""
+    batch = client.batches.cancel(create(client).id)
+    status, _, body = server.http(
+        "PATCH", f"/v1/batches/{batch.id}", server.key("sdk-worker", "worker"), {"status": "cancelled"}
+    )
+    assert (status, body["status"]) == (200, "cancelled"), body
+    return Batch.model_validate(body)
+
+
+def test_a_terminal_batch_can_be_deleted_and_is_then_not_found(batchd):
+    owner_key = batchd.key("sdk-deleter")
+    client = batchd.client(owner_key)
+
+    running = create(client)
+    status, _, body = batchd.http("DELETE", f"/v1/batches/{running.id}", owner_key)
+    assert status == 409 and "validating" in body["error"]["message"], body
+    client.batches.cancel(running.id)
+    status, _, body = batchd.http("DELETE", f"/v1/batches/{running.id}", owner_key)
+    assert status == 409 and "cancelling" in body["error"]["message"], body
+    assert client.batches.retrieve(running.id).status == "cancelling"
+
+    batch = cancelled(batchd, client)
+    status, _, body = batchd.http("DELETE", f"/v1/batches/{batch.id}", batchd.key("sdk-worker", "worker"))
+    assert status == 403, body
+    status, _, body = batchd.http("DELETE", f"/v1/batches/{batch.id}", batchd.key("sdk-stranger"))
+    assert status == 404, body
+    status, _, body = batchd.http("DELETE", f"/v1/batches/{batch.id}", owner_key)
+    assert (status, body) == (200, {"id": batch.id, "object": "batch.deleted", "deleted": True})
+
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve(batch.id)
+    assert batch.id not in [b.id for b in client.batches.list()]
+    status, _, body = batchd.http("DELETE", f"/v1/batches/{batch.id}", owner_key)
+    assert status == 404, "a deleted batch is gone, as an unknown one"
+    status, _, body = batchd.http("DELETE", "/v1/batches/batch_" + "0" * 32, owner_key)
+    assert status == 404, body
+
+    # An admin key may delete any owner's terminal batch.
+    other = cancelled(batchd, client)
+    status, _, body = batchd.http("DELETE", f"/v1/batches/{other.id}", batchd.admin_key)
+    assert (status, body) == (200, {"id": other.id, "object": "batch.deleted", "deleted": True})
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve(other.id)

@@ -15,6 +15,7 @@ ROUTES = {
     ("/v1/batches", "get"),
     ("/v1/batches/{batch_id}", "get"),
     ("/v1/batches/{batch_id}", "patch"),
+    ("/v1/batches/{batch_id}", "delete"),
     ("/v1/batches/{batch_id}/cancel", "post"),
     ("/v1/batches/{batch_id}/watch", "get"),
     ("/v1/batch_events", "get"),

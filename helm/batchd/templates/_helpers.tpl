@@ -69,6 +69,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (not .Values.database.existingSecret) (not .Values.database.url) }}
 {{- fail "no database: set database.url (postgres://USER:PASSWORD@HOST:5432/DB) or database.existingSecret" }}
 {{- end }}
+{{- if and .Values.tenants.rateLimitBurst (not .Values.tenants.rateLimitPerKey) }}
+{{- fail (printf "tenants.rateLimitBurst is %d but tenants.rateLimitPerKey is 0 (no rate limit): set a rate too, or leave the burst at 0" (int64 .Values.tenants.rateLimitBurst)) }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail (printf "autoscaling.maxReplicas (%d) is below autoscaling.minReplicas (%d)" (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- end }}
