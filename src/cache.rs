@@ -1,6 +1,7 @@
 //! What a replica remembers to spare the database work it would answer the same way:
 //! API keys for a few seconds (revocation takes effect within that time), terminal
-//! batches until they are deleted (they never change again), and the latest version of recently
+//! batches (they never change again, but may be deleted: forgotten when a deletion is
+//! heard of, and read again after [`TERMINAL_RECHECK`] in case that was missed), and the latest version of recently
 //! written batches for the write path, where the version check of every commit catches
 //! a stale entry and the write is retried from the database.
 //!
@@ -11,6 +12,7 @@
 //! cost a database lookup.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::{Cache, DefaultLifecycle};
@@ -55,12 +57,18 @@ impl Default for CacheOptions {
 /// A key lookup: its caller and when it was made.
 type KeyLookup<T> = (T, Instant);
 
+/// How long a terminal batch is served from memory before it is read again: the bound
+/// on serving a batch that another replica deleted when its announcement was lost (a
+/// failed NOTIFY is not retried).
+pub const TERMINAL_RECHECK: Duration = Duration::from_secs(60);
+
 /// A cached batch with its weight, computed once when it is inserted (the weighter runs
-/// during eviction and must be cheap).
+/// during eviction and must be cheap), and when it was stored.
 #[derive(Clone)]
 struct Weighed {
     batch: Arc<Batch>,
     bytes: u64,
+    stored: Instant,
 }
 
 /// Weighs a cached batch by its bytes, but never less than `floor`, the byte budget
@@ -113,9 +121,25 @@ impl BatchCache {
         self.0.get(id).map(|weighed| weighed.batch)
     }
 
+    /// The batch, if it was stored less than `age` ago.
+    fn get_fresh(&self, id: &BatchId, age: Duration) -> Option<Arc<Batch>> {
+        self.0
+            .get(id)
+            .filter(|weighed| weighed.stored.elapsed() < age)
+            .map(|weighed| weighed.batch)
+    }
+
     fn insert(&self, batch: Arc<Batch>) {
         let bytes = batch.text_bytes() as u64 + BATCH_OVERHEAD_BYTES;
-        self.0.insert(batch.id.clone(), Weighed { batch, bytes });
+        let stored = Instant::now();
+        self.0.insert(
+            batch.id.clone(),
+            Weighed {
+                batch,
+                bytes,
+                stored,
+            },
+        );
     }
 
     fn remove(&self, id: &BatchId) {
@@ -145,6 +169,9 @@ pub struct Caches {
     api_key_ttl: Duration,
     terminal: BatchCache,
     latest: BatchCache,
+    /// Deletions heard of so far: a read that began before one may have read a batch
+    /// that is gone now, so what it read is not remembered.
+    deletions: AtomicU64,
 }
 
 /// Most valid API keys remembered at once (each well under 1 KiB).
@@ -162,6 +189,7 @@ impl Caches {
             api_key_ttl: options.api_key_ttl,
             terminal: BatchCache::new(options.terminal_batches, options.terminal_bytes),
             latest: BatchCache::new(options.latest_batches, options.latest_bytes),
+            deletions: AtomicU64::new(0),
         }
     }
 
@@ -209,9 +237,24 @@ impl Caches {
         }
     }
 
-    /// A terminal batch: it is final, so this copy is the truth.
+    /// A terminal batch: it is final, so this copy is the truth, unless the batch was
+    /// deleted since; it is read again after [`TERMINAL_RECHECK`].
     pub fn terminal(&self, id: &BatchId) -> Option<Arc<Batch>> {
-        self.terminal.get(id)
+        self.terminal.get_fresh(id, TERMINAL_RECHECK)
+    }
+
+    /// A mark to take before reading a batch from the database, for
+    /// [`Caches::remember_read`].
+    pub fn deletions_seen(&self) -> u64 {
+        self.deletions.load(Ordering::Acquire)
+    }
+
+    /// Remembers a terminal batch read from the database, unless a deletion was heard
+    /// of since `deletions_seen` was taken: the batch read may be that one.
+    pub fn remember_read(&self, batch: Arc<Batch>, deletions_seen: u64) {
+        if batch.status.is_terminal() && self.deletions_seen() == deletions_seen {
+            self.remember(batch);
+        }
     }
 
     /// The latest version this replica has seen of a batch it wrote; possibly stale
@@ -239,6 +282,7 @@ impl Caches {
     /// Forgets everything known of a batch, terminal or not: it was deleted (here, or
     /// by another replica, which announces it like a commit).
     pub fn forget_batch(&self, id: &BatchId) {
+        self.deletions.fetch_add(1, Ordering::AcqRel);
         self.latest.remove(id);
         self.terminal.remove(id);
     }
@@ -246,6 +290,7 @@ impl Caches {
     /// Forgets every batch: announcements of other replicas' commits (deletions
     /// among them) may have been lost, so no terminal batch is known to still exist.
     pub fn forget_all_batches(&self) {
+        self.deletions.fetch_add(1, Ordering::AcqRel);
         self.latest.0.clear();
         self.terminal.0.clear();
     }
@@ -303,6 +348,24 @@ mod tests {
             .collect();
         let held = ids.iter().filter(|id| cache.get(id).is_some()).count();
         assert!((1..=10).contains(&held), "{held} entries held");
+    }
+
+    #[test]
+    fn a_read_that_a_deletion_overtook_is_not_remembered() {
+        let caches = Caches::new(&CacheOptions::default());
+        let mut batch = Arc::unwrap_or_clone(batch_of_text(1));
+        batch.status = crate::domain::BatchStatus::Completed;
+        let batch = Arc::new(batch);
+        // The read began, then a deletion (of this batch or another) was heard of.
+        let seen = caches.deletions_seen();
+        caches.forget_batch(&batch.id);
+        caches.remember_read(batch.clone(), seen);
+        assert!(caches.terminal(&batch.id).is_none());
+        // A read with nothing in between is remembered; a deletion forgets it.
+        caches.remember_read(batch.clone(), caches.deletions_seen());
+        assert!(caches.terminal(&batch.id).is_some());
+        caches.forget_batch(&batch.id);
+        assert!(caches.terminal(&batch.id).is_none());
     }
 
     #[test]

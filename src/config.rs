@@ -16,7 +16,7 @@ use crate::domain::webhooks::{DestinationPolicy, RetrySchedule, SecretSealer};
 use crate::domain::{
     BatchPolicy, CompletionWindow, DEFAULT_COMPLETION_WINDOWS, DEFAULT_ENDPOINTS, Scope,
 };
-use crate::request_rates::{MAX_RATE, RequestRateOptions};
+use crate::request_rates::{MAX_RATE, MIN_RATE, RequestRateOptions};
 use crate::store::{self, GroupCommitOptions, PointReadOptions, StoreOptions};
 use crate::telemetry::LogFormat;
 use crate::watch::WatchOptions;
@@ -379,28 +379,40 @@ struct TenantArgs {
     #[arg(long, env = "BATCHD_RETENTION_TERMINAL", value_name = "DURATION", value_parser = parse_retention)]
     retention_terminal: Option<HumanDuration>,
 
-    /// How often batches past --retention-terminal are looked for.
+    /// How often batches past --retention-terminal are looked for (at least 1s).
     #[arg(
         long,
         env = "BATCHD_RETENTION_SWEEP_INTERVAL",
-        default_value_t = ServeOptions::default().retention_sweep_interval.into()
+        default_value_t = ServeOptions::default().retention_sweep_interval.into(),
+        value_parser = parse_sweep_interval
     )]
     retention_sweep_interval: HumanDuration,
 }
 
-/// A request rate: a number of requests per second from 0 (off) to [`MAX_RATE`].
+/// A request rate: 0 (off), or a number of requests per second from [`MIN_RATE`] to
+/// [`MAX_RATE`].
 fn parse_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a number of requests per second"))?;
     // NaN compares false with everything, so the range check below refuses it too.
-    if !(rate.is_finite() && (0.0..=MAX_RATE).contains(&rate)) {
+    if !(rate == 0.0 || (MIN_RATE..=MAX_RATE).contains(&rate)) {
         return Err(format!(
-            "{rate} is not a rate from 0 (off) to {MAX_RATE} requests per second"
+            "{rate} is not 0 (off) nor a rate from {MIN_RATE} to {MAX_RATE} requests per second"
         ));
     }
     Ok(rate)
+}
+
+/// How often the retention sweep runs: at least a second (each sweep is a database
+/// transaction, and 0 would run them back to back).
+fn parse_sweep_interval(text: &str) -> Result<HumanDuration, String> {
+    let interval: HumanDuration = text.parse().map_err(|e| format!("{e}"))?;
+    if Duration::from(interval) < Duration::from_secs(1) {
+        return Err(format!("{interval} is shorter than a second"));
+    }
+    Ok(interval)
 }
 
 /// A retention: at least a second, at most 100 years.
@@ -954,6 +966,11 @@ mod tests {
             (&["--rate-limit-per-key", "NaN"], "--rate-limit-per-key"),
             (&["--rate-limit-per-key", "2000000"], "--rate-limit-per-key"),
             (&["--rate-limit-per-key", "many"], "--rate-limit-per-key"),
+            (&["--rate-limit-per-key", "1e-300"], "--rate-limit-per-key"),
+            (
+                &["--retention-sweep-interval", "0s"],
+                "--retention-sweep-interval",
+            ),
             (
                 &["--rate-limit-per-key", "5", "--rate-limit-burst", "2000000"],
                 "--rate-limit-burst",

@@ -23,6 +23,10 @@ use crate::error::{Error, Result};
 /// that the arithmetic of the bucket stays exact.
 pub const MAX_RATE: f64 = 1_000_000.0;
 
+/// The lowest rate accepted (one request every 1,000 seconds): below it, a bucket's
+/// refill period and reset times leave the range of the arithmetic.
+pub const MIN_RATE: f64 = 0.001;
+
 /// A key's rate limit: a flag pair of `serve`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RequestRateOptions {
@@ -40,7 +44,7 @@ impl RequestRateOptions {
         if !(per_second.is_finite() && per_second > 0.0) {
             return None;
         }
-        let per_second = per_second.min(MAX_RATE);
+        let per_second = per_second.clamp(MIN_RATE, MAX_RATE);
         let burst = if burst == 0 {
             per_second.ceil().max(1.0) as u32
         } else {

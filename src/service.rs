@@ -36,6 +36,9 @@ pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 /// Most events one compaction statement deletes.
 pub const COMPACTION_CHUNK: i64 = 1_000;
 
+/// The locks one replica's creates under the quota take turns on, by owner.
+const QUOTA_TURNS: usize = 64;
+
 /// Most batches one statement of the retention sweep deletes.
 pub const RETENTION_CHUNK: i64 = 500;
 
@@ -174,6 +177,11 @@ pub struct BatchService {
     key_lookup_wait: Duration,
     /// See [`ServiceOptions::max_active_batches_per_owner`]; `None` for no limit.
     active_limit: Option<u32>,
+    /// Under the quota, one owner's creates take turns here (owners hashed onto
+    /// [`QUOTA_TURNS`] locks) before they take a database connection: on PostgreSQL
+    /// they would otherwise each hold one while they wait for the owner's lock, and
+    /// one tenant's burst of creates could take the pool from everyone.
+    quota_turns: Vec<tokio::sync::Mutex<()>>,
     request_rates: Option<RequestRates>,
 }
 
@@ -230,6 +238,9 @@ impl BatchService {
             policy: options.policy,
             active_limit: (options.max_active_batches_per_owner > 0)
                 .then_some(options.max_active_batches_per_owner),
+            quota_turns: (0..QUOTA_TURNS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             request_rates: options.request_rates.map(RequestRates::new),
         }
     }
@@ -344,6 +355,7 @@ impl BatchService {
         let now = self.clock.now();
         let batch = Batch::create(new, caller, now);
         tracing::Span::current().record("batch_id", tracing::field::display(&batch.id));
+        let _turn = self.quota_turn(&caller.user_id).await?;
         match &idempotency_key {
             None => self.store.insert_batch(&batch, self.active_limit).await?,
             Some(key) => {
@@ -370,6 +382,21 @@ impl BatchService {
         self.caches.remember(created);
         tracing::info!(batch_id = %batch.id, user_id = %batch.user_id, "batch created");
         Ok(batch)
+    }
+
+    /// This owner's turn to create under the quota (none without a quota), within the
+    /// time a database call may take.
+    async fn quota_turn(&self, owner: &str) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        if self.active_limit.is_none() {
+            return Ok(None);
+        }
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(owner);
+        let turns = &self.quota_turns[hash as usize % self.quota_turns.len()];
+        tokio::time::timeout(self.key_lookup_wait, turns.lock())
+            .await
+            .map(Some)
+            .map_err(|_| Error::overloaded("this owner's creates are waiting for their turn"))
     }
 
     /// A create whose idempotency key an earlier request holds: the same request gets
@@ -762,19 +789,19 @@ impl BatchService {
 
     /// The batch, if the caller may see it; otherwise NOT_FOUND, exactly as if it did
     /// not exist, so ids of other tenants' batches cannot be probed. A terminal batch
-    /// comes from memory once read: it never changes again.
+    /// comes from memory once read: it never changes again (a deletion makes the caches
+    /// forget it).
     async fn visible_batch(&self, caller: &Caller, id: &BatchId) -> Result<Batch> {
         let batch = match self.caches.terminal(id) {
             Some(batch) => Arc::unwrap_or_clone(batch),
             None => {
+                let deletions_seen = self.caches.deletions_seen();
                 let batch = self
                     .reads
                     .get(id)
                     .await?
                     .ok_or_else(|| Error::BatchNotFound(id.to_string()))?;
-                if batch.status.is_terminal() {
-                    self.caches.remember(batch.clone());
-                }
+                self.caches.remember_read(batch.clone(), deletions_seen);
                 Arc::unwrap_or_clone(batch)
             }
         };

@@ -56,6 +56,19 @@ impl Board {
         }
     }
 
+    /// A batch was deleted: said once, and its bar (were it still shown) removed.
+    fn deleted(&mut self, id: &str) {
+        let line = format!("{id} deleted");
+        let _ = self.bars.println(&line);
+        if self.bars.is_hidden() {
+            println!("{line}");
+        }
+        if let Some(bar) = self.active.remove(id) {
+            bar.finish_and_clear();
+            self.bars.remove(&bar);
+        }
+    }
+
     fn clear(&mut self) {
         for (_, bar) in self.active.drain() {
             bar.finish_and_clear();
@@ -145,6 +158,9 @@ async fn follow(
     while let Some(message) = stream.message().await? {
         *broken_since = None;
         let kind = message.r#type();
+        if kind == pb::FeedEventType::Deleted {
+            board.deleted(&message.batch_id);
+        }
         if let Some(batch) = &message.batch {
             // The initial state shows the active batches only, not every one that ended.
             let ended_before = kind == pb::FeedEventType::Initial && has_ended(batch);

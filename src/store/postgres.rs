@@ -352,6 +352,8 @@ impl Backend for PostgresBackend {
 
     const LOCK_SKIPPING_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
 
+    const LOCK_FOR_UPDATE: &'static str = " FOR UPDATE";
+
     const LOCK_KEY_SHARE: &'static str = " FOR KEY SHARE";
 
     /// One statement for every deletion: the feed position is an identity column.

@@ -138,6 +138,10 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// another replica is deleting (or changing); SQLite has one writer.
     const LOCK_SKIPPING_LOCKED: &'static str;
 
+    /// Ends a `SELECT` of batches about to be deleted: PostgreSQL locks them, waiting
+    /// for whoever holds them; SQLite has one writer.
+    const LOCK_FOR_UPDATE: &'static str;
+
     /// Ends a `SELECT` of batches a transaction relies on existing until it commits:
     /// PostgreSQL holds a key-share lock, which a deletion waits for; SQLite has one
     /// writer.
@@ -368,6 +372,15 @@ where
     if ids.is_empty() {
         return Ok(Vec::new());
     }
+    // The batches' rows are locked first, in id order, as every deletion does (the
+    // retention sweep holds its chunk's already): a request's deletion and the sweep
+    // never lock the index rows and the batch in opposite orders.
+    let mut lock = QueryBuilder::<B::Db>::new(format!(
+        "SELECT id FROM batches WHERE status IN {TERMINAL_STATUSES} AND id IN"
+    ));
+    push_list(&mut lock, ids);
+    lock.push(format_args!(" ORDER BY id{}", B::LOCK_FOR_UPDATE));
+    lock.build().execute(&mut **tx).await?;
     // The index rows first: they refer to the batch.
     let mut sql = QueryBuilder::<B::Db>::new(format!(
         "DELETE FROM batch_metadata WHERE batch_seq IN (SELECT seq FROM batches \

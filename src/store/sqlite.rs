@@ -26,13 +26,24 @@ const INDEX_METADATA: &str = "INSERT INTO batch_metadata (batch_seq, user_id, me
 const SELECT_VERSIONS: &str =
     "SELECT id, version FROM batches WHERE id IN (SELECT value FROM json_each($1))";
 
+/// The highest feed position ever written: the highest in the log, or the compaction
+/// watermark when compaction removed the newest events (every event of a deleted batch
+/// goes in time, its deletion too), so that no position is ever given out twice.
+const HIGHEST_POSITION: &str = "(SELECT max(COALESCE(MAX(position), 0), \
+     (SELECT through_position FROM feed_compaction)) FROM batch_events)";
+
 /// Appends one version to the event log: batch id, version, snapshot, commit time, and
 /// the next feed position (the write lock makes it the order of commit).
-const INSERT_EVENT: &str = "INSERT INTO batch_events (batch_id, version, snapshot, at, owner, position) \
-     VALUES ($1, $2, $3, $4, $5, (SELECT COALESCE(MAX(position), 0) + 1 FROM batch_events))";
+static INSERT_EVENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO batch_events (batch_id, version, snapshot, at, owner, position) \
+         VALUES ($1, $2, $3, $4, $5, {HIGHEST_POSITION} + 1)"
+    )
+});
 
 /// The highest feed position written.
-const FEED_HORIZON: &str = "SELECT COALESCE(MAX(position), 0) FROM batch_events";
+static FEED_HORIZON: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {HIGHEST_POSITION}"));
 
 /// Events at positions after $1 up to $2, in order, at most $3, and in the second form
 /// of owner $4 only (through the index of each owner's changes); each with the status
@@ -210,7 +221,9 @@ impl Backend for SqliteBackend {
     }
 
     async fn feed_head(pool: &SqlitePool) -> Result<FeedCursor> {
-        let (highest,): (i64,) = sqlx::query_as(FEED_HORIZON).fetch_one(pool).await?;
+        let (highest,): (i64,) = sqlx::query_as(FEED_HORIZON.as_str())
+            .fetch_one(pool)
+            .await?;
         Ok(FeedCursor {
             transaction: 0,
             position: highest,
@@ -236,6 +249,8 @@ impl Backend for SqliteBackend {
 
     const LOCK_SKIPPING_LOCKED: &'static str = "";
 
+    const LOCK_FOR_UPDATE: &'static str = "";
+
     const LOCK_KEY_SHARE: &'static str = "";
 
     /// One statement per deletion: each takes the next feed position.
@@ -245,7 +260,7 @@ impl Backend for SqliteBackend {
         at: i64,
     ) -> Result<()> {
         for (id, version) in gone {
-            sqlx::query(LOG_DELETION)
+            sqlx::query(LOG_DELETION.as_str())
                 .bind(id)
                 .bind(version)
                 .bind(at)
@@ -258,11 +273,13 @@ impl Backend for SqliteBackend {
 
 /// Logs the deletion of batch $1 at version $2 at $3: the event after that version,
 /// with its snapshot, at the next feed position.
-const LOG_DELETION: &str = "INSERT INTO batch_events \
-     (batch_id, version, snapshot, at, owner, deleted, position) \
-     SELECT batch_id, version + 1, snapshot, $3, owner, TRUE, \
-     (SELECT COALESCE(MAX(position), 0) + 1 FROM batch_events) \
-     FROM batch_events WHERE batch_id = $1 AND version = $2";
+static LOG_DELETION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO batch_events (batch_id, version, snapshot, at, owner, deleted, position) \
+         SELECT batch_id, version + 1, snapshot, $3, owner, TRUE, {HIGHEST_POSITION} + 1 \
+         FROM batch_events WHERE batch_id = $1 AND version = $2"
+    )
+});
 
 /// The batches whose ids are in the JSON array $1.
 static SELECT_BATCHES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -274,7 +291,7 @@ static SELECT_BATCHES: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 
 /// Appends `batch` at its version to the event log, inside `tx`.
 async fn append_event(tx: &mut Transaction<'static, Sqlite>, batch: &StoredBatchV1) -> Result<()> {
-    sqlx::query(INSERT_EVENT)
+    sqlx::query(INSERT_EVENT.as_str())
         .bind(batch.id())
         .bind(batch.version())
         .bind(Json(batch))

@@ -1507,7 +1507,9 @@ async fn compaction_removes_every_event_of_a_deleted_batch_once_old(backend: Bac
     let kept = plain("bob", T0);
     store.insert_batch(&kept, None).await.unwrap();
     assert!(store.delete_batch(&ended.id, T0 + 2).await.unwrap());
-    readable_changes(&*store, 4).await;
+    // The deletion is the newest change: its position is the feed's highest so far.
+    let deletion = readable_changes(&*store, 4).await[3].clone();
+    assert!(deletion.deleted);
     // Older than the deletion's time: its two versions go, the deletion stays.
     let mut deleted = 0;
     for _ in 0..100 {
@@ -1520,8 +1522,8 @@ async fn compaction_removes_every_event_of_a_deleted_batch_once_old(backend: Bac
     assert_eq!(deleted, 2);
     let left = store.changes_after(FeedCursor::default(), None, 100).await;
     assert!(
-        left.is_err(),
-        "a cursor before the compacted versions is refused"
+        matches!(left, Err(batchd::error::Error::FeedCompacted { .. })),
+        "a cursor before the compacted versions is refused: {left:?}"
     );
     // Once the deletion is old too, it goes; bob's only version stays.
     let mut deleted = 0;
@@ -1535,6 +1537,28 @@ async fn compaction_removes_every_event_of_a_deleted_batch_once_old(backend: Bac
     assert_eq!(deleted, 1);
     assert_eq!(store.compact_events(T0 + 1_000, 100).await.unwrap(), 0);
     assert_eq!(logged_versions(&*store, &kept.id).await, [1]);
+    // With the newest events gone, the next change still comes after every position
+    // the feed gave out: a reader at the deletion's cursor reads it.
+    let later = plain("carol", T0 + 4);
+    store.insert_batch(&later, None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let page = store
+            .changes_after(deletion.cursor, None, 100)
+            .await
+            .unwrap();
+        if let Some(change) = page.changes.first() {
+            assert_eq!(change.batch, later);
+            assert!(change.cursor > deletion.cursor);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the next change is read"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(store.feed_bounds().await.unwrap().head >= deletion.cursor);
 }
 
 async fn an_owner_at_its_active_limit_inserts_nothing_until_a_batch_ends(backend: Backend) {

@@ -437,8 +437,42 @@ async fn a_batch_deleted_on_one_replica_is_gone_from_the_others_memory() {
             .bearer_auth(&key);
         async move { request.send().await.unwrap().status().as_u16() }
     };
-    // Read twice: the second read is answered from memory.
-    assert_eq!(read_on_second().await, 200);
+    // The second replica reads the batch, then answers from memory: a change behind
+    // its back (impossible for a terminal batch but for this test) does not show. A
+    // late announcement of the move to failed may make it forget once: read again.
+    let mut db = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&first.db.url).await.unwrap()
+    };
+    let model_on_second = || {
+        let request = client
+            .get(format!("http://{}{path}", second.http_addr()))
+            .bearer_auth(&key);
+        async move {
+            let batch: Value = request.send().await.unwrap().json().await.unwrap();
+            batch["model"].clone()
+        }
+    };
+    let mut attempt = 0;
+    loop {
+        let before = model_on_second().await;
+        attempt += 1;
+        let behind = format!("changed-behind-its-back-{attempt}");
+        sqlx::query("UPDATE batches SET model = $2 WHERE id = $1")
+            .bind(&id)
+            .bind(&behind)
+            .execute(&mut db)
+            .await
+            .unwrap();
+        if model_on_second().await == before {
+            break; // from memory
+        }
+        assert!(
+            attempt < 50,
+            "the second replica never answered from memory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(read_on_second().await, 200);
 
     assert_eq!(delete(&on_first, &path).await.0, 200);
@@ -464,7 +498,8 @@ async fn a_key_over_its_request_rate_is_told_when_to_retry_and_other_keys_go_on(
     let header = |response: &reqwest::Response, name: &str| -> String {
         response.headers()[name].to_str().unwrap().to_owned()
     };
-    for remaining in ["2", "1", "0"] {
+    // A token every 250 ms: the bucket is full again 250 ms after each one taken.
+    for (remaining, reset) in [("2", "250ms"), ("1", "500ms"), ("0", "750ms")] {
         let response = alice
             .request(Method::GET, "/v1/batches")
             .send()
@@ -476,7 +511,7 @@ async fn a_key_over_its_request_rate_is_told_when_to_retry_and_other_keys_go_on(
             header(&response, "x-ratelimit-remaining-requests"),
             remaining
         );
-        assert!(header(&response, "x-ratelimit-reset-requests").ends_with('s'));
+        assert_eq!(header(&response, "x-ratelimit-reset-requests"), reset);
     }
     let refused = alice
         .request(Method::GET, "/v1/batches")

@@ -314,6 +314,8 @@ def test_helm_test_checks_health_with_batchd_itself():
         ({"tenants": {"rateLimitPerKey": -0.5}}, "/tenants/rateLimitPerKey': minimum: got -0.5, want 0"),
         ({"tenants": {"rateLimitPerKey": "20/s"}}, "/tenants/rateLimitPerKey': got string, want number"),
         ({"tenants": {"rateLimitPerKey": 2000000}}, "/tenants/rateLimitPerKey': maximum:"),
+        ({"tenants": {"rateLimitPerKey": 0.0005}}, "/tenants/rateLimitPerKey'"),
+        ({"tenants": {"maxActiveBatchesPerOwner": 20000000}}, "/tenants/maxActiveBatchesPerOwner': maximum:"),
         ({"tenants": {"rateLimitBurst": -3}}, "/tenants/rateLimitBurst': minimum: got -3, want 0"),
         ({"tenants": {"rateLimit": 20}}, "additional properties 'rateLimit' not allowed"),
         ({"tenants": {"rateLimitBurst": 5}}, "tenants.rateLimitBurst is 5 but tenants.rateLimitPerKey is 0 (no rate limit)"),
@@ -321,7 +323,7 @@ def test_helm_test_checks_health_with_batchd_itself():
     ids=[
         "sqlite-replicas", "sqlite-hpa", "no-database", "wrong-type", "unknown-key", "bad-enum", "hpa-bounds",
         "retention-not-a-duration", "retention-no-unit", "retention-a-number", "quota-negative", "quota-fraction",
-        "rate-negative", "rate-a-string", "rate-too-high", "burst-negative", "tenants-unknown-key", "burst-without-rate",
+        "rate-negative", "rate-a-string", "rate-too-high", "rate-too-low", "quota-too-high", "burst-negative", "tenants-unknown-key", "burst-without-rate",
     ],
 )
 def test_values_that_cannot_work_fail_with_a_clear_message(values, message):
