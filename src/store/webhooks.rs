@@ -128,6 +128,12 @@ store_trait! {
 
         /// Deletes up to `limit` deliveries that finished before `before_ms`.
         async fn forget_deliveries(&self, before_ms: i64, limit: i64) -> Result<u64>;
+
+        /// Has the database gather the statistics of the delivery queue, so that claims
+        /// are planned for what it holds now (PostgreSQL plans a table it never analyzed
+        /// as nearly empty: a claim then sorts every due delivery instead of walking
+        /// the index of due ones).
+        async fn refresh_delivery_statistics(&self) -> Result<()>;
     }
 }
 
@@ -198,8 +204,12 @@ const DELIVERY_QUEUE: &str =
 const FORGET_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE seq IN \
      (SELECT seq FROM webhook_deliveries WHERE state <> 'pending' AND finished_at < $1 LIMIT $2)";
 
-/// Due deliveries a claim chooses from, oldest first.
-const CLAIM_WINDOW: i64 = 1_000;
+/// Due deliveries a claim chooses from, oldest first (of endpoints and owners with
+/// room: full ones are left out by the claim's condition, so a backlog of one owner or
+/// endpoint at the head takes its room and the next claim looks past it). Sorting and
+/// locking the window is most of a claim's cost: 256 drained figure 9's 10,000
+/// deliveries in 3.6-3.8 s against 4.2-4.4 s with 1,000 (two runs each, alternated).
+const CLAIM_WINDOW: i64 = 256;
 
 /// Rows per multi-row insert of deliveries: 8 values each stays far below both
 /// databases' limit on bound values.
@@ -647,6 +657,14 @@ where
             pending,
             oldest_created_at,
         })
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.refresh_delivery_statistics", skip_all, fields(db.system = B::SYSTEM))]
+    async fn refresh_delivery_statistics(&self) -> Result<()> {
+        sqlx::query("ANALYZE webhook_deliveries")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     #[tracing::instrument(level = "debug", name = "store.forget_deliveries", skip_all, fields(db.system = B::SYSTEM))]

@@ -33,6 +33,14 @@ const ERROR_RETRY: Duration = Duration::from_secs(1);
 /// one per commit. (Re-reading them after a crash is harmless: they make nothing.)
 const STORE_IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+/// Deliveries queued (by this replica) after which the queue's statistics are
+/// refreshed, at most once per [`STATISTICS_EVERY`]: a burst into a table PostgreSQL
+/// never analyzed (a new deployment, autovacuum's next round a minute away) otherwise
+/// makes every claim sort the whole queue (measured: 9 ms a claim with 10,000 queued,
+/// 2.6 ms once analyzed).
+const STATISTICS_AFTER: usize = 1_000;
+const STATISTICS_EVERY: Duration = Duration::from_secs(60);
+
 /// Runs the dispatcher until the stop signal: woken by `commits`, or every `poll`;
 /// wakes `deliveries` whenever it queued some.
 pub async fn run(
@@ -45,8 +53,17 @@ pub async fn run(
 ) {
     let mut position: Option<Position> = None;
     let mut held_back_wait = HELD_BACK_RETRY;
+    let mut statistics = QueueStatistics::default();
     loop {
-        let progress = dispatch_once(&*feed, &*queue, &mut position, &deliveries).await;
+        let progress = dispatch_once(
+            &*feed,
+            &*queue,
+            &mut position,
+            &deliveries,
+            &mut statistics.queued,
+        )
+        .await;
+        statistics.refresh_if_due(&queue);
         if !matches!(progress, Ok(Progress::HeldBack)) {
             held_back_wait = HELD_BACK_RETRY;
         }
@@ -86,6 +103,34 @@ pub async fn run(
     }
 }
 
+/// When the queue's statistics were last refreshed, and what was queued since.
+#[derive(Default)]
+struct QueueStatistics {
+    queued: usize,
+    refreshed_at: Option<Instant>,
+}
+
+impl QueueStatistics {
+    /// Refreshes them in the background once enough was queued since, and not more
+    /// often than [`STATISTICS_EVERY`].
+    fn refresh_if_due(&mut self, queue: &Arc<dyn WebhookStore>) {
+        let recently = self
+            .refreshed_at
+            .is_some_and(|at| at.elapsed() < STATISTICS_EVERY);
+        if self.queued < STATISTICS_AFTER || recently {
+            return;
+        }
+        self.queued = 0;
+        self.refreshed_at = Some(Instant::now());
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            if let Err(error) = queue.refresh_delivery_statistics().await {
+                tracing::debug!(%error, "refreshing the webhook queue's statistics failed");
+            }
+        });
+    }
+}
+
 /// Where this dispatcher is: the position stored in the database, and how far past it
 /// it has read changes that made no delivery.
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +162,7 @@ async fn dispatch_once(
     queue: &dyn WebhookStore,
     position: &mut Option<Position>,
     deliveries: &Notify,
+    queued_count: &mut usize,
 ) -> Result<Progress> {
     let at = match *position {
         Some(at) => at,
@@ -179,6 +225,7 @@ async fn dispatch_once(
         stored_at: Instant::now(),
     });
     if !queued.is_empty() {
+        *queued_count += queued.len();
         for delivery in &queued {
             metrics::counter!(
                 "batchd_webhook_deliveries_queued_total",

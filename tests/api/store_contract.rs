@@ -2176,6 +2176,8 @@ async fn claims_take_owners_in_turn_and_leave_full_owners_out(backend: Backend) 
             .await
             .unwrap()
     );
+    // The claims below are planned on fresh statistics; what they take is the same.
+    store.refresh_delivery_statistics().await.unwrap();
     let claim = |replica: &'static str, limit: i64, per_owner: i64, full: &'static [String]| {
         DeliveryClaim {
             replica,
