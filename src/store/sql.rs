@@ -343,7 +343,7 @@ const COUNT_ACTIVE_BATCHES: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM batches 
      LIMIT $2) AS active";
 
 /// Pushes ` (<binds>)`: a parenthesised list of `values`, for `IN`.
-fn push_list<DB: Database>(sql: &mut QueryBuilder<DB>, values: &[String])
+pub(super) fn push_list<DB: Database>(sql: &mut QueryBuilder<DB>, values: &[String])
 where
     String: for<'q> Encode<'q, DB> + Type<DB>,
 {

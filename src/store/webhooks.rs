@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, QueryBuilder, Type};
 
-use super::sql::{Backend, SqlDatabase, SqlStore, convert_all};
+use super::sql::{Backend, SqlDatabase, SqlStore, convert_all, push_list};
 use super::{FeedCursor, store_trait};
 use crate::error::{Error, Result};
 
@@ -436,12 +436,9 @@ where
         batch_ids.dedup();
         let mut existing = Vec::with_capacity(batch_ids.len());
         for chunk in batch_ids.chunks(DELIVERIES_PER_INSERT) {
-            let mut select = QueryBuilder::<B::Db>::new("SELECT id FROM batches WHERE id IN (");
-            let mut list = select.separated(", ");
-            for id in chunk {
-                list.push_bind(id.clone());
-            }
-            select.push(format_args!(") ORDER BY id{}", B::LOCK_KEY_SHARE));
+            let mut select = QueryBuilder::<B::Db>::new("SELECT id FROM batches WHERE id IN");
+            push_list(&mut select, chunk);
+            select.push(format_args!(" ORDER BY id{}", B::LOCK_KEY_SHARE));
             let rows: Vec<(String,)> = select.build_query_as().fetch_all(&mut *tx).await?;
             existing.extend(rows.into_iter().map(|(id,)| id));
         }

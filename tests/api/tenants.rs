@@ -74,6 +74,16 @@ async fn deleting_a_batch_follows_openais_rules_over_rest_and_grpc(backend: Back
     );
     let (status, body) = delete(&workers, &path).await;
     assert_eq!(status, 403, "{body}");
+    // A malformed id is refused before any database work, naming it, as a read does.
+    for bad in [
+        "not-an-id",
+        "batch_%00",
+        &format!("batch_{}", "a".repeat(10_000)),
+    ] {
+        let (status, body) = delete(&alice, &format!("/v1/batches/{bad}")).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], "batch_id");
+    }
     // Another tenant gets exactly what a read gets.
     let read = bob.get(&path).await;
     assert_eq!(read.0, 404);
