@@ -252,8 +252,14 @@ export function batchesView(root, context, search) {
   function insertRow(batch) {
     body.querySelector("tr.empty")?.remove();
     const row = makeRow(batch);
-    // Newest first: before the first row created earlier than this one.
-    const next = [...rows.values()].find((other) => other.batch.created_at < batch.created_at) ?? null;
+    // Newest first, as batchd lists them (in the order they were created, which
+    // `created_at`, in whole seconds, cannot tell apart within a second). A batch the
+    // feed announces as just created (version 1) is newer than every row shown, so it
+    // goes first; any other goes before the first row created earlier than itself.
+    const next =
+      batch.version === 1
+        ? ([...rows.values()][0] ?? null)
+        : ([...rows.values()].find((other) => other.batch.created_at < batch.created_at) ?? null);
     const ordered = [...rows];
     const at = next ? ordered.findIndex(([, other]) => other === next) : ordered.length;
     ordered.splice(at, 0, [batch.id, row]);

@@ -243,6 +243,12 @@ for (const store of stores) {
         latencies.push(performance.now() - startedAt);
         ids.push(id);
       }
+      // Newest first, as batchd lists them, though all were created within a second or
+      // two (`created_at` is in whole seconds): the page holds 20 rows, so the batch made
+      // before the page opened has left it, and none of the 20 new ones has.
+      const shownIds = await page.locator("table.batches tbody tr").evaluateAll((rows) => rows.map((r) => r.dataset.batchId));
+      assert.deepEqual(shownIds, [...ids].reverse());
+      assert.deepEqual(shownIds, (await alice("GET", "/v1/batches?limit=20")).data.map((b) => b.id));
       for (const id of ids) {
         const update = (body) => () => worker("PATCH", `/v1/batches/${id}`, body);
         await expectShown(id, 2, update({ status: "in_progress", request_counts: { total: 100, completed: 0, failed: 0 } }), "in_progress", /0 \+ 0 failed \/ 100/);
