@@ -77,8 +77,13 @@ pub struct ServeOptions {
     /// A batch `cancelling` for longer than this moves to `cancelled` by itself.
     pub cancel_grace: Duration,
 
-    /// How often the lifecycle timers (expiry, cancel grace) are applied.
+    /// How often the lifecycle timers (expiry, cancel grace) are applied and stalls
+    /// marked.
     pub sweep_interval: Duration,
+
+    /// A batch not final that has not changed for this long is marked stalled (a new
+    /// version with `stalled_at`); `None` turns stall detection off.
+    pub stall_after: Option<Duration>,
 
     /// After SIGTERM/SIGINT, readiness fails at once but requests are still served for
     /// this long, so load balancers stop sending new ones.
@@ -134,6 +139,7 @@ impl Default for ServeOptions {
             event_compaction_interval: 60 * MINUTE,
             cancel_grace: 10 * MINUTE,
             sweep_interval: Duration::from_secs(5),
+            stall_after: Some(10 * MINUTE),
             shutdown_delay: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
             console: true,
@@ -515,13 +521,23 @@ fn spawn_background_work(
     options: &ServeOptions,
     shutdown: &watch::Sender<bool>,
 ) {
-    let cancel_grace = options.cancel_grace;
+    let (cancel_grace, stall_after) = (options.cancel_grace, options.stall_after);
     tasks.spawn(every(
         options.sweep_interval,
         shutdown,
         "applying the lifecycle timers",
         service.clone(),
-        move |service| async move { service.sweep_due_batches(cancel_grace).await },
+        move |service| async move {
+            // The timers first: a batch due to expire or be cancelled moves rather than
+            // being marked stalled. Each failure is logged as its own.
+            let moved = service.sweep_due_batches(cancel_grace).await.map(drop);
+            if let Some(stall_after) = stall_after
+                && let Err(error) = service.mark_stalled_batches(stall_after).await
+            {
+                tracing::warn!(%error, "marking stalled batches failed");
+            }
+            moved
+        },
     ));
 
     let retention = options.event_retention;

@@ -303,9 +303,22 @@ pub struct ServeArgs {
     #[arg(long, env = "BATCHD_CANCEL_GRACE", default_value_t = ServeOptions::default().cancel_grace.into())]
     cancel_grace: HumanDuration,
 
-    /// How often the lifecycle timers (expiry, cancel grace) are applied.
+    /// How often the lifecycle timers (expiry, cancel grace) are applied and stalls
+    /// marked.
     #[arg(long, env = "BATCHD_SWEEP_INTERVAL", default_value_t = ServeOptions::default().sweep_interval.into())]
     sweep_interval: HumanDuration,
+
+    /// A batch not final (validating, in_progress, finalizing, cancelling) that has not
+    /// changed for this long is marked stalled: a new version with `stalled_at`, a
+    /// `batch.stalled` webhook. 0 turns stall detection off.
+    #[arg(
+        long,
+        env = "BATCHD_STALL_AFTER",
+        value_name = "DURATION",
+        default_value_t = ServeOptions::default().stall_after.unwrap_or_default().into(),
+        value_parser = parse_stall_after
+    )]
+    stall_after: HumanDuration,
 
     /// After SIGTERM/SIGINT, readiness fails at once but requests are still served for
     /// this long, so load balancers stop sending new ones.
@@ -415,6 +428,25 @@ fn parse_sweep_interval(text: &str) -> Result<HumanDuration, String> {
     Ok(interval)
 }
 
+/// A stall time: 0 (off), or from a second to 100 years.
+fn parse_stall_after(text: &str) -> Result<HumanDuration, String> {
+    const MOST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let stall_after: HumanDuration = text.parse().map_err(|e| format!("{e}"))?;
+    let duration: Duration = stall_after.into();
+    if duration.is_zero() {
+        return Ok(stall_after);
+    }
+    if duration < Duration::from_secs(1) {
+        return Err(format!(
+            "{stall_after} is shorter than a second; use 0 to turn stall detection off"
+        ));
+    }
+    if duration > MOST {
+        return Err(format!("{stall_after} is longer than 100 years"));
+    }
+    Ok(stall_after)
+}
+
 /// A retention: at least a second, at most 100 years.
 fn parse_retention(text: &str) -> Result<HumanDuration, String> {
     const MOST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -462,6 +494,7 @@ impl From<ServeArgs> for ServeOptions {
             event_compaction_interval: args.event_compaction_interval.into(),
             cancel_grace: args.cancel_grace.into(),
             sweep_interval: args.sweep_interval.into(),
+            stall_after: Some(Duration::from(args.stall_after)).filter(|d| !d.is_zero()),
             shutdown_delay: args.shutdown_delay.into(),
             shutdown_timeout: args.shutdown_timeout.into(),
             console: args.console,

@@ -42,6 +42,9 @@ const QUOTA_TURNS: usize = 64;
 /// Most batches one statement of the retention sweep deletes.
 pub const RETENTION_CHUNK: i64 = 500;
 
+/// Most batches one transaction of the stall sweep marks.
+pub const STALL_CHUNK: i64 = 500;
+
 /// How long compaction pauses between chunks.
 const CHUNK_PAUSE: Duration = Duration::from_millis(10);
 
@@ -457,6 +460,7 @@ impl BatchService {
                 created_after: list.created_after,
                 created_before: list.created_before,
                 metadata: &list.metadata,
+                stalled: list.stalled,
                 oldest_first: list.order == ListOrder::OldestFirst,
                 // One more than asked tells whether another page follows.
                 limit: list.limit + 1,
@@ -538,6 +542,60 @@ impl BatchService {
             }
             tokio::time::sleep(CHUNK_PAUSE).await;
         }
+    }
+
+    /// Marks stalled every batch, not final and not marked yet, that has not changed for
+    /// `stall_after`, each as a new version (so its watchers, the change feed and the
+    /// webhooks hear of it), in chunks of [`STALL_CHUNK`], each its own short
+    /// transaction; then sets the gauge of stalled batches. Replicas sweeping together
+    /// skip each other's chunks (PostgreSQL), so each stall is marked once.
+    pub async fn mark_stalled_batches(&self, stall_after: Duration) -> Result<u64> {
+        let stall_after = i64::try_from(stall_after.as_secs()).unwrap_or(i64::MAX);
+        let mut marked = 0;
+        loop {
+            let now = self.clock.now();
+            let chunk = self
+                .store
+                .mark_stalled_batches(now, stall_after, STALL_CHUNK)
+                .await?;
+            for batch in &chunk {
+                tracing::info!(batch_id = %batch.id, status = %batch.status, version = batch.version, "batch stalled");
+                metrics::counter!("batchd_batches_stalled_total", "status" => batch.status.as_str())
+                    .increment(1);
+            }
+            for batch in chunk.iter().cloned().map(Arc::new) {
+                self.hub.committed(&batch);
+                self.caches.remember(batch);
+            }
+            marked += chunk.len() as u64;
+            if (chunk.len() as i64) < STALL_CHUNK {
+                break;
+            }
+            tokio::time::sleep(CHUNK_PAUSE).await;
+        }
+        self.measure_stalled_batches().await?;
+        Ok(marked)
+    }
+
+    /// Sets `batchd_stalled_batches{status}` to the stalled batches of every replica,
+    /// through the partial index of stalled batches.
+    async fn measure_stalled_batches(&self) -> Result<()> {
+        let counts = self
+            .store
+            .count_batches(&BatchFilter {
+                stalled: Some(true),
+                ..Default::default()
+            })
+            .await?;
+        for status in BatchStatus::STALLABLE {
+            let count = counts
+                .iter()
+                .find(|(counted, _)| *counted == status)
+                .map_or(0, |(_, count)| *count);
+            metrics::gauge!("batchd_stalled_batches", "status" => status.as_str())
+                .set(count as f64);
+        }
+        Ok(())
     }
 
     /// What follows a committed deletion on this replica: the caches forget the batch,

@@ -9,7 +9,9 @@ use super::api_key::Caller;
 use super::ids::BatchId;
 use super::input::{BatchUpdate, NewBatch};
 use super::status::BatchStatus;
-use super::values::{BatchErrorEntry, OutputExpiresAfter, RequestCounts, UnixSeconds, Usage};
+use super::values::{
+    BatchErrorEntry, OutputExpiresAfter, ProgressEstimate, RequestCounts, UnixSeconds, Usage,
+};
 use crate::error::{Error, Result};
 
 /// The length of `text` inside a JSON string: `"` and `\` and the short escapes take
@@ -83,6 +85,11 @@ pub struct Batch {
     pub version: i64,
     /// When the batch last changed; `None` until its first change.
     pub updated_at: Option<UnixSeconds>,
+    /// When batchd marked the batch stalled: it had not changed for the stall time
+    /// (`--stall-after`). Only the marking version has it; the next change clears it.
+    pub stalled_at: Option<UnixSeconds>,
+    /// How fast its requests are finishing, while it is `in_progress`.
+    pub progress: Option<ProgressEstimate>,
 }
 
 /// Builds `Target { fields... }` with the fields that every layer's flat batch struct
@@ -114,6 +121,7 @@ macro_rules! with_batch_fields {
             cancelled_at: $source.cancelled_at,
             version: $source.version,
             updated_at: $source.updated_at,
+            stalled_at: $source.stalled_at,
             endpoint: with_batch_fields!(@text $($how)? $source.endpoint),
             input_file_id: with_batch_fields!(@text $($how)? $source.input_file_id),
             completion_window: with_batch_fields!(@text $($how)? $source.completion_window),
@@ -185,6 +193,8 @@ impl Batch {
             api_key_id: caller.key_id.clone(),
             version: 1,
             updated_at: None,
+            stalled_at: None,
+            progress: None,
         }
     }
 
@@ -221,7 +231,63 @@ impl Batch {
         }
         self.version = before.version + 1;
         self.updated_at = Some(now);
+        // A stall lasts until the batch's next change: every change but the marking
+        // one clears it, so a version with `stalled_at` is always the marking version.
+        if self.stalled_at == before.stalled_at {
+            self.stalled_at = None;
+        }
+        let done = self
+            .request_counts
+            .completed
+            .saturating_add(self.request_counts.failed);
+        self.progress = match (self.status, self.progress) {
+            (BatchStatus::InProgress, None) => Some(ProgressEstimate::start(now, done)),
+            (BatchStatus::InProgress, Some(estimate)) => Some(estimate.sample(now, done)),
+            _ => None,
+        };
         Some(self)
+    }
+
+    /// The stall mark at `now`: a batch that is not final and has not changed for
+    /// `stall_after` seconds gets `stalled_at` in a version of its own. `None` when it
+    /// is final, moved more recently, or already marked (it is marked once per stall).
+    pub fn mark_stalled(&self, now: UnixSeconds, stall_after: i64) -> Option<Batch> {
+        if self.status.is_terminal() || self.stalled_at.is_some() {
+            return None;
+        }
+        let last_change = self.updated_at.unwrap_or(self.created_at);
+        if last_change.saturating_add(stall_after) > now {
+            return None;
+        }
+        let mut next = self.clone();
+        next.stalled_at = Some(now);
+        next.commit(self, now)
+    }
+
+    /// Requests finished per second, recently: `None` until two samples in
+    /// `in_progress`, and outside it.
+    pub fn progress_rate(&self) -> Option<f64> {
+        self.progress.and_then(|estimate| estimate.per_second())
+    }
+
+    /// When the batch will have run every request at its recent rate, counted from its
+    /// last change: `None` outside `in_progress`, while stalled, without a total, or
+    /// without a rate above zero.
+    pub fn estimated_completion_at(&self) -> Option<UnixSeconds> {
+        if self.status != BatchStatus::InProgress || self.stalled_at.is_some() {
+            return None;
+        }
+        let rate_milli = self.progress?.rate_milli.filter(|&rate| rate > 0)?;
+        let counts = self.request_counts;
+        if counts.total <= 0 {
+            return None;
+        }
+        let left =
+            i128::from(counts.total) - i128::from(counts.completed) - i128::from(counts.failed);
+        // Rounded up: "done at" must not be a second before the last request.
+        let seconds = (left.max(0) * 1_000 + i128::from(rate_milli) - 1) / i128::from(rate_milli);
+        let since = self.updated_at.unwrap_or(self.created_at);
+        Some(since.saturating_add(i64::try_from(seconds).unwrap_or(i64::MAX)))
     }
 
     /// A client's cancel request: a running batch moves to `cancelling`; a batch that is

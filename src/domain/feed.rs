@@ -43,6 +43,9 @@ pub struct BatchFilter {
     pub created_before: Option<i64>,
     /// Only batches whose metadata has every one of these pairs.
     pub metadata: Vec<(String, String)>,
+    /// Only batches marked stalled now (`true`), or only the others (`false`). Lists
+    /// and counts only: the change feed refuses it (see [`WatchBatches::parse`]).
+    pub stalled: Option<bool>,
 }
 
 impl BatchFilter {
@@ -66,12 +69,17 @@ impl BatchFilter {
             created_after: list.created_after,
             created_before: list.created_before,
             metadata: list.metadata,
+            stalled: list.stalled,
         })
     }
 
     /// Whether `batch` (at any version) matches the filter.
     pub fn matches(&self, batch: &Batch) -> bool {
-        self.matches_fixed(batch) && self.matches_status(batch.status)
+        self.matches_fixed(batch)
+            && self.matches_status(batch.status)
+            && self
+                .stalled
+                .is_none_or(|stalled| batch.stalled_at.is_some() == stalled)
     }
 
     /// Whether what never changes after creation matches: owner, job, creation time,
@@ -138,6 +146,14 @@ impl WatchBatches {
         input: WatchBatchesInput,
         open_cursor: impl FnOnce(&str) -> Result<FeedCursor>,
     ) -> Result<WatchBatches> {
+        if input.filter.stalled.is_some() {
+            // The feed says when a batch enters or leaves a filter by its status
+            // alone; a stall mark moves no status.
+            return Err(Error::invalid(
+                "stalled",
+                "is a filter of lists and counts, not of the change feed; every change carries the batch's stalled_at",
+            ));
+        }
         let filter = BatchFilter::parse_unpaged(
             input.filter,
             "is a parameter of a list, not of the change feed; resume with after_cursor",

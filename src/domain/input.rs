@@ -628,6 +628,8 @@ pub struct ListRequest<Cursor, Limit, Order> {
     pub metadata: Vec<(String, String)>,
     /// The order of the page: `asc` or `desc` (the default) as clients send it.
     pub order: Order,
+    /// Only batches marked stalled now (`true`), or only the others (`false`).
+    pub stalled: Option<bool>,
 }
 
 /// A list request as the transports receive it.
@@ -702,6 +704,7 @@ impl ListBatches {
                 .map(ListOrder::parse)
                 .transpose()?
                 .unwrap_or_default(),
+            stalled: input.stalled,
         })
     }
 }

@@ -31,7 +31,8 @@ pub use input::{
 };
 pub use status::BatchStatus;
 pub use values::{
-    BatchErrorEntry, ExpiryAnchor, OutputExpiresAfter, RequestCounts, UnixSeconds, Usage,
+    BatchErrorEntry, ExpiryAnchor, OutputExpiresAfter, ProgressEstimate, RequestCounts,
+    UnixSeconds, Usage,
 };
 
 pub(crate) use ids::random_hex;

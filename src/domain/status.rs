@@ -60,6 +60,14 @@ impl BatchStatus {
         BatchStatus::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
+    /// The statuses a batch can be marked stalled in: every one but the final ones.
+    pub const STALLABLE: [BatchStatus; 4] = [
+        BatchStatus::Validating,
+        BatchStatus::InProgress,
+        BatchStatus::Finalizing,
+        BatchStatus::Cancelling,
+    ];
+
     /// A terminal batch never changes again.
     pub fn is_terminal(self) -> bool {
         matches!(

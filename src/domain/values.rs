@@ -17,6 +17,67 @@ pub struct RequestCounts {
     pub failed: i64,
 }
 
+/// How fast a running batch's requests are finishing, estimated from its recent
+/// versions: an average that weighs the last minute most, so that one late or bunched
+/// report moves it only a little.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressEstimate {
+    /// Requests finished (completed + failed) per second, in thousandths: an integer
+    /// keeps versions exactly comparable. `None` until a second sample.
+    pub rate_milli: Option<i64>,
+    /// When the sample the rate was last moved from was taken.
+    pub sampled_at: UnixSeconds,
+    /// How many requests had finished at that sample.
+    pub sampled_done: i64,
+}
+
+impl ProgressEstimate {
+    /// Samples closer together than this are not taken: timestamps have whole seconds,
+    /// so a shorter interval would be mostly rounding. Reports in between add up into
+    /// the next sample.
+    pub const MIN_SAMPLE_SECONDS: i64 = 5;
+    /// The time constant of the average: a sample this old weighs 1/e of a new one.
+    pub const WINDOW_SECONDS: f64 = 60.0;
+
+    /// The first sample: `done` requests finished at `at`, no rate yet.
+    pub fn start(at: UnixSeconds, done: i64) -> ProgressEstimate {
+        ProgressEstimate {
+            rate_milli: None,
+            sampled_at: at,
+            sampled_done: done,
+        }
+    }
+
+    /// The estimate after `done` requests have finished at `at`: unchanged when the
+    /// last sample is too recent (or in the future of a clock that went back).
+    pub fn sample(self, at: UnixSeconds, done: i64) -> ProgressEstimate {
+        let elapsed = at.saturating_sub(self.sampled_at);
+        if elapsed < Self::MIN_SAMPLE_SECONDS {
+            return self;
+        }
+        let finished = done.saturating_sub(self.sampled_done).max(0) as f64;
+        let now_milli = finished * 1_000.0 / elapsed as f64;
+        let rate = match self.rate_milli {
+            None => now_milli,
+            Some(before) => {
+                let weight = 1.0 - (-(elapsed as f64) / Self::WINDOW_SECONDS).exp();
+                before as f64 + weight * (now_milli - before as f64)
+            }
+        };
+        ProgressEstimate {
+            // `as` saturates: an absurd count cannot wrap the rate around.
+            rate_milli: Some(rate.round() as i64),
+            sampled_at: at,
+            sampled_done: done,
+        }
+    }
+
+    /// Requests per second, once there is a rate.
+    pub fn per_second(&self) -> Option<f64> {
+        self.rate_milli.map(|milli| milli as f64 / 1_000.0)
+    }
+}
+
 /// Token usage of a batch, as OpenAI reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {

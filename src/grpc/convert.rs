@@ -99,6 +99,8 @@ fn status_from_proto(field: &str, value: i32) -> Result<BatchStatus> {
 
 impl From<Batch> for pb::Batch {
     fn from(b: Batch) -> pb::Batch {
+        let (progress_rate, estimated_completion_at) =
+            (b.progress_rate(), b.estimated_completion_at());
         with_batch_fields!(
             pb::Batch {
                 id: b.id.to_string(),
@@ -115,6 +117,8 @@ impl From<Batch> for pb::Batch {
                     anchor: e.anchor.as_str().to_owned(),
                     seconds: e.seconds,
                 }),
+                progress_rate,
+                estimated_completion_at,
             },
             from b
         )
@@ -229,6 +233,7 @@ impl TryFrom<pb::ListBatchesRequest> for ListBatchesInput {
             created_before: r.created_before,
             metadata: r.metadata.into_iter().collect(),
             order: r.order,
+            stalled: r.stalled,
         })
     }
 }

@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use super::RestState;
 use super::dto::{
     BatchCountsJson, BatchDeletedJson, BatchJson, BatchListJson, CreateBatchBody, CurrentKeyJson,
-    FilterParams, ListParams, UpdateBatchBody,
+    FilterParams, ListParams, StalledParams, UpdateBatchBody,
 };
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, JsonBody};
@@ -86,7 +86,7 @@ pub async fn update_batch(
     path = "/v1/batches",
     tag = TAG,
     operation_id = "listBatches",
-    params(ListParams, FilterParams),
+    params(ListParams, FilterParams, StalledParams),
     responses((status = 200, description = "A page of batches", body = BatchListJson), ErrorResponses),
     security(("bearer" = []), ("portkey" = []))
 )]
@@ -107,7 +107,7 @@ pub async fn list_batches(
     path = "/v1/batch_counts",
     tag = TAG,
     operation_id = "countBatches",
-    params(FilterParams),
+    params(FilterParams, StalledParams),
     responses((status = 200, description = "How many batches match, per status", body = BatchCountsJson), ErrorResponses),
     security(("bearer" = []), ("portkey" = []))
 )]

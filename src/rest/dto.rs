@@ -126,6 +126,20 @@ pub struct BatchJson {
     /// When the output and error files expire, as asked on create; `null` otherwise.
     #[schema(required = true)]
     pub output_expires_after: Option<OutputExpiresAfterJson>,
+    /// batchd's own, beside OpenAI's fields: requests finished (completed + failed)
+    /// per second, averaged over the last minute or so of versions; `null` until two
+    /// samples at least 5 s apart in `in_progress`, and outside it.
+    #[schema(required = true)]
+    pub progress_rate: Option<f64>,
+    /// batchd's own: when `request_counts.total` will be reached at `progress_rate`
+    /// (Unix seconds); `null` without a rate or a total, while stalled, and outside
+    /// `in_progress`.
+    #[schema(required = true)]
+    pub estimated_completion_at: Option<i64>,
+    /// batchd's own: when batchd marked the batch stalled (not final, and no change for
+    /// the server's `--stall-after`); the batch's next change clears it (`null`).
+    #[schema(required = true)]
+    pub stalled_at: Option<i64>,
 }
 
 /// `output_expires_after`: OpenAI's `BatchFileExpirationAfter`.
@@ -235,6 +249,8 @@ pub struct OutputTokensDetailsJson {
 
 impl From<Batch> for BatchJson {
     fn from(b: Batch) -> BatchJson {
+        let (progress_rate, estimated_completion_at) =
+            (b.progress_rate(), b.estimated_completion_at());
         with_batch_fields!(
             BatchJson {
                 id: b.id.to_string(),
@@ -251,6 +267,8 @@ impl From<Batch> for BatchJson {
                     anchor: e.anchor.as_str().to_owned(),
                     seconds: e.seconds,
                 }),
+                progress_rate,
+                estimated_completion_at,
             },
             from b
         )
@@ -576,6 +594,16 @@ pub struct FilterParams {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// The stall filter of the list and the counts (not of the change feed, which refuses
+/// it), as the OpenAPI document describes it; parsed by [`ListParams::parse`].
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: the field is read by `ListParams::parse`
+pub struct StalledParams {
+    /// `true`: only batches marked stalled now; `false`: only the others.
+    pub stalled: Option<bool>,
+}
+
 /// The answer to `DELETE /v1/batches/{batch_id}`, OpenAI's deletion object.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = BatchDeleted)]
@@ -681,6 +709,7 @@ impl ListParams {
                 "created_after",
                 "created_before",
                 "order",
+                "stalled",
             ];
             let Some(&name) = known.iter().find(|&&known| known == name) else {
                 continue;
@@ -700,6 +729,18 @@ impl ListParams {
                 "created_after" => input.created_after = Some(integer(&value)?),
                 "created_before" => input.created_before = Some(integer(&value)?),
                 "order" => input.order = Some(value.into_owned()),
+                "stalled" => {
+                    input.stalled = Some(match &*value {
+                        "true" => true,
+                        "false" => false,
+                        other => {
+                            return Err(Error::invalid(
+                                name,
+                                format!("`{other:.40}` is not a boolean; use true or false"),
+                            ));
+                        }
+                    });
+                }
                 _ => {
                     for status in value.split(',') {
                         let parsed = BatchStatus::from_name(status).ok_or_else(|| {

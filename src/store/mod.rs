@@ -185,6 +185,8 @@ pub struct BatchPageQuery<'a> {
     pub created_before: Option<i64>,
     /// Only batches whose metadata has every one of these pairs.
     pub metadata: &'a [(String, String)],
+    /// Only batches marked stalled now (`true`), or only the others (`false`).
+    pub stalled: Option<bool>,
     /// Oldest first instead of newest first.
     pub oldest_first: bool,
     /// At most this many rows.
@@ -283,6 +285,14 @@ store_trait! {
         /// `cancelling_before` or earlier. In the order they were stored, which is not
         /// necessarily the most overdue first.
         async fn due_batches(&self, now: i64, cancelling_before: i64, limit: i64)
+        -> Result<Vec<Batch>>;
+
+    /// Marks stalled (`Batch::mark_stalled` at `now`) up to `limit` batches, not final
+        /// and not marked yet, that have not changed for `stall_after` seconds, each as a
+        /// committed change with its event, in one short transaction; returns the
+        /// versions written. Replicas sweeping together skip the batches another one is
+        /// marking (PostgreSQL), so no batch is marked twice.
+        async fn mark_stalled_batches(&self, now: i64, stall_after: i64, limit: i64)
         -> Result<Vec<Batch>>;
     }
 }

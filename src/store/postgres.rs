@@ -44,7 +44,7 @@ static COMMIT_ROUND: LazyLock<String> = LazyLock::new(|| {
          WITH ORDINALITY AS t(s, ord)), \
          locked AS (SELECT id FROM batches \
          WHERE id = ANY (ARRAY(SELECT s ->> 'id' FROM input)) ORDER BY id FOR NO KEY UPDATE), \
-         written AS (UPDATE batches SET ({columns}) = ({values}) FROM input \
+         written AS (UPDATE batches SET ({columns}) = ({values}), {quiet_since} FROM input \
          WHERE batches.id = ANY (ARRAY(SELECT id FROM locked)) \
          AND batches.id = input.s ->> 'id' \
          AND batches.version = (input.s ->> 'version')::bigint - 1 \
@@ -55,6 +55,10 @@ static COMMIT_ROUND: LazyLock<String> = LazyLock::new(|| {
          SELECT ord FROM written",
         columns = *sql::BATCH_COLUMNS,
         values = StoredBatchV1::POSTGRES_FROM_JSON.join(", "),
+        quiet_since = sql::quiet_since_after_change(
+            "batches.",
+            "COALESCE((input.s ->> 'updated_at')::bigint, (input.s ->> 'created_at')::bigint)"
+        ),
     )
 });
 
@@ -89,7 +93,7 @@ static SELECT_CHANGES_BELOW_OWN_HORIZON: LazyLock<[String; 3]> = LazyLock::new(|
          LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
          ORDER BY e.xid, e.position LIMIT $3",
         4,
-        status_in,
+        field_in,
     )
 });
 
@@ -108,13 +112,13 @@ static SELECT_CHANGES: LazyLock<[String; 3]> = LazyLock::new(|| {
          WHERE (e.xid, e.position) > ($1::text::xid8, $2) \
          AND e.xid < $3::text::xid8{owner} ORDER BY e.xid, e.position LIMIT $4",
         5,
-        status_in,
+        field_in,
     )
 });
 
-/// The status in the snapshot of the event aliased `alias`.
-fn status_in(alias: &str) -> String {
-    format!("({alias}.snapshot ->> 'status')")
+/// The top-level `field` of the snapshot of the event aliased `alias`, as text.
+fn field_in(alias: &str, field: &str) -> String {
+    format!("({alias}.snapshot ->> '{field}')")
 }
 
 /// Batches in a PostgreSQL database.
@@ -227,15 +231,18 @@ impl Backend for PostgresBackend {
         Ok(())
     }
 
-    /// One statement: when the version moved, the UPDATE matches no row and so the
-    /// INSERT of the event selects nothing.
+    /// One statement on the pool: one round trip.
     async fn commit_change(pool: &PgPool, next: &StoredBatchV1) -> Result<bool> {
-        let mut sql = sqlx::QueryBuilder::new("WITH written AS (");
-        sql::push_update_if_current(&mut sql, next);
-        sql.push(" RETURNING id, user_id, version, created_at, updated_at)");
-        push_event_of_written(&mut sql, next);
-        let inserted = sql.build().execute(pool).await?.rows_affected();
-        Ok(inserted == 1)
+        let inserted = change_with_event(next).build().execute(pool).await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn commit_change_in(
+        tx: &mut Transaction<'static, Postgres>,
+        next: &StoredBatchV1,
+    ) -> Result<bool> {
+        let inserted = change_with_event(next).build().execute(&mut **tx).await?;
+        Ok(inserted.rows_affected() == 1)
     }
 
     async fn commit_changes(pool: &PgPool, nexts: &[StoredBatchV1]) -> Result<Vec<bool>> {
@@ -356,6 +363,8 @@ impl Backend for PostgresBackend {
 
     const LOCK_KEY_SHARE: &'static str = " FOR KEY SHARE";
 
+    const LOCK_TO_CHANGE_SKIPPING_LOCKED: &'static str = " FOR NO KEY UPDATE SKIP LOCKED";
+
     /// One statement for every deletion: the feed position is an identity column.
     async fn log_deletions(
         tx: &mut Transaction<'static, Postgres>,
@@ -383,6 +392,17 @@ const LOG_DELETIONS: &str = "INSERT INTO batch_events \
      SELECT e.batch_id, e.version + 1, e.snapshot, $3, e.owner, TRUE \
      FROM batch_events e JOIN UNNEST($1::text[], $2::bigint[]) AS gone (id, version) \
      ON e.batch_id = gone.id AND e.version = gone.version ORDER BY e.batch_id";
+
+/// Replaces the batch by `next` if it is still at the version before, and appends its
+/// event, in one statement: when the version moved, the UPDATE matches no row and so
+/// the INSERT of the event selects nothing.
+fn change_with_event(next: &StoredBatchV1) -> sqlx::QueryBuilder<Postgres> {
+    let mut sql = sqlx::QueryBuilder::new("WITH written AS (");
+    sql::push_update_if_current(&mut sql, next);
+    sql.push(" RETURNING id, user_id, version, created_at, updated_at)");
+    push_event_of_written(&mut sql, next);
+    sql
+}
 
 /// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata
 /// filter) and its first event in one statement (one round trip, atomic).

@@ -85,6 +85,12 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// `next` to the event log, atomically; `false`, writing nothing, otherwise.
     async fn commit_change(pool: &Pool<Self::Db>, next: &StoredBatchV1) -> Result<bool>;
 
+    /// [`Backend::commit_change`] inside a write transaction the caller commits.
+    async fn commit_change_in(
+        tx: &mut Transaction<'static, Self::Db>,
+        next: &StoredBatchV1,
+    ) -> Result<bool>;
+
     /// [`Backend::commit_change`] of each of `nexts` (distinct batches), all in one
     /// transaction: `true` at each index whose change was written. One change's version
     /// race writes nothing of it and leaves the others alone.
@@ -147,6 +153,11 @@ pub(super) trait Backend: Send + Sync + 'static {
     /// writer.
     const LOCK_KEY_SHARE: &'static str;
 
+    /// Ends a `SELECT` of batches a sweep is about to change: PostgreSQL locks them as
+    /// an UPDATE that keeps the key does and skips the ones another replica's sweep
+    /// holds; SQLite has one writer.
+    const LOCK_TO_CHANGE_SKIPPING_LOCKED: &'static str;
+
     /// Logs the deletion of each `(id, version)` of `gone` (deleted in `tx`, at their
     /// last version) as the event after that version, carrying its snapshot, marked
     /// deleted, at `at`.
@@ -197,27 +208,31 @@ impl<'a> FeedRead<'a> {
 
 /// The three forms of a feed statement: `template` with `{snapshot}` (the snapshot
 /// column or, for status moves, the expression that keeps it only where the status
-/// moved) and `{owner}` (nothing, or the owner condition on parameter `owner_param`).
-/// `status_of(alias)` is the backend's expression for the status in a snapshot.
+/// moved or the batch was marked stalled) and `{owner}` (nothing, or the owner
+/// condition on parameter `owner_param`). `field_of(alias, field)` is the backend's
+/// expression for a top-level field of a snapshot.
 pub(super) fn feed_forms(
     template: &str,
     owner_param: usize,
-    status_of: fn(&str) -> String,
+    field_of: fn(&str, &str) -> String,
 ) -> [String; 3] {
     let every = "e.deleted, e.snapshot".to_owned();
     // Compaction may have removed the version before: then the move is unknown, and
     // the change counts as none (version 1 has no version before and always counts).
-    // A deletion keeps the status of the version before, so it is no move either.
+    // A deletion keeps the status of the version before, so it is no move either. Only
+    // the version that marked a batch stalled carries `stalled_at`.
     let moved = format!(
-        "e.deleted, CASE WHEN e.version = 1 OR {} <> {} THEN e.snapshot END AS snapshot",
-        status_of("e"),
-        status_of("p")
+        "e.deleted, CASE WHEN e.version = 1 OR {} <> {} OR {} IS NOT NULL \
+         THEN e.snapshot END AS snapshot",
+        field_of("e", "status"),
+        field_of("p", "status"),
+        field_of("e", "stalled_at")
     );
     let owner = format!(" AND e.owner = ${owner_param}");
     [(&every, ""), (&every, owner.as_str()), (&moved, "")].map(|(snapshot, owner)| {
         template
             .replace("{snapshot}", snapshot)
-            .replace("{previous_status}", &status_of("p"))
+            .replace("{previous_status}", &field_of("p", "status"))
             .replace("{owner}", owner)
     })
 }
@@ -238,17 +253,45 @@ static SELECT_DUE_BATCHES: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// Batches not final and not marked stalled whose last change was at or before $1,
+/// at most $2, the longest quiet first. `quiet_since` (at most a minute before the last
+/// change) finds them through the partial index `batches_quiet`; the last change
+/// itself is checked on the rows found.
+static SELECT_QUIET_BATCHES: LazyLock<String> = LazyLock::new(|| {
+    select_batches(
+        "WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling') \
+         AND stalled_at IS NULL AND quiet_since <= $1 \
+         AND COALESCE(updated_at, created_at) <= $1 ORDER BY quiet_since LIMIT $2",
+    )
+});
+
 /// Pushes `INSERT INTO batches (<columns>) VALUES (<batch>)`.
-pub(super) fn push_insert_batch<DB: SqlDatabase>(
-    sql: &mut QueryBuilder<DB>,
-    batch: &StoredBatchV1,
-) {
+pub(super) fn push_insert_batch<DB: SqlDatabase>(sql: &mut QueryBuilder<DB>, batch: &StoredBatchV1)
+where
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+{
     sql.push(format_args!(
-        "INSERT INTO batches ({}) VALUES (",
+        "INSERT INTO batches ({}, quiet_since) VALUES (",
         *BATCH_COLUMNS
     ));
     DB::push_batch(&mut sql.separated(", "), batch);
-    sql.push(")");
+    sql.push(", ").push_bind(batch.committed_at()).push(")");
+}
+
+/// How far `quiet_since` may fall behind a batch's last change before a write moves it
+/// (migration `stalls`): a batch that reports progress often rewrites that indexed
+/// column once per this many seconds, and keeps PostgreSQL's HOT updates in between.
+pub(super) const QUIET_GRAIN_SECONDS: i64 = 60;
+
+/// `quiet_since` after a change of the batch at `changed_at` (an SQL expression; the
+/// row before the change is `{row}`): kept while at most [`QUIET_GRAIN_SECONDS`] behind,
+/// else moved to the change. PostgreSQL's round of changes writes it this way over its
+/// JSON input; [`push_update_if_current`] binds the same rule.
+pub(super) fn quiet_since_after_change(row: &str, changed_at: &str) -> String {
+    format!(
+        "quiet_since = CASE WHEN {row}quiet_since >= ({changed_at}) - {QUIET_GRAIN_SECONDS} \
+         THEN {row}quiet_since ELSE {changed_at} END"
+    )
 }
 
 /// Pushes an `UPDATE` that replaces every column of the batch by `next`'s if the
@@ -262,7 +305,14 @@ pub(super) fn push_update_if_current<DB: SqlDatabase>(
 {
     sql.push(format_args!("UPDATE batches SET ({}) = (", *BATCH_COLUMNS));
     DB::push_batch(&mut sql.separated(", "), next);
-    sql.push(") WHERE id = ")
+    // The rule of `quiet_since_after_change`, with the change's time bound.
+    let changed_at = next.committed_at();
+    sql.push("), quiet_since = CASE WHEN quiet_since >= ")
+        .push_bind(changed_at.saturating_sub(QUIET_GRAIN_SECONDS))
+        .push(" THEN quiet_since ELSE ")
+        .push_bind(changed_at)
+        .push(" END");
+    sql.push(" WHERE id = ")
         .push_bind(next.id())
         .push(" AND version = ")
         .push_bind(next.version() - 1);
@@ -777,6 +827,36 @@ where
             .collect()
     }
 
+    async fn mark_stalled_batches(
+        &self,
+        now: i64,
+        stall_after: i64,
+        limit: i64,
+    ) -> Result<Vec<Batch>> {
+        let mut tx = B::begin_write(&self.pool).await?;
+        let quiet: Vec<StoredBatchV1> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{}{}",
+            *SELECT_QUIET_BATCHES,
+            B::LOCK_TO_CHANGE_SKIPPING_LOCKED
+        )))
+        .bind(now.saturating_sub(stall_after))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut marked = Vec::new();
+        for stored in quiet {
+            let Some(next) = Batch::try_from(stored)?.mark_stalled(now, stall_after) else {
+                continue;
+            };
+            // The row is locked: no other writer can have moved its version since.
+            if B::commit_change_in(&mut tx, &StoredBatchV1::from(&next)).await? {
+                marked.push(next);
+            }
+        }
+        tx.commit().await?;
+        Ok(marked)
+    }
+
     #[tracing::instrument(level = "debug", name = "store.get_batches", skip_all, fields(db.system = B::SYSTEM, batches = ids.len()))]
     async fn get_batches(&self, ids: &[BatchId]) -> Result<Vec<Batch>> {
         match ids {
@@ -805,6 +885,7 @@ where
             created_after: filter.created_after,
             created_before: filter.created_before,
             metadata: &filter.metadata,
+            stalled: filter.stalled,
             oldest_first: false,
             limit: 0,
         };
@@ -1187,6 +1268,11 @@ where
     if let Some(before) = query.created_before {
         sql.push(" AND created_at < ").push_bind(before);
     }
+    match query.stalled {
+        Some(true) => sql.push(" AND stalled_at IS NOT NULL"),
+        Some(false) => sql.push(" AND stalled_at IS NULL"),
+        None => sql,
+    };
     for (key, value) in query.metadata {
         sql.push(" AND seq IN (SELECT batch_seq FROM batch_metadata WHERE ");
         if let Some(owner) = query.owner {

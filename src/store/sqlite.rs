@@ -58,7 +58,7 @@ static SELECT_CHANGES: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::n
          LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
          WHERE e.position > $1 AND e.position <= $2{owner} ORDER BY e.position LIMIT $3",
         4,
-        |alias| format!("({alias}.snapshot ->> '$.status')"),
+        |alias, field| format!("({alias}.snapshot ->> '$.{field}')"),
     )
 });
 
@@ -152,15 +152,24 @@ impl Backend for SqliteBackend {
 
     async fn commit_change(pool: &SqlitePool, next: &StoredBatchV1) -> Result<bool> {
         let mut tx = Self::begin_write(pool).await?;
-        let mut update = sqlx::QueryBuilder::new("");
-        sql::push_update_if_current::<Sqlite>(&mut update, next);
-        let updated = update.build().execute(&mut *tx).await?.rows_affected();
-        if updated == 0 {
+        if !Self::commit_change_in(&mut tx, next).await? {
             // Dropping the transaction rolls it back; nothing was written anyway.
             return Ok(false);
         }
-        append_event(&mut tx, next).await?;
         tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn commit_change_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        next: &StoredBatchV1,
+    ) -> Result<bool> {
+        let mut update = sqlx::QueryBuilder::new("");
+        sql::push_update_if_current::<Sqlite>(&mut update, next);
+        if update.build().execute(&mut **tx).await?.rows_affected() == 0 {
+            return Ok(false);
+        }
+        append_event(tx, next).await?;
         Ok(true)
     }
 
@@ -252,6 +261,8 @@ impl Backend for SqliteBackend {
     const LOCK_FOR_UPDATE: &'static str = "";
 
     const LOCK_KEY_SHARE: &'static str = "";
+
+    const LOCK_TO_CHANGE_SKIPPING_LOCKED: &'static str = "";
 
     /// One statement per deletion: each takes the next feed position.
     async fn log_deletions(

@@ -21,8 +21,8 @@ use sqlx::{Database, Encode, FromRow, Type};
 
 use crate::domain::with_batch_fields;
 use crate::domain::{
-    Batch, BatchErrorEntry, BatchId, BatchStatus, ExpiryAnchor, OutputExpiresAfter, RequestCounts,
-    Usage,
+    Batch, BatchErrorEntry, BatchId, BatchStatus, ExpiryAnchor, OutputExpiresAfter,
+    ProgressEstimate, RequestCounts, Usage,
 };
 use crate::error::{Error, Result};
 
@@ -64,6 +64,16 @@ pub(super) struct StoredBatchV1 {
     api_key_id: String,
     version: i64,
     updated_at: Option<i64>,
+    // Added after version 1 (issue 29): absent from older events and, when unset, from
+    // newer ones, so that a version-1 snapshot reads the same bytes as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stalled_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    progress_rate_milli: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    progress_sampled_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    progress_sampled_done: Option<i64>,
 }
 
 /// `request_counts`: a JSON object, three columns.
@@ -114,7 +124,7 @@ fn errors_as_list<S: serde::Serializer>(
 
 impl StoredBatchV1 {
     /// The columns of `batches` that hold a batch, in the order of [`push_values`].
-    pub(super) const COLUMNS: [&'static str; 30] = [
+    pub(super) const COLUMNS: [&'static str; 34] = [
         "id",
         "endpoint",
         "errors",
@@ -145,6 +155,10 @@ impl StoredBatchV1 {
         "api_key_id",
         "version",
         "updated_at",
+        "stalled_at",
+        "progress_rate_milli",
+        "progress_sampled_at",
+        "progress_sampled_done",
     ];
 
     /// Each of [`StoredBatchV1::COLUMNS`], in order, as a PostgreSQL expression over
@@ -152,7 +166,7 @@ impl StoredBatchV1 {
     /// snapshots, each of which sets a row and is its event. Exactly the values
     /// [`push_values`] binds: no errors are `NULL` (the JSON has `[]`), an absent
     /// object is `NULL` (the JSON has `null`).
-    pub(super) const POSTGRES_FROM_JSON: [&'static str; 30] = [
+    pub(super) const POSTGRES_FROM_JSON: [&'static str; 34] = [
         "s ->> 'id'",
         "s ->> 'endpoint'",
         "NULLIF(s -> 'errors', '[]'::jsonb)",
@@ -183,6 +197,10 @@ impl StoredBatchV1 {
         "s ->> 'api_key_id'",
         "(s ->> 'version')::bigint",
         "(s ->> 'updated_at')::bigint",
+        "(s ->> 'stalled_at')::bigint",
+        "(s ->> 'progress_rate_milli')::bigint",
+        "(s ->> 'progress_sampled_at')::bigint",
+        "(s ->> 'progress_sampled_done')::bigint",
     ];
 
     /// The batch's id.
@@ -257,7 +275,11 @@ where
         .push_bind(&s.user_id)
         .push_bind(&s.api_key_id)
         .push_bind(s.version)
-        .push_bind(s.updated_at);
+        .push_bind(s.updated_at)
+        .push_bind(s.stalled_at)
+        .push_bind(s.progress_rate_milli)
+        .push_bind(s.progress_sampled_at)
+        .push_bind(s.progress_sampled_done);
 }
 
 impl From<&Batch> for StoredBatchV1 {
@@ -294,6 +316,9 @@ impl From<&Batch> for StoredBatchV1 {
                     anchor: e.anchor.as_str().to_owned(),
                     seconds: e.seconds,
                 }),
+                progress_rate_milli: b.progress.and_then(|p| p.rate_milli),
+                progress_sampled_at: b.progress.map(|p| p.sampled_at),
+                progress_sampled_done: b.progress.map(|p| p.sampled_done),
             },
             cloned from b
         )
@@ -344,6 +369,14 @@ impl TryFrom<StoredBatchV1> for Batch {
                     total_tokens: u.total_tokens,
                 }),
                 output_expires_after,
+                progress: match (s.progress_sampled_at, s.progress_sampled_done) {
+                    (Some(sampled_at), Some(sampled_done)) => Some(ProgressEstimate {
+                        rate_milli: s.progress_rate_milli,
+                        sampled_at,
+                        sampled_done,
+                    }),
+                    _ => None,
+                },
             },
             from s
         ))

@@ -5,7 +5,8 @@
 //! - `requests_total`, `request_duration_seconds` {transport, route, status}
 //! - `watch_streams_open`, `watch_events_delivered_total` {kind},
 //!   `watch_notify_lag_seconds` (commit to the feed's broadcast)
-//! - `sweeper_transitions_total` {to}
+//! - `sweeper_transitions_total` {to}, `batches_stalled_total` {status},
+//!   `stalled_batches` {status} (all replicas)
 //! - `db_pool_connections` {state = in_use | idle}, `db_errors_total` {kind}
 
 use std::sync::OnceLock;
@@ -66,6 +67,14 @@ fn register_families() {
         "batchd_sweeper_transitions_total",
         "Batches moved by the lifecycle timers, by target status"
     );
+    metrics::describe_counter!(
+        "batchd_batches_stalled_total",
+        "Batches this replica marked stalled, by status"
+    );
+    metrics::describe_gauge!(
+        "batchd_stalled_batches",
+        "Batches marked stalled now, by status, all replicas (set by the stall sweep)"
+    );
     metrics::describe_gauge!(
         "batchd_db_pool_connections",
         "Database pool connections, by state"
@@ -103,6 +112,10 @@ fn register_families() {
     let _ = metrics::histogram!("batchd_watch_notify_lag_seconds");
     for to in ["expired", "cancelled"] {
         metrics::counter!("batchd_sweeper_transitions_total", "to" => to).increment(0);
+    }
+    for status in crate::domain::BatchStatus::STALLABLE {
+        metrics::counter!("batchd_batches_stalled_total", "status" => status.as_str()).increment(0);
+        metrics::gauge!("batchd_stalled_batches", "status" => status.as_str()).increment(0.0);
     }
     for state in ["in_use", "idle"] {
         metrics::gauge!("batchd_db_pool_connections", "state" => state).increment(0.0);

@@ -138,6 +138,8 @@ impl CollectionWatcher {
                     created_after: filter.created_after,
                     created_before: filter.created_before,
                     metadata: &filter.metadata,
+                    // The feed refuses the stalled filter (`WatchBatches::parse`).
+                    stalled: None,
                     oldest_first: true,
                     limit: INITIAL_PAGE,
                 })

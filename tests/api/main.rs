@@ -25,6 +25,7 @@ mod outage;
 mod replicas;
 mod rest;
 mod shutdown;
+mod stalls;
 mod store;
 mod store_contract;
 mod tenant_isolation;

@@ -243,6 +243,9 @@ fn grpc_as_json(b: &pb::Batch) -> Value {
         "output_expires_after": b.output_expires_after.as_ref().map(|e| json!({
             "anchor": e.anchor, "seconds": e.seconds,
         })),
+        "progress_rate": b.progress_rate,
+        "estimated_completion_at": b.estimated_completion_at,
+        "stalled_at": b.stalled_at,
     })
 }
 

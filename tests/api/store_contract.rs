@@ -177,6 +177,7 @@ fn everything() -> BatchPageQuery<'static> {
         created_after: None,
         created_before: None,
         metadata: &[],
+        stalled: None,
         oldest_first: true,
         limit: 100,
     }

@@ -774,7 +774,8 @@ async fn bad_endpoint_requests_are_refused_naming_the_problem(backend: Backend) 
             "batch.created",
             "batch.in_progress",
             "batch.finalizing",
-            "batch.cancelling"
+            "batch.cancelling",
+            "batch.stalled"
         ])
     );
 }

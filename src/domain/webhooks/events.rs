@@ -1,7 +1,7 @@
 //! The webhook events of a batch, in OpenAI's shape: `{"id": "evt_...", "object":
 //! "event", "type": "batch.completed", "created_at": <unix s>, "data": {"id":
 //! "batch_..."}}`. OpenAI sends the four terminal ones; batchd offers every status a
-//! batch can reach as well.
+//! batch can reach as well, and `batch.stalled` when it marks a batch stalled.
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -27,11 +27,13 @@ pub enum WebhookEventType {
     BatchExpired,
     /// A batch was cancelled. OpenAI's.
     BatchCancelled,
+    /// batchd marked a batch stalled: no change for the stall time. batchd's own.
+    BatchStalled,
 }
 
 impl WebhookEventType {
     /// Every event type, OpenAI's first.
-    pub const ALL: [WebhookEventType; 8] = [
+    pub const ALL: [WebhookEventType; 9] = [
         WebhookEventType::BatchCompleted,
         WebhookEventType::BatchFailed,
         WebhookEventType::BatchExpired,
@@ -40,6 +42,7 @@ impl WebhookEventType {
         WebhookEventType::BatchInProgress,
         WebhookEventType::BatchFinalizing,
         WebhookEventType::BatchCancelling,
+        WebhookEventType::BatchStalled,
     ];
 
     /// The name on the wire, e.g. `batch.completed`.
@@ -53,6 +56,7 @@ impl WebhookEventType {
             WebhookEventType::BatchFailed => "batch.failed",
             WebhookEventType::BatchExpired => "batch.expired",
             WebhookEventType::BatchCancelled => "batch.cancelled",
+            WebhookEventType::BatchStalled => "batch.stalled",
         }
     }
 
@@ -89,9 +93,14 @@ impl WebhookEventType {
     }
 
     /// The event of a committed version, if it changed the status: version 1 (the
-    /// batch was created), or a version whose status differs from the one before.
-    /// `previous` is the status of the version before, as the change feed carries it.
+    /// batch was created), or a version whose status differs from the one before; or
+    /// `batch.stalled` for the version that marked the batch stalled (the only one that
+    /// carries `stalled_at`: the next change clears it). `previous` is the status of
+    /// the version before, as the change feed carries it.
     pub fn of_change(previous: Option<BatchStatus>, batch: &Batch) -> Option<WebhookEventType> {
+        if batch.stalled_at.is_some() {
+            return Some(WebhookEventType::BatchStalled);
+        }
         let changed = match previous {
             Some(before) => before != batch.status,
             None => batch.version == 1,
@@ -185,7 +194,9 @@ mod tests {
             .into_iter()
             .map(WebhookEventType::of_status)
             .collect();
-        assert_eq!(of_statuses.len(), WebhookEventType::ALL.len());
+        // Every type is a status's, but the stall mark's, which moves no status.
+        assert_eq!(of_statuses.len(), WebhookEventType::ALL.len() - 1);
+        assert!(!of_statuses.contains(&WebhookEventType::BatchStalled));
     }
 
     #[test]
