@@ -993,6 +993,28 @@ mod tests {
     }
 
     #[test]
+    fn stall_detection_is_on_after_ten_minutes_by_default_and_zero_turns_it_off() {
+        assert_eq!(
+            serve_with(&[]).unwrap().stall_after,
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            serve_with(&["--stall-after", "0"]).unwrap().stall_after,
+            None
+        );
+        assert_eq!(
+            serve_with(&["--stall-after", "90s"]).unwrap().stall_after,
+            Some(Duration::from_secs(90))
+        );
+        for bad in ["500ms", "200years", "soon", "-1m"] {
+            let error = serve_with(&[&format!("--stall-after={bad}")])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(error.contains("--stall-after"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn tenant_limits_out_of_range_are_refused_naming_the_flag() {
         for (flags, flag) in [
             (&["--rate-limit-per-key=-1"][..], "--rate-limit-per-key"),

@@ -341,7 +341,8 @@ const COPY_COLUMNS: &str = "user_id, api_key_id, endpoint, input_file_id, comple
     status, output_file_id, error_file_id, errors, created_at, in_progress_at, expires_at, \
     finalizing_at, completed_at, failed_at, expired_at, cancelling_at, cancelled_at, \
     request_total, request_completed, request_failed, metadata, model, usage, job_id, remark, \
-    version, updated_at";
+    version, updated_at, stalled_at, progress_rate_milli, progress_sampled_at, \
+    progress_sampled_done, quiet_since";
 
 async fn clone_postgres(
     url: &str,

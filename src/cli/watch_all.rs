@@ -12,44 +12,52 @@ use anyhow::{Context, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tonic::{Code, Status};
 
-use super::watch::{Client, connect, retryable, status_name};
+use super::watch::{Client, connect, news, pace, retryable, status_name};
 use crate::config::WatchArgs;
 use crate::domain::BatchStatus;
 use crate::proto::batchd::v1 as pb;
 
-/// The bars of the batches being followed.
+/// The bars of the batches being followed, each with the version it shows.
 struct Board {
     bars: MultiProgress,
-    active: HashMap<String, ProgressBar>,
-    style: ProgressStyle,
+    active: HashMap<String, (ProgressBar, pb::Batch)>,
 }
 
 impl Board {
     /// Shows `batch`: its bar moves, a status change is printed, a batch that ended
     /// (or left the filter) leaves the board.
     fn show(&mut self, batch: &pb::Batch, left_filter: bool) {
-        let status = status_name(batch);
-        let bar = self.active.entry(batch.id.clone()).or_insert_with(|| {
-            let bar = self
-                .bars
-                .add(ProgressBar::new(0).with_style(self.style.clone()));
-            bar.set_prefix(batch.id.clone());
-            bar
-        });
+        let before = self.active.get(&batch.id).map(|(_, shown)| shown.clone());
         let counts = batch.request_counts.unwrap_or_default();
+        let with_total = counts.total > 0;
+        let (bar, shown) = self.active.entry(batch.id.clone()).or_insert_with(|| {
+            let bar = self.bars.add(ProgressBar::new(0));
+            bar.set_prefix(batch.id.clone());
+            (bar, batch.clone())
+        });
+        if before.is_none() || bar.length().is_some_and(|l| l > 0) != with_total {
+            // A bar needs a total: until the worker reports one, only the count.
+            if let Ok(style) = bar_style(with_total) {
+                bar.set_style(style);
+            }
+        }
         bar.set_length(counts.total.max(0) as u64);
         bar.set_position((counts.completed + counts.failed).max(0) as u64);
-        if bar.message() != status {
-            bar.set_message(status.clone());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs() as i64);
+        bar.set_message(format!("{:12} {}", status_name(batch), pace(batch, now)));
+        *shown = batch.clone();
+        for line in news(before.as_ref(), batch) {
             // Printed through the bars so that it shows above them, and on stdout even
             // when stderr is not a terminal (the bars are hidden then).
-            let _ = self.bars.println(format!("{} {status}", batch.id));
+            let _ = self.bars.println(&line);
             if self.bars.is_hidden() {
-                println!("{} {status}", batch.id);
+                println!("{line}");
             }
         }
         if (has_ended(batch) || left_filter)
-            && let Some(bar) = self.active.remove(&batch.id)
+            && let Some((bar, _)) = self.active.remove(&batch.id)
         {
             bar.finish_and_clear();
             self.bars.remove(&bar);
@@ -63,18 +71,31 @@ impl Board {
         if self.bars.is_hidden() {
             println!("{line}");
         }
-        if let Some(bar) = self.active.remove(id) {
+        if let Some((bar, _)) = self.active.remove(id) {
             bar.finish_and_clear();
             self.bars.remove(&bar);
         }
     }
 
     fn clear(&mut self) {
-        for (_, bar) in self.active.drain() {
+        for (_, (bar, _)) in self.active.drain() {
             bar.finish_and_clear();
             self.bars.remove(&bar);
         }
     }
+}
+
+/// A bar's look: with a total, a bar and its percentage; without one (none reported
+/// yet), the count alone, so that it never reads `0/0 (100%)`.
+fn bar_style(with_total: bool) -> anyhow::Result<ProgressStyle> {
+    let template = if with_total {
+        "{prefix:38} [{bar:30}] {pos}/{len} ({percent}%) {msg}"
+    } else {
+        "{prefix:38} {pos} done, total not known yet {msg}"
+    };
+    Ok(ProgressStyle::with_template(template)
+        .context("progress bar template")?
+        .progress_chars("=> "))
 }
 
 /// Whether the batch is in a terminal status.
@@ -96,11 +117,6 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut board = Board {
         bars: MultiProgress::new(),
         active: HashMap::new(),
-        style: ProgressStyle::with_template(
-            "{prefix:38} {msg:12} [{bar:30}] {pos}/{len} ({percent}%)",
-        )
-        .context("progress bar template")?
-        .progress_chars("=> "),
     };
     let mut cursor: Option<String> = None;
     let mut broken_since: Option<tokio::time::Instant> = None;

@@ -688,4 +688,139 @@ mod tests {
             assert_eq!(json.len() - 2, bytes, "as serde_json writes {remark:?}");
         }
     }
+
+    fn running(total: i64) -> Batch {
+        let mut batch = batch(BatchStatus::Validating)
+            .apply(
+                &update(BatchUpdateInput {
+                    status: Some(BatchStatus::InProgress),
+                    request_counts: Some(RequestCounts {
+                        total,
+                        completed: 0,
+                        failed: 0,
+                    }),
+                    ..Default::default()
+                }),
+                2_000,
+            )
+            .unwrap()
+            .unwrap();
+        batch.errors.clear();
+        batch
+    }
+
+    fn report(batch: &Batch, completed: i64, failed: i64, at: UnixSeconds) -> Batch {
+        let total = batch.request_counts.total;
+        batch
+            .apply(
+                &update(BatchUpdateInput {
+                    request_counts: Some(RequestCounts {
+                        total,
+                        completed,
+                        failed,
+                    }),
+                    ..Default::default()
+                }),
+                at,
+            )
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_rate_needs_two_samples_five_seconds_apart_then_follows_recent_progress() {
+        let started = running(1_000);
+        assert_eq!(started.progress_rate(), None);
+        // Reports within 5 s of the first sample add up into the next one.
+        let early = report(&started, 30, 0, 2_003);
+        assert_eq!(early.progress_rate(), None);
+        let second = report(&early, 80, 20, 2_010);
+        assert_eq!(second.progress_rate(), Some(10.0));
+        // 900 left at 10/s: 90 s after the last change.
+        assert_eq!(second.estimated_completion_at(), Some(2_100));
+        // One late, bunched report moves the average only a little.
+        let bunched = report(&second, 400, 20, 2_015);
+        let rate = bunched.progress_rate().unwrap();
+        assert!(rate > 10.0 && rate < 17.0, "{rate}");
+    }
+
+    #[test]
+    fn no_estimate_without_a_total_or_outside_in_progress() {
+        let with_rate = report(&running(100), 50, 0, 2_010);
+        assert_eq!(with_rate.progress_rate(), Some(5.0));
+        assert_eq!(with_rate.estimated_completion_at(), Some(2_020));
+        let no_total = Batch {
+            request_counts: RequestCounts::default(),
+            ..with_rate.clone()
+        };
+        assert_eq!(no_total.estimated_completion_at(), None);
+        let stopped = Batch {
+            progress: with_rate.progress.map(|estimate| ProgressEstimate {
+                rate_milli: Some(0),
+                ..estimate
+            }),
+            ..with_rate.clone()
+        };
+        assert_eq!(stopped.estimated_completion_at(), None);
+        let progressing = report(&running(100), 50, 0, 2_010);
+        let finalizing = progressing
+            .apply(
+                &update(BatchUpdateInput {
+                    status: Some(BatchStatus::Finalizing),
+                    ..Default::default()
+                }),
+                2_020,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(finalizing.progress, None);
+        assert_eq!(finalizing.estimated_completion_at(), None);
+    }
+
+    #[test]
+    fn a_quiet_batch_is_marked_stalled_once_and_its_next_change_clears_it() {
+        let quiet = running(100);
+        assert_eq!(
+            quiet.mark_stalled(2_599, 600),
+            None,
+            "not quiet long enough"
+        );
+        let stalled = quiet.mark_stalled(2_600, 600).expect("marked");
+        assert_eq!(stalled.stalled_at, Some(2_600));
+        assert_eq!(stalled.version, quiet.version + 1);
+        assert_eq!(stalled.status, BatchStatus::InProgress);
+        assert_eq!(stalled.estimated_completion_at(), None);
+        assert_eq!(stalled.mark_stalled(9_999, 600), None, "once per stall");
+        // A report that changes nothing is not a change, and does not clear it.
+        assert_eq!(
+            stalled
+                .apply(
+                    &update(BatchUpdateInput {
+                        request_counts: Some(stalled.request_counts),
+                        ..Default::default()
+                    }),
+                    2_700
+                )
+                .unwrap(),
+            None
+        );
+        let moving = report(&stalled, 10, 0, 2_700);
+        assert_eq!(moving.stalled_at, None);
+        let cancelling = stalled.cancel(2_700).unwrap().unwrap();
+        assert_eq!(cancelling.stalled_at, None);
+        assert!(
+            cancelling.mark_stalled(3_300, 600).is_some(),
+            "cancelling stalls too"
+        );
+    }
+
+    #[test]
+    fn final_batches_never_stall() {
+        for status in BatchStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
+            assert_eq!(batch(status).mark_stalled(i64::MAX, 1), None, "{status}");
+        }
+        for status in BatchStatus::STALLABLE {
+            assert!(batch(status).mark_stalled(1_600, 600).is_some(), "{status}");
+        }
+    }
 }

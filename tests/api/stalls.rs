@@ -288,6 +288,78 @@ async fn the_rate_and_the_estimate_follow_progress_at_a_known_rate(backend: Back
     );
 }
 
+/// `batchd watch` says when a batch stalls and when it moves again, against a server
+/// that marks stalls after a second (the real clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_command_says_when_a_batch_stalls_and_moves_again() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |o| {
+        o.stall_after = Some(Duration::from_secs(1));
+        o.sweep_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut client = app.client(&app.admin_key);
+    let mut worker = app.worker(&app.admin_key);
+    let batch = create(&mut client).await;
+    worker
+        .update_batch(move_to(&batch.id, S::InProgress))
+        .await
+        .unwrap();
+    let follower = crate::watch::spawn_watch_command(&app, &batch.id);
+    eventually(Duration::from_secs(10), "the stall mark", || {
+        let mut client = client.clone();
+        let id = batch.id.clone();
+        async move { get(&mut client, &id).await.stalled_at.is_some() }
+    })
+    .await;
+    worker.update_batch(progress(&batch.id, 5)).await.unwrap();
+    complete_from_in_progress(&mut worker, &batch.id).await;
+    let output = tokio::time::timeout(crate::watch::PATIENCE, follower.wait_with_output())
+        .await
+        .expect("batchd watch exits when the batch ends")
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    let stalled = lines
+        .iter()
+        .position(|line| line.starts_with(&format!("{} stalled: no change for ", batch.id)))
+        .unwrap_or_else(|| panic!("no stall line: {stdout}"));
+    let moving = lines
+        .iter()
+        .position(|line| *line == format!("{} moving again", batch.id))
+        .unwrap_or_else(|| panic!("no moving-again line: {stdout}"));
+    assert!(stalled < moving, "{stdout}");
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+}
+
+async fn complete_from_in_progress(worker: &mut Worker, batch_id: &str) {
+    move_through(worker, batch_id, &[S::Finalizing, S::Completed]).await;
+}
+
+/// The change feed refuses the stall filter, naming it: a mark moves no status, so the
+/// feed could not say when a batch enters or leaves it.
+async fn the_change_feed_refuses_the_stall_filter_naming_it(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let rest = app.rest(Some(&app.admin_key));
+    let (status, body) = rest.get("/v1/batch_events?stalled=true").await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("stalled")),
+        "{body}"
+    );
+    let (status, body) = rest.get("/v1/batches?stalled=maybe").await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("stalled")),
+        "{body}"
+    );
+    let (status, body) = rest.get("/v1/batches?stalled=true&stalled=false").await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("stalled")),
+        "{body}"
+    );
+}
+
 /// No index of `batches` reads a column that a progress report changes, so that
 /// PostgreSQL can keep those updates HOT (no index entry written): the stall sweep
 /// finds quiet batches through `quiet_since`, which moves once a minute at most.
@@ -337,6 +409,7 @@ on_both_stores!(
     a_quiet_batch_is_marked_stalled_once_seen_everywhere_and_cleared_by_its_next_change,
     the_rate_and_the_estimate_follow_progress_at_a_known_rate,
     no_index_of_batches_reads_a_column_a_progress_report_changes,
+    the_change_feed_refuses_the_stall_filter_naming_it,
 );
 
 /// With two replicas' sweeps on one database, each of 1,000 quiet batches is marked

@@ -538,6 +538,25 @@ async fn server_sent_events_resume_with_last_event_id_and_heartbeat(backend: Bac
     );
 }
 
+/// `batchd watch BATCH_ID` against `app` with its admin key, its stdout captured.
+pub(crate) fn spawn_watch_command(app: &TestApp, batch_id: &str) -> tokio::process::Child {
+    let server = format!("http://{}", app.grpc_addr());
+    crate::process::batchd(
+        &[
+            "watch",
+            batch_id,
+            "--server",
+            &server,
+            "--api-key",
+            &app.admin_key,
+        ],
+        "unused://",
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
 /// `batchd watch` follows a batch to its end; its exit code tells how it ended.
 async fn the_watch_command_follows_a_batch_to_its_end(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -546,20 +565,7 @@ async fn the_watch_command_follows_a_batch_to_its_end(backend: Backend) {
     let server = format!("http://{}", app.grpc_addr());
     for (ending, code) in [(S::Completed, 0), (S::Failed, 2), (S::Cancelled, 4)] {
         let batch = create(&mut client).await;
-        let follower = crate::process::batchd(
-            &[
-                "watch",
-                &batch.id,
-                "--server",
-                &server,
-                "--api-key",
-                &app.admin_key,
-            ],
-            "unused://",
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        let follower = spawn_watch_command(&app, &batch.id);
         worker
             .update_batch(move_to(&batch.id, S::InProgress))
             .await

@@ -98,9 +98,10 @@ class Batchd:
             http_client=openai.DefaultHttpxClient(event_hooks={"response": hooks}),
         )
 
-    def http(self, method: str, path: str, key: str, body: dict | None = None):
+    def http(self, method: str, path: str, key: str, body: dict | None = None, timeout: float = 30):
         """One raw HTTP call, for what the SDK has no method for or hides (a worker's
-        PATCH, a DELETE, the headers of a 429): (status, headers, JSON body or None)."""
+        PATCH, a DELETE, the headers of a 429): (status, headers, JSON body or None).
+        `timeout` bounds it, so a stream opened by mistake fails instead of hanging."""
         request = urllib.request.Request(
             f"{self.http_url}{path}",
             method=method,
@@ -108,7 +109,7 @@ class Batchd:
             data=None if body is None else json.dumps(body).encode(),
         )
         try:
-            with urllib.request.urlopen(request) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 status, headers, raw = response.status, response.headers, response.read()
         except urllib.error.HTTPError as error:
             status, headers, raw = error.code, error.headers, error.read()
@@ -166,17 +167,36 @@ def batchd(request):
     yield from _batchd_on(request.param, {})
 
 
+# Webhooks to a receiver on this machine over plain http, retried quickly.
+LOCAL_WEBHOOKS = {
+    "BATCHD_WEBHOOK_ALLOW_HTTP": "true",
+    "BATCHD_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+    "BATCHD_WEBHOOK_POLL": "100ms",
+    "BATCHD_WEBHOOK_RETRY_SCHEDULE": "100ms,200ms,300ms",
+}
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def batchd_with_local_webhooks(request):
     """batchd on a fresh database of each store, allowed to send webhooks to a
     receiver on this machine over plain http, retrying quickly."""
+    yield from _batchd_on(request.param, LOCAL_WEBHOOKS)
+
+
+# Seconds without a change after which the quick-to-stall fixture marks a batch stalled.
+STALL_AFTER = 2
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def batchd_quick_to_stall(request):
+    """batchd on a fresh database of each store, with local webhooks, marking a batch
+    stalled after STALL_AFTER seconds without a change and sweeping every second."""
     yield from _batchd_on(
         request.param,
         {
-            "BATCHD_WEBHOOK_ALLOW_HTTP": "true",
-            "BATCHD_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
-            "BATCHD_WEBHOOK_POLL": "100ms",
-            "BATCHD_WEBHOOK_RETRY_SCHEDULE": "100ms,200ms,300ms",
+            **LOCAL_WEBHOOKS,
+            "BATCHD_STALL_AFTER": f"{STALL_AFTER}s",
+            "BATCHD_SWEEP_INTERVAL": "1s",
         },
     )
 

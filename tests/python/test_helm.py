@@ -2,7 +2,7 @@
 real Helm v4 library (helm-python-sdk; no helm binary, no cluster): lint, render three
 value sets, validate every object strictly against the Kubernetes 1.30 and newest
 schemas, and assert the probes, security context, ports, secret wiring, the tenant
-limits and the refusals of values that cannot work."""
+limits, stall detection and the refusals of values that cannot work."""
 
 from pathlib import Path
 
@@ -34,6 +34,7 @@ HIGH_AVAILABILITY = {
     },
     "otel": {"endpoint": "http://otel-collector.observability:4318", "resourceAttributes": "deployment.environment=prod"},
     "tenants": {"retentionTerminal": "30d", "maxActiveBatchesPerOwner": 100, "rateLimitPerKey": 20, "rateLimitBurst": 40},
+    "batchd": {"stallAfter": "30m"},
 }
 MINIMAL = {
     "replicaCount": 1,
@@ -289,6 +290,18 @@ def test_changing_a_tenant_limit_rolls_the_pods():
     assert checksum({"tenants": {"rateLimitPerKey": 10}}) != checksum({"tenants": {"rateLimitPerKey": 20}})
 
 
+def test_stall_detection_reaches_batchd_as_its_variable():
+    stall_after = lambda values: only(render(values), "ConfigMap")["data"].get("BATCHD_STALL_AFTER")
+    assert stall_after(DEFAULT) == "10m", "batchd's own default, written out"
+    assert stall_after(HIGH_AVAILABILITY) == "30m"
+    # 0 turns detection off, whether written as a string or (as --set does) a number.
+    assert stall_after({"batchd": {"stallAfter": "0"}}) == "0"
+    assert stall_after({"batchd": {"stallAfter": 0}}) == "0"
+    assert stall_after({"batchd": {"stallAfter": None}}) is None, "null leaves batchd's default"
+    checksum = lambda values: only(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum({"batchd": {"stallAfter": "10m"}}) != checksum({"batchd": {"stallAfter": "1h"}})
+
+
 def test_helm_test_checks_health_with_batchd_itself():
     pod = only(render(DEFAULT), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -319,11 +332,16 @@ def test_helm_test_checks_health_with_batchd_itself():
         ({"tenants": {"rateLimitBurst": -3}}, "/tenants/rateLimitBurst': minimum: got -3, want 0"),
         ({"tenants": {"rateLimit": 20}}, "additional properties 'rateLimit' not allowed"),
         ({"tenants": {"rateLimitBurst": 5}}, "tenants.rateLimitBurst is 5 but tenants.rateLimitPerKey is 0 (no rate limit)"),
+        ({"batchd": {"stallAfter": "ten minutes"}}, "/batchd/stallAfter': 'ten minutes' does not match pattern"),
+        ({"batchd": {"stallAfter": "10"}}, "/batchd/stallAfter': '10' does not match pattern"),
+        ({"batchd": {"stallAfter": 10}}, "/batchd/stallAfter': value must be 0"),
+        ({"batchd": {"stallAfter": False}}, "/batchd/stallAfter': got boolean, want string"),
     ],
     ids=[
         "sqlite-replicas", "sqlite-hpa", "no-database", "wrong-type", "unknown-key", "bad-enum", "hpa-bounds",
         "retention-not-a-duration", "retention-no-unit", "retention-a-number", "quota-negative", "quota-fraction",
         "rate-negative", "rate-a-string", "rate-too-high", "rate-too-low", "quota-too-high", "burst-negative", "tenants-unknown-key", "burst-without-rate",
+        "stall-not-a-duration", "stall-no-unit", "stall-a-number", "stall-a-boolean",
     ],
 )
 def test_values_that_cannot_work_fail_with_a_clear_message(values, message):

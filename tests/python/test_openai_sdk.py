@@ -21,6 +21,8 @@ EXTENSIONS = {
     # OpenAI takes it on create but does not echo it on the object; batchd returns it
     # for the worker that writes the output files.
     "output_expires_after",
+    # Stalls and estimates: batchd's own, always present, null when unknown.
+    "progress_rate", "estimated_completion_at", "stalled_at",
 }
 STATUSES = {
     "validating", "failed", "in_progress", "finalizing",
