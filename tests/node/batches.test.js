@@ -48,6 +48,11 @@ for (const store of stores) {
       assert.equal(first.status, "validating");
       assert.equal(first.expires_at, first.created_at + 24 * 3600);
       assert.deepEqual(first.metadata, { run: "0" });
+      // batchd's own estimate and stall fields ride along; the SDK passes them through.
+      assert.deepEqual(
+        [first.progress_rate, first.estimated_completion_at, first.stalled_at],
+        [null, null, null],
+      );
       assert.deepEqual(await alice.batches.retrieve(first.id), first);
 
       // Auto-pagination follows `after` over three pages of three.
