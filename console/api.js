@@ -72,10 +72,13 @@ export async function errorOf(response) {
 }
 
 /** A list's filters as a query string (without `?`): `status` may repeat, metadata
- * pairs are `metadata[key]=value`. Only the fields given are written. */
-export function filterQuery(filters, { withStatus = true, withPaging = true } = {}) {
+ * pairs are `metadata[key]=value`, `stalled=true` only when set. Only the fields given
+ * are written; the change feed takes neither `status` nor `stalled` (it refuses the
+ * latter), so its callers leave them out and filter its changes themselves. */
+export function filterQuery(filters, { withStatus = true, withStalled = true, withPaging = true } = {}) {
   const query = new URLSearchParams();
   if (withStatus) for (const status of filters.status ?? []) query.append("status", status);
+  if (withStalled && filters.stalled) query.set("stalled", "true");
   if (filters.job_id) query.set("job_id", filters.job_id);
   for (const [key, value] of filters.metadata ?? []) query.append(`metadata[${key}]`, value);
   if (filters.created_after) query.set("created_after", filters.created_after);
@@ -101,6 +104,7 @@ export function parseFilters(search) {
     metadata,
     created_after: query.get("created_after") ?? "",
     created_before: query.get("created_before") ?? "",
+    stalled: query.get("stalled") === "true",
     after: query.get("after") ?? "",
     limit: query.get("limit") ?? "",
   };

@@ -4,8 +4,8 @@
 // A batch deleted while the page shows it is said to be gone; its last state stays.
 
 import { call, filterQuery } from "./api.js";
-import { h, replace, badge, progressBar } from "./dom.js";
-import { age, count, expiresIn, timestamp } from "./format.js";
+import { h, replace, badge, progressBar, stalledBadge } from "./dom.js";
+import { age, count, expiresIn, fromNow, rateText, stalledFor, timestamp } from "./format.js";
 import { EventStream, errorCode, errorText } from "./stream.js";
 
 const CANCELLABLE = new Set(["validating", "in_progress", "finalizing"]);
@@ -21,6 +21,8 @@ const TIMES = [
   "cancelling_at",
   "cancelled_at",
   "updated_at",
+  "stalled_at",
+  "estimated_completion_at",
 ];
 /** Most versions the timeline keeps (a batch reporting progress often has thousands);
  * the oldest are dropped first. */
@@ -131,7 +133,7 @@ export function batchView(root, context, id) {
     const second = current.created_at;
     const filters = { created_after: second, created_before: second + 1 };
     deletion = new EventStream({
-      url: () => `/v1/batch_events?${filterQuery(filters, { withStatus: false, withPaging: false })}`,
+      url: () => `/v1/batch_events?${filterQuery(filters, { withStatus: false, withStalled: false, withPaging: false })}`,
       onEvent: (event) => {
         if (event.event === "synced") {
           call("GET", `/v1/batches/${encodeURIComponent(id)}`).catch((error) => {
@@ -168,15 +170,25 @@ export function batchView(root, context, id) {
 
   function renderSummary() {
     const counts = current.request_counts;
+    const stalledAt = deleted ? null : (current.stalled_at ?? null);
+    const stalled = stalledAt === null ? null : stalledBadge(stalledFor(stalledAt), `marked stalled at ${timestamp(stalledAt)}`);
+    if (stalled) summary.dataset.stalled = "true";
+    else delete summary.dataset.stalled;
+    const eta = current.estimated_completion_at ?? null;
+    // Rate and ETA are batchd's estimate, which it makes only while the batch runs.
+    const running = !deleted && current.status === "in_progress";
     replace(
       summary,
       badge(deleted ? "deleted" : current.status),
+      stalled,
       progressBar(counts),
       h(
         "span",
         { class: "progress-text" },
         `${count(counts.completed)} completed + ${count(counts.failed)} failed of ${count(counts.total)}`,
       ),
+      running && h("span", { class: "rate" }, `rate ${rateText(current.progress_rate)}`),
+      running && h("span", { class: "eta", title: eta === null ? null : timestamp(eta) }, `ETA ${fromNow(eta)}`),
       h("span", {}, `created ${age(current.created_at)}`),
       h("span", {}, `expires ${expiresIn(current)}`),
     );

@@ -2,11 +2,12 @@
 // the change feed keeping all of it live. The feed is opened first and the page read
 // only once it has said where it starts (`synced`), so no change falls between the two;
 // a change the page already shows (same or older version) is ignored, and a deleted
-// batch leaves the rows and the counts.
+// batch leaves the rows and the counts. The feed is not narrowed by status or
+// stall (it refuses `stalled`): the page sorts its changes into the filters itself.
 
 import { call, filterQuery, parseFilters } from "./api.js";
-import { h, replace, badge, progressBar } from "./dom.js";
-import { age, batchRate, count, expiresIn, Rate, rateText, timeLeft, timestamp } from "./format.js";
+import { h, replace, badge, progressBar, stalledBadge } from "./dom.js";
+import { age, count, expiresIn, fromNow, rateText, stalledFor, timestamp } from "./format.js";
 import { EventStream, errorText } from "./stream.js";
 
 export const STATUSES = [
@@ -31,23 +32,28 @@ const MAX_KNOWN = 50_000;
  * live updates, said on the page). */
 const FEED_START_MS = 3000;
 
+/** The filters the change feed takes, and those the counts take (per status, so not
+ * the status filter). */
+const FEED_QUERY = { withStatus: false, withStalled: false, withPaging: false };
+const COUNTS_QUERY = { withStatus: false, withPaging: false };
+
 /** Renders the list into `root`; returns a function that stops it. */
 export function batchesView(root, context, search) {
   const filters = parseFilters(search);
   const limit = Number(filters.limit) || PAGE_SIZE;
   const firstPage = !filters.after;
-  const rows = new Map(); // id -> { batch, rate, element, cells }
-  const known = new Map(); // id -> { status, version }
+  const rows = new Map(); // id -> { batch, element, cells, stalled (its badge) }
+  const known = new Map(); // id -> { status, version, stalled }
   let counts = null;
   let countsRefresh = null;
-  let countsEpoch = 0; // changes applied to the counts so far
+  let countsEpoch = 0; // changes applied to the counts, or that made them be read again
   let stopped = false;
   let loading = false; // the page and counts are being read
   let listed = false; // they have been: changes apply directly
   let hasMore = false;
   const pending = [];
 
-  const countsBar = h("ul", { class: "counts", "aria-label": "Batches per status" });
+  const countsBar = h("ul", { class: "counts", "aria-label": filters.stalled ? "Stalled batches per status" : "Batches per status" });
   const message = h("p", { class: "message", role: "alert" });
   const body = h("tbody");
   const pager = h("nav", { class: "pager", "aria-label": "Pages" });
@@ -61,7 +67,7 @@ export function batchesView(root, context, search) {
       h(
         "tr",
         {},
-        ["Batch", "Endpoint", "Model", "Job", "Status", "Progress", "Rate", "Left", "Age", "Expires"].map((name) =>
+        ["Batch", "Endpoint", "Model", "Job", "Status", "Progress", "Rate", "ETA", "Age", "Expires"].map((name) =>
           h("th", { scope: "col" }, name),
         ),
       ),
@@ -79,7 +85,7 @@ export function batchesView(root, context, search) {
   );
 
   const feed = new EventStream({
-    url: () => `/v1/batch_events?${filterQuery(filters, { withStatus: false, withPaging: false })}`,
+    url: () => `/v1/batch_events?${filterQuery(filters, FEED_QUERY)}`,
     onEvent: (event) => {
       if (event.event === "error") return showError(errorText(event.data));
       if (!listed) {
@@ -119,7 +125,7 @@ export function batchesView(root, context, search) {
     try {
       const [page, totals] = await Promise.all([
         call("GET", `/v1/batches?${filterQuery({ ...filters, limit })}`),
-        call("GET", `/v1/batch_counts?${filterQuery(filters, { withStatus: false, withPaging: false })}`),
+        call("GET", `/v1/batch_counts?${filterQuery(filters, COUNTS_QUERY)}`),
       ]);
       counts = totals;
       hasMore = page.has_more;
@@ -160,9 +166,9 @@ export function batchesView(root, context, search) {
     moveCount(before, batch);
     remember(batch);
     const row = rows.get(batch.id);
-    const shown = matchesStatus(batch) && event.event !== "left_filter";
+    const shown = matchesFilters(batch) && event.event !== "left_filter";
     if (row && shown) updateRow(row, batch);
-    else if (row) removeRow(batch.id);
+    else if (row) dropRow(batch.id);
     else if (shown && belongsOnPage(batch)) insertRow(batch);
   }
 
@@ -173,48 +179,62 @@ export function batchesView(root, context, search) {
     const before = known.get(id);
     known.delete(id);
     if (counts) {
-      if (before) {
+      if (!before) recount();
+      else if (counted(before.stalled)) {
         countsEpoch += 1;
         counts.counts[before.status] -= 1;
         counts.total -= 1;
         renderCounts();
-      } else refreshCounts();
+      }
     }
-    if (!rows.has(id)) return;
-    removeRow(id);
-    if (rows.size > 0) {
-      // The "Older" link pages after the last row shown, which must still exist.
-      renderPager();
-    } else if (hasMore) {
-      // Every row shown is gone but older batches remain: read the page again.
-      context.reload();
-    } else showEmpty();
+    if (rows.has(id)) dropRow(id);
   }
 
   function remember(batch) {
     known.delete(batch.id);
-    known.set(batch.id, { status: batch.status, version: batch.version });
+    known.set(batch.id, { status: batch.status, version: batch.version, stalled: isStalled(batch) });
     if (known.size > MAX_KNOWN) known.delete(known.keys().next().value);
+  }
+
+  /** Whether a batch that is (or is not) stalled is in the counts: under the stalled
+   * filter only stalled ones are. */
+  function counted(stalled) {
+    return !filters.stalled || stalled;
   }
 
   function moveCount(before, batch) {
     if (!counts) return;
+    const stalled = isStalled(batch);
     if (before) {
-      if (before.status === batch.status) return;
+      if (counted(before.stalled) !== counted(stalled)) {
+        // Under the stalled filter a batch became stalled, or stopped being: the
+        // counts are read again rather than worked out from what this page saw.
+        recount();
+        return;
+      }
+      if (!counted(stalled) || before.status === batch.status) return;
       countsEpoch += 1;
       counts.counts[before.status] -= 1;
       counts.counts[batch.status] += 1;
     } else if (batch.version === 1) {
+      if (!counted(stalled)) return;
       countsEpoch += 1;
       counts.counts[batch.status] += 1;
       counts.total += 1;
     } else {
       // A batch this page never saw changed: its previous status is unknown here,
       // so the counts are read again (once, for any number of such changes).
-      refreshCounts();
+      recount();
       return;
     }
     renderCounts();
+  }
+
+  /** A change the page cannot move the counts by: they are read again, and once more
+   * if a read was already under way (it may have been answered before the change). */
+  function recount() {
+    countsEpoch += 1;
+    refreshCounts();
   }
 
   function refreshCounts() {
@@ -222,7 +242,7 @@ export function batchesView(root, context, search) {
     countsRefresh = setTimeout(async () => {
       const epoch = countsEpoch;
       try {
-        counts = await call("GET", `/v1/batch_counts?${filterQuery(filters, { withStatus: false, withPaging: false })}`);
+        counts = await call("GET", `/v1/batch_counts?${filterQuery(filters, COUNTS_QUERY)}`);
         renderCounts();
       } catch (error) {
         showError(error.message);
@@ -235,8 +255,10 @@ export function batchesView(root, context, search) {
     }, 1000);
   }
 
-  function matchesStatus(batch) {
-    return filters.status.length === 0 || filters.status.includes(batch.status);
+  /** Whether a batch passes the filters the feed does not apply: status and stall. */
+  function matchesFilters(batch) {
+    if (filters.status.length > 0 && !filters.status.includes(batch.status)) return false;
+    return !filters.stalled || isStalled(batch);
   }
 
   /** Whether a batch the page does not show belongs on it: on the first page, newest
@@ -278,6 +300,18 @@ export function batchesView(root, context, search) {
     rows.delete(id);
   }
 
+  /** A row leaves the page (its batch was deleted or left the filters). */
+  function dropRow(id) {
+    removeRow(id);
+    if (rows.size > 0) {
+      // The "Older" link pages after the last row shown, which must still exist.
+      renderPager();
+    } else if (hasMore) {
+      // Every row shown is gone but older batches remain: read the page again.
+      context.reload();
+    } else showEmpty();
+  }
+
   function makeRow(batch) {
     const cells = {
       id: h("td", { class: "id", "data-label": "Batch" }),
@@ -287,12 +321,12 @@ export function batchesView(root, context, search) {
       status: h("td", { class: "status", "data-label": "Status" }),
       progress: h("td", { class: "progress-cell", "data-label": "Progress" }),
       rate: h("td", { class: "rate", "data-label": "Rate" }),
-      left: h("td", { class: "left", "data-label": "Left" }),
+      eta: h("td", { class: "eta", "data-label": "ETA" }),
       age: h("td", { class: "age", "data-label": "Age" }),
       expires: h("td", { class: "expires", "data-label": "Expires" }),
     };
     const element = h("tr", { dataset: { batchId: batch.id } }, Object.values(cells));
-    const row = { batch, rate: new Rate(), element, cells };
+    const row = { batch, element, cells, stalled: null };
     fillRow(row, true);
     return row;
   }
@@ -305,28 +339,36 @@ export function batchesView(root, context, search) {
   function fillRow(row, first) {
     const { batch, cells } = row;
     const counts = batch.request_counts ?? { total: 0, completed: 0, failed: 0 };
-    row.rate.add(counts.completed + counts.failed);
     row.element.dataset.status = batch.status;
     row.element.dataset.version = batch.version;
+    if (isStalled(batch)) row.element.dataset.stalled = "true";
+    else delete row.element.dataset.stalled;
     if (first) {
       replace(cells.id, h("a", { href: `#/batches/${encodeURIComponent(batch.id)}` }, batch.id));
     }
     replace(cells.endpoint, batch.endpoint);
     replace(cells.model, batch.model ?? "—");
     replace(cells.job, batch.job_id ?? "—");
-    replace(cells.status, badge(batch.status));
+    row.stalled = isStalled(batch) ? stalledBadge(stalledFor(batch.stalled_at), `marked stalled at ${timestamp(batch.stalled_at)}`) : null;
+    // One element in the cell, so that the phone layout keeps both badges beside the label.
+    replace(cells.status, h("span", { class: "badges" }, badge(batch.status), row.stalled));
     replace(
       cells.progress,
       progressBar(counts),
       h("span", { class: "progress-text" }, `${count(counts.completed)} + ${count(counts.failed)} failed / ${count(counts.total)}`),
     );
+    // batchd's own estimate, as of this version: null while it has none.
+    cells.rate.textContent = rateText(batch.progress_rate);
+    const eta = batch.estimated_completion_at ?? null;
+    if (eta === null) cells.eta.removeAttribute("title");
+    else cells.eta.title = timestamp(eta);
     tickRow(row);
   }
 
+  /** The texts that move with the clock. */
   function tickRow(row) {
-    const perSecond = batchRate(row.batch, row.rate);
-    row.cells.rate.textContent = row.batch.status === "in_progress" ? rateText(perSecond) : "—";
-    row.cells.left.textContent = timeLeft(row.batch, perSecond);
+    if (row.stalled) row.stalled.textContent = stalledFor(row.batch.stalled_at);
+    row.cells.eta.textContent = fromNow(row.batch.estimated_completion_at);
     row.cells.age.textContent = age(row.batch.created_at);
     row.cells.age.title = timestamp(row.batch.created_at);
     row.cells.expires.textContent = expiresIn(row.batch);
@@ -422,6 +464,7 @@ function filterForm(filters, context) {
     autocomplete: "off",
     spellcheck: "false",
   });
+  const stalled = h("input", { id: "filter-stalled", name: "stalled", type: "checkbox", checked: filters.stalled });
   const after = h("input", { id: "filter-after", name: "created_after", type: "datetime-local", value: toLocalInput(filters.created_after) });
   const before = h("input", { id: "filter-before", name: "created_before", type: "datetime-local", value: toLocalInput(filters.created_before) });
   const problem = h("p", { class: "message", role: "alert" });
@@ -449,6 +492,7 @@ function filterForm(filters, context) {
           metadata: pairs,
           created_after: fromLocalInput(after.value),
           created_before: fromLocalInput(before.value),
+          stalled: stalled.checked,
         });
         context.navigate(`#/batches${query ? `?${query}` : ""}`);
       },
@@ -458,13 +502,20 @@ function filterForm(filters, context) {
     field("Metadata", metadata),
     field("Created from", after),
     field("Created before", before),
+    h("div", { class: "field check" }, stalled, h("label", { for: stalled.id }, "Stalled only")),
     h("div", { class: "actions" }, h("button", { type: "submit" }, "Apply"), h("a", { href: "#/batches", class: "button quiet" }, "Clear")),
     problem,
   );
   // Open on wide screens and whenever a filter is set; folded on a phone otherwise.
-  const active = filters.status.length + filters.metadata.length > 0 || filters.job_id || filters.created_after || filters.created_before;
+  const active =
+    filters.status.length + filters.metadata.length > 0 || filters.job_id || filters.created_after || filters.created_before || filters.stalled;
   const open = Boolean(active) || window.matchMedia("(min-width: 761px)").matches;
   return h("details", { class: "filter-panel", open }, h("summary", {}, active ? "Filters (active)" : "Filters"), form);
+}
+
+/** Whether batchd has marked a batch stalled (its next change clears the mark). */
+function isStalled(batch) {
+  return batch.stalled_at !== null && batch.stalled_at !== undefined;
 }
 
 function toLocalInput(unixSeconds) {

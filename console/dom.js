@@ -40,6 +40,13 @@ export function badge(status) {
   return h("span", { class: `badge status-${status}`, dataset: { status } }, status.replace("_", " "));
 }
 
+/** The "stalled for 14m" badge beside the status of a batch batchd marked stalled.
+ * The text comes from the caller (format.js's `stalledFor`, which a view's ticker
+ * keeps current): this module imports none, as batchd hashes it first (src/console.rs). */
+export function stalledBadge(text, title) {
+  return h("span", { class: "badge stalled", title }, text);
+}
+
 /** A progress bar of completed and failed requests over the total. */
 export function progressBar(counts) {
   const total = counts?.total ?? 0;

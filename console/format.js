@@ -1,4 +1,4 @@
-// Times, durations and the progress rate, for people to read.
+// Times, durations and rates, for people to read.
 
 /** "3h 20m", "45s", "2d 4h": the two largest units of a number of seconds. */
 export function duration(seconds) {
@@ -29,12 +29,17 @@ export function age(unixSeconds) {
   return `${duration(nowSeconds() - unixSeconds)} ago`;
 }
 
+/** "in 3m" for a Unix second in the future, "due now" once it has passed. */
+export function fromNow(unixSeconds) {
+  if (unixSeconds === null || unixSeconds === undefined) return "—";
+  const left = unixSeconds - nowSeconds();
+  return left > 0 ? `in ${duration(left)}` : "due now";
+}
+
 /** How long until a batch's completion window ends, or that it has. */
 export function expiresIn(batch) {
-  if (batch.expires_at === null || batch.expires_at === undefined) return "—";
   if (["completed", "failed", "expired", "cancelled"].includes(batch.status)) return "—";
-  const left = batch.expires_at - nowSeconds();
-  return left > 0 ? `in ${duration(left)}` : "due now";
+  return fromNow(batch.expires_at);
 }
 
 /** A Unix second as a local date and time, "2026-11-30 21:58:26". */
@@ -50,58 +55,13 @@ export function count(n) {
   return Number(n ?? 0).toLocaleString("en-US");
 }
 
-/** Requests per second of one batch, estimated from the updates this page saw: keeps
- * the samples of the last minute, and the rate is the change over that span. */
-export class Rate {
-  constructor(windowMs = 60_000, maxSamples = 20) {
-    this.windowMs = windowMs;
-    this.maxSamples = maxSamples;
-    this.samples = [];
-  }
-
-  /** Records how many requests were done at `atMs`. */
-  add(done, atMs = Date.now()) {
-    const last = this.samples.at(-1);
-    if (last && last.done === done) return;
-    this.samples.push({ done, atMs });
-    const oldest = atMs - this.windowMs;
-    while (this.samples.length > 2 && (this.samples[0].atMs < oldest || this.samples.length > this.maxSamples)) {
-      this.samples.shift();
-    }
-  }
-
-  /** Requests per second, or null while fewer than two samples span time. */
-  perSecond() {
-    if (this.samples.length < 2) return null;
-    const first = this.samples[0];
-    const last = this.samples.at(-1);
-    const seconds = (last.atMs - first.atMs) / 1000;
-    if (seconds <= 0 || last.done <= first.done) return null;
-    return (last.done - first.done) / seconds;
-  }
-}
-
-/** The rate of a batch: from the updates this page saw, or, until it has seen two,
- * the average since the batch started (`in_progress_at`). */
-export function batchRate(batch, rate) {
-  const recent = rate.perSecond();
-  if (recent !== null || batch.status !== "in_progress" || !batch.in_progress_at) return recent;
-  const counts = batch.request_counts ?? {};
-  const done = (counts.completed ?? 0) + (counts.failed ?? 0);
-  const seconds = nowSeconds() - batch.in_progress_at;
-  return seconds >= 1 && done > 0 ? done / seconds : null;
-}
-
-/** "12.5/s" or "—". */
+/** "12.5/s" for batchd's recent rate of a batch (`progress_rate`), or "—" without one. */
 export function rateText(perSecond) {
-  if (perSecond === null) return "—";
+  if (perSecond === null || perSecond === undefined) return "—";
   return perSecond >= 10 ? `${Math.round(perSecond)}/s` : `${perSecond.toFixed(1)}/s`;
 }
 
-/** Time left at `perSecond` for a batch's remaining requests, or "—". */
-export function timeLeft(batch, perSecond) {
-  const counts = batch.request_counts ?? {};
-  const left = (counts.total ?? 0) - (counts.completed ?? 0) - (counts.failed ?? 0);
-  if (perSecond === null || left <= 0 || batch.status !== "in_progress") return "—";
-  return duration(left / perSecond);
+/** "stalled for 14m 5s": how long since batchd marked a batch stalled (`stalled_at`). */
+export function stalledFor(stalledAt) {
+  return `stalled for ${duration(nowSeconds() - stalledAt)}`;
 }

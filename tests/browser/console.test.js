@@ -131,8 +131,12 @@ function row(page, id) {
 async function rowState(page, id) {
   return row(page, id).evaluate((tr) => ({
     version: Number(tr.dataset.version),
-    status: tr.querySelector(".status").textContent,
+    status: tr.querySelector(".status [data-status]").textContent,
+    stalled: tr.querySelector(".status .stalled")?.textContent ?? null,
     progress: tr.querySelector(".progress-text").textContent,
+    rate: tr.querySelector(".rate").textContent,
+    eta: tr.querySelector(".eta").textContent,
+    etaTitle: tr.querySelector(".eta").getAttribute("title"),
   }));
 }
 
@@ -275,6 +279,110 @@ for (const store of stores) {
     }
   });
 }
+
+test("a batch that stops reporting shows 'stalled for', leaves the stalled filter when it moves; a progressing one shows a rate and an ETA", async () => {
+  const { server, stop } = await start(sqlite, { BATCHD_STALL_AFTER: "2s", BATCHD_SWEEP_INTERVAL: "1s" });
+  let reporting = null;
+  let stopReporting = false;
+  try {
+    const aliceKey = key(server, "alice");
+    const alice = restClient(server, aliceKey);
+    const worker = restClient(server, key(server, "executor", "worker"));
+    const quiet = await alice("POST", "/v1/batches", newBatch({ job_id: "quiet" }));
+    const busy = await alice("POST", "/v1/batches", newBatch({ job_id: "busy" }));
+    const counts = (completed) => ({ total: 1000, completed, failed: 0 });
+    await worker("PATCH", `/v1/batches/${quiet.id}`, { status: "in_progress", request_counts: counts(0) });
+    await worker("PATCH", `/v1/batches/${busy.id}`, { status: "in_progress", request_counts: counts(0) });
+    // The busy batch reports 50 requests a second, twice a second: well inside the
+    // 2 s after which batchd calls a batch stalled, and over the 5 s batchd needs
+    // between two samples to give a rate. The quiet one says nothing more.
+    let reported = 0;
+    reporting = (async () => {
+      while (!stopReporting) {
+        await new Promise((done) => setTimeout(done, 500));
+        reported = Math.min(1000, reported + 25);
+        await worker("PATCH", `/v1/batches/${busy.id}`, { request_counts: counts(reported) });
+      }
+    })();
+
+    const { context, page, watch } = await openConsole(server, aliceKey);
+    await page.waitForSelector("#live[data-state=live]");
+    const requestsBefore = watch.requests.length;
+    await row(page, quiet.id).and(page.locator('[data-stalled="true"]')).waitFor({ timeout: 5000 });
+    const stalled = await rowState(page, quiet.id);
+    assert.match(stalled.stalled, /^stalled for \d+s$/);
+    assert.equal(stalled.status, "in progress", "the status badge stays beside it");
+    assert.equal(stalled.rate, "—", "one sample gives no rate");
+    assert.equal(stalled.eta, "—");
+    await page.waitForFunction(
+      (id) => /^\d+(\.\d+)?\/s$/.test(document.querySelector(`tr[data-batch-id="${id}"] .rate`).textContent),
+      busy.id,
+      { timeout: 9000 },
+    );
+    const progressing = await rowState(page, busy.id);
+    assert.equal(progressing.stalled, null, "a batch that reports is not stalled");
+    assert.equal(await row(page, busy.id).getAttribute("data-stalled"), null);
+    assert.match(progressing.eta, /^(in \d+[smh]( \d+[sm])?|due now)$/);
+    assert.match(progressing.etaTitle, /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$/, "the absolute time is in the title");
+    // The feed carried the stall and the estimates; the ticker moved the texts.
+    const during = watch.requests.slice(requestsBefore).map((r) => `${r.method} ${r.url}`);
+    assert.deepEqual(during, [], "the page made no request to show the stall and the rate");
+
+    // The busy batch finishes (a finished batch is never stalled), so only the quiet
+    // one is stalled from here on.
+    stopReporting = true;
+    await reporting;
+    await worker("PATCH", `/v1/batches/${busy.id}`, { status: "finalizing", request_counts: counts(1000) });
+    await worker("PATCH", `/v1/batches/${busy.id}`, { status: "completed", output_file_id: "file-out" });
+
+    // A second page filters on "Stalled only"; the first stays unfiltered.
+    const filtered = await openConsole(server, aliceKey);
+    await filtered.page.waitForSelector("#live[data-state=live]");
+    await filtered.page.check("#filter-stalled");
+    await filtered.page.click(".filters button[type=submit]");
+    await filtered.page.waitForFunction(() => /[?&]stalled=true(&|$)/.test(location.hash));
+    // The filtered view's counts are on screen, and its rows before them.
+    await filtered.page.waitForSelector('ul.counts[aria-label="Stalled batches per status"] [data-count="all"]');
+    const listed = () => filtered.page.locator("table.batches tbody tr[data-batch-id]").evaluateAll((rows) => rows.map((r) => r.dataset.batchId));
+    assert.deepEqual(await listed(), [quiet.id]);
+    assert.equal(await filtered.page.locator('[data-count="all"] .count-value').textContent(), "1");
+    assert.equal(await filtered.page.locator('[data-count="in_progress"] .count-value').textContent(), "1");
+    assert.equal(await filtered.page.isChecked("#filter-stalled"), true);
+    const feeds = filtered.watch.requests.filter((r) => r.url.includes("/v1/batch_events"));
+    assert.ok(feeds.length > 0 && feeds.every((r) => !r.url.includes("stalled")), "the feed is not asked to filter on stall");
+    assert.ok(filtered.watch.requests.some((r) => /\/v1\/batch_counts\?(.*&)?stalled=true/.test(r.url)), "the counts are asked for stalled batches");
+
+    // One report of progress ends the stall: the row leaves the filtered list, and its
+    // badge goes from the unfiltered one.
+    const moved = await worker("PATCH", `/v1/batches/${quiet.id}`, { request_counts: counts(10) });
+    assert.equal(moved.stalled_at, null);
+    await row(filtered.page, quiet.id).waitFor({ state: "detached", timeout: 2000 });
+    assert.equal(await filtered.page.locator("tr.empty").count(), 1, "the filtered list says none match");
+    await row(page, quiet.id).and(page.locator(`[data-version="${moved.version}"]:not([data-stalled])`)).waitFor({ timeout: 2000 });
+    assert.equal(await row(page, quiet.id).locator(".badge.stalled").count(), 0);
+    // Quiet again, it is marked stalled again and comes back into the filtered list,
+    // and the counts, read again, agree with batchd.
+    await row(filtered.page, quiet.id).and(filtered.page.locator('[data-stalled="true"]')).waitFor({ timeout: 5000 });
+    assert.deepEqual(await listed(), [quiet.id]);
+    await filtered.page.waitForFunction(() => document.querySelector('[data-count="all"] .count-value').textContent === "1", null, { timeout: 3000 });
+    assert.equal((await alice("GET", "/v1/batch_counts?stalled=true")).total, 1);
+    await assertClean(filtered.page, filtered.watch);
+    await filtered.context.close();
+
+    // The batch's own page: the badge in the summary, stalled_at among the times.
+    await page.click(`tr[data-batch-id="${quiet.id}"] a`);
+    await page.waitForSelector(".summary[data-stalled=true]");
+    assert.match(await page.locator(".summary .badge.stalled").textContent(), /^stalled for \d+s$/);
+    assert.match(await page.locator('dd[data-field="stalled_at"]').textContent(), /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+\)$/);
+    assert.equal(await page.locator('dd[data-field="estimated_completion_at"]').textContent(), "null", "no estimate while stalled");
+    await assertClean(page, watch);
+    await context.close();
+  } finally {
+    stopReporting = true;
+    await reporting?.catch(() => {});
+    await stop();
+  }
+});
 
 test("a finished batch deleted through the API leaves the list and its count, from the feed alone", async () => {
   const { server, stop } = await start();
