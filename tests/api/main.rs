@@ -13,6 +13,7 @@ mod change_feed;
 mod cli;
 mod concurrency;
 mod console;
+mod failover;
 mod hardening;
 mod health;
 mod idempotency;

@@ -1,6 +1,7 @@
 //! A TCP proxy a test puts between batchd and PostgreSQL, to make the database sick
 //! without touching the shared server: frozen (connections stay open, nothing is
-//! forwarded: a network partition), slow (every chunk delayed), or healthy again.
+//! forwarded: a network partition), slow (every chunk delayed), or healthy again; and
+//! moved to another server, as a service name moves to a new primary on failover.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub enum Mode {
 pub struct TcpProxy {
     addr: SocketAddr,
     mode: Arc<watch::Sender<Mode>>,
+    target: Arc<watch::Sender<SocketAddr>>,
     acceptor: tokio::task::JoinHandle<()>,
 }
 
@@ -35,10 +37,13 @@ impl TcpProxy {
         let addr = listener.local_addr().expect("proxy address");
         let mode = Arc::new(watch::channel(Mode::Forward).0);
         let modes = mode.clone();
+        let target = Arc::new(watch::channel(target).0);
+        let targets = target.subscribe();
         let acceptor = tokio::spawn(async move {
             let mut pumps = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(target).await else {
+                let to = *targets.borrow();
+                let Ok(server) = TcpStream::connect(to).await else {
                     continue;
                 };
                 let (client_read, client_write) = client.into_split();
@@ -50,6 +55,7 @@ impl TcpProxy {
         TcpProxy {
             addr,
             mode,
+            target,
             acceptor,
         }
     }
@@ -63,6 +69,11 @@ impl TcpProxy {
         };
         let path = rest.find('/').map_or("", |slash| &rest[slash..]);
         format!("{scheme}://{credentials}{}{path}", self.addr)
+    }
+
+    /// Sends new connections to `target` from now on; open ones stay where they are.
+    pub fn retarget(&self, target: SocketAddr) {
+        self.target.send_replace(target);
     }
 
     /// Switches how the proxy forwards, for every connection at once.
