@@ -681,6 +681,18 @@ pub struct ListParams {
     pub order: Option<String>,
 }
 
+/// A query parameter's boolean: `true` or `false`, else refused naming `name`.
+pub fn query_bool(name: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(Error::invalid(
+            name,
+            format!("`{other:.40}` is not a boolean; use true or false"),
+        )),
+    }
+}
+
 impl ListParams {
     /// Parses the query string of a list. Unknown parameters are ignored, as OpenAI
     /// does; a known one given twice (but `status`) or malformed is refused, naming it.
@@ -729,18 +741,7 @@ impl ListParams {
                 "created_after" => input.created_after = Some(integer(&value)?),
                 "created_before" => input.created_before = Some(integer(&value)?),
                 "order" => input.order = Some(value.into_owned()),
-                "stalled" => {
-                    input.stalled = Some(match &*value {
-                        "true" => true,
-                        "false" => false,
-                        other => {
-                            return Err(Error::invalid(
-                                name,
-                                format!("`{other:.40}` is not a boolean; use true or false"),
-                            ));
-                        }
-                    });
-                }
+                "stalled" => input.stalled = Some(query_bool(name, &value)?),
                 _ => {
                     for status in value.split(',') {
                         let parsed = BatchStatus::from_name(status).ok_or_else(|| {

@@ -15,7 +15,7 @@ use utoipa::IntoParams;
 
 use super::RestState;
 use super::batches::TAG;
-use super::dto::{BatchJson, FilterParams, ListParams};
+use super::dto::{BatchJson, FilterParams, ListParams, query_bool};
 use super::error::{ApiError, ErrorResponses};
 use super::extract::{Authenticated, QueryParams};
 use crate::domain::WatchBatchesInput;
@@ -145,16 +145,7 @@ fn parse_watch_batches(query: &str) -> Result<WatchBatchesInput, Error> {
         if name == "after_cursor" {
             input.after_cursor = Some(value.into_owned());
         } else {
-            input.send_initial_state = match value.as_ref() {
-                "true" => true,
-                "false" => false,
-                other => {
-                    return Err(Error::invalid(
-                        name,
-                        format!("`{other:.40}` is not a boolean; use true or false"),
-                    ));
-                }
-            };
+            input.send_initial_state = query_bool(name, &value)?;
         }
     }
     Ok(input)

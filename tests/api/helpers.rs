@@ -482,3 +482,36 @@ pub async fn compact_exactly(
     }
     assert_eq!(deleted, expected, "compaction deleted exactly these");
 }
+
+/// Creates `count` batches at once through `app`'s service with its admin key (as
+/// concurrent creates would), for tests of what replicas do with many batches.
+pub async fn create_many_through_the_service(app: &TestApp, count: usize) {
+    let service = app.app.as_ref().expect("running").service().clone();
+    let caller = service
+        .admit(Some(&app.admin_key))
+        .await
+        .map_err(|refused| refused.error)
+        .unwrap()
+        .caller;
+    let mut creates = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let (service, caller) = (service.clone(), caller.clone());
+        creates.spawn(async move {
+            service
+                .create_batch(
+                    &caller,
+                    batchd::domain::CreateBatchInput {
+                        input_file_id: "file-1".into(),
+                        endpoint: "/v1/embeddings".into(),
+                        completion_window: "24h".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+        });
+    }
+    while let Some(created) = creates.join_next().await {
+        created.unwrap();
+    }
+}

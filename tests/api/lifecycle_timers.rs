@@ -8,7 +8,6 @@ use std::time::Duration;
 use batchd::proto::batchd::v1 as pb;
 use pb::BatchStatus as S;
 use pb::EventType as E;
-use tokio::task::JoinSet;
 
 use crate::helpers::*;
 use crate::watch::watch;
@@ -101,33 +100,7 @@ async fn postgres_two_sweepers_move_each_due_batch_exactly_once() {
     let second = batchd::app::App::start(second_options).await.unwrap();
 
     let creator = service(&first);
-    let caller = creator
-        .admit(Some(&first.admin_key))
-        .await
-        .map_err(|refused| refused.error)
-        .unwrap()
-        .caller;
-    let mut creates = JoinSet::new();
-    for _ in 0..1_000 {
-        let (creator, caller) = (creator.clone(), caller.clone());
-        creates.spawn(async move {
-            creator
-                .create_batch(
-                    &caller,
-                    batchd::domain::CreateBatchInput {
-                        input_file_id: "file-1".into(),
-                        endpoint: "/v1/embeddings".into(),
-                        completion_window: "24h".into(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap()
-        });
-    }
-    while let Some(created) = creates.join_next().await {
-        created.unwrap();
-    }
+    create_many_through_the_service(&first, 1_000).await;
 
     clock.advance(DAY);
     let grace = Duration::from_secs(600);

@@ -11,7 +11,6 @@ use batchd::proto::batchd::v1 as pb;
 use pb::BatchStatus as S;
 use pb::EventType as E;
 use pb::FeedEventType as F;
-use tokio::task::JoinSet;
 
 use crate::change_feed::{next_event, watch_all};
 use crate::helpers::*;
@@ -59,6 +58,14 @@ async fn listed(rest: &Rest, query: &str) -> BTreeSet<String> {
         .iter()
         .map(|batch| batch["id"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// `batchd_stalled_batches` of `status` in `metrics`.
+fn stalled_gauge(metrics: &str, status: &str) -> f64 {
+    metric_value(
+        metrics,
+        &format!("batchd_stalled_batches{{status=\"{status}\"}}"),
+    )
 }
 
 fn ids<'a>(batches: impl IntoIterator<Item = &'a pb::Batch>) -> BTreeSet<String> {
@@ -156,14 +163,8 @@ async fn a_quiet_batch_is_marked_stalled_once_seen_everywhere_and_cleared_by_its
     assert_eq!(counts["counts"]["validating"], 1, "{counts}");
     assert_eq!(counts["counts"]["in_progress"], 1, "{counts}");
     let metrics = metrics_text(&app).await;
-    assert_eq!(
-        metric_value(&metrics, "batchd_stalled_batches{status=\"in_progress\"}"),
-        1.0
-    );
-    assert_eq!(
-        metric_value(&metrics, "batchd_stalled_batches{status=\"validating\"}"),
-        1.0
-    );
+    assert_eq!(stalled_gauge(&metrics, "in_progress"), 1.0);
+    assert_eq!(stalled_gauge(&metrics, "validating"), 1.0);
 
     // Marked once per stall: a later sweep passes the marked ones over, and marks the
     // one that has now been quiet long enough.
@@ -196,18 +197,9 @@ async fn a_quiet_batch_is_marked_stalled_once_seen_everywhere_and_cleared_by_its
     assert_eq!(listed(&rest, "stalled=true").await, ids([&moving]));
     assert_eq!(sweeper.mark_stalled_batches(STALL_AFTER).await.unwrap(), 0);
     let metrics = metrics_text(&app).await;
-    assert_eq!(
-        metric_value(&metrics, "batchd_stalled_batches{status=\"in_progress\"}"),
-        1.0
-    );
-    assert_eq!(
-        metric_value(&metrics, "batchd_stalled_batches{status=\"validating\"}"),
-        0.0
-    );
-    assert_eq!(
-        metric_value(&metrics, "batchd_stalled_batches{status=\"cancelling\"}"),
-        0.0
-    );
+    assert_eq!(stalled_gauge(&metrics, "in_progress"), 1.0);
+    assert_eq!(stalled_gauge(&metrics, "validating"), 0.0);
+    assert_eq!(stalled_gauge(&metrics, "cancelling"), 0.0);
     // Quiet again for the stall time, the batch is marked again.
     clock.advance(600);
     assert_eq!(sweeper.mark_stalled_batches(STALL_AFTER).await.unwrap(), 2);
@@ -425,33 +417,7 @@ async fn postgres_two_sweeps_mark_each_quiet_batch_exactly_once() {
     let second = batchd::app::App::start(second_options).await.unwrap();
 
     let creator = service(&first);
-    let caller = creator
-        .admit(Some(&first.admin_key))
-        .await
-        .map_err(|refused| refused.error)
-        .unwrap()
-        .caller;
-    let mut creates = JoinSet::new();
-    for _ in 0..1_000 {
-        let (creator, caller) = (creator.clone(), caller.clone());
-        creates.spawn(async move {
-            creator
-                .create_batch(
-                    &caller,
-                    batchd::domain::CreateBatchInput {
-                        input_file_id: "file-1".into(),
-                        endpoint: "/v1/embeddings".into(),
-                        completion_window: "24h".into(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap()
-        });
-    }
-    while let Some(created) = creates.join_next().await {
-        created.unwrap();
-    }
+    create_many_through_the_service(&first, 1_000).await;
 
     clock.advance(600);
     let (a, b) = tokio::join!(
