@@ -62,36 +62,60 @@ static COMMIT_ROUND: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// The oldest transaction still running (the next to start when none is): every
-/// transaction below it has ended, so no event below it can appear any more.
-const FEED_HORIZON: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+/// The feed's horizon, `horizon` (an `xid8`) of a one-row subquery: the oldest
+/// transaction still running, or the next to start when none is (every transaction
+/// below it has ended, so no event below it can appear any more), but at most one
+/// above the newest event below it (or the compaction watermark).
+///
+/// That limit keeps cursors valid across a crash or a failover. A transaction that
+/// writes nothing before its commit record (the wake-ups' `pg_notify`), like one that
+/// rolls back, ends without waiting for its WAL to be flushed or to reach a
+/// synchronous standby. If the server dies then, the recovered or promoted server
+/// hands that transaction id out again, and an event written under it would sort
+/// below a cursor that had passed it. An event's own transaction id is on disk (and on
+/// the synchronous standby) before its commit is acknowledged, so every id handed out
+/// after a crash is above it.
+const HORIZON: &str = "(SELECT LEAST(r.oldest_running, \
+     (GREATEST(COALESCE((SELECT xid FROM batch_events WHERE xid < r.oldest_running \
+     ORDER BY xid DESC LIMIT 1)::text::bigint, 0), \
+     (SELECT through_transaction FROM feed_compaction)) + 1)::text::xid8) AS horizon \
+     FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_running) AS r)";
+
+/// The feed's [`HORIZON`], as a number.
+static FEED_HORIZON: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT horizon::text::bigint FROM {HORIZON} AS now"));
 
 /// The horizon, and when the first event above it that this statement sees (committed,
 /// but held back by an older transaction still running) was written.
-const FEED_HORIZON_AND_HELD_BACK: &str = "SELECT horizon::text::bigint, \
-     (SELECT at FROM batch_events WHERE xid >= horizon ORDER BY xid, position LIMIT 1) \
-     FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now";
+static FEED_HORIZON_AND_HELD_BACK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT horizon::text::bigint, \
+         (SELECT at FROM batch_events WHERE xid >= horizon ORDER BY xid, position LIMIT 1) \
+         FROM {HORIZON} AS now"
+    )
+});
 
-/// [`SELECT_CHANGES`] below the horizon of its own snapshot, in one statement, each row
-/// with that horizon and when the first event above it was written: the statement's
-/// snapshot is what `pg_current_snapshot()` returns, so every transaction below its
-/// oldest running one has ended and is seen. $1 transaction, $2 order, $3 limit, and
+/// [`SELECT_CHANGES`] below the [`HORIZON`] of its own snapshot, in one statement, each
+/// row with that horizon and when the first event above it was written: the
+/// statement's snapshot is what `pg_current_snapshot()` returns, so every transaction
+/// below its oldest running one has ended and is seen. $1 transaction, $2 order, $3 limit, and
 /// in the owner's form $4 the owner. An empty result carries no horizon; the caller
 /// then reads in two statements. One form per [`FeedRead`].
 static SELECT_CHANGES_BELOW_OWN_HORIZON: LazyLock<[String; 3]> = LazyLock::new(|| {
     sql::feed_forms(
-        "SELECT e.xid::text::bigint AS \"transaction\", \
+        &"SELECT e.xid::text::bigint AS \"transaction\", \
          e.position, e.version, {snapshot}, {previous_status} AS previous_status, \
          w.through_transaction AS compacted_transaction, \
          w.through_position AS compacted_position, \
          h.horizon::text::bigint AS horizon, h.held_back_since \
          FROM (SELECT now.horizon, (SELECT at FROM batch_events \
                WHERE xid >= now.horizon ORDER BY xid, position LIMIT 1) AS held_back_since \
-               FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) AS now) AS h \
+               FROM {horizon} AS now) AS h \
          CROSS JOIN feed_compaction w \
          JOIN batch_events e ON (e.xid, e.position) > ($1::text::xid8, $2) AND e.xid < h.horizon{owner} \
          LEFT JOIN batch_events p ON p.batch_id = e.batch_id AND p.version = e.version - 1 \
-         ORDER BY e.xid, e.position LIMIT $3",
+         ORDER BY e.xid, e.position LIMIT $3"
+            .replace("{horizon}", HORIZON),
         4,
         field_in,
     )
@@ -310,7 +334,7 @@ impl Backend for PostgresBackend {
         // Nothing to read, or no horizon with it: the horizon is read first, then the
         // rows below it.
         let (oldest_running, held_back_since): (i64, Option<i64>) =
-            sqlx::query_as(FEED_HORIZON_AND_HELD_BACK)
+            sqlx::query_as(sqlx::AssertSqlSafe(FEED_HORIZON_AND_HELD_BACK.as_str()))
                 .fetch_one(pool)
                 .await?;
         let mut read = sqlx::query_as(sqlx::AssertSqlSafe(&*SELECT_CHANGES[form]))
@@ -332,7 +356,9 @@ impl Backend for PostgresBackend {
     }
 
     async fn feed_head(pool: &PgPool) -> Result<FeedCursor> {
-        let (oldest_running,): (i64,) = sqlx::query_as(FEED_HORIZON).fetch_one(pool).await?;
+        let (oldest_running,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(FEED_HORIZON.as_str()))
+            .fetch_one(pool)
+            .await?;
         Ok(FeedCursor {
             transaction: oldest_running,
             position: 0,
