@@ -201,7 +201,7 @@ impl Parts {
             .migrate()
             .await
             .context("cannot migrate the database")?;
-        let database = DatabaseStatus::default();
+        let database = store.database_status();
         // Every replica seals change feed cursors with one key, kept in the database,
         // so a client resumes on any of them.
         let cursor_key = store

@@ -120,13 +120,18 @@ impl HealthChecker {
         self.readiness.set_reachable(reachable).await;
     }
 
-    /// Checks every interval until `shutdown` turns true.
+    /// Checks every interval, and at once when a request reached the database while
+    /// the last check found it down (so readiness follows a recovery without waiting
+    /// for the next turn), until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let database = self.database.clone();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => self.check().await,
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = database.recheck_requested() => {}
                 _ = crate::shutdown::requested(&mut shutdown) => return,
             }
+            self.check().await;
         }
     }
 }

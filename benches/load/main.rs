@@ -10,6 +10,7 @@
 //! whole set is written as JSON.
 
 mod etcd;
+mod failover;
 mod fanout;
 mod feed;
 mod peers;
@@ -54,7 +55,7 @@ pub struct Plan {
     /// Each timed window.
     pub window: Duration,
     /// `--only GROUP`: run one group of figures (reads, fanout, feed, webhooks, writes,
-    /// sqlite, peers),
+    /// sqlite, peers, failover),
     /// e.g. to profile it; the figures that need another group's then lack a ratio.
     only: Option<String>,
 }
@@ -265,6 +266,11 @@ async fn run(
     // The dedicated watch systems, same counts (figure 7).
     if plan.runs("peers") {
         peers::run(plan, report).await?;
+    }
+
+    // PostgreSQL's own failover and switchover, on servers of its own (figure 10).
+    if plan.runs("failover") {
+        failover::run(plan, report).await?;
     }
     Ok(())
 }

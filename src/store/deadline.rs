@@ -101,6 +101,10 @@ impl<S: Lifecycle> Lifecycle for WithinDeadline<S> {
         self.inner.pool_usage()
     }
 
+    fn database_status(&self) -> super::DatabaseStatus {
+        self.inner.database_status()
+    }
+
     async fn close(&self) {
         self.inner.close().await
     }

@@ -13,7 +13,9 @@
 //! [`stored_batch`] is the one mapping of a batch to its columns and to its event-log
 //! snapshots. In front of the store, on the service's side, reads by id are coalesced
 //! ([`PointReads`]) and commits of batch changes grouped ([`GroupCommits`]);
-//! [`DatabaseStatus`] is what the readiness check last found, which both fail fast on.
+//! [`DatabaseStatus`] is what this replica knows of the database's reachability (the
+//! readiness check's last result, a connection lost in a crash or a switchover), on
+//! which both hold, fail fast or try.
 
 mod coalesce;
 mod database_status;
@@ -360,6 +362,11 @@ pub trait Lifecycle: Send + Sync + 'static {
 
     /// Connections of the pool: (open, idle).
     fn pool_usage(&self) -> (u32, u32);
+
+    /// What this replica knows about the database's reachability: the pool and the
+    /// LISTEN connection record lost connections in it, the readiness check what it
+    /// finds, and the request paths act on it.
+    fn database_status(&self) -> DatabaseStatus;
 
     /// Closes the connection pool, waiting for connections in use to be returned.
     async fn close(&self);

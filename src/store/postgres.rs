@@ -11,7 +11,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::postgres_wakeups::PostgresWakeups;
 use super::sql::{self, Backend, FeedRead, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
-use super::{ChangeNotifier, FeedCursor, StoreOptions};
+use super::{ChangeNotifier, DatabaseStatus, FeedCursor, StoreOptions};
 use crate::domain::BatchId;
 use crate::error::{Error, Result};
 
@@ -175,8 +175,17 @@ impl PostgresStore {
         let health = HealthConnection::new(connect.clone().application_name("batchd-health"));
         // A later `-c` wins over an earlier one.
         let migration_options = connect.clone().options([("statement_timeout", "0")]);
+        let status = DatabaseStatus::default();
+        let suspect = status.clone();
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
+            // A connection opened before another one broke (a crash, a switchover) is
+            // closed rather than handed out: no statement goes to a server that is
+            // gone, and no round trip is spent finding out.
+            .before_acquire(move |_, opened| {
+                let keep = !suspect.opened_before_loss(opened.age);
+                Box::pin(async move { Ok(keep) })
+            })
             // sqlx pings every connection before handing it out by default: a second
             // round trip per query. A broken connection shows up as an error of the
             // query itself (UNAVAILABLE) and is dropped from the pool.
@@ -184,10 +193,15 @@ impl PostgresStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        let wakeups = Arc::new(PostgresWakeups::new(pool.clone(), options.call_deadline()));
+        let wakeups = Arc::new(PostgresWakeups::new(
+            pool.clone(),
+            options.call_deadline(),
+            status.clone(),
+        ));
         Ok(SqlStore {
             pool,
             health,
+            status,
             backend: PostgresBackend {
                 migration_options,
                 wakeups,

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, watch};
 
-use super::{ChangeNotifier, CommitListener};
+use super::{ChangeNotifier, CommitListener, DatabaseStatus};
 use crate::domain::{BatchId, random_hex};
 
 /// The notification channel.
@@ -32,9 +32,12 @@ const COALESCE: Duration = Duration::from_millis(3);
 /// NOTIFY payloads must stay under 8000 bytes.
 const MAX_PAYLOAD: usize = 7_900;
 /// The first wait before LISTEN is tried again; it doubles up to the maximum.
-const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// The longest wait between two LISTEN attempts.
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// The longest wait between two LISTEN attempts. The new LISTEN connection is what
+/// ends the hold on writes after a switchover or a failover (see `DatabaseStatus`),
+/// so the wait is short: one connection attempt per replica twice a second is
+/// nothing to a database, and recovery then takes at most this long.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// This replica's end of LISTEN/NOTIFY: the commits it has not yet announced, and
 /// what it needs to announce them and to listen for the others'.
@@ -42,16 +45,20 @@ pub(super) struct PostgresWakeups {
     pool: PgPool,
     deadline: Duration,
     outbox: Outbox,
+    /// Where a lost LISTEN connection (the first to see a crash or a switchover, as
+    /// it always reads) and its replacement are recorded.
+    status: DatabaseStatus,
 }
 
 impl PostgresWakeups {
     /// Wake-ups over `pool`'s database, each statement within `deadline`, for a
-    /// replica with a fresh random name.
-    pub(super) fn new(pool: PgPool, deadline: Duration) -> PostgresWakeups {
+    /// replica with a fresh random name; lost connections are recorded in `status`.
+    pub(super) fn new(pool: PgPool, deadline: Duration, status: DatabaseStatus) -> PostgresWakeups {
         PostgresWakeups {
             pool,
             deadline,
             outbox: Outbox::new(format!("replica-{}", random_hex::<8>())),
+            status,
         }
     }
 }
@@ -74,6 +81,7 @@ impl ChangeNotifier for PostgresWakeups {
                 listener.as_ref(),
                 &self.outbox.replica,
                 self.deadline,
+                &self.status,
                 stopping
             ),
         );
@@ -193,12 +201,16 @@ async fn run_listener(
     hub: &dyn CommitListener,
     replica: &str,
     deadline: Duration,
+    status: &DatabaseStatus,
     mut stopping: watch::Receiver<bool>,
 ) {
     loop {
+        let connecting = std::time::Instant::now();
         let Some(mut listener) = listen_until_it_works(pool, deadline, &mut stopping).await else {
             return;
         };
+        // A new connection answered: rounds held since the last one broke may go.
+        status.answered(connecting);
         // LISTEN is in effect: anything committed without a notification reaching us
         // is in the log by now.
         hub.announcements_lost();
@@ -211,16 +223,19 @@ async fn run_listener(
                 Ok(Ok(Some(notification))) => wake_for(hub, replica, notification.payload()),
                 Ok(Ok(None)) => {
                     tracing::warn!("LISTEN connection was lost; reconnecting");
+                    status.connection_lost();
                     break;
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "LISTEN connection failed; reconnecting");
+                    status.connection_lost();
                     break;
                 }
                 Err(_quiet) => {
                     let probe = sqlx::query("SELECT 1").execute(&mut listener);
                     if !matches!(tokio::time::timeout(deadline, probe).await, Ok(Ok(_))) {
                         tracing::warn!("LISTEN connection does not answer; reconnecting");
+                        status.connection_lost();
                         break;
                     }
                 }

@@ -10,7 +10,10 @@
 //! is never sent; one past its deadline before it was sent is answered UNAVAILABLE,
 //! unsent; a full queue answers RESOURCE_EXHAUSTED at once (this replica's load, not
 //! the database's); while the readiness check finds the database down and the last
-//! round failed for want of it, requests fail at once instead of queueing.
+//! round failed for want of it, requests fail at once instead of queueing, but for a
+//! spaced trial that finds the database back; and for a request's deadline after a
+//! connection broke (a crash, a switchover) rounds wait for a new one rather than go to
+//! a server that is gone.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -84,6 +87,8 @@ pub(super) struct Rounds<K: RoundKind> {
     database: DatabaseStatus,
     /// The last round failed for want of the database (`UNAVAILABLE`).
     last_round_unavailable: AtomicBool,
+    /// A task waits for the hold on rounds after a lost connection to end.
+    holding: AtomicBool,
 }
 
 impl<K: RoundKind> Rounds<K> {
@@ -102,19 +107,34 @@ impl<K: RoundKind> Rounds<K> {
             max_wait,
             database,
             last_round_unavailable: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
         })
     }
 
-    /// The database is known down: the readiness check fails and so did the last
-    /// round. Both, so that a readiness connection that alone cannot connect (say,
-    /// `too many connections`) does not refuse requests the pool would serve.
+    /// The database is known down: the readiness check fails, and so did the last
+    /// round or an open connection. Both, so that a readiness connection that alone
+    /// cannot connect (say, `too many connections`) does not refuse requests the pool
+    /// would serve.
     pub(super) fn database_known_down(&self) -> bool {
-        self.database.is_down() && self.last_round_unavailable.load(Ordering::Acquire)
+        self.database.is_down()
+            && (self.last_round_unavailable.load(Ordering::Acquire) || self.database.is_lost())
+            && !self.holding()
     }
 
-    /// Queues `request` for a round and waits for its answer.
+    /// A connection broke less than a request's deadline ago and nothing has reached
+    /// the database since: rounds wait rather than go (see
+    /// [`Self::hold_while_connection_lost`]).
+    fn holding(&self) -> bool {
+        self.database
+            .lost_for()
+            .is_some_and(|lost_for| lost_for < self.max_wait)
+    }
+
+    /// Queues `request` for a round and waits for its answer. While the database is
+    /// known down it is refused at once, unless it is the trial that finds the
+    /// database back.
     pub(super) async fn ask(self: &Arc<Self>, request: K::Request) -> Result<K::Answer> {
-        if self.database_known_down() {
+        if self.database_known_down() && !self.database.take_trial() {
             return Err(Error::Unavailable(format!(
                 "the database is down; not queueing the {}",
                 K::WAITERS
@@ -170,28 +190,20 @@ impl<K: RoundKind> Rounds<K> {
     /// Sends one round of what waits, if a slot is free. When none is, the round that
     /// finishes next calls this again.
     fn start_round(self: &Arc<Self>) {
+        if self.hold_while_connection_lost() {
+            let late = Self::take_late(&mut self.lock());
+            self.answer_late(late);
+            return;
+        }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return;
         };
-        let mut expired = Vec::new();
-        let round = {
+        let (late, round) = {
             let mut waiting = self.lock();
-            // Callers that went away need no round; callers past their deadline are
-            // told so rather than sent.
-            let now = Instant::now();
-            waiting.retain(|waiter| !waiter.answer.is_closed());
-            let (late, live): (VecDeque<_>, VecDeque<_>) =
-                waiting.drain(..).partition(|waiter| waiter.deadline <= now);
-            *waiting = live;
-            expired.extend(late);
-            self.kind.form(&mut waiting)
+            let late = Self::take_late(&mut waiting);
+            (late, self.kind.form(&mut waiting))
         };
-        for waiter in expired {
-            let _ = waiter.answer.send(Err(Error::Unavailable(format!(
-                "no turn at the database within {:?}",
-                self.max_wait
-            ))));
-        }
+        self.answer_late(late);
         let Some(round) = round else {
             return;
         };
@@ -201,12 +213,76 @@ impl<K: RoundKind> Rounds<K> {
         tokio::spawn(self.clone().run(round, slot).instrument(span));
     }
 
+    /// Drops the waiters whose callers went away (they need no round) and takes out
+    /// those past their deadline.
+    fn take_late(
+        waiting: &mut VecDeque<Waiter<K::Request, K::Answer>>,
+    ) -> Vec<Waiter<K::Request, K::Answer>> {
+        let now = Instant::now();
+        waiting.retain(|waiter| !waiter.answer.is_closed());
+        let (late, live): (VecDeque<_>, VecDeque<_>) =
+            waiting.drain(..).partition(|waiter| waiter.deadline <= now);
+        *waiting = live;
+        late.into()
+    }
+
+    /// Tells the waiters past their deadline so, unsent.
+    fn answer_late(&self, late: Vec<Waiter<K::Request, K::Answer>>) {
+        for waiter in late {
+            let _ = waiter.answer.send(Err(Error::Unavailable(format!(
+                "no turn at the database within {:?}",
+                self.max_wait
+            ))));
+        }
+    }
+
+    /// For a request's deadline after a connection broke (a crash, a switchover), until
+    /// a new connection or the readiness check reaches the database, rounds are not
+    /// sent: the connections they would get may be as dead, and a switchover ends
+    /// within moments, so requests that wait for it are refused nothing. The waiters
+    /// stay queued within their deadlines; one task waits for the hold to end (or the
+    /// first deadline) and starts the round then. After that, a database still away
+    /// is an outage: requests fail at once, but for the trials.
+    fn hold_while_connection_lost(self: &Arc<Self>) -> bool {
+        let Some(lost_for) = self.database.lost_for() else {
+            return false;
+        };
+        let Some(hold_left) = self.max_wait.checked_sub(lost_for) else {
+            return false;
+        };
+        if self.holding.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        let rounds = self.clone();
+        tokio::spawn(async move {
+            let database = rounds.database.clone();
+            let change = database.next_change();
+            tokio::pin!(change);
+            change.as_mut().enable();
+            if database.is_lost() {
+                let hold_ends = Instant::now() + hold_left;
+                let first_deadline = rounds.lock().iter().map(|waiter| waiter.deadline).min();
+                let wake = first_deadline.map_or(hold_ends, |first| first.min(hold_ends));
+                tokio::select! {
+                    _ = change => {}
+                    _ = tokio::time::sleep_until(wake) => {}
+                }
+            }
+            rounds.holding.store(false, Ordering::Release);
+            rounds.start_round();
+        });
+        true
+    }
+
     async fn run(self: Arc<Self>, round: K::Round, slot: OwnedSemaphorePermit) {
+        let sent = std::time::Instant::now();
         let outcome = self.kind.run(&round).await;
-        self.last_round_unavailable.store(
-            matches!(outcome, Err(Error::Unavailable(_))),
-            Ordering::Release,
-        );
+        let unavailable = matches!(outcome, Err(Error::Unavailable(_)));
+        self.last_round_unavailable
+            .store(unavailable, Ordering::Release);
+        if !unavailable {
+            self.database.answered(sent);
+        }
         drop(slot);
         self.start_round();
         K::answer(round, outcome);

@@ -16,8 +16,8 @@ use sqlx::{
 
 use super::stored_batch::{self, StoredBatchV1};
 use super::{
-    BatchPageQuery, ChangeNotifier, EarlierClaim, EventLog, FeedBounds, FeedChange, FeedCursor,
-    FeedPage, IdempotencyClaim,
+    BatchPageQuery, ChangeNotifier, DatabaseStatus, EarlierClaim, EventLog, FeedBounds, FeedChange,
+    FeedCursor, FeedPage, IdempotencyClaim,
 };
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchFilter, BatchId, BatchStatus, Scope};
 use crate::error::{Error, Result};
@@ -526,6 +526,8 @@ where
 pub(super) struct SqlStore<B: Backend> {
     pub(super) pool: Pool<B::Db>,
     pub(super) health: HealthConnection<B::Db>,
+    /// What this replica knows about the database's reachability.
+    pub(super) status: DatabaseStatus,
     pub(super) backend: B,
 }
 
@@ -1106,6 +1108,10 @@ impl<B: Backend> super::Lifecycle for SqlStore<B> {
 
     fn pool_usage(&self) -> (u32, u32) {
         (self.pool.size(), self.pool.num_idle() as u32)
+    }
+
+    fn database_status(&self) -> DatabaseStatus {
+        self.status.clone()
     }
 
     async fn close(&self) {

@@ -10,7 +10,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::sql::{self, Backend, FeedRead, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
-use super::{ChangeNotifier, FeedCursor, StoreOptions};
+use super::{ChangeNotifier, DatabaseStatus, FeedCursor, StoreOptions};
 use crate::domain::BatchId;
 use crate::error::{Error, Result};
 
@@ -101,6 +101,7 @@ impl SqliteStore {
         Ok(SqlStore {
             pool,
             health,
+            status: DatabaseStatus::default(),
             backend: SqliteBackend,
         })
     }

@@ -418,7 +418,8 @@ async fn ready(app: &TestApp) -> bool {
 /// off, and everything comes back by itself once the database answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_silent_database_fails_calls_fast_and_recovers_by_itself() {
-    use crate::proxy::{Mode, TcpProxy, postgres_addr};
+    use crate::helpers::postgres_addr;
+    use crate::proxy::{Mode, TcpProxy};
     let proxy = TcpProxy::start(postgres_addr()).await;
     let app = behind_a_proxy(&proxy, |_| {}).await;
     let mut client = app.client(&app.admin_key);
@@ -512,7 +513,8 @@ async fn postgres_a_silent_database_fails_calls_fast_and_recovers_by_itself() {
 /// keeps its own connection and stays SERVING, and a key in memory keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_flood_of_unknown_keys_neither_fails_readiness_nor_starves_known_keys() {
-    use crate::proxy::{Mode, TcpProxy, postgres_addr};
+    use crate::helpers::postgres_addr;
+    use crate::proxy::{Mode, TcpProxy};
     let proxy = TcpProxy::start(postgres_addr()).await;
     let app = behind_a_proxy(&proxy, |o| {
         o.store.max_connections = 4;

@@ -515,3 +515,18 @@ pub async fn create_many_through_the_service(app: &TestApp, count: usize) {
         created.unwrap();
     }
 }
+
+/// The address of the test PostgreSQL server.
+pub fn postgres_addr() -> std::net::SocketAddr {
+    let url = postgres_admin_url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let authority = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:5432")
+    };
+    let authority = authority.replace("localhost", "127.0.0.1");
+    authority.parse().expect("the test PostgreSQL address")
+}

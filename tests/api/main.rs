@@ -3,6 +3,7 @@
 //! (`<module>::sqlite::<test>` and `<module>::postgres::<test>`).
 
 mod helpers;
+mod own_postgres;
 mod process;
 mod proxy;
 

@@ -115,18 +115,3 @@ async fn pump(
         }
     }
 }
-
-/// The address of the test PostgreSQL server.
-pub fn postgres_addr() -> SocketAddr {
-    let url = crate::helpers::postgres_admin_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let authority = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:5432")
-    };
-    let authority = authority.replace("localhost", "127.0.0.1");
-    authority.parse().expect("the test PostgreSQL address")
-}

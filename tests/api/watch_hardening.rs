@@ -305,7 +305,7 @@ enum Plan {
 
 impl ListenSaboteur {
     async fn start() -> ListenSaboteur {
-        let upstream = crate::proxy::postgres_addr();
+        let upstream = crate::helpers::postgres_addr();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let plan = Arc::new(Mutex::new(Plan::PassThrough));
