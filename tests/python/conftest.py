@@ -1,6 +1,7 @@
 """Fixtures: a real batchd process per store (SQLite file, fresh PostgreSQL database),
 on random ports, with API keys created through its own command line."""
 
+import contextlib
 import os
 import re
 import subprocess
@@ -70,7 +71,9 @@ class Batchd:
     database_url: str
     http_url: str
     grpc_target: str
-    admin_key: str
+    # The admin key batchd printed at its first start on an empty database; None when
+    # the database already had a key (a second replica).
+    admin_key: str | None
     keys: dict = field(default_factory=dict)
 
     def key(self, user: str, scope: str = "batches") -> str:
@@ -128,37 +131,50 @@ def _serve(database_url: str, env: dict) -> Batchd:
         lines.append(line.rstrip("\n"))
         serving = re.match(r"batchd is serving gRPC on (\S+) and HTTP on (\S+)", line)
         if serving:
-            key = next(l for l in lines if l.startswith("bd_sk_"))
+            key = next((l for l in lines if l.startswith("bd_sk_")), None)
             return Batchd(
                 process, database_url, f"http://{serving.group(2)}", serving.group(1), key
             )
     raise RuntimeError(f"batchd exited before serving: {lines}")
 
 
-def _batchd_on(store: str, env: dict):
-    """batchd on a fresh database of `store`, with `env` added to its environment."""
-    if store == "sqlite":
-        with tempfile.TemporaryDirectory() as directory:
-            server = _serve(f"sqlite://{directory}/batchd.db", env)
-            yield server
-            server.process.terminate()
-            server.process.wait(timeout=30)
-        return
-    if SKIP_POSTGRES:
-        pytest.skip("PostgreSQL unreachable (scripts/test said so)")
+@contextlib.contextmanager
+def serving(database_url: str, env: dict | None = None):
+    """A `batchd serve` on `database_url`, with `env` added to its environment; stopped
+    on leaving."""
+    server = _serve(database_url, env or {})
+    try:
+        yield server
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def postgres_database():
+    """The name of a fresh database on the test PostgreSQL, dropped on leaving."""
     import psycopg
 
     name = f"batchd_pytest_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     try:
-        server = _serve(f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}", env)
-        yield server
-        server.process.terminate()
-        server.process.wait(timeout=30)
+        yield name
     finally:
         with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _batchd_on(store: str, env: dict):
+    """batchd on a fresh database of `store`, with `env` added to its environment."""
+    if store == "sqlite":
+        with tempfile.TemporaryDirectory() as directory, serving(f"sqlite://{directory}/batchd.db", env) as server:
+            yield server
+        return
+    if SKIP_POSTGRES:
+        pytest.skip("PostgreSQL unreachable (scripts/test said so)")
+    with postgres_database() as name, serving(f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}", env) as server:
+        yield server
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

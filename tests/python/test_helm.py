@@ -2,7 +2,8 @@
 real Helm v4 library (helm-python-sdk; no helm binary, no cluster): lint, render three
 value sets, validate every object strictly against the Kubernetes 1.30 and newest
 schemas, and assert the probes, security context, ports, secret wiring, the tenant
-limits, stall detection and the refusals of values that cannot work."""
+limits, stall detection, the CloudNativePG example and the refusals of values that
+cannot work."""
 
 from pathlib import Path
 
@@ -42,6 +43,9 @@ MINIMAL = {
     "serviceAccount": {"create": False},
     "spreadAcrossNodes": False,
 }
+# The documented way to run on a CloudNativePG cluster, read as `helm -f` reads it.
+CLOUDNATIVEPG_EXAMPLE = CHART / "examples" / "cloudnativepg.yaml"
+CLOUDNATIVEPG = helm.values_from_yaml(CLOUDNATIVEPG_EXAMPLE.read_text())
 
 # The Prometheus Operator's ServiceMonitor is a CRD, not in the Kubernetes schemas:
 # its fields that the chart uses, with the CRD's types, nothing else allowed.
@@ -120,7 +124,9 @@ def test_the_chart_lints_clean():
     assert problems == [], problems
 
 
-@pytest.mark.parametrize("values", [DEFAULT, HIGH_AVAILABILITY, MINIMAL], ids=["default", "ha", "minimal"])
+@pytest.mark.parametrize(
+    "values", [DEFAULT, HIGH_AVAILABILITY, MINIMAL, CLOUDNATIVEPG], ids=["default", "ha", "minimal", "cloudnativepg"]
+)
 @pytest.mark.parametrize("kubernetes", KUBERNETES)
 def test_every_rendered_object_is_valid_kubernetes(values, kubernetes):
     objects = render(values)
@@ -205,6 +211,46 @@ def test_configuration_comes_from_the_configmap_and_the_url_from_a_secret():
     assert "Secret" not in ha
     url = next(e for e in container(ha)["env"] if e["name"] == "BATCHD_DATABASE_URL")["valueFrom"]["secretKeyRef"]
     assert url == {"name": "batchd-db", "key": "url"}
+
+
+def test_the_cloudnativepg_example_reads_the_url_from_the_operators_secret():
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(CLOUDNATIVEPG)
+    report = helm.lint(CHART, CLOUDNATIVEPG, strict=True, kube_version="v1.30.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+    objects = render(CLOUDNATIVEPG)
+    assert "Secret" not in objects, "the operator's Secret is used, the chart makes none"
+    env = container(objects)["env"]
+    url = next(e for e in env if e["name"] == "BATCHD_DATABASE_URL")["valueFrom"]["secretKeyRef"]
+    assert url == {"name": "mycluster-app", "key": "uri"}
+    assert only(objects, "Deployment")["spec"]["replicas"] == 2
+    assert "postgres" not in str(only(objects, "ConfigMap")["data"]), "no URL in the ConfigMap"
+
+
+def test_the_cloudnativepg_example_shows_the_cluster_whose_secret_it_reads():
+    # The Cluster manifest in the example's comment: from its apiVersion line to the
+    # next bare "#", indented by "#   ".
+    lines = CLOUDNATIVEPG_EXAMPLE.read_text().splitlines()
+    start = lines.index("#   apiVersion: postgresql.cnpg.io/v1")
+    end = lines.index("#", start)
+    cluster = yaml.safe_load("\n".join(line.removeprefix("#   ") for line in lines[start:end]))
+    assert cluster["kind"] == "Cluster"
+    # CloudNativePG names the application user's Secret <cluster>-app.
+    assert CLOUDNATIVEPG["database"]["existingSecret"] == f"{cluster['metadata']['name']}-app"
+    assert f"{cluster['metadata']['name']}-rw" in "\n".join(lines[:start]), "the header names the -rw Service"
+
+
+@pytest.mark.parametrize(
+    "name, key",
+    [("mycluster-app", "uri"), ("db.example-app", "DATABASE_URL"), ("a" * 253, "k" * 253), ("x", "fqdn-uri")],
+    ids=["cloudnativepg", "dotted", "longest", "shortest"],
+)
+def test_any_kubernetes_secret_name_and_key_are_accepted(name, key):
+    objects = render({"database": {"existingSecret": name, "existingSecretKey": key}})
+    url = next(e for e in container(objects)["env"] if e["name"] == "BATCHD_DATABASE_URL")["valueFrom"]["secretKeyRef"]
+    assert url == {"name": name, "key": key}
 
 
 def test_a_configuration_change_rolls_the_pods():
@@ -336,12 +382,20 @@ def test_helm_test_checks_health_with_batchd_itself():
         ({"batchd": {"stallAfter": "10"}}, "/batchd/stallAfter': '10' does not match pattern"),
         ({"batchd": {"stallAfter": 10}}, "/batchd/stallAfter': value must be 0"),
         ({"batchd": {"stallAfter": False}}, "/batchd/stallAfter': got boolean, want string"),
+        ({"database": {"existingSecret": "My_Secret"}}, "/database/existingSecret': 'My_Secret' does not match pattern"),
+        ({"database": {"existingSecret": "-db"}}, "/database/existingSecret': '-db' does not match pattern"),
+        ({"database": {"existingSecret": "a" * 254}}, "/database/existingSecret': maxLength: got 254, want 253"),
+        ({"database": {"existingSecretKey": "a/b"}}, "/database/existingSecretKey': 'a/b' does not match pattern"),
+        ({"database": {"existingSecretKey": ""}}, "/database/existingSecretKey': minLength: got 0, want 1"),
+        ({"database": {"existingSecretKey": "k" * 254}}, "/database/existingSecretKey': maxLength: got 254, want 253"),
     ],
     ids=[
         "sqlite-replicas", "sqlite-hpa", "no-database", "wrong-type", "unknown-key", "bad-enum", "hpa-bounds",
         "retention-not-a-duration", "retention-no-unit", "retention-a-number", "quota-negative", "quota-fraction",
         "rate-negative", "rate-a-string", "rate-too-high", "rate-too-low", "quota-too-high", "burst-negative", "tenants-unknown-key", "burst-without-rate",
         "stall-not-a-duration", "stall-no-unit", "stall-a-number", "stall-a-boolean",
+        "secret-name-not-dns", "secret-name-leading-dash", "secret-name-too-long",
+        "secret-key-slash", "secret-key-empty", "secret-key-too-long",
     ],
 )
 def test_values_that_cannot_work_fail_with_a_clear_message(values, message):
