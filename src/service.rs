@@ -381,7 +381,7 @@ impl BatchService {
             }
         }
         let created = Arc::new(batch.clone());
-        self.hub.committed(&created);
+        self.hub.committed(&created, None);
         self.caches.remember(created);
         tracing::info!(batch_id = %batch.id, user_id = %batch.user_id, "batch created");
         Ok(batch)
@@ -564,7 +564,7 @@ impl BatchService {
                     .increment(1);
             }
             for batch in chunk.iter().cloned().map(Arc::new) {
-                self.hub.committed(&batch);
+                self.hub.committed(&batch, Some(batch.status));
                 self.caches.remember(batch);
             }
             marked += chunk.len() as u64;
@@ -758,7 +758,7 @@ impl BatchService {
                         continue;
                     }
                 }
-                self.hub.committed(&next);
+                self.hub.committed(&next, Some(from));
                 self.caches.remember(next.clone());
                 moved += 1;
                 match next.status {
@@ -929,7 +929,7 @@ impl BatchService {
                 if committed.status != current.status {
                     tracing::info!(batch_id = %id, from = %current.status, to = %committed.status, version = committed.version, "batch status changed");
                 }
-                self.hub.committed(&committed);
+                self.hub.committed(&committed, Some(current.status));
                 self.caches.remember(committed.clone());
                 return Ok(Arc::unwrap_or_clone(committed));
             }

@@ -304,6 +304,17 @@ impl Batch {
         Ok(next.commit(self, now))
     }
 
+    /// Whether this committed version moves the batch's status for webhooks, as the
+    /// change feed's status moves read it (`StatusMoves` in the store: the first
+    /// version, a status other than the version before's, or the stall mark).
+    /// `previous_status` is the status of the version before, `None` when it is unknown
+    /// (compacted away: then nothing says the status moved).
+    pub fn is_status_move(&self, previous_status: Option<BatchStatus>) -> bool {
+        self.version == 1
+            || previous_status.is_some_and(|before| before != self.status)
+            || self.stalled_at.is_some()
+    }
+
     /// The lifecycle's timers at `now`: a running batch whose window has passed moves
     /// to `expired`; a batch `cancelling` for longer than `cancel_grace` seconds moves
     /// to `cancelled` (no worker confirmed in time). `None` when neither is due.
@@ -471,19 +482,25 @@ mod tests {
         BatchUpdate::parse(input).expect("valid update")
     }
 
+    /// `batch` after the change `input`, made at `now`; the change must change it.
+    fn applied(batch: &Batch, input: BatchUpdateInput, now: UnixSeconds) -> Batch {
+        batch
+            .apply(&update(input), now)
+            .expect("an allowed change")
+            .expect("a new version")
+    }
+
     #[test]
     fn each_transition_stamps_its_own_timestamp_and_bumps_the_version() {
         let start = batch(BatchStatus::Validating);
-        let running = start
-            .apply(
-                &update(BatchUpdateInput {
-                    status: Some(BatchStatus::InProgress),
-                    ..Default::default()
-                }),
-                2_000,
-            )
-            .unwrap()
-            .unwrap();
+        let running = applied(
+            &start,
+            BatchUpdateInput {
+                status: Some(BatchStatus::InProgress),
+                ..Default::default()
+            },
+            2_000,
+        );
         assert_eq!(running.status, BatchStatus::InProgress);
         assert_eq!(running.in_progress_at, Some(2_000));
         assert_eq!(running.version, 2);
@@ -811,6 +828,46 @@ mod tests {
         assert!(
             cancelling.mark_stalled(3_300, 600).is_some(),
             "cancelling stalls too"
+        );
+    }
+
+    #[test]
+    fn a_status_move_is_the_first_version_a_new_status_or_the_stall_mark() {
+        let created = batch(BatchStatus::Validating);
+        assert!(created.is_status_move(None), "the first version");
+        let running = applied(
+            &created,
+            BatchUpdateInput {
+                status: Some(BatchStatus::InProgress),
+                ..Default::default()
+            },
+            2_000,
+        );
+        assert!(running.is_status_move(Some(created.status)));
+        let progressed = applied(
+            &running,
+            BatchUpdateInput {
+                request_counts: Some(RequestCounts {
+                    total: 10,
+                    completed: 3,
+                    failed: 0,
+                }),
+                ..Default::default()
+            },
+            2_100,
+        );
+        assert!(
+            !progressed.is_status_move(Some(running.status)),
+            "a progress report"
+        );
+        assert!(
+            !progressed.is_status_move(None),
+            "a version whose version before is unknown"
+        );
+        let stalled = progressed.mark_stalled(10_000, 600).unwrap();
+        assert!(
+            stalled.is_status_move(Some(progressed.status)),
+            "the stall mark"
         );
     }
 

@@ -23,7 +23,7 @@ use super::collection::{self, CollectionContext};
 use super::subscriber::{self, WatcherContext};
 use super::{FeedEvent, KEY_REVOKED, LOG_PAGE, WatchEvent, WatchOptions};
 use crate::clock::wall_clock_ms;
-use crate::domain::{Batch, BatchFilter, BatchId, Caller, CursorSealer, FeedStart};
+use crate::domain::{Batch, BatchFilter, BatchId, BatchStatus, Caller, CursorSealer, FeedStart};
 use crate::error::{Error, Result};
 use crate::store::{ChangeNotifier, CommitListener, EventLog};
 
@@ -119,8 +119,11 @@ pub struct WatchHub {
     notifier: OnceLock<Arc<dyn ChangeNotifier>>,
     /// The one reader of the change feed, for every collection watcher here.
     change_feed: Arc<ChangeFeed>,
-    /// Signalled on every commit, here or on another replica: wakes the webhook
-    /// dispatcher (a stored permit, so no commit between two reads goes unnoticed).
+    /// Signalled on every status move committed here and every commit on another
+    /// replica: wakes the webhook dispatcher (a stored permit, so no commit between two
+    /// reads goes unnoticed). A progress report here does not signal it: the dispatcher
+    /// would read it only to pass over it, and its next read passes over every report
+    /// since in one page.
     commits: Arc<Notify>,
     stopping: watch::Sender<bool>,
     /// Seals the change feed's cursors for clients and opens what they send back.
@@ -180,13 +183,17 @@ impl WatchHub {
         let _ = self.notifier.set(notifier);
     }
 
-    /// `batch` was committed by this replica: its watchers here get it at once when
-    /// it is the version right after what they were sent (otherwise the feed reads the
-    /// log), and the other replicas are told.
-    pub fn committed(&self, batch: &Arc<Batch>) {
+    /// `batch` was committed by this replica, from a version in `previous_status`
+    /// (`None` when it is the first): its watchers here get it at once when it is the
+    /// version right after what they were sent (otherwise the feed reads the log), the
+    /// webhook dispatcher wakes when it moved the status, and the other replicas are
+    /// told.
+    pub fn committed(&self, batch: &Arc<Batch>, previous_status: Option<BatchStatus>) {
         let at = wall_clock_ms();
         self.change_feed.wake();
-        self.commits.notify_one();
+        if batch.is_status_move(previous_status) {
+            self.commits.notify_one();
+        }
         let feed = self.feed_of(&batch.id);
         if let Some(feed) = feed {
             if feed.publish_commit(batch) {
@@ -629,12 +636,13 @@ async fn read_new_versions(log: &dyn EventLog, feed: &Feed) {
 mod tests {
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
+    use std::time::Duration;
 
     use tokio::sync::Barrier;
     use tokio::task::JoinSet;
 
     use super::WatchHub;
-    use crate::domain::BatchId;
+    use crate::domain::{BatchId, BatchStatus};
     use crate::store::StoreOptions;
     use crate::watch::WatchOptions;
 
@@ -648,6 +656,32 @@ mod tests {
             WatchOptions::default(),
             crate::domain::CursorSealer::with_random_key(),
         )
+    }
+
+    /// The webhook dispatcher is woken by status moves committed here, not by progress
+    /// reports: it reads the reports past only when a move or its poll wakes it.
+    #[tokio::test]
+    async fn only_a_status_move_committed_here_wakes_the_webhook_dispatcher() {
+        let hub = hub().await;
+        let commits = hub.commits();
+        let woken = || async {
+            tokio::time::timeout(Duration::from_millis(50), commits.notified())
+                .await
+                .is_ok()
+        };
+        let created = crate::domain::fixtures::batch();
+        hub.committed(&Arc::new(created.clone()), None);
+        assert!(woken().await, "a new batch");
+        let mut progressed = created.clone();
+        progressed.version += 1;
+        progressed.request_counts.completed += 1;
+        hub.committed(&Arc::new(progressed.clone()), Some(created.status));
+        assert!(!woken().await, "a progress report");
+        let mut moved = progressed.clone();
+        moved.version += 1;
+        moved.status = BatchStatus::Finalizing;
+        hub.committed(&Arc::new(moved), Some(progressed.status));
+        assert!(woken().await, "a status move");
     }
 
     /// Watchers join while the last one leaves, on several threads at once: none ever
