@@ -51,6 +51,7 @@ pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(colors_on_stderr())
             .with_writer(std::io::stderr)
             .with_filter(filter())
             .boxed(),
@@ -77,6 +78,16 @@ pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
         .try_init()
         .context("a tracing subscriber is already installed")?;
     Ok(Telemetry { tracer_provider })
+}
+
+/// Colours in text logs only for a person at a terminal: escape codes in a file or a
+/// log collector's pipe (Kubernetes, journald) are noise in every line, and writing
+/// them cost each request's span about 2 % of batchd's instructions (callgrind).
+/// `NO_COLOR` (set and not empty) turns them off at a terminal too.
+fn colors_on_stderr() -> bool {
+    use std::io::IsTerminal as _;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+    std::io::stderr().is_terminal() && !no_color
 }
 
 fn otlp_requested() -> bool {
