@@ -1,10 +1,7 @@
 //! Rounds: requests that arrive together share one database call. The machinery that
 //! coalesced reads ([`PointReads`](super::PointReads)) and group commit
 //! ([`GroupCommits`](super::GroupCommits)) share: a bounded queue of waiters, a few
-//! slots for rounds in flight, and the fast failures. A caller that finds a slot free
-//! leads the round on its own task (a lone request spawns nothing and wakes no other
-//! thread); a round that a finishing round starts runs on a task of its own; a leader
-//! that goes away hands its round to a task, so no round is dropped half-sent.
+//! slots for rounds in flight, each round on its own task, and the fast failures.
 //! Only what a round is differs, and each says it as a [`RoundKind`]: which waiters
 //! form the next round, the call that serves it, and how its answers are handed out.
 //!
@@ -21,10 +18,8 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
@@ -162,22 +157,10 @@ impl<K: RoundKind> Rounds<K> {
                 deadline,
             });
         }
-        // A caller that finds a slot free leads the round itself, on its own task: no
-        // task to spawn and no other thread to wake for it. The round it leads need
-        // not hold its own request (a round has a size limit, a commit may have to
-        // wait for one in flight); then it waits for its answer like the others.
-        let led = self
-            .next_round()
-            .map(|(round, slot)| LedRound::new(self.clone(), round, slot));
-        let wait = async move {
-            if let Some(led) = led {
-                led.await;
-            }
-            answered.await
-        };
+        self.start_round();
         // Dropping `answered` on time-out marks this waiter gone: no round sends it.
         let answered = if K::GIVES_UP_WHEN_SENT {
-            match tokio::time::timeout_at(deadline, wait).await {
+            match tokio::time::timeout_at(deadline, answered).await {
                 Ok(answered) => answered,
                 Err(_) => {
                     return Err(Error::Unavailable(format!(
@@ -187,7 +170,7 @@ impl<K: RoundKind> Rounds<K> {
                 }
             }
         } else {
-            wait.await
+            answered.await
         };
         answered.unwrap_or_else(|_| {
             Err(Error::Internal(format!(
@@ -204,30 +187,30 @@ impl<K: RoundKind> Rounds<K> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends one round of what waits on a task of its own, if a slot is free. When
-    /// none is, the round that finishes next calls this again.
+    /// Sends one round of what waits, if a slot is free. When none is, the round that
+    /// finishes next calls this again.
     fn start_round(self: &Arc<Self>) {
-        if let Some((round, slot)) = self.next_round() {
-            tokio::spawn(self.clone().run_in_span(round, slot));
-        }
-    }
-
-    /// The next round of what waits, with the slot it runs in, if a slot is free and
-    /// rounds are not held.
-    fn next_round(self: &Arc<Self>) -> Option<(K::Round, OwnedSemaphorePermit)> {
         if self.hold_while_connection_lost() {
             let late = Self::take_late(&mut self.lock());
             self.answer_late(late);
-            return None;
+            return;
         }
-        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return;
+        };
         let (late, round) = {
             let mut waiting = self.lock();
             let late = Self::take_late(&mut waiting);
             (late, self.kind.form(&mut waiting))
         };
         self.answer_late(late);
-        Some((round?, slot))
+        let Some(round) = round else {
+            return;
+        };
+        // Its own task: a caller that goes away must not take the others' answers along.
+        let span =
+            tracing::debug_span!("store.round", waiters = K::WAITERS, size = K::size(&round));
+        tokio::spawn(self.clone().run(round, slot).instrument(span));
     }
 
     /// Drops the waiters whose callers went away (they need no round) and takes out
@@ -291,17 +274,6 @@ impl<K: RoundKind> Rounds<K> {
         true
     }
 
-    /// [`Self::run`] in the round's span.
-    fn run_in_span(
-        self: Arc<Self>,
-        round: K::Round,
-        slot: OwnedSemaphorePermit,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let span =
-            tracing::debug_span!("store.round", waiters = K::WAITERS, size = K::size(&round));
-        self.run(round, slot).instrument(span)
-    }
-
     async fn run(self: Arc<Self>, round: K::Round, slot: OwnedSemaphorePermit) {
         let sent = std::time::Instant::now();
         let outcome = self.kind.run(&round).await;
@@ -314,50 +286,6 @@ impl<K: RoundKind> Rounds<K> {
         drop(slot);
         self.start_round();
         K::answer(round, outcome);
-    }
-}
-
-/// A round led by one of its callers, on the caller's task. A caller that goes away
-/// (its request cancelled, its deadline passed) must not take the others' answers
-/// along, nor leave a commit sent but unanswered: dropped before the round ends, it
-/// hands the round to a task of its own, which finishes it.
-struct LedRound {
-    round: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-}
-
-impl LedRound {
-    fn new<K: RoundKind>(
-        rounds: Arc<Rounds<K>>,
-        round: K::Round,
-        slot: OwnedSemaphorePermit,
-    ) -> LedRound {
-        LedRound {
-            round: Some(Box::pin(rounds.run_in_span(round, slot))),
-        }
-    }
-}
-
-impl Future for LedRound {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(round) = self.round.as_mut() else {
-            return Poll::Ready(());
-        };
-        ready!(round.as_mut().poll(cx));
-        self.round = None;
-        Poll::Ready(())
-    }
-}
-
-impl Drop for LedRound {
-    fn drop(&mut self) {
-        if let Some(round) = self.round.take() {
-            // Outside a runtime (the process is ending) there is nothing to finish on.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(round);
-            }
-        }
     }
 }
 
