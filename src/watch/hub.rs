@@ -171,8 +171,8 @@ impl WatchHub {
         &self.cursors
     }
 
-    /// The signal of every commit, here or (when the store announces them) on another
-    /// replica.
+    /// The signal of every status move committed here and of every commit (when the
+    /// store announces them) on another replica: what wakes the webhook dispatcher.
     pub fn commits(&self) -> Arc<Notify> {
         self.commits.clone()
     }
