@@ -220,7 +220,9 @@ pub(super) fn feed_forms(
     // Compaction may have removed the version before: then the move is unknown, and
     // the change counts as none (version 1 has no version before and always counts).
     // A deletion keeps the status of the version before, so it is no move either. Only
-    // the version that marked a batch stalled carries `stalled_at`.
+    // the version that marked a batch stalled carries `stalled_at`. The domain's
+    // `Batch::is_status_move` is this rule (it decides when the dispatcher is woken);
+    // the store contract test checks that the two agree.
     let moved = format!(
         "e.deleted, CASE WHEN e.version = 1 OR {} <> {} OR {} IS NOT NULL \
          THEN e.snapshot END AS snapshot",
