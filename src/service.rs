@@ -513,7 +513,7 @@ impl BatchService {
             self.caches.forget_batch(&id);
             return Err(Error::BatchNotFound(id.to_string()));
         }
-        self.deleted(&id, "request");
+        self.deleted(&id, DeletionReason::Request);
         tracing::info!(batch_id = %id, user_id = %caller.user_id, "batch deleted");
         Ok(id)
     }
@@ -531,7 +531,7 @@ impl BatchService {
                 .delete_terminal_batches(now.saturating_sub(retention), now, RETENTION_CHUNK)
                 .await?;
             for id in &gone {
-                self.deleted(id, "retention");
+                self.deleted(id, DeletionReason::Retention);
             }
             deleted += gone.len() as u64;
             if (gone.len() as i64) < RETENTION_CHUNK {
@@ -600,10 +600,10 @@ impl BatchService {
 
     /// What follows a committed deletion on this replica: the caches forget the batch,
     /// the change feed and the other replicas hear of it.
-    fn deleted(&self, id: &BatchId, reason: &'static str) {
+    fn deleted(&self, id: &BatchId, reason: DeletionReason) {
         self.caches.forget_batch(id);
         self.hub.deleted(id);
-        metrics::counter!("batchd_batches_deleted_total", "reason" => reason).increment(1);
+        metrics::counter!("batchd_batches_deleted_total", "reason" => reason.as_str()).increment(1);
     }
 
     /// Another replica committed a change of batch `id`, or deleted it: what this one
@@ -937,6 +937,28 @@ impl BatchService {
             tokio::task::yield_now().await;
         }
         Err(Error::Contended(id.to_string()))
+    }
+}
+
+/// Why a batch was deleted: the label of `batchd_batches_deleted_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeletionReason {
+    /// A client's `DELETE` (or `DeleteBatch`).
+    Request,
+    /// The retention sweep: terminal for longer than `--retention-terminal`.
+    Retention,
+}
+
+impl DeletionReason {
+    /// Every reason, for registering the metric's series at zero.
+    pub const ALL: [DeletionReason; 2] = [DeletionReason::Request, DeletionReason::Retention];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeletionReason::Request => "request",
+            DeletionReason::Retention => "retention",
+        }
     }
 }
 

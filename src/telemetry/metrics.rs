@@ -100,6 +100,22 @@ fn register_families() {
         "batchd_webhook_oldest_pending_age_seconds",
         "Age of the oldest pending webhook delivery's event"
     );
+    metrics::describe_counter!(
+        "batchd_batches_deleted_total",
+        "Batches this replica deleted, by reason (request, retention)"
+    );
+    metrics::describe_counter!(
+        "batchd_quota_refused_total",
+        "Creates refused by --max-active-batches-per-owner"
+    );
+    metrics::describe_counter!(
+        "batchd_rate_limited_total",
+        "Requests refused by --rate-limit-per-key, by transport"
+    );
+    metrics::describe_gauge!(
+        "batchd_rate_limited_keys",
+        "API keys with a request-rate bucket on this replica"
+    );
     for rpc in super::grpc::rpc_labels() {
         register_request_series("grpc", rpc, "0");
     }
@@ -138,6 +154,14 @@ fn register_families() {
     }
     metrics::gauge!("batchd_webhook_queue_depth").increment(0.0);
     metrics::gauge!("batchd_webhook_oldest_pending_age_seconds").increment(0.0);
+    for reason in crate::service::DeletionReason::ALL {
+        metrics::counter!("batchd_batches_deleted_total", "reason" => reason.as_str()).increment(0);
+    }
+    metrics::counter!("batchd_quota_refused_total").increment(0);
+    for transport in ["grpc", "http"] {
+        metrics::counter!("batchd_rate_limited_total", "transport" => transport).increment(0);
+    }
+    metrics::gauge!("batchd_rate_limited_keys").increment(0.0);
 }
 
 /// Registers the request series of each HTTP route (`METHOD /path`) with status 200.

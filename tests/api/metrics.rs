@@ -122,6 +122,23 @@ async fn metrics_are_served_in_prometheus_text_format(backend: Backend) {
     assert!(value("batchd_watch_notify_lag_seconds", &[]).is_some_and(|n| n >= 1.0));
     assert!(value("batchd_db_pool_connections", &[("state", "idle")]).is_some());
     assert!(value("batchd_db_pool_connections", &[("state", "in_use")]).is_some());
+    // The tenant limits' families are there before their first use (all off here).
+    for reason in ["request", "retention"] {
+        assert_eq!(
+            value("batchd_batches_deleted_total", &[("reason", reason)]),
+            Some(0.0),
+            "{reason}"
+        );
+    }
+    assert_eq!(value("batchd_quota_refused_total", &[]), Some(0.0));
+    for transport in ["grpc", "http"] {
+        assert_eq!(
+            value("batchd_rate_limited_total", &[("transport", transport)]),
+            Some(0.0),
+            "{transport}"
+        );
+    }
+    assert_eq!(value("batchd_rate_limited_keys", &[]), Some(0.0));
 
     // The watch stream's own request is counted when it ends, with its final status.
     drop(stream);

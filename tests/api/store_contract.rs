@@ -1378,6 +1378,29 @@ async fn deleting_a_terminal_batch_takes_what_belongs_to_it_and_logs_the_deletio
         0,
         "its pending delivery is dropped"
     );
+    // A dispatcher that read the batch's completion before the deletion committed
+    // queues nothing for it afterwards: its position moves on, its deliveries do not
+    // reach the queue, and a batch that still exists gets its own.
+    let kept_done = commit_moves(&*store, &kept, &[BatchStatus::Failed], T0 + 125).await;
+    assert!(
+        store
+            .queue_deliveries(
+                cursor(1),
+                cursor(2),
+                &[
+                    delivery(&done, "we_alice", "evt_late"),
+                    delivery(&kept_done, "we_alice", "evt_kept"),
+                ],
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.delivery_queue().await.unwrap().pending,
+        1,
+        "only the batch that still exists gets a delivery"
+    );
+    assert_eq!(store.dispatch_position(cursor(0)).await.unwrap(), cursor(2));
     // The idempotency key went with the batch: the same request makes a new one.
     let again = plain("alice", T0 + 130);
     assert_eq!(
@@ -1390,7 +1413,7 @@ async fn deleting_a_terminal_batch_takes_what_belongs_to_it_and_logs_the_deletio
     // Per-batch reads of the log never return the deletion; the feed ends the batch's
     // history with it, carrying its last version.
     assert_eq!(logged_versions(&*store, &done.id).await, [1, 2, 3, 4]);
-    let changes = readable_changes(&*store, 7).await;
+    let changes = readable_changes(&*store, 8).await;
     let of_done: Vec<&FeedChange> = changes.iter().filter(|c| c.batch.id == done.id).collect();
     assert_eq!(of_done.len(), 5);
     assert!(of_done[..4].iter().all(|c| !c.deleted));
@@ -1630,7 +1653,7 @@ async fn an_owner_at_its_active_limit_inserts_nothing_until_a_batch_ends(backend
 /// from the oldest running transaction on, so that change is still delivered, in its
 /// place, once it commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_that_began_first_but_committed_last_is_not_skipped() {
+async fn postgres_a_change_that_began_first_but_committed_last_is_not_skipped() {
     use sqlx::{Connection, Executor};
 
     let (db, store) = fresh_store(Backend::Postgres).await;
@@ -1678,7 +1701,7 @@ async fn a_change_that_began_first_but_committed_last_is_not_skipped() {
 /// before them is open, old-enough changes above the horizon stay, so the oldest
 /// resumable cursor never passes the head; once it ends, they go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compaction_keeps_what_the_feed_holds_back() {
+async fn postgres_compaction_keeps_what_the_feed_holds_back() {
     use sqlx::{Connection, Executor};
 
     let (db, store) = fresh_store(Backend::Postgres).await;
