@@ -1175,6 +1175,13 @@ async fn the_watch_all_command_prints_every_status_change(backend: Backend) {
     for status in ["in_progress", "finalizing", "completed"] {
         assert_eq!(line().await, format!("{} {status}", existing.id));
     }
+    client
+        .delete_batch(pb::DeleteBatchRequest {
+            batch_id: existing.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(line().await, format!("{} deleted", existing.id));
     follower.kill().await.unwrap();
 
     let (code, _, stderr) = crate::process::run(
