@@ -11,8 +11,7 @@
 //! commits are heard through the store's [`ChangeNotifier`]. Every query both backends
 //! share is written once, in [`sql`]; each backend says only what differs;
 //! [`stored_batch`] is the one mapping of a batch to its columns and to its event-log
-//! snapshots; [`statement`] writes the text of a hot statement once and binds only its
-//! values after that. In front of the store, on the service's side, reads by id are coalesced
+//! snapshots. In front of the store, on the service's side, reads by id are coalesced
 //! ([`PointReads`]) and commits of batch changes grouped ([`GroupCommits`]);
 //! [`DatabaseStatus`] is what this replica knows of the database's reachability (the
 //! readiness check's last result, a connection lost in a crash or a switchover), on
@@ -27,7 +26,6 @@ mod postgres_wakeups;
 mod rounds;
 mod sql;
 mod sqlite;
-mod statement;
 mod stored_batch;
 mod webhooks;
 

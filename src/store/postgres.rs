@@ -1,17 +1,15 @@
 //! The PostgreSQL store, for deployments with several batchd replicas on one database.
 
 use std::str::FromStr;
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
-use sqlx::query::Query;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::postgres_wakeups::PostgresWakeups;
 use super::sql::{self, Backend, FeedRead, FeedRow, HealthConnection, SqlStore};
-use super::statement::{self, Statement};
 use super::stored_batch::StoredBatchV1;
 use super::{ChangeNotifier, DatabaseStatus, FeedCursor, StoreOptions};
 use crate::domain::BatchId;
@@ -214,7 +212,7 @@ impl PostgresStore {
 
 /// Appends the event of the batch a `WITH written AS (... RETURNING id, user_id,
 /// version, created_at, updated_at)` wrote, with `snapshot` as its content.
-fn push_event_of_written(sql: &mut impl Statement<Postgres>, snapshot: &StoredBatchV1) {
+fn push_event_of_written(sql: &mut sqlx::QueryBuilder<Postgres>, snapshot: &StoredBatchV1) {
     sql.push(
         " INSERT INTO batch_events (batch_id, version, snapshot, at, owner) \
          SELECT id, version, ",
@@ -273,7 +271,7 @@ impl Backend for PostgresBackend {
 
     /// One statement on the pool: one round trip.
     async fn commit_change(pool: &PgPool, next: &StoredBatchV1) -> Result<bool> {
-        let inserted = change_with_event(next)?.execute(pool).await?;
+        let inserted = change_with_event(next).build().execute(pool).await?;
         Ok(inserted.rows_affected() == 1)
     }
 
@@ -281,7 +279,7 @@ impl Backend for PostgresBackend {
         tx: &mut Transaction<'static, Postgres>,
         next: &StoredBatchV1,
     ) -> Result<bool> {
-        let inserted = change_with_event(next)?.execute(&mut **tx).await?;
+        let inserted = change_with_event(next).build().execute(&mut **tx).await?;
         Ok(inserted.rows_affected() == 1)
     }
 
@@ -438,23 +436,12 @@ const LOG_DELETIONS: &str = "INSERT INTO batch_events \
 /// Replaces the batch by `next` if it is still at the version before, and appends its
 /// event, in one statement: when the version moved, the UPDATE matches no row and so
 /// the INSERT of the event selects nothing.
-/// The text is written once (see `statement`).
-fn change_with_event(
-    next: &StoredBatchV1,
-) -> std::result::Result<Query<'static, Postgres, PgArguments>, sqlx::Error> {
-    static TEXT: OnceLock<String> = OnceLock::new();
-    statement::fixed_text(
-        &TEXT,
-        |sql| write_change_with_event(sql, next),
-        |binds| write_change_with_event(binds, next),
-    )
-}
-
-pub(super) fn write_change_with_event(sql: &mut impl Statement<Postgres>, next: &StoredBatchV1) {
-    sql.push("WITH written AS (");
-    sql::push_update_if_current(sql, next);
+fn change_with_event(next: &StoredBatchV1) -> sqlx::QueryBuilder<Postgres> {
+    let mut sql = sqlx::QueryBuilder::new("WITH written AS (");
+    sql::push_update_if_current(&mut sql, next);
     sql.push(" RETURNING id, user_id, version, created_at, updated_at)");
-    push_event_of_written(sql, next);
+    push_event_of_written(&mut sql, next);
+    sql
 }
 
 /// Inserts a batch, its metadata index rows (`batch_metadata`, for the list's metadata

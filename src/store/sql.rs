@@ -9,11 +9,11 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use sqlx::query::Query;
+use sqlx::query_builder::Separated;
 use sqlx::{
     Database, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Transaction, Type,
 };
 
-use super::statement::{CommaSeparated, Statement};
 use super::stored_batch::{self, StoredBatchV1};
 use super::{
     BatchPageQuery, ChangeNotifier, DatabaseStatus, EarlierClaim, EventLog, FeedBounds, FeedChange,
@@ -26,14 +26,14 @@ use crate::error::{Error, Result};
 /// of batchd's databases implement it.
 pub(super) trait SqlDatabase: Database {
     /// Binds every column of a stored batch, in [`StoredBatchV1::COLUMNS`] order.
-    fn push_batch(values: &mut impl Statement<Self>, batch: &StoredBatchV1);
+    fn push_batch(values: &mut Separated<'_, Self, &str>, batch: &StoredBatchV1);
 
     /// Rows an `INSERT`, `UPDATE` or `DELETE` changed.
     fn rows_affected(result: &Self::QueryResult) -> u64;
 }
 
 impl SqlDatabase for sqlx::Sqlite {
-    fn push_batch(values: &mut impl Statement<Self>, batch: &StoredBatchV1) {
+    fn push_batch(values: &mut Separated<'_, Self, &str>, batch: &StoredBatchV1) {
         stored_batch::push_values(batch, values);
     }
 
@@ -43,7 +43,7 @@ impl SqlDatabase for sqlx::Sqlite {
 }
 
 impl SqlDatabase for sqlx::Postgres {
-    fn push_batch(values: &mut impl Statement<Self>, batch: &StoredBatchV1) {
+    fn push_batch(values: &mut Separated<'_, Self, &str>, batch: &StoredBatchV1) {
         stored_batch::push_values(batch, values);
     }
 
@@ -276,7 +276,7 @@ where
         "INSERT INTO batches ({}, quiet_since) VALUES (",
         *BATCH_COLUMNS
     ));
-    DB::push_batch(&mut CommaSeparated::new(sql), batch);
+    DB::push_batch(&mut sql.separated(", "), batch);
     sql.push(", ").push_bind(batch.committed_at()).push(")");
 }
 
@@ -299,14 +299,14 @@ pub(super) fn quiet_since_after_change(row: &str, changed_at: &str) -> String {
 /// Pushes an `UPDATE` that replaces every column of the batch by `next`'s if the
 /// stored version is still the one before `next`'s.
 pub(super) fn push_update_if_current<DB: SqlDatabase>(
-    sql: &mut impl Statement<DB>,
+    sql: &mut QueryBuilder<DB>,
     next: &StoredBatchV1,
 ) where
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     i64: for<'q> Encode<'q, DB> + Type<DB>,
 {
     sql.push(format_args!("UPDATE batches SET ({}) = (", *BATCH_COLUMNS));
-    DB::push_batch(&mut CommaSeparated::new(sql), next);
+    DB::push_batch(&mut sql.separated(", "), next);
     // The rule of `quiet_since_after_change`, with the change's time bound.
     let changed_at = next.committed_at();
     sql.push("), quiet_since = CASE WHEN quiet_since >= ")

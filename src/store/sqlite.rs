@@ -1,18 +1,14 @@
 //! The embedded SQLite store: one file, WAL mode, for a single batchd process.
 
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::query::Query;
-use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::types::Json;
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::sql::{self, Backend, FeedRead, FeedRow, HealthConnection, SqlStore};
-use super::statement;
 use super::stored_batch::StoredBatchV1;
 use super::{ChangeNotifier, DatabaseStatus, FeedCursor, StoreOptions};
 use crate::domain::BatchId;
@@ -169,12 +165,9 @@ impl Backend for SqliteBackend {
         tx: &mut Transaction<'static, Sqlite>,
         next: &StoredBatchV1,
     ) -> Result<bool> {
-        if update_if_current(next)?
-            .execute(&mut **tx)
-            .await?
-            .rows_affected()
-            == 0
-        {
+        let mut update = sqlx::QueryBuilder::new("");
+        sql::push_update_if_current::<Sqlite>(&mut update, next);
+        if update.build().execute(&mut **tx).await?.rows_affected() == 0 {
             return Ok(false);
         }
         append_event(tx, next).await?;
@@ -187,11 +180,9 @@ impl Backend for SqliteBackend {
         let mut tx = Self::begin_write(pool).await?;
         let mut written = Vec::with_capacity(nexts.len());
         for next in nexts {
-            let updated = update_if_current(next)?
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                == 1;
+            let mut update = sqlx::QueryBuilder::new("");
+            sql::push_update_if_current::<Sqlite>(&mut update, next);
+            let updated = update.build().execute(&mut *tx).await?.rows_affected() == 1;
             if updated {
                 append_event(&mut tx, next).await?;
             }
@@ -309,18 +300,6 @@ static SELECT_BATCHES: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
         *sql::BATCH_COLUMNS
     )
 });
-
-/// `sql::push_update_if_current` of `next`, its text written once (see `statement`).
-fn update_if_current(
-    next: &StoredBatchV1,
-) -> std::result::Result<Query<'static, Sqlite, SqliteArguments>, sqlx::Error> {
-    static TEXT: OnceLock<String> = OnceLock::new();
-    statement::fixed_text(
-        &TEXT,
-        |sql| sql::push_update_if_current(sql, next),
-        |binds| sql::push_update_if_current(binds, next),
-    )
-}
 
 /// Appends `batch` at its version to the event log, inside `tx`.
 async fn append_event(tx: &mut Transaction<'static, Sqlite>, batch: &StoredBatchV1) -> Result<()> {

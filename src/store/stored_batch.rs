@@ -15,10 +15,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use sqlx::query_builder::Separated;
 use sqlx::types::Json;
 use sqlx::{Database, Encode, FromRow, Type};
 
-use super::statement::Statement;
 use crate::domain::with_batch_fields;
 use crate::domain::{
     Batch, BatchErrorEntry, BatchId, BatchStatus, ExpiryAnchor, OutputExpiresAfter,
@@ -232,7 +232,7 @@ impl StoredBatchV1 {
 /// Binds the value of every column of [`StoredBatchV1::COLUMNS`], in order. Both of
 /// batchd's databases encode these types; `SqlDatabase::push_batch` calls this for
 /// each, so that shared code needs no bound of its own.
-pub(super) fn push_values<DB>(stored: &StoredBatchV1, values: &mut impl Statement<DB>)
+pub(super) fn push_values<DB>(stored: &StoredBatchV1, values: &mut Separated<'_, DB, &str>)
 where
     DB: Database,
     for<'a> &'a String: Encode<'a, DB> + Type<DB>,
@@ -384,17 +384,16 @@ impl TryFrom<StoredBatchV1> for Batch {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
     use crate::domain::fixtures;
-    use crate::store::statement::CommaSeparated;
 
     /// An event as batchd wrote it before this type existed (the domain type's own
     /// serde shape at the time), every field set.
     const WRITTEN_BEFORE: &str = r#"{"id":"batch_0123456789abcdef0123456789abcdef","endpoint":"/v1/chat/completions","errors":[{"code":"bad_line","line":3,"message":"no \"model\"","param":"body.model"}],"input_file_id":"file-1","completion_window":"24h","status":"completed","output_file_id":"file-out","error_file_id":"file-err","created_at":1700000000,"in_progress_at":1700000010,"expires_at":1700086400,"finalizing_at":1700000020,"completed_at":1700000030,"failed_at":null,"expired_at":null,"cancelling_at":null,"cancelled_at":null,"request_counts":{"total":10,"completed":9,"failed":1},"metadata":{"team":"ml"},"model":"gpt-4o","usage":{"input_tokens":5,"cached_tokens":1,"output_tokens":7,"reasoning_tokens":2,"total_tokens":12},"job_id":"job-7","remark":"nightly","output_expires_after":{"anchor":"created_at","seconds":3600},"user_id":"tenant","api_key_id":"key_6b02b15a6c911a71dd9cedbe","version":4,"updated_at":1700000030}"#;
 
     /// The batch `WRITTEN_BEFORE` holds.
-    pub(in crate::store) fn every_field_set() -> Batch {
+    fn every_field_set() -> Batch {
         let mut b = fixtures::batch();
         b.id = BatchId::parse("id", "batch_0123456789abcdef0123456789abcdef").unwrap();
         b.errors = vec![BatchErrorEntry {
@@ -478,7 +477,7 @@ pub(super) mod tests {
         let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new("VALUES (");
         push_values(
             &StoredBatchV1::from(&every_field_set()),
-            &mut CommaSeparated::new(&mut insert),
+            &mut insert.separated(", "),
         );
         let sql = insert.sql();
         let placeholders = sql.as_str().matches('?').count() + sql.as_str().matches('$').count();
