@@ -196,6 +196,19 @@ impl Batchd {
             .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
     }
 
+    /// The value of an unlabelled counter or gauge on batchd's `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.http_addr))
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// CPU time batchd has used so far (user + system), in seconds.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
         let pid = self.pid()?;

@@ -112,6 +112,14 @@ pub async fn updates_on_own_shares(
     .await
 }
 
+/// Rounds of commits so far, and the changes they carried.
+async fn commit_rounds(server: &Batchd) -> anyhow::Result<(f64, f64)> {
+    Ok((
+        server.metric("batchd_commit_rounds_total").await?,
+        server.metric("batchd_commit_round_changes_total").await?,
+    ))
+}
+
 /// Figure 5. Runs last on PostgreSQL: pgbench writes rows that batchd's watchers would
 /// not expect, so nothing of batchd's reads the database after it.
 pub async fn run(
@@ -126,9 +134,13 @@ pub async fn run(
     // Each task writes only the batches n with n % clients == task, so that no two
     // updates of one batch race and none is refused.
     let cpu_before = server.cpu_seconds()?;
+    let rounds_before = commit_rounds(server).await?;
     let updates = updates_on_own_shares(plan, server, seeded.running, clients).await?;
     let cpu_per_update =
         (server.cpu_seconds()? - cpu_before) * 1e6 / updates.completed.max(1) as f64;
+    // How much group commit grouped: a round's cost is shared by its changes.
+    let (rounds, changes) = commit_rounds(server).await?;
+    let changes_per_round = (changes - rounds_before.1) / (rounds - rounds_before.0).max(1.0);
     // The same load through REST, with the same watchers open.
     let rest = rest_updates(plan, server, seeded.running, clients).await?;
     let delivered = watchers.stop();
@@ -179,6 +191,12 @@ pub async fn run(
         &format!("{name}_batchd_cpu"),
         cpu_per_update,
         "us/req",
+        None,
+    );
+    report.add(
+        &format!("{name}_changes_per_round"),
+        changes_per_round,
+        "changes",
         None,
     );
     let rest_name = format!("update_rest_c{clients}_{}_watchers", plan.write_watchers);

@@ -59,7 +59,9 @@ where
         // metrics without bound, so all of them are one `unknown`.
         let rpc = known_rpc(request.uri().path());
         let (service, method) = rpc.split_once('/').unwrap_or((rpc, ""));
-        let span = tracing::info_span!(
+        // `debug`, like the spans inside it and tower-http's request spans: the trace
+        // exporter sees it, logs at `info` do not create it (see `telemetry::init`).
+        let span = tracing::debug_span!(
             "grpc_request",
             otel.name = %rpc,
             otel.kind = "server",

@@ -67,7 +67,8 @@ pub async fn observe(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
     let name = format!("{} {route}", method_label(request.method()));
-    let span = tracing::info_span!(
+    // `debug`: see the gRPC span in `telemetry::grpc`.
+    let span = tracing::debug_span!(
         "http_request",
         otel.name = %name,
         otel.kind = "server",

@@ -67,9 +67,12 @@ pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("batchd"))
             // The exporter sees batchd's own spans down to `debug`, whatever RUST_LOG
-            // says about log lines, so traces stay complete. The spans inside a request
-            // (service, store) are `debug`: without an exporter and with logs at `info`
-            // they are never created, which spares every request their cost.
+            // says about log lines, so traces stay complete. Requests' spans and the
+            // spans inside them (service, store) are `debug`: without an exporter and
+            // with logs at `info` they are never created, which spares every request
+            // their cost (the logs layer formatted a request span's fields whether or
+            // not a line was written in it). A log line written during a request names
+            // its batch itself; RUST_LOG=debug shows the request spans too.
             .with_filter(EnvFilter::new("batchd=debug,tower_http=info"))
     });
     tracing_subscriber::registry()
