@@ -148,6 +148,28 @@ async fn deleting_a_batch_follows_openais_rules_over_rest_and_grpc(backend: Back
         Code::PermissionDenied,
         "delete batches",
     );
+    // A made-up id and another tenant's batch: NOT_FOUND, as GetBatch answers.
+    let made_up = "batch_0123456789abcdef0123456789abcdef".to_owned();
+    for (mut caller, id) in [
+        (app.client(&alice_key), made_up),
+        (app.client(&bob_key), running.id.clone()),
+    ] {
+        let read = caller
+            .get_batch(pb::GetBatchRequest {
+                batch_id: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        let deleted = caller
+            .delete_batch(pb::DeleteBatchRequest { batch_id: id })
+            .await
+            .unwrap_err();
+        assert_eq!(read.code(), Code::NotFound, "{read:?}");
+        assert_eq!(
+            (deleted.code(), deleted.message()),
+            (read.code(), read.message())
+        );
+    }
     complete(&mut worker, &running.id).await;
     let deleted = client
         .delete_batch(pb::DeleteBatchRequest {
@@ -332,7 +354,7 @@ async fn a_deleted_batch_ends_its_history_in_the_change_feed_with_deleted(backen
     );
     assert_eq!(open(&cursor), open(&deletion.cursor));
 
-    // Its own stream is gone with it.
+    // Its own stream is gone with it, over gRPC and over SSE.
     assert_status(
         client
             .watch_batch(pb::WatchBatchRequest {
@@ -342,6 +364,18 @@ async fn a_deleted_batch_ends_its_history_in_the_change_feed_with_deleted(backen
             .await,
         Code::NotFound,
         &batch.id,
+    );
+    let (status, body) = app
+        .rest(Some(&alice_key))
+        .get(&format!("/v1/batches/{}/watch", batch.id))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&batch.id),
+        "{body}"
     );
 }
 
