@@ -311,12 +311,8 @@ async fn delay_behind_a_long_transaction(
             let until = Instant::now() + hold;
             while Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                let metrics = reqwest_metrics(&http).await?;
-                let gauge = metrics
-                    .lines()
-                    .find_map(|l| l.strip_prefix("batchd_change_feed_delay_seconds "))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .unwrap_or(0.0);
+                let gauge =
+                    crate::setup::metric_at(&http, "batchd_change_feed_delay_seconds").await?;
                 let mut highest = highest_gauge.lock().unwrap();
                 *highest = highest.max(gauge);
             }
@@ -337,12 +333,4 @@ async fn delay_behind_a_long_transaction(
     let highest = *highest_gauge.lock().unwrap();
     report.add(&format!("{name}_delay_gauge_max"), highest, "s", None);
     Ok(())
-}
-
-/// The Prometheus text of batchd's `/metrics`.
-async fn reqwest_metrics(http_addr: &str) -> anyhow::Result<String> {
-    Ok(reqwest::get(format!("http://{http_addr}/metrics"))
-        .await?
-        .text()
-        .await?)
 }

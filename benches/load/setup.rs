@@ -198,15 +198,7 @@ impl Batchd {
 
     /// The value of an unlabelled counter or gauge on batchd's `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
-        let text = reqwest::get(format!("http://{}/metrics", self.http_addr))
-            .await?
-            .text()
-            .await?;
-        Ok(text
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0.0))
+        metric_at(&self.http_addr, name).await
     }
 
     /// CPU time batchd has used so far (user + system), in seconds.
@@ -500,4 +492,18 @@ pub fn now_nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
+}
+
+/// The value of an unlabelled counter or gauge on the `/metrics` of the batchd at
+/// `http_addr` (0 when absent).
+pub async fn metric_at(http_addr: &str, name: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("http://{http_addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0))
 }
