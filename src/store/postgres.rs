@@ -6,8 +6,9 @@ use std::sync::{Arc, LazyLock};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
+use super::held::HeldConnections;
 use super::postgres_wakeups::PostgresWakeups;
 use super::sql::{self, Backend, FeedRead, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
@@ -199,6 +200,7 @@ impl PostgresStore {
             status.clone(),
         ));
         Ok(SqlStore {
+            held: HeldConnections::new(pool.clone(), options.max_connections, status.clone()),
             pool,
             health,
             status,
@@ -270,23 +272,22 @@ impl Backend for PostgresBackend {
     }
 
     /// One statement on the pool: one round trip.
-    async fn commit_change(pool: &PgPool, next: &StoredBatchV1) -> Result<bool> {
-        let inserted = change_with_event(next).build().execute(pool).await?;
+    async fn commit_change(connection: &mut PgConnection, next: &StoredBatchV1) -> Result<bool> {
+        Self::commit_change_in(connection, next).await
+    }
+
+    async fn commit_change_in(connection: &mut PgConnection, next: &StoredBatchV1) -> Result<bool> {
+        let inserted = change_with_event(next).build().execute(connection).await?;
         Ok(inserted.rows_affected() == 1)
     }
 
-    async fn commit_change_in(
-        tx: &mut Transaction<'static, Postgres>,
-        next: &StoredBatchV1,
-    ) -> Result<bool> {
-        let inserted = change_with_event(next).build().execute(&mut **tx).await?;
-        Ok(inserted.rows_affected() == 1)
-    }
-
-    async fn commit_changes(pool: &PgPool, nexts: &[StoredBatchV1]) -> Result<Vec<bool>> {
+    async fn commit_changes(
+        connection: &mut PgConnection,
+        nexts: &[StoredBatchV1],
+    ) -> Result<Vec<bool>> {
         let written: Vec<(i64,)> = sqlx::query_as(COMMIT_ROUND.as_str())
             .bind(Json(nexts))
-            .fetch_all(pool)
+            .fetch_all(connection)
             .await?;
         let mut committed = vec![false; nexts.len()];
         for (ordinal,) in written {
@@ -300,11 +301,14 @@ impl Backend for PostgresBackend {
         Ok(committed)
     }
 
-    async fn batches_by_id(pool: &PgPool, ids: &[BatchId]) -> Result<Vec<StoredBatchV1>> {
+    async fn batches_by_id(
+        connection: &mut PgConnection,
+        ids: &[BatchId],
+    ) -> Result<Vec<StoredBatchV1>> {
         let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
         Ok(sqlx::query_as(SELECT_BATCHES.as_str())
             .bind(ids)
-            .fetch_all(pool)
+            .fetch_all(connection)
             .await?)
     }
 

@@ -14,6 +14,7 @@ use sqlx::{
     Database, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Transaction, Type,
 };
 
+use super::held::HeldConnections;
 use super::stored_batch::{self, StoredBatchV1};
 use super::{
     BatchPageQuery, ChangeNotifier, DatabaseStatus, EarlierClaim, EventLog, FeedBounds, FeedChange,
@@ -21,6 +22,9 @@ use super::{
 };
 use crate::domain::{ApiKey, Batch, BatchEvent, BatchFilter, BatchId, BatchStatus, Scope};
 use crate::error::{Error, Result};
+
+/// A connection of database `DB`, alone or inside a transaction.
+pub(super) type Connection<DB> = <DB as Database>::Connection;
 
 /// What the shared code needs of a sqlx database beyond what sqlx's traits say; both
 /// of batchd's databases implement it.
@@ -83,21 +87,27 @@ pub(super) trait Backend: Send + Sync + 'static {
 
     /// Replaces the batch by `next` if it is still at the previous version and appends
     /// `next` to the event log, atomically; `false`, writing nothing, otherwise.
-    async fn commit_change(pool: &Pool<Self::Db>, next: &StoredBatchV1) -> Result<bool>;
-
-    /// [`Backend::commit_change`] inside a write transaction the caller commits.
-    async fn commit_change_in(
-        tx: &mut Transaction<'static, Self::Db>,
+    async fn commit_change(
+        connection: &mut Connection<Self::Db>,
         next: &StoredBatchV1,
     ) -> Result<bool>;
+
+    /// [`Backend::commit_change`] inside a write transaction the caller commits.
+    async fn commit_change_in(tx: &mut Connection<Self::Db>, next: &StoredBatchV1) -> Result<bool>;
 
     /// [`Backend::commit_change`] of each of `nexts` (distinct batches), all in one
     /// transaction: `true` at each index whose change was written. One change's version
     /// race writes nothing of it and leaves the others alone.
-    async fn commit_changes(pool: &Pool<Self::Db>, nexts: &[StoredBatchV1]) -> Result<Vec<bool>>;
+    async fn commit_changes(
+        connection: &mut Connection<Self::Db>,
+        nexts: &[StoredBatchV1],
+    ) -> Result<Vec<bool>>;
 
     /// The batches with these ids (at least two).
-    async fn batches_by_id(pool: &Pool<Self::Db>, ids: &[BatchId]) -> Result<Vec<StoredBatchV1>>;
+    async fn batches_by_id(
+        connection: &mut Connection<Self::Db>,
+        ids: &[BatchId],
+    ) -> Result<Vec<StoredBatchV1>>;
 
     /// `(id, version)` of the batches with these ids (at least one).
     async fn versions_by_id(pool: &Pool<Self::Db>, ids: &[BatchId]) -> Result<Vec<(String, i64)>>;
@@ -527,6 +537,8 @@ where
 /// A store on a sqlx pool; `B` says what its database does differently.
 pub(super) struct SqlStore<B: Backend> {
     pub(super) pool: Pool<B::Db>,
+    /// The point reads' and the commits' connections, kept between statements.
+    pub(super) held: HeldConnections<B::Db>,
     pub(super) health: HealthConnection<B::Db>,
     /// What this replica knows about the database's reachability.
     pub(super) status: DatabaseStatus,
@@ -710,12 +722,13 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.get_batch", skip_all, fields(db.system = B::SYSTEM, batch_id = %id))]
     async fn get_batch(&self, id: &BatchId) -> Result<Option<Batch>> {
-        sqlx::query_as::<_, StoredBatchV1>(SELECT_BATCH.as_str())
+        let mut connection = self.held.take().await?;
+        let row = sqlx::query_as::<_, StoredBatchV1>(SELECT_BATCH.as_str())
             .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?
-            .map(Batch::try_from)
-            .transpose()
+            .fetch_optional(&mut *connection)
+            .await?;
+        connection.keep();
+        row.map(Batch::try_from).transpose()
     }
 }
 
@@ -853,7 +866,7 @@ where
                 continue;
             };
             // The row is locked: no other writer can have moved its version since.
-            if B::commit_change_in(&mut tx, &StoredBatchV1::from(&next)).await? {
+            if B::commit_change_in(&mut *tx, &StoredBatchV1::from(&next)).await? {
                 marked.push(next);
             }
         }
@@ -866,7 +879,12 @@ where
         match ids {
             [] => Ok(Vec::new()),
             [id] => Ok(self.get_batch(id).await?.into_iter().collect()),
-            _ => convert_all(B::batches_by_id(&self.pool, ids).await?),
+            _ => {
+                let mut connection = self.held.take().await?;
+                let rows = B::batches_by_id(&mut connection, ids).await?;
+                connection.keep();
+                convert_all(rows)
+            }
         }
     }
 
@@ -911,7 +929,10 @@ where
 
     #[tracing::instrument(level = "debug", name = "store.commit_change", skip_all, fields(db.system = B::SYSTEM, batch_id = %next.id, version = next.version))]
     async fn commit_change(&self, next: &Batch) -> Result<bool> {
-        B::commit_change(&self.pool, &StoredBatchV1::from(next)).await
+        let mut connection = self.held.take().await?;
+        let written = B::commit_change(&mut connection, &StoredBatchV1::from(next)).await?;
+        connection.keep();
+        Ok(written)
     }
 
     #[tracing::instrument(level = "debug", name = "store.commit_changes", skip_all, fields(db.system = B::SYSTEM, batches = nexts.len()))]
@@ -927,7 +948,10 @@ where
                 "one round of commits changes a batch twice".into(),
             ));
         }
-        B::commit_changes(&self.pool, &stored).await
+        let mut connection = self.held.take().await?;
+        let written = B::commit_changes(&mut connection, &stored).await?;
+        connection.keep();
+        Ok(written)
     }
 
     #[tracing::instrument(level = "debug", name = "store.due_batches", skip_all, fields(db.system = B::SYSTEM))]
@@ -1108,8 +1132,10 @@ impl<B: Backend> super::Lifecycle for SqlStore<B> {
         self.backend.notifier()
     }
 
+    /// Kept connections count as idle: they wait for a statement, as the pool's do.
     fn pool_usage(&self) -> (u32, u32) {
-        (self.pool.size(), self.pool.num_idle() as u32)
+        let idle = self.pool.num_idle() + self.held.kept();
+        (self.pool.size(), idle as u32)
     }
 
     fn database_status(&self) -> DatabaseStatus {
@@ -1117,6 +1143,7 @@ impl<B: Backend> super::Lifecycle for SqlStore<B> {
     }
 
     async fn close(&self) {
+        self.held.release_all();
         self.pool.close().await;
     }
 }

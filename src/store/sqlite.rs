@@ -6,8 +6,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::types::Json;
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Connection as _, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
+use super::held::HeldConnections;
 use super::sql::{self, Backend, FeedRead, FeedRow, HealthConnection, SqlStore};
 use super::stored_batch::StoredBatchV1;
 use super::{ChangeNotifier, DatabaseStatus, FeedCursor, StoreOptions};
@@ -98,10 +99,12 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
+        let status = DatabaseStatus::default();
         Ok(SqlStore {
+            held: HeldConnections::new(pool.clone(), max_connections, status.clone()),
             pool,
             health,
-            status: DatabaseStatus::default(),
+            status,
             backend: SqliteBackend,
         })
     }
@@ -148,11 +151,14 @@ impl Backend for SqliteBackend {
                 .execute(&mut **tx)
                 .await?;
         }
-        append_event(tx, batch).await
+        append_event(&mut *tx, batch).await
     }
 
-    async fn commit_change(pool: &SqlitePool, next: &StoredBatchV1) -> Result<bool> {
-        let mut tx = Self::begin_write(pool).await?;
+    async fn commit_change(
+        connection: &mut SqliteConnection,
+        next: &StoredBatchV1,
+    ) -> Result<bool> {
+        let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
         if !Self::commit_change_in(&mut tx, next).await? {
             // Dropping the transaction rolls it back; nothing was written anyway.
             return Ok(false);
@@ -162,22 +168,31 @@ impl Backend for SqliteBackend {
     }
 
     async fn commit_change_in(
-        tx: &mut Transaction<'static, Sqlite>,
+        connection: &mut SqliteConnection,
         next: &StoredBatchV1,
     ) -> Result<bool> {
         let mut update = sqlx::QueryBuilder::new("");
         sql::push_update_if_current::<Sqlite>(&mut update, next);
-        if update.build().execute(&mut **tx).await?.rows_affected() == 0 {
+        if update
+            .build()
+            .execute(&mut *connection)
+            .await?
+            .rows_affected()
+            == 0
+        {
             return Ok(false);
         }
-        append_event(tx, next).await?;
+        append_event(connection, next).await?;
         Ok(true)
     }
 
     /// One write transaction, one statement pair per change: SQLite's cost is the
     /// commit (a sync of the WAL), which the changes share.
-    async fn commit_changes(pool: &SqlitePool, nexts: &[StoredBatchV1]) -> Result<Vec<bool>> {
-        let mut tx = Self::begin_write(pool).await?;
+    async fn commit_changes(
+        connection: &mut SqliteConnection,
+        nexts: &[StoredBatchV1],
+    ) -> Result<Vec<bool>> {
+        let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
         let mut written = Vec::with_capacity(nexts.len());
         for next in nexts {
             let mut update = sqlx::QueryBuilder::new("");
@@ -192,11 +207,14 @@ impl Backend for SqliteBackend {
         Ok(written)
     }
 
-    async fn batches_by_id(pool: &SqlitePool, ids: &[BatchId]) -> Result<Vec<StoredBatchV1>> {
+    async fn batches_by_id(
+        connection: &mut SqliteConnection,
+        ids: &[BatchId],
+    ) -> Result<Vec<StoredBatchV1>> {
         let ids: Vec<&str> = ids.iter().map(BatchId::as_str).collect();
         Ok(sqlx::query_as(SELECT_BATCHES.as_str())
             .bind(Json(ids))
-            .fetch_all(pool)
+            .fetch_all(connection)
             .await?)
     }
 
@@ -301,15 +319,15 @@ static SELECT_BATCHES: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
     )
 });
 
-/// Appends `batch` at its version to the event log, inside `tx`.
-async fn append_event(tx: &mut Transaction<'static, Sqlite>, batch: &StoredBatchV1) -> Result<()> {
+/// Appends `batch` at its version to the event log, inside the connection's transaction.
+async fn append_event(connection: &mut SqliteConnection, batch: &StoredBatchV1) -> Result<()> {
     sqlx::query(INSERT_EVENT.as_str())
         .bind(batch.id())
         .bind(batch.version())
         .bind(Json(batch))
         .bind(batch.committed_at())
         .bind(batch.owner())
-        .execute(&mut **tx)
+        .execute(connection)
         .await?;
     Ok(())
 }
