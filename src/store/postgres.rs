@@ -258,20 +258,17 @@ impl Backend for PostgresBackend {
         Ok(tx)
     }
 
-    async fn insert_batch(pool: &PgPool, batch: &StoredBatchV1) -> Result<()> {
-        insert_with_event(batch).build().execute(pool).await?;
+    /// One statement: one round trip.
+    async fn insert_batch(connection: &mut PgConnection, batch: &StoredBatchV1) -> Result<()> {
+        Self::insert_batch_in(connection, batch).await
+    }
+
+    async fn insert_batch_in(connection: &mut PgConnection, batch: &StoredBatchV1) -> Result<()> {
+        insert_with_event(batch).build().execute(connection).await?;
         Ok(())
     }
 
-    async fn insert_batch_in(
-        tx: &mut Transaction<'static, Postgres>,
-        batch: &StoredBatchV1,
-    ) -> Result<()> {
-        insert_with_event(batch).build().execute(&mut **tx).await?;
-        Ok(())
-    }
-
-    /// One statement on the pool: one round trip.
+    /// One statement: one round trip.
     async fn commit_change(connection: &mut PgConnection, next: &StoredBatchV1) -> Result<bool> {
         Self::commit_change_in(connection, next).await
     }

@@ -77,13 +77,13 @@ pub(super) trait Backend: Send + Sync + 'static {
     -> Result<Transaction<'static, Self::Db>>;
 
     /// Inserts a batch, its metadata index rows and its first event, atomically.
-    async fn insert_batch(pool: &Pool<Self::Db>, batch: &StoredBatchV1) -> Result<()>;
-
-    /// [`Backend::insert_batch`] inside a transaction of the caller's.
-    async fn insert_batch_in(
-        tx: &mut Transaction<'static, Self::Db>,
+    async fn insert_batch(
+        connection: &mut Connection<Self::Db>,
         batch: &StoredBatchV1,
     ) -> Result<()>;
+
+    /// [`Backend::insert_batch`] inside a transaction of the caller's.
+    async fn insert_batch_in(tx: &mut Connection<Self::Db>, batch: &StoredBatchV1) -> Result<()>;
 
     /// Replaces the batch by `next` if it is still at the previous version and appends
     /// `next` to the event log, atomically; `false`, writing nothing, otherwise.
@@ -753,11 +753,14 @@ where
     #[tracing::instrument(level = "debug", name = "store.insert_batch", skip_all, fields(db.system = B::SYSTEM, batch_id = %batch.id))]
     async fn insert_batch(&self, batch: &Batch, active_limit: Option<u32>) -> Result<()> {
         let Some(limit) = active_limit else {
-            return B::insert_batch(&self.pool, &StoredBatchV1::from(batch)).await;
+            let mut connection = self.held.take().await?;
+            B::insert_batch(&mut connection, &StoredBatchV1::from(batch)).await?;
+            connection.keep();
+            return Ok(());
         };
         let mut tx = B::begin_write(&self.pool).await?;
         Self::hold_quota(&mut tx, &batch.user_id, limit).await?;
-        B::insert_batch_in(&mut tx, &StoredBatchV1::from(batch)).await?;
+        B::insert_batch_in(&mut *tx, &StoredBatchV1::from(batch)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -806,7 +809,7 @@ where
         if let Some(limit) = active_limit {
             Self::hold_quota(&mut tx, &batch.user_id, limit).await?;
         }
-        B::insert_batch_in(&mut tx, &StoredBatchV1::from(batch)).await?;
+        B::insert_batch_in(&mut *tx, &StoredBatchV1::from(batch)).await?;
         tx.commit().await?;
         Ok(None)
     }

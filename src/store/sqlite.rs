@@ -131,27 +131,27 @@ impl Backend for SqliteBackend {
         Self::begin_write(pool).await
     }
 
-    async fn insert_batch(pool: &SqlitePool, batch: &StoredBatchV1) -> Result<()> {
-        let mut tx = Self::begin_write(pool).await?;
+    async fn insert_batch(connection: &mut SqliteConnection, batch: &StoredBatchV1) -> Result<()> {
+        let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
         Self::insert_batch_in(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn insert_batch_in(
-        tx: &mut Transaction<'static, Sqlite>,
+        connection: &mut SqliteConnection,
         batch: &StoredBatchV1,
     ) -> Result<()> {
         let mut insert = sqlx::QueryBuilder::new("");
         sql::push_insert_batch::<Sqlite>(&mut insert, batch);
-        insert.build().execute(&mut **tx).await?;
+        insert.build().execute(&mut *connection).await?;
         if batch.has_metadata() {
             sqlx::query(INDEX_METADATA)
                 .bind(batch.id())
-                .execute(&mut **tx)
+                .execute(&mut *connection)
                 .await?;
         }
-        append_event(&mut *tx, batch).await
+        append_event(connection, batch).await
     }
 
     async fn commit_change(

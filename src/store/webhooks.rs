@@ -524,7 +524,11 @@ where
             .push(") AND state = 'pending' AND (lease_until IS NULL OR lease_until < ")
             .push_bind(claim.now_ms)
             .push(format!(") RETURNING {DELIVERY_COLUMNS}"));
-        let rows: Vec<DeliveryRow> = sql.build_query_as().fetch_all(&self.pool).await?;
+        // A claim runs each time attempts finish: on a kept connection, like the
+        // records below.
+        let mut connection = self.held.take().await?;
+        let rows: Vec<DeliveryRow> = sql.build_query_as().fetch_all(&mut *connection).await?;
+        connection.keep();
         convert_all(rows)
     }
 
@@ -573,24 +577,29 @@ where
                 .bind(id)
                 .bind(replica)
         };
+        // One record per attempt, the deliverer's every few milliseconds: on a kept
+        // connection (see `held.rs`), without the pool's test round trip after each.
         match attempt.endpoint {
             EndpointHealth::Unchanged => {
-                let recorded = record().execute(&self.pool).await?;
+                let mut connection = self.held.take().await?;
+                let recorded = record().execute(&mut *connection).await?;
+                connection.keep();
                 return Ok(B::Db::rows_affected(&recorded) == 1);
             }
             // The common case after a success: two statements, no transaction. Clearing
             // is idempotent (and writes nothing when the endpoint was not failing); a
             // crash between the two leaves a `failing_since` the next success clears.
             EndpointHealth::Healthy => {
-                let recorded = record().execute(&self.pool).await?;
-                if B::Db::rows_affected(&recorded) != 1 {
-                    return Ok(false);
+                let mut connection = self.held.take().await?;
+                let recorded = record().execute(&mut *connection).await?;
+                if B::Db::rows_affected(&recorded) == 1 {
+                    sqlx::query(ENDPOINT_HEALTHY)
+                        .bind(endpoint_id)
+                        .execute(&mut *connection)
+                        .await?;
                 }
-                sqlx::query(ENDPOINT_HEALTHY)
-                    .bind(endpoint_id)
-                    .execute(&self.pool)
-                    .await?;
-                return Ok(true);
+                connection.keep();
+                return Ok(B::Db::rows_affected(&recorded) == 1);
             }
             EndpointHealth::Failing(_) | EndpointHealth::Disable { .. } => {}
         }
