@@ -8,12 +8,6 @@ use batchd::app::{App, ServeOptions};
 use batchd::config::{Cli, Command};
 use batchd::{cli, telemetry};
 
-/// mimalloc, not glibc's malloc: on the write path glibc's `malloc`, `free` and
-/// `malloc_consolidate` were 12 % of batchd's CPU; with mimalloc, alternated runs of the
-/// writes group used less CPU per update and committed more (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
