@@ -4,7 +4,8 @@
 //! (its `ping`, on a task of its own). For a point read or a commit, that is a second
 //! round trip after the statement's own: a second send, a second wake-up of the
 //! database's server process and of this replica's, for no answer anyone waits for.
-//! The point reads and the commits take their connection here instead: after a
+//! The point reads, the commits, creates and the webhook deliverer's claims and records
+//! take their connection here instead: after a
 //! statement that ran to its end, the connection is kept for the next one, untested,
 //! because sqlx itself waits for the server to be ready before it sends the next
 //! statement. A statement that failed, or whose future was dropped half-way (a

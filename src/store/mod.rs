@@ -11,8 +11,8 @@
 //! commits are heard through the store's [`ChangeNotifier`]. Every query both backends
 //! share is written once, in [`sql`]; each backend says only what differs;
 //! [`stored_batch`] is the one mapping of a batch to its columns and to its event-log
-//! snapshots. The point reads and the commits keep a few connections between their
-//! statements (`held.rs`), sparing each statement sqlx's test round trip when a
+//! snapshots. The point reads, the commits, creates and the webhook deliverer's claims and
+//! records keep a few connections between their statements (`held.rs`), sparing each statement sqlx's test round trip when a
 //! connection goes back to its pool. In front of the store, on the service's side, reads by id are coalesced
 //! ([`PointReads`]) and commits of batch changes grouped ([`GroupCommits`]);
 //! [`DatabaseStatus`] is what this replica knows of the database's reachability (the

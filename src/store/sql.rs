@@ -83,7 +83,10 @@ pub(super) trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
 
     /// [`Backend::insert_batch`] inside a transaction of the caller's.
-    async fn insert_batch_in(tx: &mut Connection<Self::Db>, batch: &StoredBatchV1) -> Result<()>;
+    async fn insert_batch_in(
+        connection: &mut Connection<Self::Db>,
+        batch: &StoredBatchV1,
+    ) -> Result<()>;
 
     /// Replaces the batch by `next` if it is still at the previous version and appends
     /// `next` to the event log, atomically; `false`, writing nothing, otherwise.
@@ -93,7 +96,10 @@ pub(super) trait Backend: Send + Sync + 'static {
     ) -> Result<bool>;
 
     /// [`Backend::commit_change`] inside a write transaction the caller commits.
-    async fn commit_change_in(tx: &mut Connection<Self::Db>, next: &StoredBatchV1) -> Result<bool>;
+    async fn commit_change_in(
+        connection: &mut Connection<Self::Db>,
+        next: &StoredBatchV1,
+    ) -> Result<bool>;
 
     /// [`Backend::commit_change`] of each of `nexts` (distinct batches), all in one
     /// transaction: `true` at each index whose change was written. One change's version
@@ -537,7 +543,8 @@ where
 /// A store on a sqlx pool; `B` says what its database does differently.
 pub(super) struct SqlStore<B: Backend> {
     pub(super) pool: Pool<B::Db>,
-    /// The point reads' and the commits' connections, kept between statements.
+    /// Connections kept between statements for the frequent single statements: point
+    /// reads, commits, creates, and the webhook deliverer's claims and records.
     pub(super) held: HeldConnections<B::Db>,
     pub(super) health: HealthConnection<B::Db>,
     /// What this replica knows about the database's reachability.
