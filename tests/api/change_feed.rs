@@ -32,6 +32,23 @@ pub(crate) async fn watch_all(
         .map(tonic::Response::into_inner)
 }
 
+/// Waits until the change feed of the database at `url` holds back nothing committed.
+/// On PostgreSQL its horizon is the server's: another test's transaction (each test's
+/// `CREATE DATABASE` takes a while) may hold it below a change committed a moment ago,
+/// and an initial state read then leaves that change for the live part, after SYNCED.
+pub(crate) async fn until_the_feed_holds_nothing_back(url: &str) {
+    let probe = batchd::store::connect(url, &Default::default())
+        .await
+        .unwrap();
+    eventually(PATIENCE, "the feed to hold nothing back", || async {
+        let oldest = probe.feed_bounds().await.unwrap().oldest;
+        let page = probe.changes_after(oldest, None, 1).await.unwrap();
+        page.held_back_since.is_none()
+    })
+    .await;
+    probe.close().await;
+}
+
 /// The next message; panics on an error, an end, or nothing in time.
 async fn next(stream: &mut Streaming<pb::WatchBatchesResponse>) -> pb::WatchBatchesResponse {
     tokio::time::timeout(PATIENCE, stream.message())
@@ -41,16 +58,22 @@ async fn next(stream: &mut Streaming<pb::WatchBatchesResponse>) -> pb::WatchBatc
         .expect("the feed does not end")
 }
 
-/// The next message that is not a bookmark.
+/// The next message that is not a bookmark, within [`PATIENCE`] in all: bookmarks
+/// keep coming while nothing else does, so they must not extend the wait.
 pub(crate) async fn next_event(
     stream: &mut Streaming<pb::WatchBatchesResponse>,
 ) -> pb::WatchBatchesResponse {
-    loop {
-        let message = next(stream).await;
-        if message.r#type() != F::Bookmark {
-            return message;
+    let skip_bookmarks = async {
+        loop {
+            let message = next(stream).await;
+            if message.r#type() != F::Bookmark {
+                return message;
+            }
         }
-    }
+    };
+    tokio::time::timeout(PATIENCE, skip_bookmarks)
+        .await
+        .expect("a feed message other than a bookmark in time")
 }
 
 /// Reads up to SYNCED: the initial batches, and SYNCED's cursor.
@@ -185,25 +208,8 @@ async fn resuming_collection_watchers_see_exactly_the_committed_history(backend:
         .enumerate()
         .map(|(i, id)| (id.as_str(), i % 2 == 1))
         .collect();
-    // The initial states below must hold every creation, so the watchers start once
-    // the feed can read all of them: on PostgreSQL its horizon is the server's, which
-    // another test's open transaction may hold back for a moment.
-    let probe = batchd::store::connect(&db.url, &Default::default())
-        .await
-        .unwrap();
-    eventually(PATIENCE, "the feed to read every creation", || async {
-        let page = probe
-            .changes_after(
-                batchd::domain::FeedCursor::default(),
-                None,
-                BATCHES as i64 + 1,
-            )
-            .await
-            .unwrap();
-        page.changes.len() >= BATCHES
-    })
-    .await;
-    probe.close().await;
+    // The initial states below must hold every creation.
+    until_the_feed_holds_nothing_back(&db.url).await;
 
     // Watchers: a third follow everything, a third in_progress only, a third group 1.
     let filter_of = |w: u64| -> pb::WatchBatchesRequest {
@@ -733,6 +739,7 @@ async fn filters_and_tenancy_decide_what_a_watcher_sees(backend: Backend) {
     );
 
     // The initial state is scoped the same way.
+    until_the_feed_holds_nothing_back(&app.db.url).await;
     let mut listing = watch_all(
         &mut bob,
         pb::WatchBatchesRequest {
@@ -949,6 +956,7 @@ async fn a_compacted_cursor_is_refused_naming_no_position(backend: Backend) {
         .unwrap();
     assert!(!message.contains(&internal.to_string()), "{message}");
     // Starting over reads the batch as it is, then what comes after.
+    until_the_feed_holds_nothing_back(&app.db.url).await;
     let mut resumed = watch_all(
         &mut client,
         pb::WatchBatchesRequest {
@@ -1036,6 +1044,7 @@ async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
             }
         }
     };
+    until_the_feed_holds_nothing_back(&app.db.url).await;
     let mut events = open(None).await;
     let initial = events.next().await;
     assert_eq!(
@@ -1060,7 +1069,7 @@ async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
         .update_batch(move_to(&existing.id, S::InProgress))
         .await
         .unwrap();
-    let change = events.next().await;
+    let change = events.next_event().await;
     assert_eq!(change.event, "change");
     assert_eq!(change.data["batch"]["status"], "in_progress");
     let last_id = change.id.clone().expect("a change has an id");
@@ -1072,12 +1081,12 @@ async fn server_sent_events_resume_with_the_cursor(backend: Backend) {
         .unwrap();
     let later = create(&mut client).await;
     let mut resumed = open(Some(last_id)).await;
-    let left = resumed.next().await;
+    let left = resumed.next_event().await;
     assert_eq!(
         (left.event.as_str(), left.data["batch"]["status"].as_str()),
         ("left_filter", Some("finalizing"))
     );
-    let created = resumed.next().await;
+    let created = resumed.next_event().await;
     assert_eq!(
         (created.event.as_str(), created.data["batch"]["id"].as_str()),
         ("change", Some(later.id.as_str()))
@@ -1098,6 +1107,22 @@ pub(crate) struct RawSse {
 }
 
 impl RawSse {
+    /// The next event that is not a bookmark, within [`PATIENCE`] in all: a bookmark
+    /// may come first whenever the change waited for is held back for a heartbeat.
+    pub(crate) async fn next_event(&mut self) -> RawEvent {
+        let skip_bookmarks = async {
+            loop {
+                let event = self.next().await;
+                if event.event != "bookmark" {
+                    return event;
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, skip_bookmarks)
+            .await
+            .expect("an SSE event other than a bookmark in time")
+    }
+
     pub(crate) async fn next(&mut self) -> RawEvent {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
