@@ -48,7 +48,9 @@ impl Default for CacheOptions {
             api_key_ttl: Duration::from_secs(2),
             terminal_batches: 20_000,
             terminal_bytes: 64 * 1024 * 1024,
-            latest_batches: 20_000,
+            // Bound by its bytes rather than its entries: a replica whose workers keep
+            // more batches running than it holds starts every write with a read.
+            latest_batches: 100_000,
             latest_bytes: 64 * 1024 * 1024,
         }
     }
