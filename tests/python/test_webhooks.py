@@ -146,7 +146,7 @@ def test_unwrap_accepts_every_delivery_across_a_rotation(batchd_with_local_webho
     deliveries = receiver.wait_for("hook", 4)
     events = [client.webhooks.unwrap(body, headers, secret=old_secret) for headers, body in deliveries[1:]]
     # Up to --webhook-concurrency-per-endpoint deliveries to one endpoint are in flight
-    # at once, so events queued together may arrive in either order (as OpenAI's may).
+    # at once, so events queued together may arrive in either order.
     assert sorted((e.type, e.data.id) for e in events) == [
         ("batch.cancelled", batch.id),
         ("batch.cancelling", batch.id),
