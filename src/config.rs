@@ -236,7 +236,9 @@ struct RoundArgs {
 
     /// Most rounds of batch changes committing at once. Changes that arrive while they
     /// run are committed together by the next round, in one transaction (one statement
-    /// on PostgreSQL), which spares the database a commit per change under load.
+    /// on PostgreSQL), which spares the database a commit per change under load; the
+    /// round first reads, in one query, the batches of its changes that this replica's
+    /// memory lacks.
     #[arg(
         long,
         env = "BATCHD_DATABASE_COMMIT_ROUNDS",

@@ -24,8 +24,8 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::request_rates::{RequestBudget, RequestRateOptions, RequestRates};
 use crate::store::{
-    BatchPageQuery, EarlierClaim, GroupCommitOptions, GroupCommits, IdempotencyClaim,
-    PointReadOptions, PointReads, Store, StoreOptions,
+    BatchPageQuery, ChangeOfCurrent, CurrentChange, EarlierClaim, GroupCommitOptions, GroupCommits,
+    IdempotencyClaim, PointReadOptions, PointReads, Store, StoreOptions,
 };
 use crate::watch::{FeedEvent, WatchEvent, WatchHub};
 
@@ -629,7 +629,8 @@ impl BatchService {
         caller.authorize(Action::UpdateBatch)?;
         let id = BatchId::parse("batch_id", batch_id)?;
         let update = BatchUpdate::parse(input)?;
-        self.change_batch(caller, &id, update.expected_version, |batch, now| {
+        let expected_version = update.expected_version;
+        self.change_batch(caller, &id, expected_version, move |batch, now| {
             batch.apply(&update, now)
         })
         .await
@@ -870,73 +871,72 @@ impl BatchService {
         }
     }
 
-    /// The latest version of a batch for a write, from `source` if it has it: memory
-    /// has it when this replica wrote it last. Returns where it came from.
-    async fn batch_to_change(
-        &self,
-        id: &BatchId,
-        source: VersionSource,
-    ) -> Result<(Arc<Batch>, VersionSource)> {
-        if source == VersionSource::Memory
-            && let Some(batch) = self.caches.terminal(id).or_else(|| self.caches.latest(id))
-        {
-            return Ok((batch, VersionSource::Memory));
-        }
-        let batch = self
-            .reads
-            .get(id)
-            .await?
-            .ok_or_else(|| Error::BatchNotFound(id.to_string()))?;
-        Ok((batch, VersionSource::Database))
-    }
-
-    /// Reads the batch, computes its next version with `change` and commits it if no
-    /// other writer committed in between; otherwise starts over from the new version.
+    /// Computes a batch's next version with `change` and commits it if no other writer
+    /// committed in between; otherwise computes it again from the new version.
     /// `change` returning `None` means "nothing to do": the current batch is returned
     /// and nothing is written.
     ///
-    /// The first attempt starts from memory, which saves a read; what memory may get
-    /// wrong is settled by [`VersionSource::decides`].
+    /// The first attempt starts from this replica's memory of its own last write, which
+    /// saves a read. Memory may be stale, so only a commit settles an answer computed
+    /// from it: a refusal or "nothing to do" computed from memory is computed again
+    /// from the database. Every attempt after that (and the first, when memory has not
+    /// got the batch) hands the change to group commit, whose round reads the batch
+    /// with its other changes' batches in one query and commits it with them: no read
+    /// of its own, no second queue.
     async fn change_batch(
         &self,
         caller: &Caller,
         id: &BatchId,
         expected_version: Option<i64>,
-        change: impl Fn(&Batch, i64) -> Result<Option<Batch>>,
+        change: impl Fn(&Batch, i64) -> Result<Option<Batch>> + Send + Sync + 'static,
     ) -> Result<Batch> {
-        let mut source = VersionSource::Memory;
-        for _ in 0..MAX_COMMIT_ATTEMPTS {
-            let (current, read_from) = self.batch_to_change(id, source).await?;
-            source = VersionSource::Database;
-            if !caller.sees(&current) {
-                return Err(Error::BatchNotFound(id.to_string()));
+        let (who, batch_id, clock) = (caller.clone(), id.clone(), self.clock.clone());
+        let next_version = Arc::new(move |current: &Batch| -> Result<Option<Batch>> {
+            if !who.sees(current) {
+                return Err(Error::BatchNotFound(batch_id.to_string()));
             }
-            let next = match expected_version {
+            match expected_version {
                 Some(expected) if expected != current.version => Err(Error::VersionMismatch {
                     expected,
                     actual: current.version,
                 }),
-                _ => change(&current, self.clock.now()),
-            };
-            let next = match next {
-                Ok(Some(next)) => next,
-                _ if !read_from.decides() => continue,
-                Ok(None) => return Ok(Arc::unwrap_or_clone(current)),
-                Err(error) => return Err(error),
-            };
-            let committed = Arc::new(next);
-            if self.commits.commit(committed.clone()).await? {
-                if committed.status != current.status {
-                    tracing::info!(batch_id = %id, from = %current.status, to = %committed.status, version = committed.version, "batch status changed");
-                }
-                self.hub.committed(&committed, Some(current.status));
-                self.caches.remember(committed.clone());
-                return Ok(Arc::unwrap_or_clone(committed));
+                _ => change(current, clock.now()),
             }
-            self.caches.forget(id);
-            tokio::task::yield_now().await;
+        });
+        if let Some(current) = self.caches.terminal(id).or_else(|| self.caches.latest(id)) {
+            // A batch's owner never changes: memory is right about who sees it.
+            if !caller.sees(&current) {
+                return Err(Error::BatchNotFound(id.to_string()));
+            }
+            if let Ok(Some(next)) = next_version(&current) {
+                let next = Arc::new(next);
+                if self.commits.commit(next.clone()).await? {
+                    return Ok(self.after_commit(&current, next));
+                }
+                self.caches.forget(id);
+            }
+        }
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let next_version = next_version.clone();
+            let change: ChangeOfCurrent = Box::new(move |current| next_version(current));
+            match self.commits.change_current(id.clone(), change).await? {
+                CurrentChange::Written { from, next } => return Ok(self.after_commit(&from, next)),
+                CurrentChange::Unchanged(current) => return Ok(Arc::unwrap_or_clone(current)),
+                CurrentChange::Lost => tokio::task::yield_now().await,
+            }
         }
         Err(Error::Contended(id.to_string()))
+    }
+
+    /// What follows the commit of `next` over `from`: the status change's log line,
+    /// this replica's watchers, its memory of the batch.
+    fn after_commit(&self, from: &Batch, next: Arc<Batch>) -> Batch {
+        if next.status != from.status {
+            tracing::info!(batch_id = %next.id, from = %from.status, to = %next.status, version = next.version, "batch status changed");
+        }
+        self.hub.committed(&next, Some(from.status));
+        self.caches.remember(next.clone());
+        Arc::unwrap_or_clone(next)
     }
 }
 
@@ -959,25 +959,5 @@ impl DeletionReason {
             DeletionReason::Request => "request",
             DeletionReason::Retention => "retention",
         }
-    }
-}
-
-/// Where a write read the batch's current version from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VersionSource {
-    /// This replica's memory of its own last write: possibly stale.
-    Memory,
-    /// The database: current when read.
-    Database,
-}
-
-impl VersionSource {
-    /// Whether an answer computed from a version read here is final. A change computed
-    /// from memory is only proposed: its commit's version check accepts it when memory
-    /// was current. Every other answer from memory (a version mismatch, a refused
-    /// change, nothing to do) may be memory's staleness talking, so it is computed
-    /// again from the database before the caller sees it.
-    fn decides(self) -> bool {
-        self == VersionSource::Database
     }
 }

@@ -44,7 +44,10 @@ pub use coalesce::{MAX_WAITING_READS, PointReadOptions, PointReads};
 pub use database_status::DatabaseStatus;
 pub use deadline::WithinDeadline;
 use deadline::store_trait;
-pub use group_commit::{CommitMany, GroupCommitOptions, GroupCommits, MAX_WAITING_WRITES};
+pub use group_commit::{
+    ChangeOfCurrent, CommitMany, CurrentChange, GroupCommitOptions, GroupCommits,
+    MAX_WAITING_WRITES,
+};
 use postgres::PostgresStore;
 use sqlite::SqliteStore;
 pub use webhooks::{DeliveryClaim, DeliveryQueue, WebhookStore};
