@@ -7,8 +7,8 @@
 //! - **domain**: `domain` (the batch, its state machine, validated input, API keys,
 //!   feed cursors, the webhook types), `error`, `clock`, `shutdown`, `proto`. No I/O.
 //! - **store**: SQL behind narrow traits, SQLite and PostgreSQL; the coalesced reads
-//!   and grouped commits (each round reading the batches it changes) in front of it; the frequent statements run on a few connections
-//!   kept between statements.
+//!   and grouped commits (each round reading the batches it changes) in front of it;
+//!   the frequent statements run on a few connections kept between statements.
 //! - **use cases**: `service` (batches and keys: the only writer of batches, with its
 //!   per-key `request_rates`), `watch`
 //!   (the per-replica hub and the change feed readers), `webhooks` (endpoint use

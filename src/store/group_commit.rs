@@ -421,12 +421,8 @@ impl RoundKind for CommitRound {
                 Err(answer) => settled.push(Some(answer)),
             }
         }
+        // One result per change: each statement's count is checked in `commit_statement`.
         let written = self.commit_all(&nexts).await?;
-        if written.len() != nexts.len() {
-            return Err(Error::Internal(
-                "a round of commits answered for a different number of changes".into(),
-            ));
-        }
         for (((index, from), next), written) in writers.into_iter().zip(nexts).zip(written) {
             settled[index] = Some(written.map(|written| match from {
                 None => Settled::Committed(written),
