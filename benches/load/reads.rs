@@ -10,6 +10,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 
+use crate::lean_grpc::LeanGrpc;
 use crate::setup::{Batchd, Rng, Seeded, pgbench, seeded_id};
 use crate::{Latencies, Plan, Report};
 
@@ -66,7 +67,8 @@ where
     })
 }
 
-/// GetBatch over gRPC for ids from `pick`, on a few shared HTTP/2 connections.
+/// GetBatch over gRPC (the lean client) for ids from `pick`, on a few shared HTTP/2
+/// connections.
 pub async fn grpc_gets(
     server: &Batchd,
     plan: &Plan,
@@ -74,15 +76,18 @@ pub async fn grpc_gets(
     first: u64,
     count: u64,
 ) -> anyhow::Result<Throughput> {
-    let mut clients = Vec::new();
+    let mut connections = Vec::new();
     for _ in 0..4 {
-        clients.push(server.client(server.channel().await?));
+        connections.push(LeanGrpc::connect(server).await?);
     }
     closed_loop(plan, concurrency, move |task, rng| {
-        let mut client = clients[task % clients.len()].clone();
+        let connection = connections[task % connections.len()].clone();
         let batch_id = seeded_id(first + rng.pick(count) - 1);
         async move {
-            client.get_batch(pb::GetBatchRequest { batch_id }).await?;
+            let request = pb::GetBatchRequest { batch_id };
+            connection
+                .unary("/batchd.v1.BatchService/GetBatch", &request)
+                .await?;
             Ok(())
         }
     })

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use batchd::proto::batchd::v1 as pb;
 
+use crate::lean_grpc::LeanGrpc;
 use crate::reads::{Throughput, closed_loop};
 use crate::setup::{Batchd, Seeded, now_nanos, pgbench, seeded_id};
 use crate::{Plan, Report};
@@ -82,7 +83,10 @@ fn update_script(notify_in_transaction: bool) -> String {
     }
 }
 
-/// UpdateBatch in a closed loop from `clients` tasks, each on its own share of the
+/// The worker service's UpdateBatch, as an HTTP/2 path.
+const UPDATE_BATCH: &str = "/batchd.v1.BatchWorkerService/UpdateBatch";
+
+/// UpdateBatch (on the lean client) in a closed loop from `clients` tasks, each on its own share of the
 /// running batches `1..=running` (no two updates of one batch race).
 pub async fn updates_on_own_shares(
     plan: &Plan,
@@ -90,22 +94,21 @@ pub async fn updates_on_own_shares(
     running: u64,
     clients: usize,
 ) -> anyhow::Result<Throughput> {
-    let mut workers = Vec::new();
+    let mut connections = Vec::new();
     for _ in 0..4 {
-        workers.push(server.worker(server.channel().await?));
+        connections.push(LeanGrpc::connect(server).await?);
     }
     closed_loop(plan, clients, move |task, rng| {
-        let mut worker = workers[task % workers.len()].clone();
+        let connection = connections[task % connections.len()].clone();
         let mine = (running / clients as u64).max(1);
         let n = ((rng.pick(mine) - 1) * clients as u64 + task as u64) % running + 1;
         async move {
-            worker
-                .update_batch(pb::UpdateBatchRequest {
-                    batch_id: seeded_id(n),
-                    request_counts: Some(growing_counts()),
-                    ..Default::default()
-                })
-                .await?;
+            let request = pb::UpdateBatchRequest {
+                batch_id: seeded_id(n),
+                request_counts: Some(growing_counts()),
+                ..Default::default()
+            };
+            connection.unary(UPDATE_BATCH, &request).await?;
             Ok(())
         }
     })
