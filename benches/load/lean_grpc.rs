@@ -2,9 +2,10 @@
 //! each unary call is one HTTP/2 request on the `h2` crate, its body a prost message
 //! in gRPC's 5-byte framing, sent by the calling task itself. tonic's client puts a
 //! tower buffer (a channel and a task of its own) and its codec layers between the
-//! caller and the connection; on two cores shared by batchd, PostgreSQL and the load
-//! generator, that client's CPU was taken from the two others. The anchors it is
-//! compared with are lean C clients (pgbench, and wrk for REST), and so is this.
+//! caller and the connection, and on this machine the load generator shares two
+//! cores with batchd and PostgreSQL. The anchors it is compared with are lean C
+//! clients (pgbench, and wrk for REST); this one is as close to them as Rust gets
+//! without leaving the harness (BENCHMARKS.md has the two clients side by side).
 //! Every call must answer `grpc-status: 0` with one whole message, or the run fails.
 
 use std::time::Duration;
