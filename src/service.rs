@@ -551,6 +551,16 @@ impl BatchService {
     /// skip each other's chunks (PostgreSQL), so each stall is marked once.
     pub async fn mark_stalled_batches(&self, stall_after: Duration) -> Result<u64> {
         let stall_after = i64::try_from(stall_after.as_secs()).unwrap_or(i64::MAX);
+        // First the batches that changed since their quiet mark fell behind the cutoff
+        // (writes leave it behind), so that only quiet ones stay behind it.
+        loop {
+            let cutoff = self.clock.now().saturating_sub(stall_after);
+            let moved = self.store.catch_up_quiet_since(cutoff, STALL_CHUNK).await?;
+            if (moved as i64) < STALL_CHUNK {
+                break;
+            }
+            tokio::time::sleep(CHUNK_PAUSE).await;
+        }
         let mut marked = 0;
         loop {
             let now = self.clock.now();

@@ -295,6 +295,13 @@ store_trait! {
         async fn due_batches(&self, now: i64, cancelling_before: i64, limit: i64)
         -> Result<Vec<Batch>>;
 
+    /// Brings up to `limit` batches, not final and not marked stalled, whose stored
+        /// quiet mark is at or before `changed_after` although they changed after it, up
+        /// to date (writes leave the mark behind, to keep PostgreSQL's updates HOT; no
+        /// version, no event); returns how many. The stall sweep calls it until fewer
+        /// come back, so that only quiet batches stay behind the cutoff.
+        async fn catch_up_quiet_since(&self, changed_after: i64, limit: i64) -> Result<u64>;
+
     /// Marks stalled (`Batch::mark_stalled` at `now`) up to `limit` batches, not final
         /// and not marked yet, that have not changed for `stall_after` seconds, each as a
         /// committed change with its event, in one short transaction; returns the

@@ -45,7 +45,7 @@ static COMMIT_ROUND: LazyLock<String> = LazyLock::new(|| {
          WITH ORDINALITY AS t(s, ord)), \
          locked AS (SELECT id FROM batches \
          WHERE id = ANY (ARRAY(SELECT s ->> 'id' FROM input)) ORDER BY id FOR NO KEY UPDATE), \
-         written AS (UPDATE batches SET ({columns}) = ({values}), {quiet_since} FROM input \
+         written AS (UPDATE batches SET ({columns}) = ({values}) FROM input \
          WHERE batches.id = ANY (ARRAY(SELECT id FROM locked)) \
          AND batches.id = input.s ->> 'id' \
          AND batches.version = (input.s ->> 'version')::bigint - 1 \
@@ -56,10 +56,6 @@ static COMMIT_ROUND: LazyLock<String> = LazyLock::new(|| {
          SELECT ord FROM written",
         columns = *sql::BATCH_COLUMNS,
         values = StoredBatchV1::POSTGRES_FROM_JSON.join(", "),
-        quiet_since = sql::quiet_since_after_change(
-            "batches.",
-            "COALESCE((input.s ->> 'updated_at')::bigint, (input.s ->> 'created_at')::bigint)"
-        ),
     )
 });
 

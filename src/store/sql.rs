@@ -272,8 +272,8 @@ static SELECT_DUE_BATCHES: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// Batches not final and not marked stalled whose last change was at or before $1,
-/// at most $2, the longest quiet first. `quiet_since` (at most a minute before the last
-/// change) finds them through the partial index `batches_quiet`; the last change
+/// at most $2, the longest quiet first. `quiet_since` (never after the last change; see
+/// [`catch_up_quiet_since`]) finds them through the partial index `batches_quiet`; the last change
 /// itself is checked on the rows found.
 static SELECT_QUIET_BATCHES: LazyLock<String> = LazyLock::new(|| {
     select_batches(
@@ -296,19 +296,27 @@ where
     sql.push(", ").push_bind(batch.committed_at()).push(")");
 }
 
-/// How far `quiet_since` may fall behind a batch's last change before a write moves it
-/// (migration `stalls`): a batch that reports progress often rewrites that indexed
-/// column once per this many seconds, and keeps PostgreSQL's HOT updates in between.
-pub(super) const QUIET_GRAIN_SECONDS: i64 = 60;
-
-/// `quiet_since` after a change of the batch at `changed_at` (an SQL expression; the
-/// row before the change is `{row}`): kept while at most [`QUIET_GRAIN_SECONDS`] behind,
-/// else moved to the change. PostgreSQL's round of changes writes it this way over its
-/// JSON input; [`push_update_if_current`] binds the same rule.
-pub(super) fn quiet_since_after_change(row: &str, changed_at: &str) -> String {
+/// The statement that moves `quiet_since` up to the last change of up to $2 batches
+/// that changed after $1 although their `quiet_since` is at or before it, the longest
+/// behind first, skipping rows another writer holds where the store can.
+///
+/// Writes leave `quiet_since` alone: it is an indexed column, and moving it would cost
+/// PostgreSQL the HOT update (an entry in each of the table's indexes). So it is only a
+/// lower bound of the last change, and the stall sweep brings the batches that changed
+/// since it fell behind the cutoff up to date before it looks for quiet ones: each
+/// running batch costs that once per stall time, in bulk and off the request path,
+/// instead of on one of its progress reports. (The migration `stalls`, whose text
+/// cannot change once applied, describes the rule before this one: writes moved the
+/// mark once it was a minute behind, which made every report of a batch that reports
+/// less often than that an update of every index.)
+pub(super) fn catch_up_quiet_since(lock_skipping_locked: &str) -> String {
     format!(
-        "quiet_since = CASE WHEN {row}quiet_since >= ({changed_at}) - {QUIET_GRAIN_SECONDS} \
-         THEN {row}quiet_since ELSE {changed_at} END"
+        "UPDATE batches SET quiet_since = COALESCE(updated_at, created_at) \
+         WHERE seq IN (SELECT seq FROM batches \
+         WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling') \
+         AND stalled_at IS NULL AND quiet_since <= $1 \
+         AND COALESCE(updated_at, created_at) > $1 ORDER BY quiet_since LIMIT $2\
+         {lock_skipping_locked})"
     )
 }
 
@@ -323,14 +331,8 @@ pub(super) fn push_update_if_current<DB: SqlDatabase>(
 {
     sql.push(format_args!("UPDATE batches SET ({}) = (", *BATCH_COLUMNS));
     DB::push_batch(&mut sql.separated(", "), next);
-    // The rule of `quiet_since_after_change`, with the change's time bound.
-    let changed_at = next.committed_at();
-    sql.push("), quiet_since = CASE WHEN quiet_since >= ")
-        .push_bind(changed_at.saturating_sub(QUIET_GRAIN_SECONDS))
-        .push(" THEN quiet_since ELSE ")
-        .push_bind(changed_at)
-        .push(" END");
-    sql.push(" WHERE id = ")
+    // `quiet_since` stays: see `catch_up_quiet_since`.
+    sql.push(") WHERE id = ")
         .push_bind(next.id())
         .push(" AND version = ")
         .push_bind(next.version() - 1);
@@ -852,6 +854,20 @@ where
         gone.iter()
             .map(|id| BatchId::parse("id", id).map_err(|e| Error::Internal(e.to_string())))
             .collect()
+    }
+
+    async fn catch_up_quiet_since(&self, changed_after: i64, limit: i64) -> Result<u64> {
+        // A write transaction of its own, as SQLite needs for a write that reads first.
+        let mut tx = B::begin_write(&self.pool).await?;
+        let moved = sqlx::query(sqlx::AssertSqlSafe(catch_up_quiet_since(
+            B::LOCK_TO_CHANGE_SKIPPING_LOCKED,
+        )))
+        .bind(changed_after)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(B::Db::rows_affected(&moved))
     }
 
     async fn mark_stalled_batches(

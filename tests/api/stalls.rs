@@ -358,7 +358,8 @@ async fn the_change_feed_refuses_the_stall_filter_naming_it(backend: Backend) {
 
 /// No index of `batches` reads a column that a progress report changes, so that
 /// PostgreSQL can keep those updates HOT (no index entry written): the stall sweep
-/// finds quiet batches through `quiet_since`, which moves once a minute at most.
+/// finds quiet batches through `quiet_since`, which writes leave alone (see
+/// [`progress_reports_leave_the_quiet_mark_and_the_sweep_brings_it_up_to_date`]).
 async fn no_index_of_batches_reads_a_column_a_progress_report_changes(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let definitions: Vec<String> = match backend {
@@ -401,8 +402,83 @@ async fn no_index_of_batches_reads_a_column_a_progress_report_changes(backend: B
     }
 }
 
+/// The stored `quiet_since` of batch `id`, read from the app's database.
+async fn stored_quiet_since(app: &TestApp, backend: Backend, id: &str) -> i64 {
+    const SELECT: &str = "SELECT quiet_since FROM batches WHERE id = $1";
+    match backend {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+            let quiet = sqlx::query_scalar(SELECT).bind(id).fetch_one(&pool).await;
+            pool.close().await;
+            quiet.unwrap()
+        }
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&app.db.url).await.unwrap();
+            let quiet = sqlx::query_scalar(SELECT).bind(id).fetch_one(&pool).await;
+            pool.close().await;
+            quiet.unwrap()
+        }
+    }
+}
+
+/// A progress report leaves the batch's quiet mark (`quiet_since`, an indexed column)
+/// where it was, so that PostgreSQL keeps the update HOT. The stall sweep brings the
+/// mark of a batch that changed after the cutoff up to its last change, without a
+/// version or an event, instead of marking it; once the batch goes quiet it is marked.
+async fn progress_reports_leave_the_quiet_mark_and_the_sweep_brings_it_up_to_date(
+    backend: Backend,
+) {
+    let (app, clock) = app_at_t0(backend).await;
+    let mut client = app.client(&app.admin_key);
+    let mut worker = app.worker(&app.admin_key);
+    let batch = create(&mut client).await;
+    move_through(&mut worker, &batch.id, &[S::InProgress]).await;
+    let sweeper = service(&app);
+    assert_eq!(stored_quiet_since(&app, backend, &batch.id).await, T0);
+
+    // A report every 300 s, over twice the stall time: the mark after each report's
+    // sweep (the cutoff is 600 s before it): at T0 + 600 and T0 + 1,200 the mark was
+    // at the cutoff while the batch had changed since, so the sweep moved it.
+    let mut mark = T0;
+    for (step, mark_after_sweep) in [(1, T0), (2, T0 + 600), (3, T0 + 600), (4, T0 + 1_200)] {
+        clock.advance(300);
+        let reported = worker
+            .update_batch(progress(&batch.id, step * 10))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reported.updated_at, Some(T0 + 300 * step));
+        assert_eq!(
+            stored_quiet_since(&app, backend, &batch.id).await,
+            mark,
+            "report {step} moved the quiet mark"
+        );
+        assert_eq!(sweeper.mark_stalled_batches(STALL_AFTER).await.unwrap(), 0);
+        mark = mark_after_sweep;
+        assert_eq!(
+            stored_quiet_since(&app, backend, &batch.id).await,
+            mark,
+            "the sweep after report {step}"
+        );
+        // Bringing the mark up to date is not a change of the batch.
+        let seen = get(&mut client, &batch.id).await;
+        assert_eq!(seen.version, reported.version);
+        assert_eq!(seen.stalled_at, None);
+    }
+
+    // Quiet for the stall time since its last report: marked, once.
+    clock.advance(600);
+    assert_eq!(sweeper.mark_stalled_batches(STALL_AFTER).await.unwrap(), 1);
+    assert_eq!(
+        get(&mut client, &batch.id).await.stalled_at,
+        Some(T0 + 1_800)
+    );
+    assert_eq!(sweeper.mark_stalled_batches(STALL_AFTER).await.unwrap(), 0);
+}
+
 on_both_stores!(
     a_quiet_batch_is_marked_stalled_once_seen_everywhere_and_cleared_by_its_next_change,
+    progress_reports_leave_the_quiet_mark_and_the_sweep_brings_it_up_to_date,
     the_rate_and_the_estimate_follow_progress_at_a_known_rate,
     no_index_of_batches_reads_a_column_a_progress_report_changes,
     the_change_feed_refuses_the_stall_filter_naming_it,
