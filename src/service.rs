@@ -544,8 +544,9 @@ impl BatchService {
         }
     }
 
-    /// Marks stalled every batch, not final and not marked yet, that has not changed for
-    /// `stall_after`, each as a new version (so its watchers, the change feed and the
+    /// Brings the store's quiet marks of the batches that changed since up to date
+    /// ([`crate::store::BatchStore::catch_up_quiet_since`]), then marks stalled every batch, not final
+    /// and not marked yet, that has not changed for `stall_after`, each as a new version (so its watchers, the change feed and the
     /// webhooks hear of it), in chunks of [`STALL_CHUNK`], each its own short
     /// transaction; then sets the gauge of stalled batches. Replicas sweeping together
     /// skip each other's chunks (PostgreSQL), so each stall is marked once.

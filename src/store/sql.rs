@@ -271,16 +271,20 @@ static SELECT_DUE_BATCHES: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The batches whose `quiet_since` is at or before $1, through the partial index
+/// `batches_quiet` (whose predicate this repeats: not final, not marked stalled).
+const BEHIND_THE_CUTOFF: &str = "status IN ('validating', 'in_progress', 'finalizing', \
+     'cancelling') AND stalled_at IS NULL AND quiet_since <= $1";
+
 /// Batches not final and not marked stalled whose last change was at or before $1,
 /// at most $2, the longest quiet first. `quiet_since` (never after the last change; see
-/// [`catch_up_quiet_since`]) finds them through the partial index `batches_quiet`; the last change
-/// itself is checked on the rows found.
+/// [`catch_up_quiet_since`]) finds them through the partial index `batches_quiet`; the
+/// last change itself is checked on the rows found.
 static SELECT_QUIET_BATCHES: LazyLock<String> = LazyLock::new(|| {
-    select_batches(
-        "WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling') \
-         AND stalled_at IS NULL AND quiet_since <= $1 \
-         AND COALESCE(updated_at, created_at) <= $1 ORDER BY quiet_since LIMIT $2",
-    )
+    select_batches(&format!(
+        "WHERE {BEHIND_THE_CUTOFF} \
+         AND COALESCE(updated_at, created_at) <= $1 ORDER BY quiet_since LIMIT $2"
+    ))
 });
 
 /// Pushes `INSERT INTO batches (<columns>) VALUES (<batch>)`.
@@ -312,9 +316,7 @@ where
 pub(super) fn catch_up_quiet_since(lock_skipping_locked: &str) -> String {
     format!(
         "UPDATE batches SET quiet_since = COALESCE(updated_at, created_at) \
-         WHERE seq IN (SELECT seq FROM batches \
-         WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling') \
-         AND stalled_at IS NULL AND quiet_since <= $1 \
+         WHERE seq IN (SELECT seq FROM batches WHERE {BEHIND_THE_CUTOFF} \
          AND COALESCE(updated_at, created_at) > $1 ORDER BY quiet_since LIMIT $2\
          {lock_skipping_locked})"
     )
