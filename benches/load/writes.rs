@@ -1,8 +1,9 @@
 //! Figure 5: worker progress updates on random running batches with watchers connected,
 //! against pgbench running the same statement (row update + event insert, no NOTIFY),
 //! and, for reference, the same with a NOTIFY in each transaction; the same updates
-//! through REST (`PATCH /v1/batches/{id}`, driven by `wrk`); and a lone writer's
-//! latency against pgbench's single client.
+//! through REST (`PATCH /v1/batches/{id}`, driven by `wrk`); for each of the two, batchd's
+//! CPU per update and the changes per commit round; and a lone writer's latency against
+//! pgbench's single client.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -210,6 +211,18 @@ pub async fn run(
         Some((&name, updates.per_second)),
     );
     report.add(
+        &format!("{rest_name}_batchd_cpu"),
+        rest.cpu_per_request_us,
+        "us/req",
+        None,
+    );
+    report.add(
+        &format!("{rest_name}_changes_per_round"),
+        rest.changes_per_round,
+        "changes",
+        None,
+    );
+    report.add(
         &format!("{rest_name}_refused"),
         rest.refused as f64,
         "req",
@@ -255,6 +268,10 @@ struct WrkRun {
     /// Answers other than 2xx (an update refused because two of them for one batch
     /// crossed, which the script makes rare).
     refused: u64,
+    /// batchd's CPU time per request of the timed run (the warm-up left out).
+    cpu_per_request_us: f64,
+    /// Changes per commit round in the timed run.
+    changes_per_round: f64,
 }
 
 /// `PATCH /v1/batches/{id}` from `wrk` (2 threads, `clients` connections), each thread on
@@ -304,7 +321,11 @@ end
     };
     // wrk has no warm-up of its own: a short run first.
     run(plan.warm_up.as_secs().max(1)).await?;
+    let cpu_before = server.cpu_seconds()?;
+    let rounds_before = commit_rounds(server).await?;
     let output = run(plan.window.as_secs().max(1)).await?;
+    let cpu = server.cpu_seconds()? - cpu_before;
+    let rounds_after = commit_rounds(server).await?;
     let _ = std::fs::remove_file(&file);
     let stdout = String::from_utf8_lossy(&output.stdout);
     anyhow::ensure!(
@@ -324,8 +345,17 @@ end
     let refused = number_after("Non-2xx or 3xx responses:").unwrap_or(0.0) as u64;
     let errors = number_after("Socket errors:");
     anyhow::ensure!(errors.is_none(), "wrk saw socket errors: {stdout}");
+    // "  N requests in 6.00s, ..." is the timed run's count.
+    let requests = stdout
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in "))
+        .and_then(|(count, _)| count.parse::<f64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("wrk gave no request count: {stdout}"))?;
     Ok(WrkRun {
         per_second,
         refused,
+        cpu_per_request_us: cpu * 1e6 / requests.max(1.0),
+        changes_per_round: (rounds_after.1 - rounds_before.1)
+            / (rounds_after.0 - rounds_before.0).max(1.0),
     })
 }
