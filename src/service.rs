@@ -545,10 +545,11 @@ impl BatchService {
     }
 
     /// Brings the store's quiet marks of the batches that changed since up to date
-    /// ([`crate::store::BatchStore::catch_up_quiet_since`]), then marks stalled every batch, not final
-    /// and not marked yet, that has not changed for `stall_after`, each as a new version (so its watchers, the change feed and the
-    /// webhooks hear of it), in chunks of [`STALL_CHUNK`], each its own short
-    /// transaction; then sets the gauge of stalled batches. Replicas sweeping together
+    /// ([`crate::store::BatchStore::catch_up_quiet_since`]), then marks stalled every
+    /// batch, not final and not marked yet, that has not changed for `stall_after`, each
+    /// as a new version (so its watchers, the change feed and the webhooks hear of it),
+    /// in chunks of [`STALL_CHUNK`], each its own short transaction; then sets the gauge
+    /// of stalled batches. Replicas sweeping together
     /// skip each other's chunks (PostgreSQL), so each stall is marked once.
     pub async fn mark_stalled_batches(&self, stall_after: Duration) -> Result<u64> {
         let stall_after = i64::try_from(stall_after.as_secs()).unwrap_or(i64::MAX);
