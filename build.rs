@@ -11,6 +11,9 @@ const CONTRACT: [&str; 2] = [
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
+    // `sqlx::migrate!` embeds migrations/ at compile time; without this, a new
+    // migration file is left out of the build until some source file changes.
+    println!("cargo:rerun-if-changed=migrations");
 
     let mut compiler = protox::Compiler::new([PROTO_ROOT])?;
     compiler.include_imports(true).include_source_info(true);

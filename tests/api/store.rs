@@ -63,3 +63,50 @@ async fn many_batches_are_read_by_id_in_one_query(backend: Backend) {
 }
 
 on_both_stores!(many_batches_are_read_by_id_in_one_query);
+
+/// On PostgreSQL the pages of `batches` keep room for the next version of their rows (a
+/// fill factor of 90): the first write after a batch's create lands on the batch's own
+/// page, as a progress report then can as a HOT update (no entry in any index). At 100 %
+/// a page that creates filled has no room, and every first update of its rows goes to
+/// another page, with an entry in each of the table's indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pages_keep_room_for_the_next_version_of_their_batches() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let mut client = app.client(&app.admin_key);
+    let mut worker = app.worker(&app.admin_key);
+    let first = create(&mut client).await;
+    let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+    let page_of = |id: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, f64>("SELECT (ctid::text::point)[0] FROM batches WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // Creates until the first batch's page is full: a batch landed on the next page.
+    let mut last = first.clone();
+    for _ in 0..500 {
+        if page_of(last.id.clone()).await > page_of(first.id.clone()).await {
+            break;
+        }
+        last = create(&mut client).await;
+    }
+    assert!(
+        page_of(last.id.clone()).await > page_of(first.id.clone()).await,
+        "500 creates did not fill a page"
+    );
+
+    let before = page_of(first.id.clone()).await;
+    worker
+        .update_batch(move_to(&first.id, pb::BatchStatus::InProgress))
+        .await
+        .unwrap();
+    assert_eq!(
+        page_of(first.id.clone()).await,
+        before,
+        "the batch's next version went to another page: its page had no room"
+    );
+}
