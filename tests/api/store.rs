@@ -87,19 +87,16 @@ async fn postgres_pages_keep_room_for_the_next_version_of_their_batches() {
         }
     };
     // Creates until the first batch's page is full: a batch landed on the next page.
-    let mut last = first.clone();
+    let before = page_of(first.id.clone()).await;
+    let mut last_page = before;
     for _ in 0..500 {
-        if page_of(last.id.clone()).await > page_of(first.id.clone()).await {
+        if last_page > before {
             break;
         }
-        last = create(&mut client).await;
+        last_page = page_of(create(&mut client).await.id).await;
     }
-    assert!(
-        page_of(last.id.clone()).await > page_of(first.id.clone()).await,
-        "500 creates did not fill a page"
-    );
+    assert!(last_page > before, "500 creates did not fill a page");
 
-    let before = page_of(first.id.clone()).await;
     worker
         .update_batch(move_to(&first.id, pb::BatchStatus::InProgress))
         .await
