@@ -915,7 +915,8 @@ impl BatchService {
                 _ => change(current, clock.now()),
             }
         });
-        if let Some(current) = self.caches.terminal(id).or_else(|| self.caches.latest(id)) {
+        let remembered = self.caches.terminal(id).or_else(|| self.caches.latest(id));
+        let memory = if let Some(current) = remembered {
             // A batch's owner never changes: memory is right about who sees it.
             if !caller.sees(&current) {
                 return Err(Error::BatchNotFound(id.to_string()));
@@ -923,11 +924,16 @@ impl BatchService {
             if let Ok(Some(next)) = next_version(&current) {
                 let next = Arc::new(next);
                 if self.commits.commit(next.clone()).await? {
+                    WriteMemory::Hit.count();
                     return Ok(self.after_commit(&current, next));
                 }
                 self.caches.forget(id);
             }
-        }
+            WriteMemory::Retried
+        } else {
+            WriteMemory::Miss
+        };
+        memory.count();
         for _ in 0..MAX_COMMIT_ATTEMPTS {
             let next_version = next_version.clone();
             let change: ChangeOfCurrent = Box::new(move |current| next_version(current));
@@ -949,6 +955,39 @@ impl BatchService {
         self.hub.committed(&next, Some(from.status));
         self.caches.remember(next.clone());
         Arc::unwrap_or_clone(next)
+    }
+}
+
+/// What this replica's memory of a batch did for a write: the label of
+/// `batchd_write_memory_total`. A low share of hits means the latest cache
+/// (`--latest-cache-bytes`) is smaller than the batches its workers keep writing, and
+/// most writes cost a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMemory {
+    /// The remembered version was current: the write took one statement.
+    Hit,
+    /// The remembered version was stale (or refused the change): computed again from
+    /// the database.
+    Retried,
+    /// Not remembered: the write read the batch first.
+    Miss,
+}
+
+impl WriteMemory {
+    /// Every outcome, for registering the metric's series at zero.
+    pub const ALL: [WriteMemory; 3] = [WriteMemory::Hit, WriteMemory::Retried, WriteMemory::Miss];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteMemory::Hit => "hit",
+            WriteMemory::Retried => "retried",
+            WriteMemory::Miss => "miss",
+        }
+    }
+
+    fn count(self) {
+        metrics::counter!("batchd_write_memory_total", "outcome" => self.as_str()).increment(1);
     }
 }
 

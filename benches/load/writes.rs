@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use batchd::proto::batchd::v1 as pb;
+use sqlx::{Connection, PgConnection};
 
 use crate::lean_grpc::LeanGrpc;
 use crate::reads::{Throughput, closed_loop};
@@ -116,12 +117,90 @@ pub async fn updates_on_own_shares(
     .await
 }
 
-/// Rounds of commits so far, and the changes they carried.
-async fn commit_rounds(server: &Batchd) -> anyhow::Result<(f64, f64)> {
-    Ok((
-        server.metric("batchd_commit_rounds_total").await?,
-        server.metric("batchd_commit_round_changes_total").await?,
-    ))
+/// Writes every running batch twice through batchd, from `clients` tasks, each on its
+/// own share. The write figures measure a replica's steady state, in which the batches
+/// its workers report on were written through it before and are in its memory: the
+/// latest cache admits a batch for good on its second write (its first only reaches the
+/// cache's small probation ring). The seeded batches were cloned in the database and
+/// never written through batchd, so without this pass a phase's share of writes that
+/// must read first would depend on which batches the phases before it happened to
+/// draw: the gRPC phase replays the feed group's draws, `wrk` draws its own.
+async fn write_every_running_batch_twice(
+    server: &Batchd,
+    running: u64,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let connection = LeanGrpc::connect(server).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..clients as u64 {
+        let connection = connection.clone();
+        tasks.spawn(async move {
+            for _pass in 0..2 {
+                for n in (1 + task..=running).step_by(clients) {
+                    let request = pb::UpdateBatchRequest {
+                        batch_id: seeded_id(n),
+                        request_counts: Some(growing_counts()),
+                        ..Default::default()
+                    };
+                    connection.unary(UPDATE_BATCH, &request).await?;
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Makes PostgreSQL write its dirty pages now (`CHECKPOINT`), before each c16 phase:
+/// every phase then starts from a fresh checkpoint, so the full-page images that the
+/// first write of each page costs after one fall alike on batchd's phases and on
+/// pgbench's, and no checkpoint forced by the WAL of the phases before lands inside
+/// one of them by chance.
+async fn checkpoint(database_url: &str) -> anyhow::Result<()> {
+    let mut db = PgConnection::connect(database_url).await?;
+    sqlx::query("CHECKPOINT").execute(&mut db).await?;
+    Ok(())
+}
+
+/// batchd's write counters so far: commit rounds, the changes they carried, and what
+/// the replica's memory of the batch (its latest cache) did for each write.
+#[derive(Clone, Copy)]
+struct WriteCounters {
+    rounds: f64,
+    changes: f64,
+    memory_hits: f64,
+    writes: f64,
+}
+
+impl WriteCounters {
+    async fn read(server: &Batchd) -> anyhow::Result<WriteCounters> {
+        let mut memory = [0.0; 3];
+        for (count, outcome) in memory.iter_mut().zip(["hit", "retried", "miss"]) {
+            let name = format!("batchd_write_memory_total{{outcome=\"{outcome}\"}}");
+            *count = server.metric(&name).await?;
+        }
+        let (memory_hits, writes) = (memory[0], memory.iter().sum());
+        Ok(WriteCounters {
+            rounds: server.metric("batchd_commit_rounds_total").await?,
+            changes: server.metric("batchd_commit_round_changes_total").await?,
+            memory_hits,
+            writes,
+        })
+    }
+
+    /// Changes per commit round since `before`: a round's cost is shared by them.
+    fn changes_per_round(&self, before: &WriteCounters) -> f64 {
+        (self.changes - before.changes) / (self.rounds - before.rounds).max(1.0)
+    }
+
+    /// The share of writes since `before` that started from memory and committed: the
+    /// rest read the batch from the database first.
+    fn memory_hit_share(&self, before: &WriteCounters) -> f64 {
+        (self.memory_hits - before.memory_hits) / (self.writes - before.writes).max(1.0)
+    }
 }
 
 /// Figure 5. Runs last on PostgreSQL: pgbench writes rows that batchd's watchers would
@@ -134,18 +213,19 @@ pub async fn run(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let clients = plan.write_concurrency;
+    write_every_running_batch_twice(server, seeded.running, clients).await?;
     let watchers = Watchers::open(server, plan.write_watchers, seeded.running).await?;
     // Each task writes only the batches n with n % clients == task, so that no two
     // updates of one batch race and none is refused.
     let cpu_before = server.cpu_seconds()?;
-    let rounds_before = commit_rounds(server).await?;
+    checkpoint(database_url).await?;
+    let counters_before = WriteCounters::read(server).await?;
     let updates = updates_on_own_shares(plan, server, seeded.running, clients).await?;
     let cpu_per_update =
         (server.cpu_seconds()? - cpu_before) * 1e6 / updates.completed.max(1) as f64;
-    // How much group commit grouped: a round's cost is shared by its changes.
-    let (rounds, changes) = commit_rounds(server).await?;
-    let changes_per_round = (changes - rounds_before.1) / (rounds - rounds_before.0).max(1.0);
+    let counters = WriteCounters::read(server).await?;
     // The same load through REST, with the same watchers open.
+    checkpoint(database_url).await?;
     let rest = rest_updates(plan, server, seeded.running, clients).await?;
     let delivered = watchers.stop();
     // A lone writer: nothing to group, so this is the write path's own latency; and a
@@ -159,6 +239,7 @@ pub async fn run(
         ("nbatches", seeded.running.to_string()),
         ("snapshot", seeded.running_snapshot.clone()),
     ];
+    checkpoint(database_url).await?;
     let anchor = pgbench(
         database_url,
         Some(&update_script(false)),
@@ -199,8 +280,14 @@ pub async fn run(
     );
     report.add(
         &format!("{name}_changes_per_round"),
-        changes_per_round,
+        counters.changes_per_round(&counters_before),
         "changes",
+        None,
+    );
+    report.add(
+        &format!("{name}_memory_hits"),
+        counters.memory_hit_share(&counters_before),
+        "share",
         None,
     );
     let rest_name = format!("update_rest_c{clients}_{}_watchers", plan.write_watchers);
@@ -220,6 +307,12 @@ pub async fn run(
         &format!("{rest_name}_changes_per_round"),
         rest.changes_per_round,
         "changes",
+        None,
+    );
+    report.add(
+        &format!("{rest_name}_memory_hits"),
+        rest.memory_hit_share,
+        "share",
         None,
     );
     report.add(
@@ -272,6 +365,8 @@ struct WrkRun {
     cpu_per_request_us: f64,
     /// Changes per commit round in the timed run.
     changes_per_round: f64,
+    /// The share of the timed run's writes that started from memory and committed.
+    memory_hit_share: f64,
 }
 
 /// `PATCH /v1/batches/{id}` from `wrk` (2 threads, `clients` connections), each thread on
@@ -322,10 +417,10 @@ end
     // wrk has no warm-up of its own: a short run first.
     run(plan.warm_up.as_secs().max(1)).await?;
     let cpu_before = server.cpu_seconds()?;
-    let rounds_before = commit_rounds(server).await?;
+    let counters_before = WriteCounters::read(server).await?;
     let output = run(plan.window.as_secs().max(1)).await?;
     let cpu = server.cpu_seconds()? - cpu_before;
-    let rounds_after = commit_rounds(server).await?;
+    let counters = WriteCounters::read(server).await?;
     let _ = std::fs::remove_file(&file);
     let stdout = String::from_utf8_lossy(&output.stdout);
     anyhow::ensure!(
@@ -355,7 +450,7 @@ end
         per_second,
         refused,
         cpu_per_request_us: cpu * 1e6 / requests.max(1.0),
-        changes_per_round: (rounds_after.1 - rounds_before.1)
-            / (rounds_after.0 - rounds_before.0).max(1.0),
+        changes_per_round: counters.changes_per_round(&counters_before),
+        memory_hit_share: counters.memory_hit_share(&counters_before),
     })
 }

@@ -8,6 +8,7 @@
 //! - `sweeper_transitions_total` {to}, `batches_stalled_total` {status},
 //!   `stalled_batches` {status} (all replicas)
 //! - `db_pool_connections` {state = in_use | idle}, `db_errors_total` {kind}
+//! - `write_memory_total` {outcome = hit | retried | miss}: the latest cache on writes
 
 use std::sync::OnceLock;
 
@@ -105,6 +106,10 @@ fn register_families() {
         "Batches this replica deleted, by reason (request, retention)"
     );
     metrics::describe_counter!(
+        "batchd_write_memory_total",
+        "Batch writes by what the replica's memory of the batch did: hit, retried, miss"
+    );
+    metrics::describe_counter!(
         "batchd_quota_refused_total",
         "Creates refused by --max-active-batches-per-owner"
     );
@@ -156,6 +161,9 @@ fn register_families() {
     metrics::gauge!("batchd_webhook_oldest_pending_age_seconds").increment(0.0);
     for reason in crate::service::DeletionReason::ALL {
         metrics::counter!("batchd_batches_deleted_total", "reason" => reason.as_str()).increment(0);
+    }
+    for outcome in crate::service::WriteMemory::ALL {
+        metrics::counter!("batchd_write_memory_total", "outcome" => outcome.as_str()).increment(0);
     }
     metrics::counter!("batchd_quota_refused_total").increment(0);
     for transport in ["grpc", "http"] {

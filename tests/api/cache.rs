@@ -35,24 +35,30 @@ async fn postgres_terminal_batches_are_served_from_memory() {
     assert_eq!(status.code(), Code::Unavailable);
 }
 
-/// Replica A writes from its memory of a batch; replica B writes behind its back; A's
-/// next writes still see B's version: a stale memory costs a retry, never a wrong answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_stale_memory_of_another_replicas_write_changes_no_answer() {
-    let a = TestApp::spawn(Backend::Postgres).await;
+/// A second replica on `a`'s database, and a worker client of it with `a`'s admin key.
+async fn second_replica(a: &TestApp) -> (App, Worker) {
     let b = App::start(ServeOptions::local(a.db.url.clone()))
         .await
         .unwrap();
-    let mut on_a = a.worker(&a.admin_key);
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", b.grpc_addr()))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut on_b = pb::batch_worker_service_client::BatchWorkerServiceClient::with_interceptor(
+    let worker = pb::batch_worker_service_client::BatchWorkerServiceClient::with_interceptor(
         channel,
         Bearer(Some(a.admin_key.clone())),
     );
+    (b, worker)
+}
+
+/// Replica A writes from its memory of a batch; replica B writes behind its back; A's
+/// next writes still see B's version: a stale memory costs a retry, never a wrong answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_stale_memory_of_another_replicas_write_changes_no_answer() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let (b, mut on_b) = second_replica(&a).await;
+    let mut on_a = a.worker(&a.admin_key);
     let batch = create(&mut a.client(&a.admin_key)).await;
     on_a.update_batch(move_to(&batch.id, S::InProgress))
         .await
@@ -84,5 +90,46 @@ async fn postgres_a_stale_memory_of_another_replicas_write_changes_no_answer() {
         Code::Aborted,
         "version 3, not the expected version 2",
     );
+    b.stop().await.unwrap();
+}
+
+/// `batchd_write_memory_total` counts what memory did for each write: a write from
+/// this replica's last version (hit), one that memory refused and the database
+/// settled (retried), and one that memory did not have (miss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_writes_are_counted_by_what_memory_did_for_them() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let (b, mut on_b) = second_replica(&a).await;
+    let mut on_a = a.worker(&a.admin_key);
+    // Both replicas are in this process: the counters are theirs together.
+    let counts = || async {
+        let text = metrics_text(&a).await;
+        ["hit", "retried", "miss"].map(|outcome| {
+            metric_value(
+                &text,
+                &format!("batchd_write_memory_total{{outcome=\"{outcome}\"}}"),
+            )
+        })
+    };
+    let before = counts().await;
+    let batch = create(&mut a.client(&a.admin_key)).await;
+    let since = |after: [f64; 3]| [0, 1, 2].map(|i| after[i] - before[i]);
+
+    on_a.update_batch(move_to(&batch.id, S::InProgress))
+        .await
+        .unwrap(); // A created the batch: it starts from memory.
+    assert_eq!(since(counts().await), [1.0, 0.0, 0.0]);
+    let mut behind = move_to(&batch.id, S::Finalizing);
+    behind.expected_version = Some(1);
+    assert_status(
+        on_a.update_batch(behind).await,
+        Code::Aborted,
+        "version 2, not the expected version 1",
+    ); // Memory refuses it, so the database is asked before the answer.
+    assert_eq!(since(counts().await), [1.0, 1.0, 0.0]);
+    on_b.update_batch(move_to(&batch.id, S::Finalizing))
+        .await
+        .unwrap(); // B never saw the batch: it reads it first.
+    assert_eq!(since(counts().await), [1.0, 1.0, 1.0]);
     b.stop().await.unwrap();
 }
