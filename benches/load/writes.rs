@@ -2,8 +2,11 @@
 //! against pgbench running the same statement (row update + event insert, no NOTIFY),
 //! and, for reference, the same with a NOTIFY in each transaction; the same updates
 //! through REST (`PATCH /v1/batches/{id}`, driven by `wrk`); for each of the two, batchd's
-//! CPU per update and the changes per commit round; and a lone writer's latency against
-//! pgbench's single client.
+//! CPU per update, the changes per commit round and the share of writes that started
+//! from its memory of the batch; and a lone writer's latency against pgbench's single
+//! client. Before them every running batch is written twice through batchd, so that
+//! both transports start from a replica's steady state, where its memory holds the
+//! batches its workers write.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
