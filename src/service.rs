@@ -959,8 +959,10 @@ impl BatchService {
 }
 
 /// What this replica's memory of a batch did for a write: the label of
-/// `batchd_write_memory_total`. A low share of hits means the latest cache
-/// (`--latest-cache-bytes`) is smaller than the batches its workers keep writing, and
+/// `batchd_write_memory_total`. Misses are expected after a restart, and for a batch's
+/// first writes (the cache keeps an entry for good from its second use on); a low share
+/// of hits on a steady load means the latest cache (`--latest-cache-entries`,
+/// `--latest-cache-bytes`) is smaller than the batches its workers keep writing, and
 /// most writes cost a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMemory {
