@@ -196,11 +196,6 @@ impl Batchd {
             .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
     }
 
-    /// The value of an unlabelled counter or gauge on batchd's `/metrics` (0 when absent).
-    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
-        metric_at(&self.http_addr, name).await
-    }
-
     /// CPU time batchd has used so far (user + system), in seconds.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
         let pid = self.pid()?;
@@ -497,13 +492,23 @@ pub fn now_nanos() -> u128 {
 /// The value of an unlabelled counter or gauge on the `/metrics` of the batchd at
 /// `http_addr` (0 when absent).
 pub async fn metric_at(http_addr: &str, name: &str) -> anyhow::Result<f64> {
+    Ok(metrics_at(http_addr, &[name]).await?[0])
+}
+
+/// The values of several series (names, with their labels where they have some) from
+/// one read of the `/metrics` of the batchd at `http_addr` (0 for each one absent).
+pub async fn metrics_at<const N: usize>(
+    http_addr: &str,
+    series: &[&str; N],
+) -> anyhow::Result<[f64; N]> {
     let text = reqwest::get(format!("http://{http_addr}/metrics"))
         .await?
         .text()
         .await?;
-    Ok(text
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0))
+    Ok(series.map(|name| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0)
+    }))
 }

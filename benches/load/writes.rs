@@ -88,6 +88,15 @@ fn update_script(notify_in_transaction: bool) -> String {
     }
 }
 
+/// A worker's progress report on seeded batch `n`.
+fn progress_of(n: u64) -> pb::UpdateBatchRequest {
+    pb::UpdateBatchRequest {
+        batch_id: seeded_id(n),
+        request_counts: Some(growing_counts()),
+        ..Default::default()
+    }
+}
+
 /// The worker service's UpdateBatch, as an HTTP/2 path.
 const UPDATE_BATCH: &str = "/batchd.v1.BatchWorkerService/UpdateBatch";
 
@@ -108,12 +117,7 @@ pub async fn updates_on_own_shares(
         let mine = (running / clients as u64).max(1);
         let n = ((rng.pick(mine) - 1) * clients as u64 + task as u64) % running + 1;
         async move {
-            let request = pb::UpdateBatchRequest {
-                batch_id: seeded_id(n),
-                request_counts: Some(growing_counts()),
-                ..Default::default()
-            };
-            connection.unary(UPDATE_BATCH, &request).await?;
+            connection.unary(UPDATE_BATCH, &progress_of(n)).await?;
             Ok(())
         }
     })
@@ -140,12 +144,7 @@ async fn write_every_running_batch_twice(
         tasks.spawn(async move {
             for _pass in 0..2 {
                 for n in (1 + task..=running).step_by(clients) {
-                    let request = pb::UpdateBatchRequest {
-                        batch_id: seeded_id(n),
-                        request_counts: Some(growing_counts()),
-                        ..Default::default()
-                    };
-                    connection.unary(UPDATE_BATCH, &request).await?;
+                    connection.unary(UPDATE_BATCH, &progress_of(n)).await?;
                 }
             }
             anyhow::Ok(())
@@ -180,17 +179,22 @@ struct WriteCounters {
 
 impl WriteCounters {
     async fn read(server: &Batchd) -> anyhow::Result<WriteCounters> {
-        let mut memory = [0.0; 3];
-        for (count, outcome) in memory.iter_mut().zip(["hit", "retried", "miss"]) {
-            let name = format!("batchd_write_memory_total{{outcome=\"{outcome}\"}}");
-            *count = server.metric(&name).await?;
-        }
-        let (memory_hits, writes) = (memory[0], memory.iter().sum());
+        let [rounds, changes, hits, retried, misses] = crate::setup::metrics_at(
+            &server.http_addr,
+            &[
+                "batchd_commit_rounds_total",
+                "batchd_commit_round_changes_total",
+                "batchd_write_memory_total{outcome=\"hit\"}",
+                "batchd_write_memory_total{outcome=\"retried\"}",
+                "batchd_write_memory_total{outcome=\"miss\"}",
+            ],
+        )
+        .await?;
         Ok(WriteCounters {
-            rounds: server.metric("batchd_commit_rounds_total").await?,
-            changes: server.metric("batchd_commit_round_changes_total").await?,
-            memory_hits,
-            writes,
+            rounds,
+            changes,
+            memory_hits: hits,
+            writes: hits + retried + misses,
         })
     }
 
